@@ -1,0 +1,103 @@
+"""``curvscope info``: what the loaders see. The first command to run on a new checkpoint."""
+
+from __future__ import annotations
+
+import torch
+from rich.table import Table
+
+from curvscope.cli.app import app
+from curvscope.cli.common import (
+    BatchSizeOpt,
+    CheckpointArg,
+    DataOpt,
+    DebugOpt,
+    DeviceOpt,
+    DtypeOpt,
+    LossOpt,
+    ModelKwargsOpt,
+    ModelOpt,
+    SeedOpt,
+    ShuffleOpt,
+    build_problem,
+    handle_errors,
+    out,
+)
+
+
+@app.command("info")
+@handle_errors
+def info(
+    checkpoint: CheckpointArg = None,
+    data: DataOpt = None,
+    model: ModelOpt = None,
+    model_kwargs: ModelKwargsOpt = None,
+    batch_size: BatchSizeOpt = 128,
+    shuffle: ShuffleOpt = False,
+    seed: SeedOpt = 0,
+    loss: LossOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    debug: DebugOpt = False,
+) -> None:
+    """Show the model's layers and parameter counts, the data, the loss and the batch loss.
+
+    Loads the checkpoint and the batch exactly as every other command does, so it is the quickest way to
+    check that curvscope understands your files.
+
+    Example: [bold]curvscope info sample_models/mlp-digits.safetensors --data sample_models/digits.safetensors[/bold]
+    """
+    problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device, dtype)
+    summary = describe(problem)
+
+    layers = Table(title="Layers with trainable parameters", title_justify="left")
+    layers.add_column("module")
+    layers.add_column("type")
+    layers.add_column("parameters")
+    layers.add_column("count", justify="right")
+    for row in summary["layers"]:
+        shapes = ", ".join(f"{n} {tuple(s)}" for n, s in row["shapes"].items())
+        layers.add_row(row["module"], row["type"], shapes, f"{row['count']:,}")
+    out.print(layers)
+
+    facts = Table(show_header=False, title="Problem", title_justify="left")
+    facts.add_column(style="bold")
+    facts.add_column()
+    for key, value in summary["facts"].items():
+        facts.add_row(key, value)
+    out.print(facts)
+
+
+def describe(problem) -> dict:
+    """Plain-data description of a Problem (used by ``info`` and by reports)."""
+    modules = dict(problem.model.named_modules())
+    layers = []
+    for group in problem.groups("layer"):
+        owner = group.name if group.name in modules else ""
+        module = modules.get(owner)
+        short = {n[len(owner) + 1:] if owner else n: problem.params[n].shape for n in group.param_names}
+        layers.append({"module": group.name, "type": type(module).__name__ if module is not None else "Parameter",
+                       "shapes": short, "count": sum(problem.params[n].numel() for n in group.param_names)})
+    with torch.no_grad():
+        outputs = problem.forward()
+        loss_value = float(problem.loss(outputs, problem.targets))
+    info = problem.info
+    x_shape = tuple(problem.dataset[0].shape) if problem.dataset is not None else tuple(problem.inputs.shape)
+    y_shape = tuple(problem.dataset[1].shape) if problem.dataset is not None else tuple(problem.targets.shape)
+    n = problem.batch_size
+    which = ("a random subset (seed {})".format(info.get("seed")) if info.get("shuffle")
+             else f"the first {n} in file order")
+    facts = {
+        "checkpoint": str(info.get("checkpoint") or "none (factory initialization)"),
+        "model": str(info.get("model")),
+        "parameters (D)": f"{problem.num_params:,}",
+        "outputs (C)": str(problem.num_outputs),
+        "data": f"{info.get('data')}: x {x_shape}, y {y_shape}",
+        "batch": f"{n} samples: {which}",
+        "loss": problem.loss.name,
+        "batch loss": f"{loss_value:.6g}",
+    }
+    if problem.loss.name == "ce":
+        acc = float((outputs.argmax(dim=-1) == problem.targets).float().mean())
+        facts["batch accuracy"] = f"{acc:.2%}"
+    facts["device / dtype"] = f"{problem.device} / {str(problem.dtype).replace('torch.', '')}"
+    return {"layers": layers, "facts": facts, "loss_value": loss_value}

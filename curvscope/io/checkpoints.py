@@ -1,0 +1,93 @@
+"""Checkpoints: state dicts in .safetensors (with optional self-describing metadata) or .pt/.pth."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvscope.errors import CurvscopeError
+from curvscope.io.atomic import write_atomic
+from curvscope.io.tensors import read_tensors
+
+META_MODEL = "curvscope.model"
+META_KWARGS = "curvscope.model_kwargs"
+META_LOSS = "curvscope.loss"
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: its state dict and what its metadata says about the model and loss."""
+
+    path: Path
+    state_dict: dict[str, Tensor]
+    model_spec: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    loss: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint file (``.safetensors``, ``.pt`` or ``.pth``)."""
+    path = Path(path)
+    if path.suffix.lower() == ".npz":
+        raise CurvscopeError(f"{path}: unknown checkpoint file type '.npz' (expected .safetensors, .pt or .pth)")
+    state, meta = read_tensors(path, "checkpoint")
+    kwargs: dict[str, Any] = {}
+    if META_KWARGS in meta:
+        try:
+            kwargs = json.loads(meta[META_KWARGS])
+        except json.JSONDecodeError as exc:
+            raise CurvscopeError(f"{path}: metadata '{META_KWARGS}' is not valid JSON") from exc
+        if not isinstance(kwargs, dict):
+            raise CurvscopeError(f"{path}: metadata '{META_KWARGS}' must be a JSON object")
+    return Checkpoint(path=path, state_dict=state, model_spec=meta.get(META_MODEL), model_kwargs=kwargs,
+                      loss=meta.get(META_LOSS), metadata=meta)
+
+
+def apply_state_dict(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Load ``state`` into ``model`` strictly, with a one-line error that lists the first mismatches."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_first(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_first(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatches {_first(wrong)}")
+    if problems:
+        raise CurvscopeError(f"{source}: checkpoint does not match the model: {'; '.join(problems)}")
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CurvscopeError(f"{source}: weights '{k}' contain NaN or Inf")
+    model.load_state_dict(state, strict=True)
+
+
+def _first(items: list[str], n: int = 3) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, model_spec: str | None = None,
+                    model_kwargs: dict[str, Any] | None = None, loss: str | None = None,
+                    extra_metadata: dict[str, str] | None = None) -> None:
+    """Write ``model``'s state dict as a self-describing safetensors checkpoint (atomically)."""
+    from safetensors.torch import save_file
+
+    meta = dict(extra_metadata or {})
+    if model_spec:
+        meta[META_MODEL] = model_spec
+    meta[META_KWARGS] = json.dumps(model_kwargs or {})
+    if loss:
+        meta[META_LOSS] = loss
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    write_atomic(Path(path), lambda tmp: save_file(state, str(tmp), metadata=meta))

@@ -1,0 +1,94 @@
+"""Model specs: ``path/to/file.py:factory``, ``package.module:factory`` or a built-in name (``mlp``)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from curvscope.errors import CurvscopeError
+
+BUILTIN = ("mlp", "cnn", "transformer")
+
+
+def parse_model_kwargs(text: str | None, source: str = "--model-kwargs") -> dict[str, Any]:
+    """Parse a JSON object of factory keyword arguments."""
+    if text is None or text == "":
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CurvscopeError(f"{source}: not valid JSON ({exc.msg} at position {exc.pos})") from exc
+    if not isinstance(value, dict):
+        raise CurvscopeError(f"{source}: expected a JSON object like '{{\"hidden\": [32, 32]}}'")
+    return value
+
+
+def resolve_factory(spec: str):
+    """The callable a spec names."""
+    if ":" not in spec:
+        if spec in BUILTIN:
+            spec = f"curvscope.models:{spec}"
+        else:
+            raise CurvscopeError(
+                f"model spec '{spec}': expected 'path/to/file.py:factory', 'package.module:factory' or one of "
+                f"the built-ins {', '.join(BUILTIN)}")
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise CurvscopeError(f"model spec '{spec}': expected 'path/to/file.py:factory' or 'package.module:factory'")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target)
+        if not path.is_file():
+            raise CurvscopeError(f"model spec '{spec}': file {path} not found")
+        module_name = f"curvscope_user_model_{abs(hash(str(path.resolve())))}"
+        try:
+            loader_spec = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[module_name] = module
+            loader_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise CurvscopeError(f"model spec '{spec}': importing {path} failed: {type(exc).__name__}: "
+                                 f"{_one_line(exc)}") from exc
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as exc:
+            raise CurvscopeError(f"model spec '{spec}': cannot import module '{target}': "
+                                 f"{type(exc).__name__}: {_one_line(exc)}") from exc
+    factory = getattr(module, name, None)
+    if factory is None or not callable(factory):
+        raise CurvscopeError(f"model spec '{spec}': '{name}' is not a callable in {target}")
+    return factory
+
+
+def build_model(spec: str, kwargs: dict[str, Any] | None = None, seed: int | None = None) -> nn.Module:
+    """Call the factory a spec names with ``kwargs``; with ``seed``, the initialization is seeded."""
+    factory = resolve_factory(spec)
+    kwargs = dict(kwargs or {})
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise CurvscopeError(f"model spec '{spec}': bad keyword arguments {sorted(kwargs)}: {exc}") from exc
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:
+        raise CurvscopeError(f"model spec '{spec}': the factory raised {type(exc).__name__}: {_one_line(exc)}"
+                             ) from exc
+    if not isinstance(model, nn.Module):
+        raise CurvscopeError(f"model spec '{spec}': the factory returned {type(model).__name__}, "
+                             "not a torch.nn.Module")
+    return model
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
