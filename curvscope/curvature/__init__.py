@@ -1,0 +1,1 @@
+"""The curvature engine: pure functions on a Problem, returning dataclasses of tensors. No I/O, no printing."""

@@ -1,0 +1,124 @@
+"""The versioned JSON report: one file, ``DIR/report.json``, that every command writes into.
+
+Each command contributes its own keys: ``spectrum`` writes the top-level spectrum fields (``loss_value``,
+``groups``, ...), ``factors`` the ``factors`` section, ``lr-suggest`` the ``lr`` section. When the output
+directory already holds a report for the *same problem* (same checkpoint, model, data, loss, batch), the new
+keys are merged into it, so that ``curvscope check`` can gate on all of them at once; otherwise it is replaced.
+Field-by-field documentation: ``docs/report.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from curvscope import __version__
+from curvscope.errors import CurvscopeError
+from curvscope.io.atomic import write_text_atomic
+
+SCHEMA_VERSION = "1.0"
+REPORT_NAME = "report.json"
+PROBLEM_IDENTITY = ("checkpoint", "model", "model_kwargs", "data", "loss", "batch_indices")
+
+
+def problem_section(problem) -> dict[str, Any]:
+    """The ``problem`` section: where the numbers come from."""
+    info = problem.info
+    return {
+        "checkpoint": info.get("checkpoint"),
+        "model": info.get("model"),
+        "model_kwargs": info.get("model_kwargs", {}),
+        "data": info.get("data"),
+        "loss": problem.loss.name,
+        "batch_size": problem.batch_size,
+        "batch_indices": info.get("batch_indices"),
+        "shuffle": info.get("shuffle", False),
+        "num_params": problem.num_params,
+        "num_outputs": problem.num_outputs,
+        "device": str(problem.device),
+        "dtype": str(problem.dtype).replace("torch.", ""),
+        "seed": info.get("seed"),
+    }
+
+
+def to_jsonable(value: Any) -> Any:
+    """Tensors to lists, non-finite floats to ``None`` (JSON has no NaN/Inf), paths to strings."""
+    if isinstance(value, torch.Tensor):
+        return to_jsonable(value.detach().cpu().tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return to_jsonable(value.item())
+    return value
+
+
+def read_report(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a report, with a one-line error when it is missing or not a curvscope report."""
+    path = Path(path)
+    if not path.is_file():
+        raise CurvscopeError(f"{path}: report file not found")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CurvscopeError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise CurvscopeError(f"{path}: not a curvscope report (no 'schema_version')")
+    major = str(data["schema_version"]).split(".")[0]
+    if major != SCHEMA_VERSION.split(".")[0]:
+        raise CurvscopeError(f"{path}: report schema {data['schema_version']} is not supported by curvscope "
+                             f"{__version__} (schema {SCHEMA_VERSION})")
+    return data
+
+
+def build_report(command: str, problem, fields: dict[str, Any]) -> dict[str, Any]:
+    """A fresh report dict for ``command`` with the given top-level ``fields``."""
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "command": command,
+        "commands": [command],
+        "curvscope_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "problem": problem_section(problem),
+    }
+    report.update(fields)
+    return to_jsonable(report)
+
+
+def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> Path:
+    """Write ``report`` to ``out_dir/report.json`` atomically, merging into an existing report of the same
+    problem. Returns the path written."""
+    path = Path(out_dir) / REPORT_NAME
+    merged = report
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if isinstance(old, dict) and _same_problem(old.get("problem"), report.get("problem")) and \
+                old.get("schema_version") == report.get("schema_version"):
+            merged = {**old, **report}
+            commands = [c for c in old.get("commands", [old.get("command")]) if c and c != report["command"]]
+            merged["commands"] = [*commands, report["command"]]
+    try:
+        write_text_atomic(path, json.dumps(merged, indent=2, allow_nan=False) + "\n")
+    except OSError as exc:
+        raise CurvscopeError(f"{path}: cannot write the report ({exc.strerror or exc})") from exc
+    return path
+
+
+def _same_problem(a: Any, b: Any) -> bool:
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return False
+    return all(a.get(k) == b.get(k) for k in PROBLEM_IDENTITY)
