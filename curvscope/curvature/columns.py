@@ -1,0 +1,76 @@
+"""The columns of V: which samples, and which loss-Hessian-root vectors s_nc are backpropagated.
+
+``V = [v_nc]`` with ``v_nc = J_n^T s_nc / sqrt(N_V)`` (``CURVATURE.md`` section 2), where ``N_V`` is the number
+of curvature samples (all N, or K with sub-sampling) and ``s_nc`` runs over the columns of the exact square root
+``S_n`` (C columns) or of a Monte-Carlo one (M columns).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from curvscope.errors import CurvscopeError
+
+
+@dataclass
+class Columns:
+    """Backpropagation seeds for the columns of V.
+
+    Attributes:
+        samples: indices into the batch of the curvature samples ``(N_V,)``.
+        seeds: ``(N_V, K, C)``: ``seeds[n, k]`` is ``s_nk / sqrt(N_V)``; backpropagating it through sample
+            ``samples[n]`` gives column ``v_nk``. Columns are ordered sample-major: ``index = n * K + k``.
+        mc_samples: M (0 for the exact square root).
+    """
+
+    samples: Tensor
+    seeds: Tensor
+    mc_samples: int = 0
+
+    @property
+    def num_samples(self) -> int:
+        return self.seeds.shape[0]
+
+    @property
+    def per_sample(self) -> int:
+        return self.seeds.shape[1]
+
+    @property
+    def num_columns(self) -> int:
+        return self.seeds.shape[0] * self.seeds.shape[1]
+
+
+def make_columns(problem, outputs: Tensor | None = None, mc_samples: int = 0, subsample: int | None = None,
+                 seed: int = 0) -> Columns:
+    """The columns of V for ``problem``: exact (``mc_samples=0``) or Monte-Carlo, on all samples or on the first
+    ``subsample`` samples of the batch (the batch order is already the user's choice of samples)."""
+    N = problem.batch_size
+    if subsample is not None:
+        if subsample < 1:
+            raise CurvscopeError(f"--subsample must be at least 1, got {subsample}")
+        if subsample > N:
+            raise CurvscopeError(f"--subsample {subsample} is larger than the batch ({N} samples)")
+    if mc_samples < 0:
+        raise CurvscopeError(f"--mc-samples must be 0 (exact) or positive, got {mc_samples}")
+    samples = torch.arange(N if subsample is None else subsample, device=problem.device)
+    if outputs is None:
+        with torch.no_grad():
+            outputs = problem.forward()
+    out = outputs.detach()[samples]
+    targets = problem.targets[samples]
+    if mc_samples:
+        generator = torch.Generator().manual_seed(seed)
+        S = problem.loss.mc_sqrt(out, targets, mc_samples, generator)  # (N_V, C, M)
+    else:
+        S = problem.loss.hessian_sqrt(out, targets)  # (N_V, C, C)
+    seeds = S.transpose(1, 2) / math.sqrt(samples.shape[0])  # (N_V, K, C)
+    return Columns(samples=samples, seeds=seeds.contiguous(), mc_samples=mc_samples)
+
+
+def gradient_seeds(problem, outputs: Tensor) -> Tensor:
+    """``(N, 1, C)``: ``d l_n / d f_n``; backpropagated through sample n it gives the per-sample gradient g_n."""
+    return problem.loss.output_gradient(outputs.detach(), problem.targets).unsqueeze(1)

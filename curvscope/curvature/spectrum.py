@@ -1,0 +1,246 @@
+"""Exact GGN eigenspectrum through the Gram trick, with per-sample directional derivatives and SNRs.
+
+``CURVATURE.md`` sections 2 and 4. The GGN ``G = V V^T`` (D x D) is never formed: the Gram ``V^T V``
+(NK x NK) has the same nonzero eigenvalues, and every directional quantity follows from the extended Gram
+blocks ``vv``, ``vg`` of :mod:`curvscope.curvature.gram`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from curvscope.curvature.columns import Columns
+from curvscope.curvature.gram import GroupGram, apply_v, compute_gram
+from curvscope.curvature.memory import MemoryPlan
+from curvscope.errors import CurvscopeError
+from curvscope.problem import GROUP_MODES
+
+DEFAULT_TOP_K = 1000
+
+
+@dataclass
+class Directions:
+    """Directional quantities along the top-k eigenvectors ``e_k`` of one group's GGN (ViViT section 2.2).
+
+    Attributes:
+        gamma: ``(N, K)``: gamma_nk = e_k^T g_n, first-order directional derivative of sample n's loss.
+        lambdas: ``(N_V, K)``: lambda_nk = e_k^T G_n e_k, curvature of sample n (curvature samples only).
+        gamma_mean, lambda_mean: ``(K,)`` means over samples (``lambda_mean`` equals the eigenvalues).
+        gamma_snr, lambda_snr: ``(K,)``: mean^2 / var (var with N-1); ``inf`` where the variance is 0,
+            ``nan`` with a single sample.
+        gradient_overlap: ``(K,)``: gamma_k^2 / ||g||^2, the share of the batch gradient along e_k.
+        flat_overlap: 1 - sum_k gradient_overlap_k (the gradient share outside the top-k directions).
+        lambda_consistency: max_k |lambda_mean_k - eigenvalue_k| / eigenvalue_k (should be ~1e-6 or less).
+    """
+
+    gamma: Tensor
+    lambdas: Tensor
+    gamma_mean: Tensor
+    lambda_mean: Tensor
+    gamma_snr: Tensor
+    lambda_snr: Tensor
+    gradient_overlap: Tensor
+    flat_overlap: float
+    lambda_consistency: float
+
+
+@dataclass
+class GroupSpectrum:
+    """The spectrum of one block of the (block-diagonal) GGN.
+
+    Attributes:
+        eigenvalues: ``(R,)`` nonzero eigenvalues, descending, float64 (R = rank).
+        gram_eigenvectors: ``(N_V*K, k)`` eigenvectors of the Gram for the top-k eigenvalues (the coordinates
+            of the parameter-space eigenvectors in the columns of V), when directions were computed.
+        gradient_norm: ||g_P||, the batch gradient restricted to the group.
+    """
+
+    name: str
+    param_names: tuple[str, ...]
+    num_params: int
+    eigenvalues: Tensor
+    rank: int
+    trace: float
+    gradient_norm: float
+    directions: Directions | None = None
+    gram_eigenvectors: Tensor | None = None
+
+    @property
+    def lambda_max(self) -> float:
+        return float(self.eigenvalues[0]) if self.rank else 0.0
+
+    @property
+    def effective_rank(self) -> float:
+        """Participation ratio ``(sum lambda)^2 / sum lambda^2``: how many directions carry the curvature."""
+        if not self.rank:
+            return 0.0
+        ev = self.eigenvalues
+        return float(ev.sum() ** 2 / (ev**2).sum())
+
+    @property
+    def stability_lr(self) -> float:
+        """``2 / lambda_max``: plain gradient descent on this block is stable below this learning rate."""
+        return 2.0 / self.lambda_max if self.lambda_max > 0 else float("inf")
+
+    @property
+    def top_k(self) -> int:
+        return 0 if self.gram_eigenvectors is None else self.gram_eigenvectors.shape[1]
+
+
+@dataclass
+class SpectrumResult:
+    """What :func:`compute_spectrum` returns.
+
+    ``groups`` follows the requested grouping; with ``include_total=True`` and a grouping other than ``all``,
+    ``groups[0]`` is the whole model. ``columns`` remembers which vectors built V, so that eigenvectors and
+    Newton steps can be formed later without recomputing the Gram.
+    """
+
+    groups: list[GroupSpectrum]
+    loss_value: float
+    gradient_norm: float
+    columns: Columns
+    grouping: str
+    mc_samples: int = 0
+    subsample: int | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def num_columns(self) -> int:
+        return self.columns.num_columns
+
+    def group(self, name: str) -> GroupSpectrum:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+
+# -- eigen-decomposition ---------------------------------------------------------------------------------
+
+def gram_eigen(gram: Tensor, build_dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:
+    """Eigen-decompose a Gram matrix in float64.
+
+    Returns ``(eigenvalues, eigenvectors, rank)`` sorted descending; eigenvalues at or below
+    ``lambda_max * NK * eps(build_dtype)`` count as zero (``CURVATURE.md`` section 2).
+    """
+    g = gram.to(torch.float64)
+    g = 0.5 * (g + g.T)
+    evals, evecs = torch.linalg.eigh(g)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    if evals.numel() == 0:
+        return evals, evecs, 0
+    lam_max = float(evals[0])
+    threshold = max(lam_max, 0.0) * g.shape[0] * torch.finfo(build_dtype).eps
+    rank = int((evals > threshold).sum()) if lam_max > 0 else 0
+    return evals, evecs, rank
+
+
+def directional_quantities(gg: GroupGram, evals: Tensor, evecs: Tensor, columns: Columns,
+                           gradient_sq: float) -> Directions:
+    """gamma_nk, lambda_nk, their means, SNRs and gradient overlaps for the given top eigenpairs.
+
+    Args:
+        evals: ``(K,)`` positive eigenvalues; evecs: ``(N_V*Kc, K)`` Gram eigenvectors.
+        gradient_sq: ``||g_P||^2``.
+    """
+    sqrt_l = evals.sqrt()
+    gamma = (gg.vg.T @ evecs) / sqrt_l  # (N, K): e_k^T g_n = ~e_k^T V^T g_n / sqrt(lambda_k)
+    proj = (gg.vv @ evecs).reshape(columns.num_samples, columns.per_sample, -1)  # V_n^T V ~e_k
+    lambdas = columns.num_samples * (proj**2).sum(dim=1) / evals  # (N_V, K)
+    gamma_mean, lambda_mean = gamma.mean(0), lambdas.mean(0)
+    overlap = gamma_mean**2 / gradient_sq if gradient_sq > 0 else torch.zeros_like(gamma_mean)
+    return Directions(
+        gamma=gamma, lambdas=lambdas, gamma_mean=gamma_mean, lambda_mean=lambda_mean,
+        gamma_snr=snr(gamma), lambda_snr=snr(lambdas), gradient_overlap=overlap,
+        flat_overlap=float(1.0 - overlap.sum()) if gradient_sq > 0 else 0.0,
+        lambda_consistency=float(((lambda_mean - evals).abs() / evals).max()) if evals.numel() else 0.0,
+    )
+
+
+def snr(x: Tensor) -> Tensor:
+    """Signal-to-noise ratio per column of ``x`` ``(N, K)``: ``mean^2 / var`` with the unbiased variance."""
+    if x.shape[0] < 2:
+        return torch.full((x.shape[1],), float("nan"), dtype=x.dtype, device=x.device)
+    mean, var = x.mean(0), x.var(0, unbiased=True)
+    return mean**2 / var
+
+
+# -- the main entry point ---------------------------------------------------------------------------------
+
+def compute_spectrum(problem, groups: str = "all", mc_samples: int = 0, subsample: int | None = None,
+                     top_k: int | None = None, directional: bool = True, include_total: bool = False,
+                     seed: int = 0, ghost: bool = True, max_memory: int | None = None,
+                     progress: Callable[[str, int, int], None] | None = None) -> SpectrumResult:
+    """Exact (or MC / sub-sampled) GGN eigenspectrum of ``problem``'s batch, per parameter group.
+
+    Args:
+        groups: ``all`` (the full GGN), ``layer`` (one block per module with parameters) or ``tensor``.
+        mc_samples: 0 for the exact loss-Hessian square root, M > 0 for M Monte-Carlo columns per sample.
+        subsample: build the curvature from the first ``subsample`` samples of the batch only.
+        top_k: directional quantities for the top-k nonzero directions (default: all nonzero, at most 1000).
+        directional: compute gamma/lambda/SNRs/overlaps (needs per-sample gradients; a little more work).
+        include_total: with ``groups != "all"``, also return the whole model as ``groups[0]``.
+        ghost: use the fast per-layer rules where they are cheaper.
+        max_memory: byte budget for materialized rows of V (default: a safe share of free memory).
+        progress: ``progress(stage, done, total)`` callback for a progress display.
+    """
+    if groups not in GROUP_MODES:
+        raise CurvscopeError(f"--groups '{groups}': choose one of {', '.join(GROUP_MODES)}")
+    if top_k is not None and top_k < 1:
+        raise CurvscopeError(f"--top-k must be at least 1, got {top_k}")
+    report = progress or (lambda _s, _d, _t: None)
+    blocks = [(g.name, g.param_names) for g in problem.groups(groups)]
+    if include_total and groups != "all":
+        blocks = [("all", tuple(problem.params)), *blocks]
+    total = len(problem.params)
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        report("gram", done[0], total)
+
+    plan = MemoryPlan.default(problem.device, max_memory)
+    grams, columns, outputs = compute_gram(problem, blocks, with_gradients=directional, mc_samples=mc_samples,
+                                           subsample=subsample, seed=seed, ghost=ghost, plan=plan, progress=tick)
+    loss_value = float(problem.loss(outputs, problem.targets))
+    grad = problem.gradient()
+    grad_sq = {n: float((g.to(torch.float64) ** 2).sum()) for n, g in grad.items()}
+
+    results = []
+    for i, gg in enumerate(grams):
+        report("eigen", i, len(grams))
+        evals, evecs, rank = gram_eigen(gg.vv, problem.dtype)
+        g_sq = sum(grad_sq[n] for n in gg.param_names)
+        k = min(rank, top_k if top_k is not None else DEFAULT_TOP_K)
+        directions, top_vecs = None, None
+        if k > 0:
+            top_vecs = evecs[:, :k]
+            if directional:
+                directions = directional_quantities(gg, evals[:k], top_vecs, columns, g_sq)
+        results.append(GroupSpectrum(
+            name=gg.name, param_names=gg.param_names,
+            num_params=sum(problem.params[n].numel() for n in gg.param_names),
+            eigenvalues=evals[:rank].clone(), rank=rank, trace=float(torch.diagonal(gg.vv).sum()),
+            gradient_norm=g_sq**0.5, directions=directions, gram_eigenvectors=top_vecs))
+    report("eigen", len(grams), len(grams))
+    return SpectrumResult(groups=results, loss_value=loss_value, gradient_norm=sum(grad_sq.values()) ** 0.5,
+                          columns=columns, grouping=groups, mc_samples=mc_samples, subsample=subsample)
+
+
+def eigenvectors(problem, result: SpectrumResult, group: int | str = 0, k: int | None = None
+                 ) -> dict[str, Tensor]:
+    """The top-k parameter-space eigenvectors of one group, ``e_k = V ~e_k / sqrt(lambda_k)``.
+
+    Returns name -> ``(k, *param.shape)`` (zeros outside the group); orthonormal across k.
+    """
+    g = result.group(group) if isinstance(group, str) else result.groups[group]
+    if g.gram_eigenvectors is None:
+        return {n: torch.zeros(0, *p.shape, dtype=p.dtype, device=p.device) for n, p in problem.params.items()}
+    k = g.top_k if k is None else min(k, g.top_k)
+    coeff = g.gram_eigenvectors[:, :k] / g.eigenvalues[:k].sqrt()
+    return apply_v(problem, result.columns, coeff, names=g.param_names)
