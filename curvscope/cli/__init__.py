@@ -1,7 +1,7 @@
 """Command-line interface: ``curvscope info | spectrum | factors | lr-suggest | check``."""
 
+from curvscope.cli import info, spectrum  # noqa: F401  (each module registers its command)
 from curvscope.cli.app import app
-from curvscope.cli import info  # noqa: F401  (registers the command)
 
 
 def main() -> None:

@@ -1,0 +1,266 @@
+"""Figures for the spectrum report, drawn from the report's own fields (so a saved ``report.json`` can be
+re-plotted): ``spectrum.png``, ``directions.png`` (ViViT Fig. 2) and ``layers.png``.
+
+Each ``*_figure`` function takes report dicts (plain lists and floats, ``None`` for non-finite values) and
+returns a matplotlib ``Figure``; :func:`render_png` turns it into PNG bytes without touching the disk.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import PercentFormatter  # noqa: E402
+
+BLUE, ORANGE, GREY, RED = "#1f4e79", "#d9822b", "#7f7f7f", "#b22222"
+DPI = 160
+
+_STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.25,
+    "grid.linewidth": 0.6,
+    "legend.frameon": False,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+}
+
+
+def render_png(fig: Figure) -> bytes:
+    """The figure as PNG bytes (the figure is closed)."""
+    buf = io.BytesIO()
+    try:
+        with plt.rc_context(_STYLE):
+            fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def _floats(values: Sequence[Any] | None) -> np.ndarray:
+    """A report list as float64, ``None`` (non-finite in the JSON) as NaN."""
+    if values is None:
+        return np.zeros(0)
+    return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
+
+
+def _fmt(x: float | None) -> str:
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 or x == 0 else f"{x:.2e}"
+
+
+def _log_bins(values: np.ndarray, per_decade: int = 8, min_bins: int = 10) -> np.ndarray:
+    lo, hi = np.log10(values.min()), np.log10(values.max())
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    n = max(min_bins, int(math.ceil((hi - lo) * per_decade)))
+    pad = (hi - lo) * 0.02
+    return np.logspace(lo - pad, hi + pad, n + 1)
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color=GREY)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+
+
+def _subtitle(problem: dict[str, Any] | None, approximation: dict[str, Any] | None) -> str:
+    if not problem:
+        return ""
+    parts = []
+    name = problem.get("checkpoint") or problem.get("model")
+    if name:
+        parts.append(str(name).rsplit("/", 1)[-1])
+    parts.append(f"N={problem.get('batch_size')}, D={problem.get('num_params'):,}, loss={problem.get('loss')}")
+    if approximation and not approximation.get("exact", True):
+        bits = []
+        if approximation.get("mc_samples"):
+            bits.append(f"MC={approximation['mc_samples']}")
+        if approximation.get("subsample"):
+            bits.append(f"subsample={approximation['subsample']}")
+        parts.append(", ".join(bits))
+    return " | ".join(parts)
+
+
+# -- spectrum.png -------------------------------------------------------------------------------------------
+
+def spectrum_figure(group: dict[str, Any], problem: dict[str, Any] | None = None,
+                    approximation: dict[str, Any] | None = None) -> Figure:
+    """Histogram of the nonzero eigenvalues on a log axis, with the cumulative share of the trace carried by
+    the eigenvalues up to lambda on a twin axis; lambda_max, rank, trace and effective rank annotated."""
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(6.4, 3.9))
+        ev = _floats(group.get("eigenvalues"))
+        ev = ev[np.isfinite(ev) & (ev > 0)]
+        title = f"GGN eigenvalue spectrum: {group.get('name', 'all')}"
+        sub = _subtitle(problem, approximation)
+        ax.set_title(title + (f"\n{sub}" if sub else ""), loc="left")
+        if ev.size == 0:
+            _empty(ax, "no nonzero eigenvalues (the GGN is zero on this batch)")
+            return fig
+        bins = _log_bins(ev)
+        ax.hist(ev, bins=bins, color=BLUE, alpha=0.85, edgecolor="white", linewidth=0.4, label="eigenvalues")
+        ax.set_xscale("log")
+        ax.set_xlabel(r"eigenvalue $\lambda$")
+        ax.set_ylabel("number of eigenvalues")
+        ax.set_axisbelow(True)
+        ax.yaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.45)  # room for the facts box above the bars
+
+        trace = group.get("trace") or float(ev.sum())
+        asc = np.sort(ev)
+        share = np.cumsum(asc) / trace
+        twin = ax.twinx()
+        twin.step(np.concatenate([[bins[0]], asc]), np.concatenate([[0.0], share]), where="post", color=ORANGE,
+                  linewidth=1.6, label=r"trace share of eigenvalues $\leq \lambda$")
+        twin.set_ylim(0, 1.02)
+        twin.yaxis.set_major_formatter(PercentFormatter(1.0))
+        twin.set_ylabel(r"cumulative share of tr $G$", color=ORANGE)
+        twin.tick_params(axis="y", colors=ORANGE)
+        twin.spines["right"].set_visible(True)
+        twin.spines["right"].set_color(ORANGE)
+        twin.spines["top"].set_visible(False)
+        twin.grid(False)
+
+        lam_max = float(ev.max())
+        ax.axvline(lam_max, color=RED, linestyle="--", linewidth=1.0)
+        ax.annotate(rf"$\lambda_{{max}}$ = {_fmt(lam_max)}", xy=(lam_max, 1.0), xycoords=("data", "axes fraction"),
+                    xytext=(-4, -4), textcoords="offset points", ha="right", va="top", color=RED, fontsize=8)
+        facts = [f"rank = {group.get('rank', ev.size)}", f"trace = {_fmt(trace)}"]
+        if group.get("effective_rank") is not None:
+            facts.append(f"effective rank = {_fmt(group['effective_rank'])}")
+        if group.get("num_params") is not None:
+            facts.append(f"D = {group['num_params']:,}")
+        ax.text(0.02, 0.97, "\n".join(facts), transform=ax.transAxes, va="top", ha="left", fontsize=8,
+                bbox={"boxstyle": "round,pad=0.35", "facecolor": "white", "edgecolor": "#cccccc", "alpha": 0.9})
+        handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        labels = ax.get_legend_handles_labels()[1] + twin.get_legend_handles_labels()[1]
+        ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+        fig.tight_layout()
+        return fig
+
+
+# -- directions.png -----------------------------------------------------------------------------------------
+
+def _scatter_loglog(ax, x: np.ndarray, y: np.ndarray, ylabel: str, title: str, snr_line: bool = False) -> None:
+    ok = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
+    ax.set_title(title, loc="left")
+    ax.set_xlabel(r"eigenvalue $\lambda_k$")
+    ax.set_ylabel(ylabel)
+    if not ok.any():
+        _empty(ax, "not defined (one sample, or no directions)")
+        return
+    ax.scatter(x[ok], y[ok], s=9, color=BLUE, alpha=0.65, linewidths=0)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    if snr_line:
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(min(lo, 0.3), max(hi, 3.0))
+        ax.axhline(1.0, color=RED, linestyle="--", linewidth=1.0)
+        ax.annotate("SNR = 1", xy=(1.0, 1.0), xycoords=("axes fraction", "data"), xytext=(-2, 3),
+                    textcoords="offset points", ha="right", va="bottom", color=RED, fontsize=8)
+        above = int((y[ok] > 1).sum())
+        ax.text(0.98, 0.03, f"SNR > 1: {above} of {x.size}", transform=ax.transAxes, ha="right", va="bottom",
+                fontsize=8, color=GREY)
+    hidden = x.size - int(ok.sum())
+    if hidden:
+        ax.text(0.02, 0.03, f"{hidden} not shown (undefined or not positive)", transform=ax.transAxes,
+                fontsize=7, color=GREY)
+
+
+def directions_figure(group: dict[str, Any], problem: dict[str, Any] | None = None,
+                      approximation: dict[str, Any] | None = None) -> Figure:
+    """The four panels of ViViT Fig. 2 for one group: (a) |gamma_k| vs lambda_k, (b) gradient overlap
+    gamma_k^2/||g||^2 summed per curvature bin, (c) SNR(lambda_k) and (d) SNR(gamma_k) vs lambda_k."""
+    with plt.rc_context(_STYLE):
+        fig, axes = plt.subplots(2, 2, figsize=(8.6, 6.6))
+        d = group.get("directions") or {}
+        lam = _floats(d.get("lambda"))
+        sub = _subtitle(problem, approximation)
+        fig.suptitle(f"Gradient, curvature and noise along the top-{d.get('top_k', 0)} GGN eigenvectors: "
+                     f"{group.get('name', 'all')}" + (f"\n{sub}" if sub else ""), x=0.01, ha="left",
+                     fontsize=10)
+        (a, b), (c, e) = axes
+        _scatter_loglog(a, lam, _floats(d.get("gamma_abs")), r"$|\gamma_k|$ (directional gradient)",
+                        "(a) directional gradient")
+
+        b.set_title("(b) gradient overlap by curvature", loc="left")
+        b.set_xlabel(r"eigenvalue $\lambda_k$ (bins)")
+        b.set_ylabel(r"$\sum_{k \in bin} \gamma_k^2 / \|g\|^2$")
+        overlap = _floats(d.get("gradient_overlap"))
+        ok = np.isfinite(lam) & (lam > 0) & np.isfinite(overlap)
+        if ok.any():
+            bins = _log_bins(lam[ok], per_decade=4, min_bins=8)
+            sums, edges = np.histogram(lam[ok], bins=bins, weights=overlap[ok])
+            pos = sums > 0
+            b.bar(edges[:-1][pos], sums[pos], width=np.diff(edges)[pos], align="edge", color=BLUE, alpha=0.85,
+                  edgecolor="white", linewidth=0.4)
+            b.set_xscale("log")
+            b.set_yscale("log")
+            if pos.any():
+                b.set_ylim(max(sums[pos].min() / 3, 1e-12), 1.5)
+            flat = d.get("flat_overlap")
+            b.text(0.02, 0.97, f"top-{int(ok.sum())} directions: {float(overlap[ok].sum()):.2%}\n"
+                   f"flat space (1 - sum): {_fmt(flat)}", transform=b.transAxes, va="top", ha="left", fontsize=8,
+                   bbox={"boxstyle": "round,pad=0.3", "facecolor": "white", "edgecolor": "#cccccc", "alpha": 0.9})
+        else:
+            _empty(b, "no gradient overlap (zero gradient or no directions)")
+
+        _scatter_loglog(c, lam, _floats(d.get("lambda_snr")), r"SNR$(\lambda_k)$",
+                        "(c) curvature signal-to-noise", snr_line=True)
+        _scatter_loglog(e, lam, _floats(d.get("gamma_snr")), r"SNR$(\gamma_k)$",
+                        "(d) gradient signal-to-noise", snr_line=True)
+        fig.tight_layout()
+        return fig
+
+
+# -- layers.png ---------------------------------------------------------------------------------------------
+
+def layers_figure(groups: list[dict[str, Any]], problem: dict[str, Any] | None = None,
+                  approximation: dict[str, Any] | None = None) -> Figure:
+    """Per-block lambda_max and trace (horizontal bars, log scale), blocks in model order, top to bottom."""
+    with plt.rc_context(_STYLE):
+        names = [f"{g.get('name')} ({g.get('num_params', 0):,})" for g in groups]
+        height = max(2.6, 0.32 * len(groups) + 1.4)
+        fig, (left, right) = plt.subplots(1, 2, figsize=(8.6, height), sharey=True)
+        sub = _subtitle(problem, approximation)
+        fig.suptitle("Block-diagonal GGN: curvature per block" + (f"\n{sub}" if sub else ""), x=0.01,
+                     ha="left", fontsize=10)
+        y = np.arange(len(groups))
+        for ax, key, label, color in ((left, "lambda_max", r"$\lambda_{max}$ of the block", BLUE),
+                                      (right, "trace", "trace of the block", ORANGE)):
+            vals = np.array([g.get(key) or 0.0 for g in groups], dtype=np.float64)
+            pos = vals > 0
+            if not pos.any():
+                _empty(ax, f"all {key} are zero")
+                continue
+            floor = vals[pos].min() / 3
+            ax.barh(y[pos], vals[pos] - floor, left=floor, color=color, alpha=0.85, height=0.7)
+            ax.set_xscale("log")
+            ax.set_xlim(floor, vals.max() * 4)
+            ax.set_xlabel(label)
+            for yi, v in zip(y, vals, strict=True):
+                ax.text(max(v, floor), yi, f" {_fmt(float(v))}", va="center", ha="left", fontsize=7)
+            ax.grid(axis="y", visible=False)
+        left.set_yticks(y)
+        left.set_yticklabels(names)
+        left.invert_yaxis()
+        left.set_ylabel("block (parameters)")
+        fig.tight_layout()
+        return fig

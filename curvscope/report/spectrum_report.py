@@ -1,0 +1,177 @@
+"""Turn a :class:`~curvscope.curvature.spectrum.SpectrumResult` into report fields and tensor files.
+
+Writers only: every number here was computed by the engine. Field-by-field documentation: ``docs/report.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvscope.errors import CurvscopeError
+from curvscope.io.atomic import write_atomic
+
+DIRECTIONS_FILE = "directions.safetensors"
+
+
+def _share_above_one(snr: Tensor) -> float | None:
+    """Share of the entries with SNR > 1 (``None`` when no SNR is defined, e.g. a single sample)."""
+    defined = ~torch.isnan(snr)
+    if not bool(defined.any()):
+        return None
+    return float((snr[defined] > 1).sum()) / float(snr.numel())
+
+
+def directions_fields(group) -> dict[str, Any] | None:
+    """The ``directions`` object of one group (``None`` when directional quantities were not computed)."""
+    d = group.directions
+    if d is None:
+        if group.top_k == 0 and group.rank == 0:  # no nonzero direction at all: the gradient is all flat
+            return {"top_k": 0, "lambda": [], "gamma_abs": [], "lambda_snr": [], "gamma_snr": [],
+                    "gradient_overlap": [], "flat_overlap": 1.0 if group.gradient_norm > 0 else 0.0,
+                    "lambda_consistency": 0.0, "snr_gt1_share": None, "lambda_snr_gt1_share": None}
+        return None
+    return {
+        "top_k": int(d.gamma_mean.numel()),
+        "lambda": group.eigenvalues[:d.gamma_mean.numel()],
+        "gamma_abs": d.gamma_mean.abs(),
+        "lambda_snr": d.lambda_snr,
+        "gamma_snr": d.gamma_snr,
+        "gradient_overlap": d.gradient_overlap,
+        "flat_overlap": float(d.flat_overlap),
+        "lambda_consistency": float(d.lambda_consistency),
+        "snr_gt1_share": _share_above_one(d.gamma_snr),
+        "lambda_snr_gt1_share": _share_above_one(d.lambda_snr),
+    }
+
+
+def group_fields(group, directional: bool = True) -> dict[str, Any]:
+    """One entry of ``groups``."""
+    return {
+        "name": group.name,
+        "parameters": list(group.param_names),
+        "num_params": int(group.num_params),
+        "eigenvalues": group.eigenvalues,
+        "rank": int(group.rank),
+        "trace": float(group.trace),
+        "lambda_max": float(group.lambda_max),
+        "effective_rank": float(group.effective_rank),
+        "stability_lr": float(group.stability_lr),
+        "gradient_norm": float(group.gradient_norm),
+        "directions": directions_fields(group) if directional else None,
+    }
+
+
+def spectrum_fields(result, batch_size: int, directional: bool = True) -> dict[str, Any]:
+    """The top-level report fields of ``curvscope spectrum`` (before ``newton`` and ``files``)."""
+    subsample = result.subsample
+    exact = result.mc_samples == 0 and (subsample is None or subsample >= batch_size)
+    return {
+        "loss_value": float(result.loss_value),
+        "gradient_norm": float(result.gradient_norm),
+        "approximation": {
+            "mc_samples": int(result.mc_samples),
+            "subsample": subsample,
+            "curvature_samples": int(result.columns.num_samples),
+            "num_columns": int(result.num_columns),
+            "exact": bool(exact),
+        },
+        "grouping": result.grouping,
+        "groups": [group_fields(g, directional) for g in result.groups],
+    }
+
+
+def newton_fields(step, file: str | os.PathLike) -> dict[str, Any]:
+    """The ``newton`` section from a :class:`~curvscope.curvature.newton.NewtonStep`."""
+    return {
+        "damping": step.damping,
+        "predicted_decrease": float(step.predicted_decrease),
+        "predicted_decrease_blocks": float(step.predicted_decrease_blocks),
+        "realized_decrease": float(step.realized_decrease),
+        "loss_before": float(step.loss_before),
+        "loss_after": float(step.loss_after),
+        "step_norm": float(step.step_norm),
+        "blocks": list(step.blocks),
+        "num_directions": int(step.num_directions),
+        "skipped_directions": int(step.num_skipped),
+        "file": str(file),
+    }
+
+
+# -- tensor files ------------------------------------------------------------------------------------------
+
+def _key_prefixes(result) -> list[str]:
+    names = [g.name for g in result.groups]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{i}:{n}" for i, n in enumerate(names)]
+
+
+def directions_tensors(result, newton=None) -> dict[str, Tensor]:
+    """Per-sample arrays for ``directions.safetensors``: for each group with directions, ``{group}/gamma``
+    ``(N, K)``, ``{group}/lambda`` ``(N_V, K)``, ``{group}/eigenvalues`` ``(K,)``; plus ``curvature_samples``
+    ``(N_V,)`` (batch positions of the rows of ``lambda``) and, with a Newton step, ``{block}/newton_damping``
+    and ``{block}/newton_step_length`` ``(K,)``."""
+    tensors: dict[str, Tensor] = {}
+    for prefix, g in zip(_key_prefixes(result), result.groups, strict=True):
+        if g.directions is None:
+            continue
+        tensors[f"{prefix}/gamma"] = g.directions.gamma
+        tensors[f"{prefix}/lambda"] = g.directions.lambdas
+        tensors[f"{prefix}/eigenvalues"] = g.eigenvalues[:g.top_k]
+    if not tensors:
+        return {}
+    tensors["curvature_samples"] = result.columns.samples.to(torch.int64)
+    if newton is not None:
+        prefixes = _key_prefixes(result)
+        for b, deltas, coeff in zip(newton.block_indices, newton.deltas, newton.coefficients, strict=True):
+            prefix = prefixes[b]
+            tensors[f"{prefix}/newton_damping"] = deltas
+            tensors[f"{prefix}/newton_step_length"] = coeff
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def eigenvector_tensors(vectors: dict[str, Tensor], eigenvalues: Tensor) -> dict[str, Tensor]:
+    """``{k}/{param}`` -> the parameter-shaped slice of eigenvector k (k = 0 is the largest eigenvalue), and
+    ``eigenvalues`` ``(k,)``."""
+    tensors = {"eigenvalues": eigenvalues.detach().cpu().to(torch.float64).contiguous()}
+    for name, v in vectors.items():
+        for k in range(v.shape[0]):
+            tensors[f"{k}/{name}"] = v[k].detach().cpu().contiguous()
+    return tensors
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, Any] | None = None
+                 ) -> Path:
+    """Write a safetensors file atomically; metadata values are stored as JSON strings."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    try:
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    except OSError as exc:
+        raise CurvscopeError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    return path
+
+
+def check_writable(path: str | os.PathLike, option: str) -> Path:
+    """Fail early (before the computation) when an output file cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise CurvscopeError(f"{option} {path}: is a directory, expected a file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CurvscopeError(f"{option} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK):
+        raise CurvscopeError(f"{option} {path}: {existing} is not writable")
+    return path
+

@@ -1,0 +1,84 @@
+"""Rich tables for the terminal, drawn from report fields (no maths here)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.table import Table
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """A number for humans: 3 significant digits, scientific notation outside [1e-3, 1e4), '-' for missing."""
+    if x is None:
+        return "-"
+    if isinstance(x, int):
+        return f"{x:,}"
+    x = float(x)
+    if not math.isfinite(x):
+        return "inf" if x > 0 else "-"
+    if x == 0 or 1e-3 <= abs(x) < 1e4:
+        return f"{x:.{digits}g}"
+    return f"{x:.{digits - 1}e}"
+
+
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def spectrum_table(report: dict[str, Any], top: int = 5) -> Table:
+    """One row per group: rank, lambda_max, trace, effective rank, top eigenvalues, SNR > 1 shares, 2/lambda_max."""
+    approx = report.get("approximation") or {}
+    kind = "exact" if approx.get("exact", True) else ", ".join(
+        b for b in (f"MC {approx['mc_samples']}" if approx.get("mc_samples") else "",
+                    f"subsample {approx['subsample']}" if approx.get("subsample") else "") if b)
+    table = Table(title=f"GGN spectrum ({kind}, {approx.get('num_columns', '?')} columns)", title_justify="left")
+    table.add_column("group")
+    table.add_column("params", justify="right")
+    table.add_column("rank", justify="right")
+    table.add_column("λ_max", justify="right")
+    table.add_column("trace", justify="right")
+    table.add_column("eff. rank", justify="right")
+    table.add_column(f"top-{top} eigenvalues")
+    table.add_column("SNR(γ)>1", justify="right")
+    table.add_column("SNR(λ)>1", justify="right")
+    table.add_column("GD lr < 2/λ_max", justify="right")
+    for g in report.get("groups", []):
+        d = g.get("directions") or {}
+        top_ev = " ".join(fmt(v) for v in (g.get("eigenvalues") or [])[:top]) or "-"
+        table.add_row(
+            str(g["name"]), fmt(g.get("num_params")), fmt(g.get("rank")), fmt(g.get("lambda_max")),
+            fmt(g.get("trace")), fmt(g.get("effective_rank")), top_ev,
+            _share(d.get("snr_gt1_share")), _share(d.get("lambda_snr_gt1_share")),
+            fmt(g.get("stability_lr")),
+        )
+    return table
+
+
+def facts_table(report: dict[str, Any], out_dir: str | None = None) -> Table:
+    """Loss, gradient norm, Newton step and where the files went."""
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")  # paths stay whole (copy-pasteable), folded rather than cut
+    table.add_row("loss", fmt(report.get("loss_value"), 6))
+    table.add_row("gradient norm", fmt(report.get("gradient_norm"), 4))
+    for g in report.get("groups", [])[:1]:
+        d = g.get("directions") or {}
+        if d.get("flat_overlap") is not None:
+            flat = d["flat_overlap"]
+            share = f"{flat:.2%}" if abs(flat) >= 5e-5 else "< 0.01%"
+            table.add_row("gradient in flat space", f"{share} (outside the top-{d.get('top_k')} directions)")
+    newton = report.get("newton")
+    if newton:
+        damping = newton.get("damping")
+        damping = damping if isinstance(damping, str) else fmt(damping)
+        table.add_row("Newton step", f"damping {damping}: predicted decrease {fmt(newton.get('predicted_decrease'))}"
+                      f", realized {fmt(newton.get('realized_decrease'))} (|step| {fmt(newton.get('step_norm'))}, "
+                      f"{newton.get('skipped_directions', 0)} of {newton.get('num_directions', 0)} directions "
+                      "skipped)")
+    files = report.get("files") or {}
+    if out_dir is not None:
+        table.add_row("report", f"{out_dir}/report.json")
+    for key, path in files.items():
+        table.add_row(key.replace("_", " "), str(path))
+    return table
