@@ -1,0 +1,158 @@
+"""The ``curvscope check --config FILE`` file: rules, computation options and a baseline, in TOML.
+
+```toml
+rules = ["groups[0].lambda_max <= 50", "lr.groups[*].recommended > 1e-5"]
+
+[problem]          # batch_size, shuffle, seed, loss, device, dtype, model, model_kwargs (CLI flags win)
+batch_size = 128
+
+[spectrum]         # options of `curvscope spectrum`, snake_case; likewise [lr] and [factors]
+mc_samples = 0
+
+[baseline]         # paths relative to this file
+report = "baseline/report.json"
+max_increase = { "groups[0].lambda_max" = "20%" }
+max_decrease = { "loss_value" = 0.05 }
+```
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from curvscope.errors import CurvscopeError
+from curvscope.report.check import Key, Limit, Rule, Step, make_limit, parse_rule
+
+ENGINES = ("spectrum", "factors", "lr")
+"""Computations config mode can run, in the order it runs them (each merges into the same report)."""
+TOP_LEVEL = ("rules", "problem", "baseline", *ENGINES)
+PROBLEM_KEYS = {"batch_size": int, "shuffle": bool, "seed": int, "loss": str, "device": str, "dtype": str,
+                "model": str, "model_kwargs": (dict, str)}
+BASELINE_KEYS = ("report", "max_increase", "max_decrease")
+
+
+@dataclass
+class CheckConfig:
+    """What a config file holds (everything empty when there is no file)."""
+
+    path: Path | None = None
+    rules: list[Rule] = field(default_factory=list)
+    problem: dict[str, Any] = field(default_factory=dict)
+    engines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    baseline: Path | None = None
+    limits: list[Limit] = field(default_factory=list)
+
+
+def _toml():
+    """``tomllib`` (Python 3.11+), else the ``tomli`` backport, else a clear error."""
+    for name in ("tomllib", "tomli"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise CurvscopeError("reading --config needs Python 3.11+ (tomllib) or the 'tomli' package: "
+                         "pip install tomli")
+
+
+def _suggest(word: str, choices) -> str:
+    near = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def load_config(path: str | Path) -> CheckConfig:
+    """Read and validate a config file; any mistake is a one-line :class:`CurvscopeError` naming the file."""
+    path = Path(path)
+    toml = _toml()
+    if not path.is_file():
+        raise CurvscopeError(f"{path}: config file not found")
+    try:
+        data = toml.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CurvscopeError(f"{path}: not a text file ({exc.reason})") from None
+    except toml.TOMLDecodeError as exc:
+        raise CurvscopeError(f"{path}: invalid TOML: {exc}") from None
+    return parse_config(data, path)
+
+
+def parse_config(data: dict[str, Any], path: Path) -> CheckConfig:
+    """Validate the parsed TOML ``data`` of the file at ``path``."""
+    config = CheckConfig(path=path)
+    for key in data:
+        if key not in TOP_LEVEL:
+            raise CurvscopeError(f"{path}: unknown key {key!r}{_suggest(key, TOP_LEVEL)}; "
+                                 f"known: {', '.join(TOP_LEVEL)}")
+    rules = data.get("rules", [])
+    if not isinstance(rules, list):
+        raise CurvscopeError(f"{path}: 'rules' must be a list of strings, e.g. "
+                             "rules = [\"loss_value < 0.5\"]")
+    config.rules = [parse_rule(r, source=f"{path} rules[{i}]") for i, r in enumerate(rules)]
+
+    problem = data.get("problem", {})
+    if not isinstance(problem, dict):
+        raise CurvscopeError(f"{path}: [problem] must be a table")
+    for key, value in problem.items():
+        if key not in PROBLEM_KEYS:
+            raise CurvscopeError(f"{path}: unknown key {key!r} in [problem]{_suggest(key, PROBLEM_KEYS)}; "
+                                 f"known: {', '.join(PROBLEM_KEYS)}")
+        kind = PROBLEM_KEYS[key]
+        if (isinstance(value, bool) and kind is int) or not isinstance(value, kind):
+            raise CurvscopeError(f"{path}: [problem] {key} = {value!r} has the wrong type")
+    problem = dict(problem)
+    if isinstance(problem.get("model_kwargs"), dict):
+        problem["model_kwargs"] = json.dumps(problem["model_kwargs"])
+    if "model" in problem:
+        problem["model"] = _relative_model(problem["model"], path.parent)
+    config.problem = problem
+
+    for name in ENGINES:
+        if name in data:
+            if not isinstance(data[name], dict):
+                raise CurvscopeError(f"{path}: [{name}] must be a table of option values")
+            config.engines[name] = dict(data[name])
+
+    baseline = data.get("baseline")
+    if baseline is not None:
+        if not isinstance(baseline, dict):
+            raise CurvscopeError(f"{path}: [baseline] must be a table")
+        for key in baseline:
+            if key not in BASELINE_KEYS:
+                raise CurvscopeError(f"{path}: unknown key {key!r} in [baseline]"
+                                     f"{_suggest(key, BASELINE_KEYS)}; known: {', '.join(BASELINE_KEYS)}")
+        if "report" in baseline:
+            if not isinstance(baseline["report"], str):
+                raise CurvscopeError(f"{path}: [baseline] report must be a path string")
+            config.baseline = path.parent / baseline["report"]
+        for direction in ("increase", "decrease"):
+            table = baseline.get(f"max_{direction}", {})
+            if not isinstance(table, dict):
+                raise CurvscopeError(f"{path}: [baseline] max_{direction} must be a table of "
+                                     "\"PATH\" = amount, e.g. { \"loss_value\" = \"10%\" }")
+            config.limits += [make_limit(p, amount, direction, f"{path} [baseline] max_{direction}")
+                              for p, amount in table.items()]
+    return config
+
+
+def _relative_model(spec: str, base: Path) -> str:
+    """``file.py:factory`` paths in a config file are relative to the config file."""
+    match = re.fullmatch(r"(.+\.py)(:[A-Za-z_][A-Za-z0-9_]*)?", spec)
+    if not match or Path(match.group(1)).is_absolute():
+        return spec
+    return str(base / match.group(1)) + (match.group(2) or "")
+
+
+def engine_for(path: tuple[Step, ...]) -> str:
+    """The computation that writes a path: ``lr.`` -> lr, ``factors.`` -> factors, else spectrum."""
+    first = path[0].name if path and isinstance(path[0], Key) else ""
+    return first if first in ("lr", "factors") else "spectrum"
+
+
+def engines_needed(config: CheckConfig, paths: list[tuple[Step, ...]]) -> list[str]:
+    """Which computations to run: those with a table in the config and those the rules' paths read."""
+    wanted = set(config.engines) | {engine_for(p) for p in paths}
+    return [name for name in ENGINES if name in wanted]
