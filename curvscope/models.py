@@ -38,7 +38,7 @@ def mlp(in_features: int = 64, hidden: Sequence[int] = (64, 64), out_features: i
     """
     layers: list[nn.Module] = [nn.Flatten()]
     widths = [in_features, *hidden]
-    for d_in, d_out in zip(widths[:-1], widths[1:]):
+    for d_in, d_out in zip(widths[:-1], widths[1:], strict=True):
         layers += [nn.Linear(d_in, d_out, bias=bias), _activation(activation)]
     layers.append(nn.Linear(widths[-1], out_features, bias=bias))
     return nn.Sequential(*layers)
@@ -128,5 +128,5 @@ class Transformer(nn.Module):
 
 def transformer(seq_len: int = 8, token_dim: int = 8, dim: int = 32, heads: int = 4, depth: int = 1,
                 mlp_ratio: int = 2, num_classes: int = 10) -> Transformer:
-    """Factory for :class:`Transformer` (the ``transformer-digits`` sample reads the 8 image rows as tokens)."""
+    """Factory for :class:`Transformer` (``transformer-digits`` reads the 8 image rows as 8 tokens)."""
     return Transformer(seq_len, token_dim, dim, heads, depth, mlp_ratio, num_classes)

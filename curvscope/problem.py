@@ -71,7 +71,7 @@ class Problem:
 
     # -- evaluation --------------------------------------------------------------------------------
     def forward(self, params: dict[str, Tensor] | None = None, inputs: Tensor | None = None) -> Tensor:
-        """Model outputs ``(N, C)`` at ``params`` (default: the problem's) on ``inputs`` (default: the batch)."""
+        """Model outputs ``(N, C)`` at ``params`` (default: the problem's) on ``inputs`` (default: batch)."""
         params = self.params if params is None else params
         inputs = self.inputs if inputs is None else inputs
         return functional_call(self.model, {**self.buffers, **params}, (inputs,))
@@ -132,7 +132,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise CurvscopeError(f"--device: '{device}' is not a device (use auto, cpu, cuda or cuda:N)") from exc
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise CurvscopeError(f"--device {device}: no CUDA GPU is available on this machine (use --device cpu)")
+            raise CurvscopeError(f"--device {device}: no CUDA GPU is available on this machine "
+                                 "(use --device cpu)")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise CurvscopeError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible")
     elif dev.type != "cpu":
@@ -189,7 +190,8 @@ def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | 
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     check_module_modes(model)
     loss = loss if isinstance(loss, Loss) else get_loss(loss or default_loss_name(targets))
-    params = {n: p.detach().to(device=device, dtype=dtype) for n, p in model.named_parameters() if p.requires_grad}
+    params = {n: p.detach().to(device=device, dtype=dtype)
+              for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise CurvscopeError("the model has no trainable parameters")
     buffers = {n: b.detach().to(device=device, dtype=dtype if b.is_floating_point() else b.dtype)
@@ -214,7 +216,8 @@ def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | 
     num_outputs = out.shape[1]
     inputs, targets = _prepare_batch(inputs, targets, loss, num_outputs, device, dtype, source)
     return Problem(model=model, params=params, buffers=buffers, inputs=inputs, targets=targets, loss=loss,
-                   device=device, dtype=dtype, num_outputs=num_outputs, info=dict(info or {}), dataset=dataset)
+                   device=device, dtype=dtype, num_outputs=num_outputs, info=dict(info or {}),
+                   dataset=dataset)
 
 
 def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
@@ -237,7 +240,7 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.Pat
     """
     from curvscope.io.checkpoints import apply_state_dict, load_checkpoint
     from curvscope.io.data import load_dataset, select_batch
-    from curvscope.io.spec import build_model, parse_model_kwargs
+    from curvscope.io.spec import build_model, canonical_spec, parse_model_kwargs
 
     if data is None:
         raise CurvscopeError("no data: pass --data FILE (tensors 'x' and 'y')")
@@ -245,16 +248,24 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.Pat
     spec = model or (ckpt.model_spec if ckpt else None)
     if spec is None:
         if ckpt is None:
-            raise CurvscopeError("no model: pass a CHECKPOINT, or --model SPEC to use a factory's initialization")
+            raise CurvscopeError("no model: pass a CHECKPOINT, or --model SPEC to use a factory's "
+                                 "initialization")
         raise CurvscopeError(f"{ckpt.path}: the checkpoint does not say which model it holds "
                              "(no 'curvscope.model' metadata); pass --model SPEC")
     if isinstance(model_kwargs, str):
         kwargs = parse_model_kwargs(model_kwargs)
     elif model_kwargs is not None:
         kwargs = dict(model_kwargs)
-    else:
-        kwargs = dict(ckpt.model_kwargs) if (ckpt and (model is None or model == ckpt.model_spec)) else {}
-    net = build_model(spec, kwargs, seed=seed)
+    else:  # the checkpoint's kwargs belong to the checkpoint's model ('mlp' == 'curvscope.models:mlp')
+        same_model = ckpt is not None and (model is None
+                                           or canonical_spec(model) == canonical_spec(ckpt.model_spec))
+        kwargs = dict(ckpt.model_kwargs) if same_model else {}
+    try:
+        net = build_model(spec, kwargs, seed=seed)
+    except CurvscopeError as exc:
+        if model is None:  # the spec came from the checkpoint's metadata: say which file named it
+            raise CurvscopeError(f"{ckpt.path}: metadata names a model that cannot be built: {exc}") from exc
+        raise
     if ckpt is not None:
         apply_state_dict(net, ckpt.state_dict, str(ckpt.path))
     else:

@@ -103,12 +103,14 @@ def main() -> None:
     for name, (x, y) in data.items():
         n = SPLITS[name]
         save_file({"x": x, "y": y}, str(HERE / f"{name}.safetensors"),
-                  metadata={"train": f"0:{n}", "test": f"{n}:{len(x)}", "source": f"sklearn.datasets.load_{name}"})
+                  metadata={"train": f"0:{n}", "test": f"{n}:{len(x)}",
+                            "source": f"sklearn.datasets.load_{name}"})
     results = {}
     for name, (dataset, spec, kwargs, loss_name, *_rest) in MODELS.items():
         model, result = train(name, data[dataset])
         n = SPLITS[dataset]
-        save_checkpoint(HERE / f"{name}.safetensors", model, model_spec=spec, model_kwargs=kwargs, loss=loss_name,
+        save_checkpoint(HERE / f"{name}.safetensors", model, model_spec=spec, model_kwargs=kwargs,
+                        loss=loss_name,
                         extra_metadata={"curvscope.data": f"{dataset}.safetensors",
                                         "curvscope.test_split": f"{n}:{len(data[dataset][0])}"})
         results[name] = result

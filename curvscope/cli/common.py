@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from curvscope import __version__
 from curvscope.errors import CurvscopeError
@@ -30,12 +31,14 @@ CheckpointArg = Annotated[Optional[Path], typer.Argument(
          "state dict (loaded with weights_only=True). Leave out to use --model's own initialization.",
     show_default=False)]
 DataOpt = Annotated[Optional[Path], typer.Option(
-    "--data", "-d", help="Dataset file with tensors 'x' (inputs) and 'y' (targets): .safetensors, .npz or .pt.",
+    "--data", "-d",
+    help="Dataset file with tensors 'x' (inputs) and 'y' (targets): .safetensors, .npz or .pt.",
     rich_help_panel=PROBLEM_HELP, show_default=False)]
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m",
     help="Model factory: 'path/to/file.py:factory', 'package.module:factory' or a built-in (mlp, cnn, "
-         "transformer). Overrides the checkpoint's metadata.", rich_help_panel=PROBLEM_HELP, show_default=False)]
+         "transformer). Overrides the checkpoint's metadata.",
+    rich_help_panel=PROBLEM_HELP, show_default=False)]
 ModelKwargsOpt = Annotated[Optional[str], typer.Option(
     "--model-kwargs", help="JSON object of keyword arguments for the factory, e.g. '{\"hidden\": [32, 32]}'.",
     rich_help_panel=PROBLEM_HELP, show_default=False)]
@@ -50,7 +53,8 @@ SeedOpt = Annotated[int, typer.Option(
     "--seed", help="Seed for --shuffle, Monte-Carlo sampling and --model initialization.",
     rich_help_panel=PROBLEM_HELP)]
 LossOpt = Annotated[Optional[str], typer.Option(
-    "--loss", help="Loss: ce, mse or bce. Default: the checkpoint's, else ce for integer targets, mse for float.",
+    "--loss",
+    help="Loss: ce, mse or bce. Default: the checkpoint's, else ce for integer targets, mse for float.",
     rich_help_panel=PROBLEM_HELP, show_default=False)]
 DeviceOpt = Annotated[str, typer.Option(
     "--device", help="auto (cuda when available), cpu, cuda or cuda:N.", rich_help_panel=PROBLEM_HELP)]
@@ -91,7 +95,7 @@ def handle_errors(fn):
         except CurvscopeError as exc:
             if debug:
                 traceback.print_exc()
-            console.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
+            console.print(f"[bold red]error:[/bold red] {_one_line(str(exc))}", soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/bold red]")
@@ -102,12 +106,18 @@ def handle_errors(fn):
         except Exception as exc:  # a bug, or a model curvscope cannot differentiate
             if debug:
                 traceback.print_exc()
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            lines = str(exc).strip().splitlines()
+            first = escape(lines[0]) if lines else ""
             console.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {first} "
                           f"(curvscope {__version__}; rerun with --debug for the traceback)", soft_wrap=True)
             raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper
+
+
+def _one_line(text: str) -> str:
+    """A message as one line of literal text (newlines joined; rich markup such as '[/x]' escaped)."""
+    return escape(" ".join(part.strip() for part in text.strip().splitlines() if part.strip()))
 
 
 def fail(message: str) -> None:

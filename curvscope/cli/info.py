@@ -44,9 +44,11 @@ def info(
     Loads the checkpoint and the batch exactly as every other command does, so it is the quickest way to
     check that curvscope understands your files.
 
-    Example: [bold]curvscope info sample_models/mlp-digits.safetensors --data sample_models/digits.safetensors[/bold]
+    Example:
+    [bold]curvscope info sample_models/mlp-digits.safetensors --data sample_models/digits.safetensors[/bold]
     """
-    problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device, dtype)
+    problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device,
+                            dtype)
     summary = describe(problem)
 
     layers = Table(title="Layers with trainable parameters", title_justify="left")
@@ -73,10 +75,11 @@ def describe(problem) -> dict:
     layers = []
     for group in problem.groups("layer"):
         owner = group.name if group.name in modules else ""
-        module = modules.get(owner)
+        module = modules[owner] if owner else None  # a parameter owned by the root module has no layer
         short = {n[len(owner) + 1:] if owner else n: problem.params[n].shape for n in group.param_names}
-        layers.append({"module": group.name, "type": type(module).__name__ if module is not None else "Parameter",
-                       "shapes": short, "count": sum(problem.params[n].numel() for n in group.param_names)})
+        kind = type(module).__name__ if module is not None else "Parameter"
+        count = sum(problem.params[n].numel() for n in group.param_names)
+        layers.append({"module": group.name, "type": kind, "shapes": short, "count": count})
     with torch.no_grad():
         outputs = problem.forward()
         loss_value = float(problem.loss(outputs, problem.targets))

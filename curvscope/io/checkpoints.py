@@ -14,10 +14,12 @@ from torch import Tensor, nn
 from curvscope.errors import CurvscopeError
 from curvscope.io.atomic import write_atomic
 from curvscope.io.tensors import read_tensors
+from curvscope.losses import LOSS_NAMES
 
 META_MODEL = "curvscope.model"
 META_KWARGS = "curvscope.model_kwargs"
 META_LOSS = "curvscope.loss"
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
 @dataclass
@@ -35,9 +37,7 @@ class Checkpoint:
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint file (``.safetensors``, ``.pt`` or ``.pth``)."""
     path = Path(path)
-    if path.suffix.lower() == ".npz":
-        raise CurvscopeError(f"{path}: unknown checkpoint file type '.npz' (expected .safetensors, .pt or .pth)")
-    state, meta = read_tensors(path, "checkpoint")
+    state, meta = read_tensors(path, "checkpoint", CHECKPOINT_SUFFIXES)
     kwargs: dict[str, Any] = {}
     if META_KWARGS in meta:
         try:
@@ -46,8 +46,12 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             raise CurvscopeError(f"{path}: metadata '{META_KWARGS}' is not valid JSON") from exc
         if not isinstance(kwargs, dict):
             raise CurvscopeError(f"{path}: metadata '{META_KWARGS}' must be a JSON object")
-    return Checkpoint(path=path, state_dict=state, model_spec=meta.get(META_MODEL), model_kwargs=kwargs,
-                      loss=meta.get(META_LOSS), metadata=meta)
+    loss = meta.get(META_LOSS) or None
+    if loss is not None and loss not in LOSS_NAMES:
+        raise CurvscopeError(f"{path}: metadata '{META_LOSS}' is '{loss}', not one of "
+                             f"{', '.join(LOSS_NAMES)}")
+    return Checkpoint(path=path, state_dict=state, model_spec=meta.get(META_MODEL) or None,
+                      model_kwargs=kwargs, loss=loss, metadata=meta)
 
 
 def apply_state_dict(model: nn.Module, state: dict[str, Tensor], source: str) -> None:

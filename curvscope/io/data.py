@@ -38,7 +38,8 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     for key in ("x", "y"):
         if key not in tensors:
             found = ", ".join(sorted(tensors)) or "no tensors"
-            raise CurvscopeError(f"{path}: data file needs tensors 'x' and 'y', '{key}' is missing (found {found})")
+            raise CurvscopeError(f"{path}: data file needs tensors 'x' and 'y', '{key}' is missing "
+                                 f"(found {found})")
     x, y = tensors["x"], tensors["y"]
     if x.dim() == 0 or y.dim() == 0:
         raise CurvscopeError(f"{path}: 'x' and 'y' need a leading sample dimension")

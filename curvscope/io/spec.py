@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,18 +32,28 @@ def parse_model_kwargs(text: str | None, source: str = "--model-kwargs") -> dict
     return value
 
 
+def canonical_spec(spec: str | None) -> str | None:
+    """The spec with built-in short names expanded: ``mlp`` -> ``curvscope.models:mlp``."""
+    if spec in BUILTIN:
+        return f"curvscope.models:{spec}"
+    return spec
+
+
 def resolve_factory(spec: str):
-    """The callable a spec names."""
-    if ":" not in spec:
-        if spec in BUILTIN:
-            spec = f"curvscope.models:{spec}"
-        else:
-            raise CurvscopeError(
-                f"model spec '{spec}': expected 'path/to/file.py:factory', 'package.module:factory' or one of "
-                f"the built-ins {', '.join(BUILTIN)}")
+    """The callable a spec names.
+
+    ``package.module`` is imported from the installed packages, else from the current directory (as with
+    ``python -m``); ``path/to/file.py`` is executed as a fresh module.
+    """
+    if ":" not in spec and spec not in BUILTIN:
+        raise CurvscopeError(
+            f"model spec '{spec}': expected 'path/to/file.py:factory', 'package.module:factory' or one "
+            f"of the built-ins {', '.join(BUILTIN)}")
+    spec = canonical_spec(spec)
     target, _, name = spec.rpartition(":")
     if not target or not name:
-        raise CurvscopeError(f"model spec '{spec}': expected 'path/to/file.py:factory' or 'package.module:factory'")
+        raise CurvscopeError(
+            f"model spec '{spec}': expected 'path/to/file.py:factory' or 'package.module:factory'")
     if target.endswith(".py") or "/" in target or "\\" in target:
         path = Path(target)
         if not path.is_file():
@@ -54,14 +65,22 @@ def resolve_factory(spec: str):
             sys.modules[module_name] = module
             loader_spec.loader.exec_module(module)
         except Exception as exc:
+            sys.modules.pop(module_name, None)
             raise CurvscopeError(f"model spec '{spec}': importing {path} failed: {type(exc).__name__}: "
                                  f"{_one_line(exc)}") from exc
     else:
+        cwd = os.getcwd()
+        added = cwd not in sys.path and "" not in sys.path
+        if added:
+            sys.path.append(cwd)
         try:
             module = importlib.import_module(target)
         except Exception as exc:
             raise CurvscopeError(f"model spec '{spec}': cannot import module '{target}': "
                                  f"{type(exc).__name__}: {_one_line(exc)}") from exc
+        finally:
+            if added and cwd in sys.path:
+                sys.path.remove(cwd)
     factory = getattr(module, name, None)
     if factory is None or not callable(factory):
         raise CurvscopeError(f"model spec '{spec}': '{name}' is not a callable in {target}")
@@ -73,9 +92,15 @@ def build_model(spec: str, kwargs: dict[str, Any] | None = None, seed: int | Non
     factory = resolve_factory(spec)
     kwargs = dict(kwargs or {})
     try:
-        inspect.signature(factory).bind(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise CurvscopeError(f"model spec '{spec}': bad keyword arguments {sorted(kwargs)}: {exc}") from exc
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # some callables (C extensions) have no signature: let the call decide
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**kwargs)
+        except TypeError as exc:
+            raise CurvscopeError(f"model spec '{spec}': bad keyword arguments {sorted(kwargs)}: {exc}"
+                                 ) from exc
     if seed is not None:
         torch.manual_seed(seed)
     try:

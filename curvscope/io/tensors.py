@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import zipfile
 from pathlib import Path
 
@@ -36,10 +37,16 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 
 def read_torch(path: Path) -> dict[str, Tensor]:
-    """A dict of tensors saved with torch.save, loaded with ``weights_only=True`` (no arbitrary unpickling)."""
+    """A dict of tensors saved with torch.save, loaded with ``weights_only=True`` (never unpickles code)."""
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt / unsafe files
+        text = _strip_ansi(str(exc))
+        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if unsafe or "Weights only load failed" in text:
+            what = unsafe.group(1) if unsafe else "a Python object"
+            raise CurvscopeError(f"{path}: holds {what}, not a plain state dict; curvscope only loads "
+                                 "tensors (weights_only=True): save model.state_dict() instead") from exc
         raise CurvscopeError(f"{path}: cannot be loaded as a weights-only torch file ({_first_line(exc)})"
                              ) from exc
     if isinstance(obj, dict):
@@ -47,8 +54,12 @@ def read_torch(path: Path) -> dict[str, Tensor]:
             if key in obj and isinstance(obj[key], dict) and len(obj) <= 4:
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+    if not isinstance(obj, dict):
         raise CurvscopeError(f"{path}: expected a dict of tensors (a state dict), got {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise CurvscopeError(f"{path}: expected a dict of tensors (a state dict), but entry '{bad[0]}' is a "
+                             f"{type(obj[bad[0]]).__name__}")
     return {str(k): v for k, v in obj.items()}
 
 
@@ -68,10 +79,17 @@ def read_npz(path: Path) -> dict[str, Tensor]:
     return out
 
 
-def read_tensors(path: Path, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Named tensors (and safetensors metadata, else ``{}``) from any supported file type."""
+def read_tensors(path: Path, what: str, suffixes: tuple[str, ...] = SUFFIXES
+                 ) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Named tensors (and safetensors metadata, else ``{}``) from any supported file type.
+
+    ``suffixes``: the file types accepted for this use (checkpoints are never .npz).
+    """
     path = check_file(path, what)
     suffix = path.suffix.lower()
+    if suffix not in suffixes:
+        raise CurvscopeError(f"{path}: unknown {what} file type '{path.suffix}' (expected one of "
+                             f"{', '.join(suffixes)})")
     if suffix == ".safetensors":
         return read_safetensors(path)
     if suffix in (".pt", ".pth"):
@@ -82,6 +100,15 @@ def read_tensors(path: Path, what: str) -> tuple[dict[str, Tensor], dict[str, st
                          f"{', '.join(SUFFIXES)})")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _strip_ansi(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, without terminal escapes, at most ``limit`` characters."""
+    text = _strip_ansi(str(exc)).strip().splitlines()
+    line = text[0].strip() if text else type(exc).__name__
+    return line if len(line) <= limit else line[:limit - 3].rstrip() + "..."
