@@ -1,0 +1,96 @@
+"""``factors.png``: heatmaps of the matrix factors (beside the ensemble ground truth) and a bar chart of the
+ensemble correlations. Drawing only: the numbers come from the engine."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+DPI = 150
+MAX_HEATMAPS = 6
+
+
+def _heatmap(fig: Figure, ax, matrix: np.ndarray, title: str) -> None:
+    vmax = float(np.max(np.abs(matrix))) if matrix.size else 0.0
+    vmax = vmax if vmax > 0 else 1.0
+    im = ax.imshow(matrix, cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest", aspect="auto")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("column index", fontsize=8)
+    ax.set_ylabel("row index", fontsize=8)
+    ax.tick_params(labelsize=7)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
+
+
+def factors_figure(factors: Mapping[str, np.ndarray], title: str,
+                   ground_truth: Mapping[str, np.ndarray] | None = None,
+                   correlation: Mapping[str, Mapping[str, float | None]] | None = None,
+                   example_label: str = "this model", example_r: Mapping[str, float] | None = None,
+                   params: Mapping[str, str] | None = None) -> Figure:
+    """Heatmaps of the 2-D factors (at most :data:`MAX_HEATMAPS`), each beside its ground truth when given
+    (``example_r``: the shown model's correlation per factor), and a bar chart of the correlation mean +- std
+    per factor when ``correlation`` is given. ``params``: factor name -> the parameters it couples."""
+    names = [n for n, v in factors.items() if np.ndim(v) == 2]
+    shown = names[:MAX_HEATMAPS]
+    if ground_truth is not None:
+        cols, heat_rows = 2, max(len(shown), 1)
+    else:
+        cols = min(3, max(len(shown), 1))
+        heat_rows = max(-(-len(shown) // cols), 1)
+    bar_rows = 1 if correlation else 0
+    rows = heat_rows + bar_rows
+    fig = plt.figure(figsize=(4.6 * cols, 3.6 * rows), constrained_layout=True)
+    grid = fig.add_gridspec(rows, cols)
+    if not shown:
+        ax = fig.add_subplot(grid[0, :])
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no matrix-shaped factors (all factors are scalars or vectors)", ha="center",
+                va="center")
+    for i, name in enumerate(shown):
+        if ground_truth is not None:
+            r0 = (example_r or {}).get(name)
+            label = f"{name}: {example_label}" + (f" (r = {r0:.2f})" if r0 is not None and np.isfinite(r0) else "")
+            _heatmap(fig, fig.add_subplot(grid[i, 0]), np.asarray(factors[name]), label)
+            _heatmap(fig, fig.add_subplot(grid[i, 1]), np.asarray(ground_truth[name]),
+                     f"{name}: ensemble ground truth")
+        else:
+            about = f": {params[name]}" if params and name in params else ""
+            _heatmap(fig, fig.add_subplot(grid[i // cols, i % cols]), np.asarray(factors[name]),
+                     f"{name} {tuple(np.shape(factors[name]))}{about}")
+    if correlation:
+        ax = fig.add_subplot(grid[rows - 1, :])
+        items = [(n, v) for n, v in correlation.items() if v.get("mean") is not None]
+        if items:
+            x = np.arange(len(items))
+            means = [v["mean"] for _, v in items]
+            stds = [v.get("std") or 0.0 for _, v in items]
+            ax.bar(x, means, yerr=stds, color="tab:blue", capsize=3)
+            ax.set_xticks(x)
+            ax.set_xticklabels([n for n, _ in items], rotation=45 if len(items) > 6 else 0, ha="right"
+                               if len(items) > 6 else "center", fontsize=8)
+            ax.set_ylim(min(0.0, min(means) - 0.1), 1.05)
+            ax.axhline(0, color="black", linewidth=0.6)
+        else:
+            ax.text(0.5, 0.5, "no factor with two or more entries", ha="center", va="center")
+        ax.set_ylabel("Pearson r with ground truth")
+        ax.set_xlabel("factor")
+        ax.set_title("single-model estimate vs ensemble ground truth (mean +- std over models)", fontsize=9)
+    more = f" ({len(shown)} of {len(names)} matrix factors shown)" if len(names) > len(shown) else ""
+    fig.suptitle(title + more, fontsize=10)
+    return fig
+
+
+def render_png(fig: Figure) -> bytes:
+    """The figure as PNG bytes (dpi 150); closes it."""
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=DPI)
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
