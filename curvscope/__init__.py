@@ -10,5 +10,6 @@ from curvscope.errors import CurvscopeError  # noqa: E402
 from curvscope.losses import get_loss  # noqa: E402
 from curvscope.problem import Problem, load_problem, make_problem  # noqa: E402
 from curvscope.api import spectrum  # noqa: E402
+from curvscope.curvature.lr import suggest_lr  # noqa: E402
 
-__all__ = ["CurvscopeError", "Problem", "__version__", "get_loss", "load_problem", "make_problem", "spectrum"]
+__all__ = ["CurvscopeError", "Problem", "__version__", "get_loss", "load_problem", "make_problem", "spectrum", "suggest_lr"]
