@@ -1,8 +1,358 @@
-"""Fast per-layer Gram rules ("ghost" products) for nn.Linear and nn.Conv1d/2d."""
+"""Fast per-layer Gram rules ("ghost" products) for nn.Linear and nn.Conv1d/2d (``CURVATURE.md`` section 3).
+
+A layer ``y = W a + b`` applied at T positions of a sample (T = 1 for a plain Linear, the flattened leading
+dims for sequences, the output pixels for a convolution through its unfolded patches) has, for column
+``(n, c)`` of V, the weight rows ``v_nc = sum_t delta_nct a_nt^T`` and the bias rows ``sum_t delta_nct``,
+where ``a_nt`` ``(d_in,)`` is the layer's input at position t and ``delta_nct`` ``(d_out,)`` the output
+gradient backpropagated from seed c of sample n. Hence, without per-sample gradients,
+
+    G~[(n,c),(m,d)] += sum_{t,s} (a_nt . a_ms)(delta_nct . delta_md,s)    (weight, "ghost" mode)
+                     + (sum_t delta_nct) . (sum_s delta_mds)              (bias)
+
+or, when T is large, ``v_nc`` is materialized (``(d_out, d_in)`` per column) and contracted ("materialize"
+mode); each layer takes the cheaper (:func:`choose_mode`). All deltas of all such layers come from one batched
+backward: a zero "probe" is added to every layer's output (a forward hook inside ``functional_call``), the
+batched forward is differentiated w.r.t. the probes with ``vjp``, and the pullback is ``vmap``-ed over the
+seeds (samples are independent, so the cotangent whose row n is ``seeds[n, c]`` gives ``delta_nc`` for every
+n at once). Gradient seeds are just extra columns.
+
+A layer is only taken when the rule is provably its gradient: its parameters are not shared, it is called
+exactly once per forward with the batch as its first dimension, and a check on two samples compares the rule
+with autograd's per-sample gradient (catches weights used outside the layer, non-batch-first layouts, hooks
+that change the output). Anything else is left to the generic path.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-def contribute(problem, names, columns, grad_seeds, acc, plan) -> set[str]:
-    """Add the contributions of the parameters with a fast rule; return the names handled."""
-    return set()
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+
+from curvscope.curvature.columns import Columns
+from curvscope.curvature.gram import GramAccumulator, _owner_sets, _scatter
+from curvscope.curvature.memory import ColumnBlock, MemoryPlan, column_blocks, pairwise
+
+MODES = ("ghost", "materialize")
+
+
+@dataclass
+class GhostLayer:
+    """A Linear or Conv layer handled by the fast rule.
+
+    Attributes:
+        module_name: its name in ``model.named_modules()``; weight, bias: the parameter names handled
+            (or None).
+        positions: T; d_in: input features per position (``C_in * prod(kernel)`` for a convolution); d_out.
+        out_shape: the layer's output shape for one sample (for the probe).
+        mode: ``ghost`` (products of inputs and deltas) or ``materialize`` (per-column weight rows).
+    """
+
+    module_name: str
+    module: nn.Module
+    weight: str | None
+    bias: str | None
+    positions: int = 0
+    d_in: int = 0
+    d_out: int = 0
+    out_shape: tuple[int, ...] = ()
+    mode: str = "materialize"
+    names: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.names = tuple(n for n in (self.weight, self.bias) if n is not None)
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.module, nn.Conv1d | nn.Conv2d)
+
+    def positions_of_input(self, x: Tensor) -> Tensor:
+        """Layer input ``(b, ...)`` -> ``a`` ``(b, T, d_in)`` (unfolded patches for a convolution)."""
+        if not self.is_conv:
+            return x.reshape(x.shape[0], -1, x.shape[-1])
+        m = self.module
+        conv1d = isinstance(m, nn.Conv1d)
+        if conv1d:
+            x = x.unsqueeze(2)
+        kernel, stride, dilation = ((1, *m.kernel_size), (1, *m.stride), (1, *m.dilation)) if conv1d else (
+            m.kernel_size, m.stride, m.dilation)
+        if isinstance(m.padding, str):
+            padding = (0, 0)
+            if m.padding == "same":  # as ATen: the odd extra element goes to the end
+                pads = []
+                for k, d in zip(reversed(kernel), reversed(dilation), strict=True):
+                    total = d * (k - 1)
+                    pads += [total // 2, total - total // 2]
+                x = F.pad(x, pads)
+        else:
+            padding = (0, *m.padding) if conv1d else m.padding
+        patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (b, d_in, T)
+        return patches.transpose(1, 2)
+
+    def positions_of_output(self, y: Tensor, lead: int) -> Tensor:
+        """Output-shaped ``(*lead_dims, ...)`` with ``lead`` leading dims -> ``(*lead_dims, T, d_out)``."""
+        if self.is_conv:
+            return y.reshape(*y.shape[:lead + 1], -1).transpose(-1, -2)
+        return y.reshape(*y.shape[:lead], -1, y.shape[-1])
+
+
+# -- finding the layers ----------------------------------------------------------------------------------
+
+def candidate_layers(problem, names: Sequence[str]) -> list[GhostLayer]:
+    """Linear / Conv1d / Conv2d (zeros padding, groups 1) modules owning wanted, unshared parameters."""
+    wanted = set(names)
+    uses = Counter(id(p) for _n, p in problem.model.named_parameters(remove_duplicate=False))
+    layers = []
+    for mname, m in problem.model.named_modules():
+        if isinstance(m, nn.Conv1d | nn.Conv2d):
+            if m.groups != 1 or m.padding_mode != "zeros":
+                continue
+        elif not isinstance(m, nn.Linear):
+            continue
+        if any(uses[id(p)] > 1 for p in m.parameters(recurse=False)):
+            continue
+        prefix = f"{mname}." if mname else ""
+        weight, bias = (n if n in wanted and n in problem.params else None
+                        for n in (prefix + "weight", prefix + "bias"))
+        if weight or bias:
+            layers.append(GhostLayer(mname, m, weight, bias))
+    return layers
+
+
+def _forward(problem, layers: Sequence[GhostLayer], inputs: Tensor, params: dict[str, Tensor],
+             probes: dict[str, Tensor] | None, record: dict[str, list] | None = None
+             ) -> tuple[Tensor, dict[str, Tensor]]:
+    """The model on ``inputs`` with ``probes`` added to the layers' outputs; returns the outputs and each
+    layer's input of this call. ``record``: collect every call's ``(args, output)`` instead (no probes)."""
+    captured: dict[str, Tensor] = {}
+    handles = []
+    for layer in layers:
+        def hook(_module, args, out, name=layer.module_name):
+            if record is not None:
+                record[name].append((args, out))
+                return None
+            captured[name] = args[0]
+            return out + probes[name]
+
+        handles.append(layer.module.register_forward_hook(hook))
+    try:
+        out = functional_call(problem.model, {**problem.buffers, **problem.params, **params}, (inputs,))
+    finally:
+        for h in handles:
+            h.remove()
+    return out, captured
+
+
+def _structure(problem, layers: list[GhostLayer], inputs: Tensor) -> list[GhostLayer]:
+    """Keep the layers called exactly once, batch-first, with a tensor input; fill in T, d_in, d_out."""
+    b = inputs.shape[0]
+    record: dict[str, list] = {layer.module_name: [] for layer in layers}
+    with torch.no_grad():
+        _forward(problem, layers, inputs, {}, None, record)
+    kept = []
+    for layer in layers:
+        calls = record[layer.module_name]
+        if len(calls) != 1:
+            continue  # unused, or weight sharing by calling the module twice: generic path
+        args, out = calls[0]
+        if not args or not isinstance(args[0], Tensor) or not isinstance(out, Tensor):
+            continue
+        x = args[0]
+        if not x.is_floating_point() or x.shape[0] != b or out.shape[0] != b:
+            continue
+        if layer.is_conv and x.dim() != (3 if isinstance(layer.module, nn.Conv1d) else 4):
+            continue
+        if not layer.is_conv and (x.dim() < 2 or out.shape[:-1] != x.shape[:-1]):
+            continue
+        a = layer.positions_of_input(x)
+        d = layer.positions_of_output(out, 1)
+        if a.shape[1] != d.shape[1]:
+            continue
+        layer.positions, layer.d_in, layer.d_out = a.shape[1], a.shape[2], d.shape[2]
+        layer.out_shape = tuple(out.shape[1:])
+        kept.append(layer)
+    return kept
+
+
+def _per_sample_check(problem, layers: list[GhostLayer], inputs: Tensor) -> list[GhostLayer]:
+    """Keep the layers whose rule reproduces autograd's per-sample gradients on ``inputs`` (a few samples)."""
+    if not layers:
+        return layers
+    b = inputs.shape[0]
+    params = {n: problem.params[n] for layer in layers for n in layer.names}
+    probes = {layer.module_name: torch.zeros(b, *layer.out_shape, dtype=problem.dtype, device=problem.device)
+              for layer in layers}
+    out, pullback, captured = vjp(lambda p, q: _forward(problem, layers, inputs, p, q), params, probes,
+                                  has_aux=True)
+    g = torch.Generator().manual_seed(0)
+    cot = torch.zeros(b, *out.shape, dtype=out.dtype)
+    for n in range(b):
+        cot[n, n] = torch.randn(out.shape[1:], generator=g, dtype=torch.float64)
+    grads, deltas = vmap(pullback)(cot.to(out.device))  # one sample's gradient per cotangent
+    tol = 10 * torch.finfo(problem.dtype).eps ** 0.5
+    kept = []
+    for layer in layers:
+        a = layer.positions_of_input(captured[layer.module_name].detach())  # (b, T, d_in)
+        d = layer.positions_of_output(deltas[layer.module_name], 2).diagonal(dim1=0, dim2=1)
+        d = d.movedim(-1, 0)  # (b, T, d_out): sample n's delta from cotangent n
+        rules = {layer.weight: torch.einsum("bto,bti->boi", d, a), layer.bias: d.sum(1)}
+        ok = True
+        for name in layer.names:
+            true = grads[name].reshape(b, -1)
+            err = (rules[name].reshape(b, -1) - true).norm()
+            ok = ok and bool(err <= tol * (true.norm() + torch.finfo(problem.dtype).tiny))
+        if ok:
+            kept.append(layer)
+    return kept
+
+
+# -- cost model -------------------------------------------------------------------------------------------
+
+# Multiply-adds of the T > 1 ghost contractions (batched einsums over small dims) run about this many times
+# slower than those of the one large matrix product of the materialized mode (measured on CPU, float32: with
+# N = 128, k = 11, d = 64, ghost wins at T = 2 and loses at T = 4 although it needs 4x and 11x fewer).
+GHOST_EINSUM_PENALTY = 20
+
+
+def choose_mode(layer: GhostLayer, num_samples: int, num_columns: int, plan: MemoryPlan, element_size: int
+                ) -> str:
+    """``ghost`` or ``materialize`` for one layer, by multiply-adds and memory (``CURVATURE.md`` section 3).
+
+    With N samples, P = total columns, k = P / N columns per sample: materialize costs
+    ``P T d_in d_out + P^2 d_in d_out``; ghost ``N^2 d_in + P^2 d_out`` for T = 1, else
+    ``N^2 T^2 d_in + N P T^2 d_out + P^2 T d_out`` (``a a^T`` first, then one side's deltas, then the
+    other's), weighted by ``GHOST_EINSUM_PENALTY``: in practice T > 1 takes the ghost mode only for small T
+    and wide layers, as section 3's ``T^2 < d_in d_out / (d_in + d_out)`` says. A mode whose kept factors do
+    not fit the budget while the other's do yields to the other (wide layers with long sequences: ghost).
+    """
+    N, P, T, di, do = num_samples, num_columns, layer.positions, layer.d_in, layer.d_out
+    materialize = P * T * di * do + P * P * di * do
+    ghost = (N * N * di + P * P * do if T == 1
+             else GHOST_EINSUM_PENALTY * (N * N * T * T * di + N * P * T * T * do + P * P * T * do))
+    mode = "ghost" if ghost < materialize else "materialize"
+    fits = {"materialize": P * di * do * element_size <= plan.limit,
+            "ghost": (P * T * do + N * T * di) * element_size <= plan.limit}
+    other = "materialize" if mode == "ghost" else "ghost"
+    return other if not fits[mode] and fits[other] else mode
+
+
+def select_layers(problem, names: Sequence[str], columns: Columns, grad_seeds: Tensor | None,
+                  plan: MemoryPlan, force_mode: str | None = None) -> list[GhostLayer]:
+    """The layers the fast rule handles for parameters ``names``, each with its mode."""
+    layers = candidate_layers(problem, names)
+    if not layers:
+        return []
+    probe_idx = (torch.arange(min(2, problem.batch_size), device=problem.device) if grad_seeds is not None
+                 else columns.samples[:2])
+    inputs = problem.inputs[probe_idx]
+    layers = _per_sample_check(problem, _structure(problem, layers, inputs), inputs)
+    num_samples = problem.batch_size if grad_seeds is not None else columns.num_samples
+    num_columns = columns.num_columns + (problem.batch_size if grad_seeds is not None else 0)
+    elt = torch.finfo(problem.dtype).bits // 8
+    for layer in layers:
+        layer.mode = force_mode or choose_mode(layer, num_samples, num_columns, plan, elt)
+    return layers
+
+
+# -- the contributions ------------------------------------------------------------------------------------
+
+def _block_factors(problem, layers: Sequence[GhostLayer], block: ColumnBlock) -> dict[str, dict[str, Tensor]]:
+    """Per layer, what the contraction needs for the columns of ``block`` (b samples, k seeds each):
+    ``bias`` ``(b*k, d_out)``; ``weight`` ``(b*k, d_out*d_in)`` (materialize) or ``a`` ``(b, T, d_in)`` and
+    ``delta`` ``(b, k, T, d_out)`` (ghost)."""
+    inputs = problem.inputs[block.samples]
+    b, k = block.seeds.shape[:2]
+    probes = {layer.module_name: torch.zeros(b, *layer.out_shape, dtype=problem.dtype, device=problem.device)
+              for layer in layers}
+    _out, pullback, captured = vjp(lambda q: _forward(problem, layers, inputs, {}, q), probes, has_aux=True)
+    deltas = vmap(pullback)(block.seeds.transpose(0, 1))[0]  # name -> (k, b, *out_shape)
+    factors = {}
+    for layer in layers:
+        d = layer.positions_of_output(deltas.pop(layer.module_name), 2).transpose(0, 1)  # (b, k, T, d_out)
+        f: dict[str, Tensor] = {}
+        if layer.bias:
+            f["bias"] = d.sum(2).reshape(b * k, -1)
+        if layer.weight:
+            a = layer.positions_of_input(captured[layer.module_name].detach())  # (b, T, d_in)
+            if layer.mode == "materialize":
+                f["weight"] = torch.einsum("bkto,bti->bkoi", d, a).reshape(b * k, -1)
+            else:
+                f["a"], f["delta"] = a, d
+        factors[layer.module_name] = f
+    return factors
+
+
+def _ghost_weight_gram(fi: dict[str, Tensor], fj: dict[str, Tensor], plan: MemoryPlan) -> Tensor:
+    """``sum_{t,s} (a_nt . a_ms)(delta_nct . delta_mds)`` ``(b_i*k_i, b_j*k_j)`` from the ghost factors."""
+    ai, di, aj, dj = fi["a"], fi["delta"], fj["a"], fj["delta"]
+    (bi, ki, T, do), (bj, kj) = di.shape, dj.shape[:2]
+    if T == 1:
+        A = ai[:, 0] @ aj[:, 0].T  # (bi, bj)
+        D = (di.reshape(bi * ki, do) @ dj.reshape(bj * kj, do).T).reshape(bi, ki, bj, kj)
+        return (D * A[:, None, :, None]).reshape(bi * ki, bj * kj)
+    out = torch.empty(bi, ki, bj, kj, dtype=di.dtype, device=di.device)
+    s = plan.pair_samples(T * (T + kj * do) * di.element_size())
+    for p in range(0, bi, s):
+        for q in range(0, bj, s):
+            A = torch.einsum("ptx,qsx->ptqs", ai[p:p + s], aj[q:q + s])
+            right = torch.einsum("ptqs,qdse->ptqde", A, dj[q:q + s])  # (p, T, q, kj, d_out)
+            out[p:p + s, :, q:q + s] = torch.einsum("pcte,ptqde->pcqd", di[p:p + s], right)
+    return out.reshape(bi * ki, bj * kj)
+
+
+def contribute(problem, names: Sequence[str], columns: Columns, grad_seeds: Tensor | None,
+               acc: GramAccumulator, plan: MemoryPlan, force_mode: str | None = None) -> set[str]:
+    """Add the contributions of the parameters with a fast rule to ``acc``; return the names handled.
+
+    Args:
+        names: parameters wanted (the others are never touched); grad_seeds: ``(N, 1, C)`` or ``None``.
+        force_mode: ``ghost`` or ``materialize`` for every layer (tests); default: per layer by cost.
+    """
+    if force_mode is not None and force_mode not in MODES:
+        raise ValueError(f"force_mode must be one of {MODES}, got {force_mode!r}")
+    names = [n for n in names if acc.wanted(n)]
+    layers = select_layers(problem, names, columns, grad_seeds, plan, force_mode)
+    if not layers:
+        return set()
+    num_v = columns.num_columns
+    num_samples = problem.batch_size if grad_seeds is not None else columns.num_samples
+    total = num_v + (problem.batch_size if grad_seeds is not None else 0)
+    k = total / num_samples
+    elt = torch.finfo(problem.dtype).bits // 8
+    kept = work = 0.0  # bytes per column
+    for layer in layers:
+        T, di, do = layer.positions, layer.d_in, layer.d_out
+        kept += do * (layer.bias is not None)
+        if layer.weight:
+            kept += di * do if layer.mode == "materialize" else T * do + T * di / k
+        work += (T * do * k + T * di) * plan.activation_factor / k
+    max_columns, held = plan.blocking(total, kept * elt, work * elt)
+    sets = _owner_sets(acc, [n for layer in layers for n in layer.names])
+    set_of = {n: i for i, (_groups, members) in enumerate(sets) for n in members}
+
+    def contract(bi: ColumnBlock, fi: dict, bj: ColumnBlock, fj: dict) -> None:
+        # per set of owning groups, a running sum that is added to the groups once its last member is in
+        partial: dict[int, Tensor] = {}
+        missing = [len(members) for _groups, members in sets]
+        for layer in layers:
+            li, lj = fi[layer.module_name], fj[layer.module_name]
+            for name in layer.names:
+                if name == layer.bias:
+                    gram = li["bias"] @ lj["bias"].T
+                elif layer.mode == "materialize":
+                    gram = li["weight"] @ lj["weight"].T
+                else:
+                    gram = _ghost_weight_gram(li, lj, plan)
+                i = set_of[name]
+                partial[i] = partial[i].add_(gram) if i in partial else gram
+                missing[i] -= 1
+                if not missing[i]:
+                    _scatter(sets[i][0], num_v, bi.index, bj.index, partial.pop(i), mirror=bi is not bj)
+
+    blocks = column_blocks(columns, grad_seeds, max_columns)
+    pairwise(blocks, lambda blk: _block_factors(problem, layers, blk), contract, held)
+    return {n for layer in layers for n in layer.names}

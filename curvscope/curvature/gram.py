@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.func import functional_call, vjp, vmap
 
 from curvscope.curvature.columns import Columns, gradient_seeds, make_columns
-from curvscope.curvature.memory import MemoryPlan
+from curvscope.curvature.memory import ColumnBlock, MemoryPlan, column_blocks, pairwise
 
 
 @dataclass
@@ -89,35 +89,75 @@ def per_sample_vjp(problem, names: Sequence[str], sample_idx: Tensor, seeds: Ten
     return vmap(one_sample)(problem.inputs[sample_idx], seeds)
 
 
+def _owner_sets(acc: GramAccumulator, names: Sequence[str]) -> list[tuple[list[GroupGram], list[str]]]:
+    """``names`` grouped by the groups that own them: contributions within a set are summed before adding."""
+    sets: dict[tuple[int, ...], tuple[list[GroupGram], list[str]]] = {}
+    for n in names:
+        owners = acc.owners.get(n, [])
+        sets.setdefault(tuple(id(g) for g in owners), (owners, []))[1].append(n)
+    return [s for s in sets.values() if s[0]]
+
+
+def _scatter(groups: Sequence[GroupGram], num_v: int, rows: Tensor, cols: Tensor, block: Tensor,
+             mirror: bool) -> None:
+    """Add the block ``[rows, cols]`` of the extended Gram ``[V, G]^T [V, G]`` to ``groups``.
+
+    Args:
+        num_v: number of V columns (extended indices below it are V columns, the others ``N_V*K + m``).
+        rows: ``(r,)``, cols: ``(c,)`` extended indices; block: ``(r, c)``.
+        mirror: also add ``block^T`` at ``[cols, rows]`` (an off-diagonal block pair).
+    Entries with a g row and a v column are the mirror images of ``vg`` entries and are skipped.
+    """
+    block = block.to(torch.float64)
+    for r, c, b in ((rows, cols, block), (cols, rows, block.T)) if mirror else ((rows, cols, block),):
+        rv, cv = r < num_v, c < num_v
+        parts = [("vv", r[rv], c[cv], b[rv][:, cv])]
+        if groups[0].vg is not None:
+            parts += [("vg", r[rv], c[~cv] - num_v, b[rv][:, ~cv]),
+                      ("gg", r[~rv] - num_v, c[~cv] - num_v, b[~rv][:, ~cv])]
+        for attr, ri, ci, sub in parts:
+            if sub.numel():
+                rs, cs = _as_slice(ri), _as_slice(ci)
+                for g in groups:
+                    if rs is not None and cs is not None:
+                        getattr(g, attr)[rs, cs] += sub
+                    else:
+                        getattr(g, attr).index_put_((ri.unsqueeze(1), ci.unsqueeze(0)), sub, accumulate=True)
+
+
+def _as_slice(index: Tensor) -> slice | None:
+    """``index`` ``(r,)`` as a slice when it is a run of consecutive integers (the usual case), else None."""
+    first, last = int(index[0]), int(index[-1])
+    if last - first + 1 == index.numel() and bool((index.diff() == 1).all()):
+        return slice(first, last + 1)
+    return None
+
+
 def _generic_contributions(problem, names: list[str], columns: Columns, grad_seeds: Tensor | None,
                            acc: GramAccumulator, plan: MemoryPlan, progress: Callable[[int], None]) -> None:
-    """Generic path: materialize rows of V (and G) for chunks of parameters and samples, contract, discard."""
-    N_V, K = columns.num_samples, columns.per_sample
-    same_samples = grad_seeds is not None and N_V == problem.batch_size
-    for chunk in plan.param_chunks(names, problem.params, rows=N_V * K + (problem.batch_size if grad_seeds
-                                                                            is not None else 0)):
-        if same_samples:
-            # one pass: the gradient seed is an extra column of every sample
-            seeds = torch.cat([columns.seeds, grad_seeds], dim=1)
-            rows = _rows_by_sample_chunks(problem, chunk, columns.samples, seeds, plan)
-            for name in chunk:
-                W = rows[name].reshape(N_V, K + 1, -1)
-                V = W[:, :K].reshape(N_V * K, -1)
-                G = W[:, K]
-                acc.add(name, V @ V.T, V @ G.T, G @ G.T)
-        else:
-            rows = _rows_by_sample_chunks(problem, chunk, columns.samples, columns.seeds, plan)
-            grows = None
-            if grad_seeds is not None:
-                all_idx = torch.arange(problem.batch_size, device=problem.device)
-                grows = _rows_by_sample_chunks(problem, chunk, all_idx, grad_seeds, plan)
-            for name in chunk:
-                V = rows[name].reshape(N_V * K, -1)
-                if grows is None:
-                    acc.add(name, V @ V.T)
-                else:
-                    G = grows[name].reshape(problem.batch_size, -1)
-                    acc.add(name, V @ V.T, V @ G.T, G @ G.T)
+    """Generic path: materialize rows of V (and G) for chunks of parameters, contract, discard.
+
+    Within a parameter chunk the columns are cut into blocks (``memory.column_blocks``) and contracted block
+    pair by block pair, so a batch too large for the budget is split (rows recomputed), never refused.
+    """
+    num_v = columns.num_columns
+    total = num_v + (problem.batch_size if grad_seeds is not None else 0)
+    for chunk in plan.param_chunks(names, problem.params, rows=total):
+        row_bytes = sum(problem.params[n].numel() * problem.params[n].element_size() for n in chunk)
+        max_columns, held = plan.blocking(total, row_bytes, row_bytes * plan.activation_factor)
+        sets = _owner_sets(acc, chunk)
+
+        def compute(block: ColumnBlock, chunk: list[str] = chunk) -> dict[str, Tensor]:
+            rows = per_sample_vjp(problem, chunk, block.samples, block.seeds)
+            return {k: v.detach().reshape(block.num_columns, -1) for k, v in rows.items()}
+
+        def contract(bi: ColumnBlock, fi: dict[str, Tensor], bj: ColumnBlock, fj: dict[str, Tensor],
+                     sets: list = sets) -> None:
+            for groups, members in sets:
+                gram = sum(fi[n] @ fj[n].T for n in members)
+                _scatter(groups, num_v, bi.index, bj.index, gram, mirror=bi is not bj)
+
+        pairwise(column_blocks(columns, grad_seeds, max_columns), compute, contract, held)
         progress(len(chunk))
 
 

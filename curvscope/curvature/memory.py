@@ -1,16 +1,25 @@
-"""Memory budgets: how many parameters and samples the engine materializes at once.
+"""Memory budgets: how many parameters and columns of V the engine materializes at once.
 
 The budget is ``max_memory`` bytes (default: a quarter of the available RAM, or half of the free GPU memory).
 The generic path holds ``rows x D_chunk`` entries of V at a time plus the per-sample backward intermediates,
-estimated as ``activation_factor`` times the sample's share of the parameter rows; chunks of parameters and
-then of samples are sized to stay inside the budget. A batch too large for the budget is split, never refused.
+estimated as ``activation_factor`` times the rows; chunks of parameters and then of columns are sized to stay
+inside the budget.
+
+A batch too large for the budget is split, never refused: the columns of the extended ``[V, G]`` are cut
+into rectangular blocks (samples x seeds, see :func:`column_blocks`) and the Gram is accumulated block pair by
+block pair (:func:`pairwise`): for blocks ``i <= j`` the rows of both are in memory, their product fills the
+``(i, j)`` and ``(j, i)`` blocks of ``vv``/``vg``/``gg``. When the rows of all blocks fit they are computed
+once and kept; otherwise a stripe of blocks is kept and the others are recomputed for each stripe (memory
+traded for recomputation).
 """
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -65,17 +74,21 @@ class MemoryPlan:
         share = 0.5 if device.type == "cuda" else 0.25
         return cls(budget=int(available_memory(device) * share))
 
+    @property
+    def limit(self) -> float:
+        """Bytes one stage may hold: a third of the budget (rows kept, rows being computed, the rest)."""
+        return self.budget / 3
+
     def param_chunks(self, names: Sequence[str], params: dict[str, Tensor], rows: int) -> list[list[str]]:
         """Consecutive parameter tensors grouped so that ``rows x D_chunk`` entries fit in a third of the
-        budget (a tensor too large on its own gets a chunk of its own: its samples are then split)."""
-        limit = self.budget / 3
+        budget (a tensor too large on its own gets a chunk of its own: its columns are then split)."""
         chunks: list[list[str]] = []
         current: list[str] = []
         size = 0.0
         for n in names:
             p = params[n]
             b = rows * p.numel() * p.element_size() * (1 + self.activation_factor)
-            if current and size + b > limit:
+            if current and size + b > self.limit:
                 chunks.append(current)
                 current, size = [], 0.0
             current.append(n)
@@ -85,15 +98,107 @@ class MemoryPlan:
         return chunks
 
     def sample_chunk(self, problem, names: Sequence[str], per_sample_rows: int, num_samples: int) -> int:
-        """How many samples to backpropagate at once for parameters ``names``."""
+        """How many samples to backpropagate at once for parameters ``names`` (at least 1): their rows and
+        backward intermediates fit in a third of the budget."""
         d = sum(problem.params[n].numel() for n in names)
         bytes_per_sample = per_sample_rows * d * problem.params[names[0]].element_size() * (
             1 + self.activation_factor)
-        # the rows of all samples are kept (they are contracted afterwards): the whole set must fit too
-        total = bytes_per_sample * num_samples / (1 + self.activation_factor)
-        if total > self.budget * 0.6:
-            raise CurvscopeError(
-                f"the rows of V for parameters {names[0]}... need {total / 2**30:.1f} GiB, more than the memory "
-                f"budget allows ({self.budget / 2**30:.1f} GiB): lower --batch-size, use --subsample or "
-                "--mc-samples, or raise --max-memory")
-        return max(1, min(num_samples, int(self.budget / 3 / max(bytes_per_sample, 1))))
+        return max(1, min(num_samples, int(self.limit / max(bytes_per_sample, 1))))
+
+    def blocking(self, total_columns: int, kept_bytes: float, work_bytes: float) -> tuple[int, int]:
+        """Block sizes for :func:`pairwise`: ``(columns per block, blocks held at once)``.
+
+        Args:
+            total_columns: columns of the extended ``[V, G]``.
+            kept_bytes: bytes per column of what is kept for the contraction (rows of V, or ghost factors).
+            work_bytes: bytes per column needed transiently while computing them (backward intermediates).
+
+        Everything in one block when it fits in a third of the budget. Otherwise half of that goes to
+        computing one block (its rows and work) and half to the blocks held; when all blocks' rows fit there,
+        each block is computed once, else they are held a stripe at a time and the rest recomputed.
+        """
+        kept, work = max(kept_bytes, 1.0), max(work_bytes, 1.0)
+        if total_columns * (kept + work) <= self.limit:
+            return max(total_columns, 1), 1
+        columns = max(1, int(self.limit / 2 / (kept + work)))
+        return columns, max(1, int(self.limit / 2 / (columns * kept)))
+
+    def pair_samples(self, bytes_per_pair: float) -> int:
+        """Samples per side of a sub-block when a contraction needs ``bytes_per_pair`` per pair of samples."""
+        return max(1, math.isqrt(int(self.limit / max(bytes_per_pair, 1.0))))
+
+
+@dataclass
+class ColumnBlock:
+    """A rectangle of columns of the extended ``[V, G]``: ``b`` samples times ``k`` seeds.
+
+    Attributes:
+        samples: ``(b,)`` batch indices.
+        seeds: ``(b, k, C)``: ``seeds[n, c]`` is backpropagated through sample ``samples[n]``.
+        index: ``(b*k,)`` positions in the extended Gram, sample-major: ``n * K + c`` for seed c of curvature
+            sample position n (the ``vv`` index), ``N_V * K + m`` for the gradient of batch sample m.
+    """
+
+    samples: Tensor
+    seeds: Tensor
+    index: Tensor
+
+    @property
+    def num_columns(self) -> int:
+        return self.index.numel()
+
+
+def column_blocks(columns, grad_seeds: Tensor | None, max_columns: int) -> list[ColumnBlock]:
+    """The columns of ``[V, G]`` cut into blocks of at most ``max_columns`` columns.
+
+    Args:
+        columns: the :class:`~curvscope.curvature.columns.Columns` of V (``N_V`` samples, K seeds each).
+        grad_seeds: ``(N, 1, C)`` gradient seeds of all batch samples, or ``None`` (V only).
+    When V covers the whole batch a sample's gradient seed joins its K seeds (one backward for K + 1 columns).
+    A sample whose columns alone exceed ``max_columns`` has its seeds split over several blocks.
+    """
+    N_V, K = columns.num_samples, columns.per_sample
+    num_v = N_V * K
+    samples = columns.samples
+    v_index = torch.arange(num_v, device=samples.device).reshape(N_V, K)
+    units: list[tuple[Tensor, Tensor, Tensor]] = []  # (samples (m,), seeds (m, k, C), index (m, k))
+    if grad_seeds is None:
+        units.append((samples, columns.seeds, v_index))
+    elif N_V == grad_seeds.shape[0]:
+        units.append((samples, torch.cat([columns.seeds, grad_seeds[samples]], dim=1),
+                      torch.cat([v_index, num_v + samples.unsqueeze(1)], dim=1)))
+    else:
+        everyone = torch.arange(grad_seeds.shape[0], device=samples.device)
+        units += [(samples, columns.seeds, v_index), (everyone, grad_seeds, (num_v + everyone).unsqueeze(1))]
+    blocks = []
+    for idx, seeds, index in units:
+        m, k = index.shape
+        if max_columns >= k:
+            step = max_columns // k
+            blocks += [ColumnBlock(idx[i:i + step], seeds[i:i + step], index[i:i + step].reshape(-1))
+                       for i in range(0, m, step)]
+        else:
+            step = max_columns
+            blocks += [ColumnBlock(idx[n:n + 1], seeds[n:n + 1, c:c + step], index[n, c:c + step])
+                       for n in range(m) for c in range(0, k, step)]
+    return blocks
+
+
+def pairwise(blocks: Sequence[ColumnBlock], compute: Callable[[ColumnBlock], Any],
+             contract: Callable[[ColumnBlock, Any, ColumnBlock, Any], None], held: int) -> None:
+    """Call ``contract(block_i, F_i, block_j, F_j)`` once for every pair ``i <= j``, ``F = compute(block)``.
+
+    At most ``held`` blocks' ``F`` (plus one) are in memory: a stripe of ``held`` blocks is computed and kept,
+    the blocks after it are computed one at a time and contracted with the stripe, then the next stripe.
+    With ``held >= len(blocks)`` every block is computed once; in general about ``n^2 / (2 held)`` times.
+    """
+    n = len(blocks)
+    for s0 in range(0, n, held):
+        stripe = [(b, compute(b)) for b in blocks[s0:s0 + held]]
+        for a, (ba, fa) in enumerate(stripe):
+            for bb, fb in stripe[a:]:
+                contract(ba, fa, bb, fb)
+        for bj in blocks[s0 + held:]:
+            fj = compute(bj)
+            for ba, fa in stripe:
+                contract(ba, fa, bj, fj)

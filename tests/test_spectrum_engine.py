@@ -1,0 +1,264 @@
+"""compute_spectrum against dense brute force (float64, tiny models): eigenvalues, traces, ranks,
+eigenvectors, directional quantities, sub-sampling, Monte-Carlo, every group mode, every loss, many
+architectures."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from helpers import (
+    dense_ggn,
+    ggn_factor,
+    group_index,
+    nonzero_eigen,
+    per_sample_ggns,
+    per_sample_gradients,
+    snr_ref,
+)
+from torch import nn
+
+import curvscope
+from curvscope.curvature.gram import compute_gram
+from curvscope.curvature.spectrum import compute_spectrum, eigenvectors
+from curvscope.errors import CurvscopeError
+from curvscope.models import mlp, transformer
+
+N = 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only cost barrier waits (tens of ms per op on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _targets(loss: str, C: int, n: int = N, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if loss == "ce":
+        return torch.arange(n) % C
+    if loss == "mse":
+        return torch.randn(n, C, generator=g)
+    return torch.rand(n, C, generator=g)
+
+
+def _problem(model: nn.Module, x: torch.Tensor, loss: str, C: int) -> curvscope.Problem:
+    model.eval()
+    return curvscope.make_problem(model, x, _targets(loss, C, x.shape[0]), loss=loss, dtype=torch.float64)
+
+
+def _mlp(activation: str, bias: bool, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return mlp(4, [5, 4], 3, activation=activation, bias=bias)
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(2, 3, 3, padding=1, stride=1), nn.AvgPool2d(2), nn.Tanh(), nn.Flatten(),
+                        nn.Linear(12, 3))
+    bn = net[1]
+    with torch.no_grad():  # non-trivial running statistics and affine parameters
+        bn.running_mean.copy_(torch.tensor([0.3, -0.2]))
+        bn.running_var.copy_(torch.tensor([0.5, 2.0]))
+        bn.weight.copy_(torch.tensor([1.5, 0.7]))
+        bn.bias.copy_(torch.tensor([0.1, -0.3]))
+    return net
+
+
+def _conv1d() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv1d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Conv1d(3, 2, 2, dilation=2),
+                         nn.Flatten(), nn.Linear(4, 3))
+
+
+class _Embedder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(7, 4)
+        self.proj = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.proj(self.embed(tokens))).mean(1))
+
+
+def _x(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(N, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+CASES = {
+    "mlp-tanh-ce": lambda: _problem(_mlp("tanh", True), _x(4), "ce", 3),
+    "mlp-relu-mse-nobias": lambda: _problem(_mlp("relu", False), _x(4), "mse", 3),
+    "mlp-sigmoid-bce": lambda: _problem(_mlp("sigmoid", True), _x(4), "bce", 3),
+    "cnn-bn-eval-ce": lambda: _problem(_cnn(), _x(1, 8, 8), "ce", 3),
+    "conv1d-mse": lambda: _problem(_conv1d(), _x(2, 7), "mse", 3),
+    "transformer-ce": lambda: (torch.manual_seed(0), _problem(
+        transformer(seq_len=3, token_dim=2, dim=4, heads=2, depth=1, mlp_ratio=2, num_classes=3),
+        _x(6), "ce", 3))[1],
+    "embedding-bce": lambda: _problem(_Embedder(), torch.randint(0, 7, (N, 5),
+                                                                 generator=torch.Generator().manual_seed(0)),
+                                      "bce", 3),
+}
+
+
+def _assert_block_spectrum(g, G_block: torch.Tensor, V_block: torch.Tensor, scale: float) -> None:
+    """Eigenvalues, rank, trace of a group against the dense GGN block ``(D_P, D_P)`` and its factor
+    ``(D_P, NC)``: the dense eigenvalues above 1e-9 lambda_max to 1e-8 relative; all of them (and the rank,
+    by the lambda_max * NC * eps rule) against the squared singular values of the factor.
+    A block that is zero up to rounding (``scale``: the whole model's lambda_max) must come out negligible."""
+    sv2 = torch.linalg.svdvals(V_block) ** 2
+    if sv2[0] < 1e-20 * scale:  # e.g. attention key biases: softmax ignores them
+        assert g.lambda_max < 1e-20 * scale and g.trace < 1e-19 * scale
+        return
+    rank = int((sv2 > sv2[0] * V_block.shape[1] * torch.finfo(torch.float64).eps).sum())
+    assert g.rank == rank, (g.name, g.rank, rank)
+    torch.testing.assert_close(g.eigenvalues, sv2[:rank], rtol=1e-8, atol=1e-13 * float(sv2[0]))
+    ref, _ = nonzero_eigen(G_block, rel=1e-9)
+    torch.testing.assert_close(g.eigenvalues[:ref.numel()], ref, rtol=1e-8, atol=1e-12 * float(ref[0]))
+    assert g.trace == pytest.approx(float(torch.trace(G_block)), rel=1e-10)
+    assert g.lambda_max == pytest.approx(float(ref[0]), rel=1e-10)
+
+
+@functools.cache
+def _reference(case: str) -> tuple[curvscope.Problem, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(problem, per-sample GGNs (N, D, D), GGN factor V (D, NC), per-sample gradients (N, D))``."""
+    problem = CASES[case]()
+    return problem, per_sample_ggns(problem), ggn_factor(problem), per_sample_gradients(problem)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("groups", ["all", "layer", "tensor"])
+def test_eigenvalues_match_dense_ggn(case, groups):
+    problem, Gn, V, _ = _reference(case)
+    G = Gn.mean(0)
+    torch.testing.assert_close(V @ V.T, G, rtol=0, atol=1e-13 * float(G.abs().max()))
+    res = compute_spectrum(problem, groups=groups, include_total=True, directional=False)
+    expected = ["all"] if groups == "all" else ["all", *(g.name for g in problem.groups(groups))]
+    assert [g.name for g in res.groups] == expected
+    for g in res.groups:
+        idx = group_index(problem.params, g.param_names)
+        _assert_block_spectrum(g, G[idx][:, idx], V[idx], res.groups[0].lambda_max)
+        if problem.loss.name == "ce":
+            assert g.rank <= N * (problem.num_outputs - 1)
+    # the whole model's trace is the sum of its tensors' traces
+    if groups == "tensor":
+        assert res.groups[0].trace == pytest.approx(sum(g.trace for g in res.groups[1:]), rel=1e-12)
+
+
+@pytest.mark.parametrize("ghost", [True, False])
+def test_subsampling_is_the_ggn_of_the_first_samples(ghost):
+    problem = CASES["mlp-tanh-ce"]()
+    K = 4
+    G, V = dense_ggn(problem, samples=K), ggn_factor(problem, samples=K)
+    res = compute_spectrum(problem, groups="layer", include_total=True, subsample=K, directional=True,
+                           ghost=ghost)
+    for g in res.groups:
+        idx = group_index(problem.params, g.param_names)
+        _assert_block_spectrum(g, G[idx][:, idx], V[idx], res.groups[0].lambda_max)
+        assert g.directions.gamma.shape == (N, g.top_k)  # gradients: all samples
+        assert g.directions.lambdas.shape == (K, g.top_k)  # curvature: the K samples
+        assert g.directions.lambda_consistency < 1e-10
+
+
+@pytest.mark.parametrize("loss", ["ce", "mse", "bce"])
+def test_mc_trace_is_unbiased(loss):
+    problem = _problem(_mlp("tanh", True), _x(4), loss, 3)
+    exact = float(torch.trace(dense_ggn(problem)))
+    names = tuple(problem.params)
+    M, seeds = 2, 150
+    traces = torch.tensor([float(torch.trace(compute_gram(problem, [("all", names)], mc_samples=M,
+                                                          seed=s)[0][0].vv)) for s in range(seeds)],
+                          dtype=torch.float64)
+    stderr = float(traces.std() / seeds**0.5)
+    assert stderr < 0.1 * exact  # precise enough that a wrong scale (2x, 1/M) cannot pass
+    assert abs(float(traces.mean()) - exact) < 4 * stderr, (float(traces.mean()), exact, stderr)
+    res = compute_spectrum(problem, mc_samples=M, seed=0, directional=False)
+    assert res.num_columns == N * M and res.groups[0].rank <= N * M
+
+
+@pytest.mark.parametrize("case", ["mlp-tanh-ce", "cnn-bn-eval-ce", "transformer-ce"])
+def test_eigenvectors_are_orthonormal_eigenvectors(case):
+    problem, Gn, _, _ = _reference(case)
+    G = Gn.mean(0)
+    res = compute_spectrum(problem, groups="layer", include_total=True, top_k=4, directional=False)
+    for gi, g in enumerate(res.groups):
+        vecs = eigenvectors(problem, res, gi)
+        E = torch.cat([vecs[n].reshape(g.top_k, -1) for n in problem.params], dim=1)  # (k, D)
+        idx = group_index(problem.params, g.param_names)
+        outside = torch.ones(E.shape[1], dtype=torch.bool)
+        outside[idx] = False
+        assert E[:, outside].abs().max() == 0 if outside.any() else True
+        Ep = E[:, idx]
+        lam = g.eigenvalues[:g.top_k]
+        torch.testing.assert_close(Ep @ G[idx][:, idx], lam[:, None] * Ep, rtol=0, atol=1e-10 * float(lam[0]))
+        torch.testing.assert_close(Ep @ Ep.T, torch.eye(g.top_k, dtype=torch.float64), rtol=0, atol=1e-8)
+
+
+def _clusters(evals: torch.Tensor, k: int, rel: float = 1e-6) -> list[list[int]]:
+    """The top-k directions split into runs of (numerically) equal eigenvalues; a run cut by k is dropped."""
+    runs: list[list[int]] = [[0]]
+    for i in range(1, evals.numel()):
+        if evals[i - 1] - evals[i] <= rel * evals[i - 1]:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return [r for r in runs if r[-1] < k]
+
+
+@pytest.mark.parametrize("case", ["mlp-tanh-ce", "mlp-relu-mse-nobias", "cnn-bn-eval-ce", "transformer-ce",
+                                  "embedding-bce"])
+@pytest.mark.parametrize("subsample", [None, 4])
+def test_directional_quantities_match_brute_force(case, subsample):
+    """gamma_nk, lambda_nk, SNRs, overlaps against dense eigenvectors and looped per-sample gradients.
+
+    Directions inside a degenerate eigenspace (e.g. the last layer under mse: G = (2/C) I x A) are not
+    unique: there, only basis-free sums over the eigenspace are compared."""
+    problem, Gn_all, _, gn = _reference(case)
+    Nv = subsample or N
+    Gn = Gn_all[:Nv]
+    G = Gn.mean(0)
+    top = 4
+    res = compute_spectrum(problem, groups="layer", include_total=True, top_k=top, subsample=subsample)
+    for g in res.groups:
+        idx = group_index(problem.params, g.param_names)
+        evals, evecs = nonzero_eigen(G[idx][:, idx])
+        k = min(top, evals.numel())
+        e = evecs[:, :k]  # (D_P, k)
+        gamma = gn[:, idx] @ e  # (N, k)
+        lambdas = torch.einsum("dk,nde,ek->nk", e, Gn[:, idx][:, :, idx], e)  # (N_V, k)
+        grad = gn[:, idx].mean(0)
+        overlap = (grad @ e) ** 2 / (grad @ grad)
+        d = g.directions
+        assert g.top_k == k
+        torch.testing.assert_close(d.lambda_mean, evals[:k], rtol=1e-8, atol=0)
+        assert d.lambda_consistency < 1e-10
+        assert g.gradient_norm == pytest.approx(float(grad.norm()), rel=1e-10)
+        for run in _clusters(evals, k):
+            if len(run) == 1:
+                torch.testing.assert_close(d.gamma[:, run].abs(), gamma[:, run].abs(), rtol=1e-6, atol=1e-9)
+                torch.testing.assert_close(d.lambdas[:, run], lambdas[:, run], rtol=1e-6,
+                                           atol=1e-9 * float(evals[0]))
+                torch.testing.assert_close(d.gamma_mean[run].abs(), (grad @ e[:, run]).abs(), rtol=1e-6,
+                                           atol=1e-9)
+                torch.testing.assert_close(d.gamma_snr[run], snr_ref(gamma[:, run]), rtol=1e-5, atol=1e-9)
+                torch.testing.assert_close(d.lambda_snr[run], snr_ref(lambdas[:, run]), rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close((d.gamma[:, run] ** 2).sum(1), (gamma[:, run] ** 2).sum(1), rtol=1e-6,
+                                       atol=1e-12)
+            torch.testing.assert_close(d.lambdas[:, run].sum(1), lambdas[:, run].sum(1), rtol=1e-6,
+                                       atol=1e-9 * float(evals[0]))
+            torch.testing.assert_close(d.gradient_overlap[run].sum(), overlap[run].sum(), rtol=1e-6,
+                                       atol=1e-10)
+        if sum(len(r) for r in _clusters(evals, k)) == k:  # no eigenspace cut by the top-k
+            assert d.flat_overlap == pytest.approx(1 - float(overlap.sum()), abs=1e-8)
+
+
+def test_batchnorm_in_train_mode_is_refused():
+    model = _cnn().train()
+    with pytest.raises(CurvscopeError, match="BatchNorm in train mode"):
+        curvscope.make_problem(model, _x(1, 8, 8), _targets("ce", 3), loss="ce", dtype=torch.float64)
