@@ -13,6 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
 DIGITS = SAMPLES / "digits.safetensors"
 DIABETES = SAMPLES / "diabetes.safetensors"
+
+# Tests use tiny tensors, where thread start-up dominates: one thread keeps the suite fast on 2-core CI.
+torch.set_num_threads(1)
 SAMPLE_CHECKPOINTS = {
     "mlp-digits": DIGITS,
     "cnn-digits": DIGITS,

@@ -122,22 +122,28 @@ class SpectrumResult:
 
 # -- eigen-decomposition ---------------------------------------------------------------------------------
 
-def gram_eigen(gram: Tensor, build_dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:
-    """Eigen-decompose a Gram matrix in float64.
-
-    Returns ``(eigenvalues, eigenvectors, rank)`` sorted descending; eigenvalues at or below
-    ``lambda_max * NK * eps(build_dtype)`` count as zero (``CURVATURE.md`` section 2).
-    """
+def gram_eigen(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigen-decompose a (symmetrized) Gram matrix in float64; eigenpairs sorted by descending eigenvalue."""
     g = gram.to(torch.float64)
-    g = 0.5 * (g + g.T)
-    evals, evecs = torch.linalg.eigh(g)
-    evals, evecs = evals.flip(0), evecs.flip(1)
+    evals, evecs = torch.linalg.eigh(0.5 * (g + g.T))
+    return evals.flip(0), evecs.flip(1)
+
+
+def numerical_rank(evals: Tensor, size: int, build_dtype: torch.dtype, reference: float = 0.0) -> int:
+    """Number of eigenvalues above ``lambda_max * NK * eps(build_dtype)`` (``CURVATURE.md`` section 2).
+
+    Args:
+        evals: descending eigenvalues of a Gram of ``size`` rows, built in ``build_dtype``.
+        reference: for a block of a larger GGN, the whole model's largest eigenvalue: the threshold uses the
+            larger of the two, so that a block whose true GGN is zero (e.g. attention key biases) gets rank 0,
+            not a rank of rounding noise.
+    """
     if evals.numel() == 0:
-        return evals, evecs, 0
-    lam_max = float(evals[0])
-    threshold = max(lam_max, 0.0) * g.shape[0] * torch.finfo(build_dtype).eps
-    rank = int((evals > threshold).sum()) if lam_max > 0 else 0
-    return evals, evecs, rank
+        return 0
+    lam_max = max(float(evals[0]), reference)
+    if lam_max <= 0:
+        return 0
+    return int((evals > lam_max * size * torch.finfo(build_dtype).eps).sum())
 
 
 def directional_quantities(gg: GroupGram, evals: Tensor, evecs: Tensor, columns: Columns,
@@ -211,10 +217,15 @@ def compute_spectrum(problem, groups: str = "all", mc_samples: int = 0, subsampl
     grad = problem.gradient()
     grad_sq = {n: float((g.to(torch.float64) ** 2).sum()) for n, g in grad.items()}
 
-    results = []
+    decompositions = []
     for i, gg in enumerate(grams):
         report("eigen", i, len(grams))
-        evals, evecs, rank = gram_eigen(gg.vv, problem.dtype)
+        decompositions.append(gram_eigen(gg.vv))
+    # the whole model's largest eigenvalue bounds every block's (a block is a principal submatrix of G)
+    reference = max((float(ev[0]) for ev, _ in decompositions if ev.numel()), default=0.0)
+    results = []
+    for gg, (evals, evecs) in zip(grams, decompositions, strict=True):
+        rank = numerical_rank(evals, gg.vv.shape[0], problem.dtype, reference)
         g_sq = sum(grad_sq[n] for n in gg.param_names)
         k = min(rank, top_k if top_k is not None else DEFAULT_TOP_K)
         directions, top_vecs = None, None
