@@ -16,7 +16,7 @@ from curvscope.problem import Problem, make_problem
 def spectrum(model_or_problem: nn.Module | Problem, inputs: Tensor | None = None, targets: Tensor | None = None,
              loss: str = "ce", groups: str = "all", mc_samples: int = 0, subsample: int | None = None,
              top_k: int | None = None, directional: bool = True, device: str | torch.device | None = None,
-             dtype: str | torch.dtype | None = None, **kw: Any) -> SpectrumResult:
+             dtype: str | torch.dtype | None = None, process_group: Any = None, **kw: Any) -> SpectrumResult:
     """Exact GGN eigenspectrum of one batch, with per-sample directional derivatives and their noise.
 
     The same computation as ``curvscope spectrum`` (without the files): the nonzero eigenvalues of the
@@ -36,6 +36,12 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Tensor | None = None
         top_k: directional quantities for the top-k nonzero directions (default: all nonzero, at most 1000).
         directional: ``False`` for eigenvalues only.
         device, dtype: ``"cpu"``/``"cuda"``; ``torch.float64`` for reference-quality numbers.
+        process_group: an initialized ``torch.distributed`` group (e.g. ``torch.distributed.group.WORLD`` under
+            ``torchrun``): the call is then collective. Every rank passes the *same full* batch (model, inputs,
+            targets, or the same Problem) and the same arguments; rank r computes its contiguous slice of the
+            samples, and every rank returns the same result, equal to the single-process one up to rounding.
+            NCCL needs a CUDA problem on ``cuda:LOCAL_RANK`` (call ``torch.cuda.set_device`` first); gloo works
+            on CPUs. See ``docs/distributed.md``.
         **kw: passed on to :func:`~curvscope.curvature.spectrum.compute_spectrum`: ``include_total`` (with
             ``groups != "all"``, the whole model as ``groups[0]``), ``seed``, ``ghost``, ``max_memory`` (bytes
             or ``"4GiB"``), ``progress``.
@@ -94,4 +100,4 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Tensor | None = None
     if "max_memory" in kw:
         kw["max_memory"] = parse_memory(kw["max_memory"])
     return compute_spectrum(problem, groups=groups, mc_samples=mc_samples, subsample=subsample, top_k=top_k,
-                            directional=directional, **kw)
+                            directional=directional, process_group=process_group, **kw)

@@ -120,6 +120,13 @@ def _one_line(text: str) -> str:
     return escape(" ".join(part.strip() for part in text.strip().splitlines() if part.strip()))
 
 
+def quiet_output(quiet: bool = True) -> None:
+    """Silence (or restore) everything this process prints: progress, summaries and error messages. Ranks other
+    than 0 of a distributed run are quiet; rank 0 prints for all of them."""
+    console.quiet = quiet
+    out.quiet = quiet
+
+
 def fail(message: str) -> None:
     """Raise the bad-input error for option combinations that typer cannot check."""
     raise CurvscopeError(message)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -31,8 +31,12 @@ from curvscope.cli.common import (
     console,
     handle_errors,
     out,
+    quiet_output,
 )
 from curvscope.errors import CurvscopeError
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 SPECTRUM_HELP = "Spectrum"
 FILES_HELP = "Output"
@@ -69,8 +73,9 @@ def _options(options: dict[str, Any] | None) -> dict[str, Any]:
     return opts
 
 
-def _validate_options(opts: dict[str, Any]) -> dict[str, Any]:
-    """Check the options that need no Problem (before anything is loaded); returns parsed values."""
+def _validate_options(opts: dict[str, Any], check_files: bool = True) -> dict[str, Any]:
+    """Check the options that need no Problem (before anything is loaded); returns parsed values.
+    ``check_files=False``: leave out the checks of output paths (ranks other than 0 write nothing)."""
     from curvscope.curvature.memory import parse_memory
     from curvscope.curvature.newton import parse_damping
     from curvscope.problem import GROUP_MODES
@@ -88,22 +93,23 @@ def _validate_options(opts: dict[str, Any]) -> dict[str, Any]:
     if opts["newton_step"] is not None and not opts["directions"]:
         raise CurvscopeError("--newton-step needs the directional derivatives: leave out --no-directions")
     for key, flag in (("eigenvectors", "--eigenvectors"), ("newton_step", "--newton-step")):
-        if opts[key] is not None:
+        if opts[key] is not None and check_files:
             check_writable(opts[key], flag)
     return parsed
 
 
-def _validate(problem, opts: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+def _validate(problem, opts: dict[str, Any], out_dir: Path, check_files: bool = True) -> dict[str, Any]:
     """Check every option before the (long) computation; returns parsed values."""
     from curvscope.report.spectrum_report import check_writable
 
-    parsed = _validate_options(opts)
+    parsed = _validate_options(opts, check_files)
     if opts["subsample"] is not None and opts["subsample"] > problem.batch_size:
         raise CurvscopeError(f"--subsample {opts['subsample']} is larger than the batch "
                              f"({problem.batch_size} samples)")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CurvscopeError(f"--out {out_dir}: exists and is not a directory")
-    check_writable(out_dir / "report.json", "--out")
+    if check_files:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise CurvscopeError(f"--out {out_dir}: exists and is not a directory")
+        check_writable(out_dir / "report.json", "--out")
     if opts["eigenvectors"] is not None:  # k x D numbers in memory and on disk: refuse what cannot fit
         from curvscope.curvature.memory import MemoryPlan
         from curvscope.curvature.spectrum import DEFAULT_TOP_K
@@ -141,8 +147,8 @@ def _progress(quiet: bool) -> Iterator[Any]:
         yield update
 
 
-def run_spectrum(problem, out_dir: Path, options: dict[str, Any] | None = None, quiet: bool = False
-                 ) -> dict[str, Any]:
+def run_spectrum(problem, out_dir: Path, options: dict[str, Any] | None = None, quiet: bool = False,
+                 process_group: ProcessGroup | None = None) -> dict[str, Any]:
     """Compute the spectrum of ``problem`` and write ``out_dir/report.json``, plots and tensor files.
 
     Args:
@@ -151,79 +157,101 @@ def run_spectrum(problem, out_dir: Path, options: dict[str, Any] | None = None, 
             ``seed``; ``no_directions``/``no_ghost``/``no_plots`` are accepted too); missing keys take
             :data:`DEFAULTS`.
         quiet: no progress bars.
+        process_group: an initialized ``torch.distributed`` group (collective: every rank passes the same
+            problem and options). The computation is split over the ranks; rank 0 alone checks and writes the
+            files (other ranks return the same report, without ``files``, and show no progress); a failure on
+            any rank raises on every rank.
     Returns:
         The report written (a JSON-able dict; on disk it may be merged into an existing report of the same
         problem). Nothing is written when anything fails before the writing starts, and ``report.json`` is
         written last.
     """
+    from curvscope.curvature import distributed
     from curvscope.curvature.newton import newton_step
     from curvscope.curvature.spectrum import compute_spectrum, eigenvectors
     from curvscope.report import spectrum_report as sr
-    from curvscope.report.schema import build_report, write_report
+    from curvscope.report.schema import build_report
 
     out_dir = Path(out_dir)
     opts = _options(options)
-    parsed = _validate(problem, opts, out_dir)
+    comm = None if process_group is None else distributed.Comm.create(process_group, problem.device)
+    primary = comm is None or comm.primary
+    with distributed.stage(comm):
+        parsed = _validate(problem, opts, out_dir, check_files=primary)
     seed = opts["seed"] if opts["seed"] is not None else int(problem.info.get("seed") or 0)
     groups_mode = opts["groups"]
 
-    with _progress(quiet) as progress:
+    with _progress(quiet or not primary) as progress:
         result = compute_spectrum(
             problem, groups=groups_mode, mc_samples=opts["mc_samples"], subsample=opts["subsample"],
             top_k=opts["top_k"], directional=opts["directions"], include_total=groups_mode != "all", seed=seed,
-            ghost=opts["ghost"], max_memory=parsed["max_memory"], progress=progress)
-        fields = sr.spectrum_fields(result, problem.batch_size, directional=opts["directions"])
+            ghost=opts["ghost"], max_memory=parsed["max_memory"], progress=progress, process_group=process_group)
 
         step = None
-        fields["newton"] = None  # replaces a stale section when merging into an older report of this problem
         if opts["newton_step"] is not None:
             progress("newton", 0, 1)
-            step = newton_step(problem, result, parsed["damping"], seed=seed)
-            fields["newton"] = sr.newton_fields(step, opts["newton_step"])
+            step = newton_step(problem, result, parsed["damping"], seed=seed, process_group=process_group)
             progress("newton", 1, 1)
+        vectors = (eigenvectors(problem, result, group=0, process_group=process_group)
+                   if opts["eigenvectors"] is not None else None)
 
-        # everything to write is prepared in memory first: a failure here leaves no file behind
-        files: dict[str, str] = {}
-        tensor_files: list[tuple[Path, dict, dict]] = []
-        directions = sr.directions_tensors(result, step) if opts["directions"] else {}
-        if directions:
-            path = out_dir / FILE_NAMES["directions"]
-            tensor_files.append((path, directions, {"format": "curvscope.directions", "grouping": groups_mode,
-                                                    "groups": [g.name for g in result.groups]}))
-            files["directions"] = str(path)
-        if opts["eigenvectors"] is not None:
-            total = result.groups[0]
-            vectors = eigenvectors(problem, result, group=0)
-            tensor_files.append((Path(opts["eigenvectors"]),
-                                 sr.eigenvector_tensors(vectors, total.eigenvalues[:total.top_k]),
-                                 {"format": "curvscope.eigenvectors", "group": total.name, "k": total.top_k,
-                                  "parameters": list(problem.params)}))
-            files["eigenvectors"] = str(opts["eigenvectors"])
-        if step is not None:
-            tensor_files.append((Path(opts["newton_step"]),
-                                 {n: t.detach().cpu().contiguous() for n, t in step.step.items()},
-                                 {"format": "curvscope.newton_step", "damping": step.damping,
-                                  "blocks": step.blocks}))
-            files["newton_step"] = str(opts["newton_step"])
+        with distributed.stage(comm):
+            fields = sr.spectrum_fields(result, problem.batch_size, directional=opts["directions"])
+            # replaces a stale section when merging into an older report of this problem
+            fields["newton"] = None if step is None else sr.newton_fields(step, opts["newton_step"])
+            if not primary:  # rank > 0 of a distributed run: the numbers, no files
+                return build_report("spectrum", problem, {**fields, "files": {}})
+            report = _write_outputs(problem, result, step, vectors, fields, opts, out_dir, progress)
+    return report
 
-        report = build_report("spectrum", problem, {**fields, "files": {}})
-        pngs: list[tuple[Path, bytes]] = []
-        if opts["plots"]:
-            pngs = _render_plots(report, out_dir, progress)
-            for path, _ in pngs:
-                files[{v: k for k, v in FILE_NAMES.items()}[path.name]] = str(path)
-        report["files"] = dict(sorted(files.items()))
 
-        total_writes = len(tensor_files) + len(pngs) + 1
-        progress("write", 0, total_writes)
-        for i, (path, tensors, meta) in enumerate(tensor_files):
-            sr.save_tensors(path, tensors, meta)
-            progress("write", i + 1, total_writes)
-        for j, (path, data) in enumerate(pngs):
-            _write_bytes(path, data)
-            progress("write", len(tensor_files) + j + 1, total_writes)
-        write_report(out_dir, report)
-        progress("write", total_writes, total_writes)
+def _write_outputs(problem, result, step, vectors, fields: dict[str, Any], opts: dict[str, Any], out_dir: Path,
+                   progress) -> dict[str, Any]:
+    """Prepare every file in memory (a failure leaves no file behind), then write them, report.json last."""
+    from curvscope.report import spectrum_report as sr
+    from curvscope.report.schema import build_report, write_report
+
+    groups_mode = opts["groups"]
+    files: dict[str, str] = {}
+    tensor_files: list[tuple[Path, dict, dict]] = []
+    directions = sr.directions_tensors(result, step) if opts["directions"] else {}
+    if directions:
+        path = out_dir / FILE_NAMES["directions"]
+        tensor_files.append((path, directions, {"format": "curvscope.directions", "grouping": groups_mode,
+                                                "groups": [g.name for g in result.groups]}))
+        files["directions"] = str(path)
+    if vectors is not None:
+        total = result.groups[0]
+        tensor_files.append((Path(opts["eigenvectors"]),
+                             sr.eigenvector_tensors(vectors, total.eigenvalues[:total.top_k]),
+                             {"format": "curvscope.eigenvectors", "group": total.name, "k": total.top_k,
+                              "parameters": list(problem.params)}))
+        files["eigenvectors"] = str(opts["eigenvectors"])
+    if step is not None:
+        tensor_files.append((Path(opts["newton_step"]),
+                             {n: t.detach().cpu().contiguous() for n, t in step.step.items()},
+                             {"format": "curvscope.newton_step", "damping": step.damping,
+                              "blocks": step.blocks}))
+        files["newton_step"] = str(opts["newton_step"])
+
+    report = build_report("spectrum", problem, {**fields, "files": {}})
+    pngs: list[tuple[Path, bytes]] = []
+    if opts["plots"]:
+        pngs = _render_plots(report, out_dir, progress)
+        for path, _ in pngs:
+            files[{v: k for k, v in FILE_NAMES.items()}[path.name]] = str(path)
+    report["files"] = dict(sorted(files.items()))
+
+    total_writes = len(tensor_files) + len(pngs) + 1
+    progress("write", 0, total_writes)
+    for i, (path, tensors, meta) in enumerate(tensor_files):
+        sr.save_tensors(path, tensors, meta)
+        progress("write", i + 1, total_writes)
+    for j, (path, data) in enumerate(pngs):
+        _write_bytes(path, data)
+        progress("write", len(tensor_files) + j + 1, total_writes)
+    write_report(out_dir, report)
+    progress("write", total_writes, total_writes)
     return report
 
 
@@ -329,10 +357,31 @@ def spectrum(
         "directions": directions, "eigenvectors": eigenvectors, "newton_step": newton_step, "damping": damping,
         "max_memory": max_memory, "ghost": ghost, "plots": plots, "seed": seed,
     }
-    _validate_options(_options(options))  # bad options fail before the files load
-    problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device,
-                            dtype)
-    report = run_spectrum(problem, out_dir, options)
+    from curvscope.curvature import distributed
+
+    launch = distributed.torchrun_env()  # launched by torchrun with several processes: run distributed
+    if launch is not None and not launch.primary:
+        quiet_output()  # rank 0 alone prints (the summary, and the one error message all ranks agree on)
+    # bad options fail before the files load (rank 0 alone checks the output paths it will write)
+    _validate_options(_options(options), check_files=launch is None or launch.primary)
+    if launch is None:
+        problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device,
+                                dtype)
+        report = run_spectrum(problem, out_dir, options)
+    else:
+        try:
+            rank_device = distributed.launch_device(launch, device)
+        except distributed.LocalRankError as exc:  # too few GPUs on this rank's node: only this rank can say so
+            quiet_output(False)
+            raise CurvscopeError(f"rank {launch.rank}: {exc}") from exc
+        try:
+            comm = distributed.Comm.create(distributed.init_from_env(launch, rank_device), rank_device)
+            with comm.stage():  # a file missing on one node ends every rank with that message
+                problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss,
+                                        str(rank_device), dtype)
+            report = run_spectrum(problem, out_dir, options, quiet=not launch.primary, process_group=comm.group)
+        finally:
+            distributed.shutdown()
     from curvscope.report.tables import facts_table, spectrum_table
 
     out.print(spectrum_table(report))

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,9 @@ from torch.func import functional_call, vjp, vmap
 from curvscope.curvature.columns import Columns
 from curvscope.curvature.gram import GramAccumulator, _owner_sets, _scatter
 from curvscope.curvature.memory import ColumnBlock, MemoryPlan, column_blocks, pairwise
+
+if TYPE_CHECKING:
+    from curvscope.curvature.distributed import Shard
 
 MODES = ("ghost", "materialize")
 
@@ -305,17 +309,24 @@ def _ghost_weight_gram(fi: dict[str, Tensor], fj: dict[str, Tensor], plan: Memor
 
 
 def contribute(problem, names: Sequence[str], columns: Columns, grad_seeds: Tensor | None,
-               acc: GramAccumulator, plan: MemoryPlan, force_mode: str | None = None) -> set[str]:
+               acc: GramAccumulator, plan: MemoryPlan, force_mode: str | None = None,
+               shard: Shard | None = None) -> set[str]:
     """Add the contributions of the parameters with a fast rule to ``acc``; return the names handled.
 
     Args:
         names: parameters wanted (the others are never touched); grad_seeds: ``(N, 1, C)`` or ``None``.
         force_mode: ``ghost`` or ``materialize`` for every layer (tests); default: per layer by cost.
+        shard: a ``distributed.Shard`` (collective): factors of this rank's columns are contracted with every
+            rank's, into ``acc``'s block rows. Layers and modes are chosen from the whole batch, as without.
     """
     if force_mode is not None and force_mode not in MODES:
         raise ValueError(f"force_mode must be one of {MODES}, got {force_mode!r}")
     names = [n for n in names if acc.wanted(n)]
-    layers = select_layers(problem, names, columns, grad_seeds, plan, force_mode)
+    if shard is None:
+        layers = select_layers(problem, names, columns, grad_seeds, plan, force_mode)
+    else:
+        with shard.stage():
+            layers = select_layers(problem, names, columns, grad_seeds, plan, force_mode)
     if not layers:
         return set()
     num_v = columns.num_columns
@@ -330,7 +341,10 @@ def contribute(problem, names: Sequence[str], columns: Columns, grad_seeds: Tens
         if layer.weight:
             kept += di * do if layer.mode == "materialize" else T * do + T * di / k
         work += (T * do * k + T * di) * plan.activation_factor / k
-    max_columns, held = plan.blocking(total, kept * elt, work * elt)
+    if shard is None:
+        max_columns, held = plan.blocking(total, kept * elt, work * elt)
+    else:
+        max_columns, held = shard.blocking(plan, columns, grad_seeds is not None, kept * elt, work * elt)
     sets = _owner_sets(acc, [n for layer in layers for n in layer.names])
     set_of = {n: i for i, (_groups, members) in enumerate(sets) for n in members}
 
@@ -353,6 +367,11 @@ def contribute(problem, names: Sequence[str], columns: Columns, grad_seeds: Tens
                 if not missing[i]:
                     _scatter(sets[i][0], num_v, bi.index, bj.index, partial.pop(i), mirror=bi is not bj)
 
-    blocks = column_blocks(columns, grad_seeds, max_columns)
-    pairwise(blocks, lambda blk: _block_factors(problem, layers, blk), contract, held)
+    def compute(blk: ColumnBlock) -> dict[str, dict[str, Tensor]]:
+        return _block_factors(problem, layers, blk)
+
+    if shard is None:
+        pairwise(column_blocks(columns, grad_seeds, max_columns), compute, contract, held)
+    else:
+        shard.pairwise(columns, grad_seeds, max_columns, compute, contract, held)
     return {n for layer in layers for n in layer.names}

@@ -10,13 +10,15 @@ For a parameter group P the engine accumulates ``vv = V_P^T V_P`` ``(N_V*K, N_V*
 ``(N_V*K, N)`` and ``gg = G_P^T G_P`` ``(N, N)`` as sums of per-parameter-tensor contributions. Each tensor's
 rows of V are materialized with ``torch.func`` (``vmap`` over samples and columns of ``vjp``), contracted and
 discarded: the generic path, valid for any differentiable model. Layers with a fast rule (``ghost.py``) add
-their contributions without materializing rows.
+their contributions without materializing rows. Over a ``torch.distributed`` process group each rank contracts
+its own columns with every rank's (``distributed.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -24,6 +26,12 @@ from torch.func import functional_call, vjp, vmap
 
 from curvscope.curvature.columns import Columns, gradient_seeds, make_columns
 from curvscope.curvature.memory import ColumnBlock, MemoryPlan, column_blocks, pairwise
+from curvscope.errors import CurvscopeError
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+    from curvscope.curvature.distributed import Shard
 
 
 @dataclass
@@ -107,8 +115,14 @@ def _scatter(groups: Sequence[GroupGram], num_v: int, rows: Tensor, cols: Tensor
         rows: ``(r,)``, cols: ``(c,)`` extended indices; block: ``(r, c)``.
         mirror: also add ``block^T`` at ``[cols, rows]`` (an off-diagonal block pair).
     Entries with a g row and a v column are the mirror images of ``vg`` entries and are skipped.
+    Block rows of one rank (``distributed.RowGroupGram``, anything with ``add_rows``) take the block as is:
+    there ``rows`` are the rank's own columns and every pair is contracted once, so ``mirror`` is ignored.
     """
     block = block.to(torch.float64)
+    if hasattr(groups[0], "add_rows"):
+        for g in groups:
+            g.add_rows(rows, cols, block)
+        return
     for r, c, b in ((rows, cols, block), (cols, rows, block.T)) if mirror else ((rows, cols, block),):
         rv, cv = r < num_v, c < num_v
         parts = [("vv", r[rv], c[cv], b[rv][:, cv])]
@@ -134,17 +148,25 @@ def _as_slice(index: Tensor) -> slice | None:
 
 
 def _generic_contributions(problem, names: list[str], columns: Columns, grad_seeds: Tensor | None,
-                           acc: GramAccumulator, plan: MemoryPlan, progress: Callable[[int], None]) -> None:
+                           acc: GramAccumulator, plan: MemoryPlan, progress: Callable[[int], None],
+                           shard: Shard | None = None) -> None:
     """Generic path: materialize rows of V (and G) for chunks of parameters, contract, discard.
 
     Within a parameter chunk the columns are cut into blocks (``memory.column_blocks``) and contracted block
     pair by block pair, so a batch too large for the budget is split (rows recomputed), never refused.
+    With a ``shard`` (``distributed.Shard``) this rank's blocks are contracted with every rank's (``acc``
+    holds this rank's block rows); chunks are sized for the columns a rank holds at once.
     """
     num_v = columns.num_columns
     total = num_v + (problem.batch_size if grad_seeds is not None else 0)
-    for chunk in plan.param_chunks(names, problem.params, rows=total):
+    held_rows = total if shard is None else shard.held_columns(columns, grad_seeds is not None)
+    for chunk in plan.param_chunks(names, problem.params, rows=held_rows):
         row_bytes = sum(problem.params[n].numel() * problem.params[n].element_size() for n in chunk)
-        max_columns, held = plan.blocking(total, row_bytes, row_bytes * plan.activation_factor)
+        if shard is None:
+            max_columns, held = plan.blocking(total, row_bytes, row_bytes * plan.activation_factor)
+        else:
+            max_columns, held = shard.blocking(plan, columns, grad_seeds is not None, row_bytes,
+                                               row_bytes * plan.activation_factor)
         sets = _owner_sets(acc, chunk)
 
         def compute(block: ColumnBlock, chunk: list[str] = chunk) -> dict[str, Tensor]:
@@ -157,7 +179,10 @@ def _generic_contributions(problem, names: list[str], columns: Columns, grad_see
                 gram = sum(fi[n] @ fj[n].T for n in members)
                 _scatter(groups, num_v, bi.index, bj.index, gram, mirror=bi is not bj)
 
-        pairwise(column_blocks(columns, grad_seeds, max_columns), compute, contract, held)
+        if shard is None:
+            pairwise(column_blocks(columns, grad_seeds, max_columns), compute, contract, held)
+        else:
+            shard.pairwise(columns, grad_seeds, max_columns, compute, contract, held)
         progress(len(chunk))
 
 
@@ -177,7 +202,8 @@ def _rows_by_sample_chunks(problem, names: list[str], sample_idx: Tensor, seeds:
 def compute_gram(problem, groups: Sequence[tuple[str, Sequence[str]]], columns: Columns | None = None,
                  with_gradients: bool = False, mc_samples: int = 0, subsample: int | None = None, seed: int = 0,
                  ghost: bool = True, plan: MemoryPlan | None = None,
-                 progress: Callable[[int], None] | None = None) -> tuple[list[GroupGram], Columns, Tensor]:
+                 progress: Callable[[int], None] | None = None, process_group: ProcessGroup | None = None
+                 ) -> tuple[list[GroupGram], Columns, Tensor]:
     """Gram blocks for each group in one pass over the parameters.
 
     Args:
@@ -186,9 +212,23 @@ def compute_gram(problem, groups: Sequence[tuple[str, Sequence[str]]], columns: 
         with_gradients: also accumulate ``vg`` and ``gg`` (for directional derivatives).
         ghost: use the fast per-layer rules where they are cheaper (``False``: generic path only).
         progress: called with the number of parameter tensors finished.
+        process_group: an initialized ``torch.distributed`` group (collective: every rank passes the same full
+            problem and arguments). Each rank computes its slice of the columns (``distributed.block_rows``);
+            the full Gram blocks are then assembled on every rank (``compute_spectrum`` keeps each group's
+            Gram on one rank instead). ``columns`` cannot be given with a process group.
     Returns:
         ``(group_grams, columns, outputs)``: outputs ``(N, C)`` of the model at the problem's parameters.
     """
+    if process_group is not None:
+        from curvscope.curvature import distributed
+
+        if columns is not None:
+            raise CurvscopeError("compute_gram: pass mc_samples/subsample/seed, not columns, with a process_group")
+        shard = distributed.Shard.create(process_group, problem)
+        rows, columns, outputs = distributed.block_rows(
+            problem, groups, shard, with_gradients=with_gradients, mc_samples=mc_samples, subsample=subsample,
+            seed=seed, ghost=ghost, plan=plan, progress=progress)
+        return distributed.assemble_everywhere(rows, shard, columns), columns, outputs
     plan = plan or MemoryPlan.default(problem.device)
     progress = progress or (lambda _n: None)
     with torch.no_grad():
@@ -224,28 +264,49 @@ def materialize_columns(problem, param_names: Sequence[str], mc_samples: int = 0
     return {k: v.reshape(columns.num_columns, *problem.params[k].shape) for k, v in rows.items()}
 
 
-def apply_v(problem, columns: Columns, coefficients: Tensor, names: Sequence[str] | None = None
-            ) -> dict[str, Tensor]:
+def apply_v(problem, columns: Columns, coefficients: Tensor, names: Sequence[str] | None = None,
+            process_group: ProcessGroup | None = None) -> dict[str, Tensor]:
     """``V c`` as parameter-shaped tensors, for coefficient vectors ``c``: ``(num_columns,)`` or ``(num_columns, k)``
     (then a leading dim ``k`` is added). One batched VJP: ``V c = sum_n J_n^T (sum_k seeds[n, k] c[n, k])``.
 
     Parameters outside ``names`` (default: all) are not differentiated and come back as zeros.
+    With a ``process_group`` (collective; every rank passes the same problem, columns and coefficients) each
+    rank backpropagates its slice of the curvature samples and the sums are all-reduced.
     """
     names = list(problem.params) if names is None else list(names)
     single = coefficients.dim() == 1
     coeff = coefficients.unsqueeze(-1) if single else coefficients  # (NK, k)
     N_V, K = columns.num_samples, columns.per_sample
     coeff = coeff.to(columns.seeds.dtype).reshape(N_V, K, -1)
-    cotangents = torch.einsum("nkc,nkj->jnc", columns.seeds, coeff)  # (k, N_V, C)
+    if process_group is None:
+        out = _apply_v_samples(problem, columns.samples, columns.seeds, coeff, names)
+    else:
+        from curvscope.curvature import distributed
+
+        shard = distributed.Shard.create(process_group, problem, check=False)
+        c0, c1 = shard.curvature_range(columns)
+        with shard.stage():
+            out = _apply_v_samples(problem, columns.samples[c0:c1], columns.seeds[c0:c1], coeff[c0:c1], names)
+        out = shard.all_reduce_sum(out)
+    full = {k: out[k] if k in out else torch.zeros(coeff.shape[-1], *v.shape, dtype=v.dtype, device=v.device)
+            for k, v in problem.params.items()}
+    return {k: v[0] for k, v in full.items()} if single else full
+
+
+def _apply_v_samples(problem, samples: Tensor, seeds: Tensor, coeff: Tensor, names: list[str]
+                     ) -> dict[str, Tensor]:
+    """``sum_n J_n^T (sum_k seeds[n, k] coeff[n, k, j])`` over ``samples`` ``(n,)``: name -> ``(k, *shape)``
+    (zeros for no samples); seeds ``(n, K, C)``, coeff ``(n, K, k)``."""
+    if samples.numel() == 0:
+        return {n: torch.zeros(coeff.shape[-1], *problem.params[n].shape, dtype=problem.params[n].dtype,
+                               device=problem.params[n].device) for n in names}
+    cotangents = torch.einsum("nkc,nkj->jnc", seeds, coeff)  # (k, n, C)
     chosen = {k: problem.params[k] for k in names}
     frozen = {**problem.buffers, **{k: v for k, v in problem.params.items() if k not in chosen}}
-    inputs = problem.inputs[columns.samples]
+    inputs = problem.inputs[samples]
 
     def f(p: dict[str, Tensor]) -> Tensor:
         return functional_call(problem.model, {**frozen, **p}, (inputs,))
 
     _, pullback = vjp(f, chosen)
-    out = vmap(pullback)(cotangents)[0]
-    full = {k: out[k] if k in out else torch.zeros(coeff.shape[-1], *v.shape, dtype=v.dtype, device=v.device)
-            for k, v in problem.params.items()}
-    return {k: v[0] for k, v in full.items()} if single else full
+    return vmap(pullback)(cotangents)[0]

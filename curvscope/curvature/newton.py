@@ -17,13 +17,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from torch.func import functional_call, jvp
 
+from curvscope.curvature import distributed
 from curvscope.curvature.gram import apply_v
 from curvscope.errors import CurvscopeError
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 BOOTSTRAP = "bootstrap"
 DEFAULT_RESAMPLES = 200
@@ -177,7 +182,8 @@ def default_blocks(result) -> list[int]:
 
 
 def newton_step(problem, result, damping: float | str = BOOTSTRAP, blocks: Sequence[int] | None = None,
-                num_resamples: int = DEFAULT_RESAMPLES, seed: int = 0, grid: Tensor | None = None) -> NewtonStep:
+                num_resamples: int = DEFAULT_RESAMPLES, seed: int = 0, grid: Tensor | None = None,
+                process_group: ProcessGroup | None = None) -> NewtonStep:
     """The damped Newton step along the top-k eigen-directions of ``result`` (a :class:`SpectrumResult` computed
     with directional quantities), summed over the (disjoint) ``blocks`` (indices into ``result.groups``; default
     :func:`default_blocks`), with its predicted and realized loss decrease.
@@ -185,6 +191,9 @@ def newton_step(problem, result, damping: float | str = BOOTSTRAP, blocks: Seque
     Args:
         damping: a constant ``delta >= 0`` or ``"bootstrap"`` (:func:`bootstrap_damping`, seeded by ``seed``).
         grid: bootstrap candidates (default: :func:`damping_grid` of each block's eigenvalues).
+        process_group: collective over an initialized ``torch.distributed`` group, with the same problem and
+            result on every rank (as ``compute_spectrum(..., process_group=)`` returns): the multiplications
+            by V, the losses and the gradient are split over the ranks' samples; every rank gets the same step.
     """
     damping = parse_damping(damping)
     blocks = default_blocks(result) if blocks is None else list(blocks)
@@ -216,36 +225,58 @@ def newton_step(problem, result, damping: float | str = BOOTSTRAP, blocks: Seque
         s = newton_coefficients(d.gamma_mean, evals, dk)
         predicted_blocks += float(-(s * d.gamma_mean.to(torch.float64) + 0.5 * s**2 * evals).sum())
         coeff = g.gram_eigenvectors @ (s / evals.sqrt())  # (num_columns,)
-        part = apply_v(problem, result.columns, coeff, names=g.param_names)
+        part = apply_v(problem, result.columns, coeff, names=g.param_names, process_group=process_group)
         for n in g.param_names:
             step[n] = step[n] + part[n].to(step[n].dtype)
         deltas.append(dk.cpu())
         coefficients.append(s.cpu())
 
-    with torch.no_grad():
-        loss_before = float(problem.loss_value())
-        loss_after = float(problem.loss_value({n: p + step[n] for n, p in problem.params.items()}))
+    moved = {n: p + step[n] for n, p in problem.params.items()}
+    if process_group is None:
+        with torch.no_grad():
+            loss_before = float(problem.loss_value())
+            loss_after = float(problem.loss_value(moved))
+    else:
+        shard = distributed.Shard.create(process_group, problem, check=False)
+        loss_before = distributed.loss_value(problem, shard)
+        loss_after = distributed.loss_value(problem, shard, moved)
     return NewtonStep(
         step=step, damping=damping, blocks=[result.groups[b].name for b in blocks], block_indices=blocks, deltas=deltas,
-        coefficients=coefficients, predicted_decrease=quadratic_decrease(problem, result.columns, step),
+        coefficients=coefficients,
+        predicted_decrease=quadratic_decrease(problem, result.columns, step, process_group=process_group),
         predicted_decrease_blocks=predicted_blocks, realized_decrease=loss_before - loss_after,
         loss_before=loss_before, loss_after=loss_after,
         step_norm=float(sum((t.to(torch.float64) ** 2).sum() for t in step.values()) ** 0.5))
 
 
-def quadratic_decrease(problem, columns, step: dict[str, Tensor]) -> float:
+def quadratic_decrease(problem, columns, step: dict[str, Tensor], process_group: ProcessGroup | None = None
+                       ) -> float:
     """``-(g^T d + 1/2 d^T G d)``: the decrease the quadratic model with the GGN of ``columns`` predicts for ``d``.
 
     ``d^T G d = ||V^T d||^2`` with ``(V^T d)_nk = seeds[n, k] . (J_n d)``: one Jacobian-vector product.
+    With a ``process_group`` (collective) the gradient and the products are split over the ranks' samples.
     """
-    grad = problem.gradient()
+    samples, seeds, shard = columns.samples, columns.seeds, None
+    if process_group is None:
+        grad = problem.gradient()
+    else:
+        shard = distributed.Shard.create(process_group, problem, check=False)
+        grad = distributed.gradient(problem, shard)
+        c0, c1 = shard.curvature_range(columns)
+        samples, seeds = samples[c0:c1], seeds[c0:c1]
     g_dot = float(sum((grad[n].to(torch.float64) * step[n].to(torch.float64)).sum() for n in problem.params))
-    inputs = problem.inputs[columns.samples]
+    with distributed.stage(shard):
+        vtd_sq = torch.zeros((), dtype=torch.float64, device=problem.device)
+        if samples.numel():
+            inputs = problem.inputs[samples]
 
-    def f(p: dict[str, Tensor]) -> Tensor:
-        return functional_call(problem.model, {**problem.buffers, **p}, (inputs,))
+            def f(p: dict[str, Tensor]) -> Tensor:
+                return functional_call(problem.model, {**problem.buffers, **p}, (inputs,))
 
-    with torch.no_grad():
-        _, jd = jvp(f, (dict(problem.params),), ({n: step[n] for n in problem.params},))  # (N_V, C)
-    vtd = torch.einsum("nkc,nc->nk", columns.seeds.to(torch.float64), jd.to(torch.float64))
-    return -(g_dot + 0.5 * float((vtd**2).sum()))
+            with torch.no_grad():
+                _, jd = jvp(f, (dict(problem.params),), ({n: step[n] for n in problem.params},))  # (n, C)
+            vtd = torch.einsum("nkc,nc->nk", seeds.to(torch.float64), jd.to(torch.float64))
+            vtd_sq = (vtd**2).sum()
+    if shard is not None:
+        vtd_sq = shard.all_reduce_sum({"s": vtd_sq.reshape(1)})["s"][0]
+    return -(g_dot + 0.5 * float(vtd_sq))

@@ -8,7 +8,8 @@ blocks ``vv``, ``vg`` of :mod:`curvscope.curvature.gram`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -18,6 +19,9 @@ from curvscope.curvature.gram import GroupGram, apply_v, compute_gram
 from curvscope.curvature.memory import MemoryPlan
 from curvscope.errors import CurvscopeError
 from curvscope.problem import GROUP_MODES
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 DEFAULT_TOP_K = 1000
 
@@ -181,7 +185,8 @@ def snr(x: Tensor) -> Tensor:
 def compute_spectrum(problem, groups: str = "all", mc_samples: int = 0, subsample: int | None = None,
                      top_k: int | None = None, directional: bool = True, include_total: bool = False,
                      seed: int = 0, ghost: bool = True, max_memory: int | None = None,
-                     progress: Callable[[str, int, int], None] | None = None) -> SpectrumResult:
+                     progress: Callable[[str, int, int], None] | None = None,
+                     process_group: ProcessGroup | None = None) -> SpectrumResult:
     """Exact (or MC / sub-sampled) GGN eigenspectrum of ``problem``'s batch, per parameter group.
 
     Args:
@@ -194,6 +199,11 @@ def compute_spectrum(problem, groups: str = "all", mc_samples: int = 0, subsampl
         ghost: use the fast per-layer rules where they are cheaper.
         max_memory: byte budget for materialized rows of V (default: a safe share of free memory).
         progress: ``progress(stage, done, total)`` callback for a progress display.
+        process_group: an initialized ``torch.distributed`` process group (e.g. ``dist.group.WORLD``). Then the
+            call is collective: every rank passes the *same full* problem (model, parameters, all N samples)
+            and the same arguments; rank r works on its contiguous slice of the samples, group i's Gram is
+            decomposed on rank ``i mod R``, and every rank returns the same result, equal to the
+            single-process one up to rounding (``docs/distributed.md``).
     """
     if groups not in GROUP_MODES:
         raise CurvscopeError(f"--groups '{groups}': choose one of {', '.join(GROUP_MODES)}")
@@ -211,6 +221,9 @@ def compute_spectrum(problem, groups: str = "all", mc_samples: int = 0, subsampl
         report("gram", done[0], total)
 
     plan = MemoryPlan.default(problem.device, max_memory)
+    if process_group is not None:
+        return _compute_spectrum_distributed(problem, blocks, process_group, groups, mc_samples, subsample, top_k,
+                                             directional, seed, ghost, plan, tick, report)
     grams, columns, outputs = compute_gram(problem, blocks, with_gradients=directional, mc_samples=mc_samples,
                                            subsample=subsample, seed=seed, ghost=ghost, plan=plan, progress=tick)
     loss_value = float(problem.loss(outputs, problem.targets))
@@ -223,35 +236,100 @@ def compute_spectrum(problem, groups: str = "all", mc_samples: int = 0, subsampl
         decompositions.append(gram_eigen(gg.vv))
     # the whole model's largest eigenvalue bounds every block's (a block is a principal submatrix of G)
     reference = max((float(ev[0]) for ev, _ in decompositions if ev.numel()), default=0.0)
-    results = []
-    for gg, (evals, evecs) in zip(grams, decompositions, strict=True):
-        rank = numerical_rank(evals, gg.vv.shape[0], problem.dtype, reference)
-        g_sq = sum(grad_sq[n] for n in gg.param_names)
-        k = min(rank, top_k if top_k is not None else DEFAULT_TOP_K)
-        directions, top_vecs = None, None
-        if k > 0:
-            top_vecs = evecs[:, :k]
-            if directional:
-                directions = directional_quantities(gg, evals[:k], top_vecs, columns, g_sq)
-        results.append(GroupSpectrum(
-            name=gg.name, param_names=gg.param_names,
-            num_params=sum(problem.params[n].numel() for n in gg.param_names),
-            eigenvalues=evals[:rank].clone(), rank=rank, trace=float(torch.diagonal(gg.vv).sum()),
-            gradient_norm=g_sq**0.5, directions=directions, gram_eigenvectors=top_vecs))
+    results = [_group_spectrum(problem, gg, evals, evecs, reference, top_k, directional, grad_sq, columns)
+               for gg, (evals, evecs) in zip(grams, decompositions, strict=True)]
     report("eigen", len(grams), len(grams))
     return SpectrumResult(groups=results, loss_value=loss_value, gradient_norm=sum(grad_sq.values()) ** 0.5,
                           columns=columns, grouping=groups, mc_samples=mc_samples, subsample=subsample)
 
 
-def eigenvectors(problem, result: SpectrumResult, group: int | str = 0, k: int | None = None
-                 ) -> dict[str, Tensor]:
+def _group_spectrum(problem, gg: GroupGram, evals: Tensor, evecs: Tensor, reference: float, top_k: int | None,
+                    directional: bool, grad_sq: dict[str, float], columns: Columns) -> GroupSpectrum:
+    """One group's spectrum from its Gram blocks and their eigen-decomposition (descending)."""
+    rank = numerical_rank(evals, gg.vv.shape[0], problem.dtype, reference)
+    g_sq = sum(grad_sq[n] for n in gg.param_names)
+    k = min(rank, top_k if top_k is not None else DEFAULT_TOP_K)
+    directions, top_vecs = None, None
+    if k > 0:
+        top_vecs = evecs[:, :k]
+        if directional:
+            directions = directional_quantities(gg, evals[:k], top_vecs, columns, g_sq)
+    return GroupSpectrum(
+        name=gg.name, param_names=gg.param_names,
+        num_params=sum(problem.params[n].numel() for n in gg.param_names),
+        eigenvalues=evals[:rank].clone(), rank=rank, trace=float(torch.diagonal(gg.vv).sum()),
+        gradient_norm=g_sq**0.5, directions=directions, gram_eigenvectors=top_vecs)
+
+
+def _compute_spectrum_distributed(problem, blocks: list[tuple[str, tuple[str, ...]]], process_group: ProcessGroup,
+                                  groups: str, mc_samples: int, subsample: int | None, top_k: int | None,
+                                  directional: bool,
+                                  seed: int, ghost: bool, plan: MemoryPlan, tick: Callable[[int], None],
+                                  report: Callable[[str, int, int], None]) -> SpectrumResult:
+    """:func:`compute_spectrum` over a process group: block rows per rank, group i's Gram assembled and
+    decomposed on rank ``i mod R``, the per-group results broadcast to every rank."""
+    from curvscope.curvature import distributed
+
+    shard = distributed.Shard.create(process_group, problem)
+    rows, columns, outputs = distributed.block_rows(
+        problem, blocks, shard, with_gradients=directional, mc_samples=mc_samples, subsample=subsample, seed=seed,
+        ghost=ghost, plan=plan, progress=tick)
+    with shard.stage():
+        loss_value = float(problem.loss(outputs, problem.targets))
+    grad = distributed.gradient(problem, shard)
+    grad_sq = {n: float((g.to(torch.float64) ** 2).sum()) for n, g in grad.items()}
+
+    owners = [i % shard.world for i in range(len(rows))]
+    grams = distributed.assemble(rows, shard, columns, owners, with_gg=False)
+    decompositions: dict[int, tuple[Tensor, Tensor]] = {}
+    with shard.stage():
+        for i, gg in enumerate(grams):
+            if gg is not None:
+                report("eigen", len(decompositions), len(grams))
+                decompositions[i] = gram_eigen(gg.vv)
+    reference = shard.all_reduce_max(max((float(ev[0]) for ev, _ in decompositions.values() if ev.numel()),
+                                         default=0.0))
+    mine: dict[int, GroupSpectrum] = {}
+    with shard.stage():
+        for i, (evals, evecs) in decompositions.items():
+            mine[i] = _group_spectrum(problem, grams[i], evals, evecs, reference, top_k, directional, grad_sq,
+                                      columns)
+            grams[i] = None
+    del decompositions
+    results = []
+    for i, owner in enumerate(owners):
+        tree = _spectrum_tree(mine.pop(i)) if owner == shard.rank else None
+        results.append(_spectrum_from_tree(shard.broadcast_tree(tree, owner)))
+    report("eigen", len(blocks), len(blocks))
+    return SpectrumResult(groups=results, loss_value=loss_value, gradient_norm=sum(grad_sq.values()) ** 0.5,
+                          columns=columns, grouping=groups, mc_samples=mc_samples, subsample=subsample)
+
+
+def _spectrum_tree(g: GroupSpectrum) -> dict:
+    """A :class:`GroupSpectrum` as plain dicts of tensors and values (for ``Comm.broadcast_tree``)."""
+    tree = {f.name: getattr(g, f.name) for f in fields(g)}
+    if g.directions is not None:
+        tree["directions"] = {f.name: getattr(g.directions, f.name) for f in fields(g.directions)}
+    return tree
+
+
+def _spectrum_from_tree(tree: dict) -> GroupSpectrum:
+    directions = tree.pop("directions")
+    tree["param_names"] = tuple(tree["param_names"])
+    return GroupSpectrum(**tree, directions=None if directions is None else Directions(**directions))
+
+
+def eigenvectors(problem, result: SpectrumResult, group: int | str = 0, k: int | None = None,
+                 process_group: ProcessGroup | None = None) -> dict[str, Tensor]:
     """The top-k parameter-space eigenvectors of one group, ``e_k = V ~e_k / sqrt(lambda_k)``.
 
     Returns name -> ``(k, *param.shape)`` (zeros outside the group); orthonormal across k.
+    ``process_group``: collective (same problem and result on every rank); each rank multiplies its samples'
+    columns of V and the parts are all-reduced, so every rank gets the eigenvectors.
     """
     g = result.group(group) if isinstance(group, str) else result.groups[group]
     if g.gram_eigenvectors is None:
         return {n: torch.zeros(0, *p.shape, dtype=p.dtype, device=p.device) for n, p in problem.params.items()}
     k = g.top_k if k is None else min(k, g.top_k)
     coeff = g.gram_eigenvectors[:, :k] / g.eigenvalues[:k].sqrt()
-    return apply_v(problem, result.columns, coeff, names=g.param_names)
+    return apply_v(problem, result.columns, coeff, names=g.param_names, process_group=process_group)

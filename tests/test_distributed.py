@@ -1,0 +1,344 @@
+"""The spectrum over torch.distributed (2 CPU processes, gloo on 127.0.0.1) against the single-process run.
+
+The workers are this file run as a script (``python tests/test_distributed.py worker RANK WORLD PORT OUT``): they
+join one gloo group, compute every case of :data:`CASES` with ``process_group=`` and save what they got; the
+test computes the same cases in one process and compares (float64: eigenvalues to 1e-10 relative). One worker
+run covers all engine cases (process start-up dominates on 2 cores); the CLI runs under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import curvscope
+from curvscope.curvature.gram import compute_gram
+from curvscope.curvature.newton import newton_step
+from curvscope.curvature.spectrum import compute_spectrum, eigenvectors
+from curvscope.errors import CurvscopeError
+from curvscope.models import mlp, transformer
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_models"
+WORLD = 2
+TIMEOUT_S = 120  # a hang fails the test instead of blocking CI
+
+
+# -- the problems: every rank builds the same one --------------------------------------------------------------
+
+def _mlp_problem(n: int = 7, loss: str = "ce") -> curvscope.Problem:
+    torch.manual_seed(0)
+    model = mlp(4, [5, 4], 3, activation="tanh")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 4, generator=g)
+    y = torch.arange(n) % 3 if loss == "ce" else torch.randn(n, 3, generator=g)
+    return curvscope.make_problem(model, x, y, loss=loss, dtype=torch.float64)
+
+
+def _cnn_problem() -> curvscope.Problem:
+    """Conv (ghost rule) + BatchNorm in eval mode (generic path) + Linear."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(2, 3, 3, padding=1), nn.AvgPool2d(2), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
+    with torch.no_grad():
+        net[1].running_mean.copy_(torch.tensor([0.3, -0.2]))
+        net[1].running_var.copy_(torch.tensor([0.5, 2.0]))
+        net[1].weight.copy_(torch.tensor([1.5, 0.7]))
+    net.eval()
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    return curvscope.make_problem(net, x, torch.arange(6) % 3, loss="ce", dtype=torch.float64)
+
+
+def _transformer_problem() -> curvscope.Problem:
+    torch.manual_seed(0)
+    net = transformer(seq_len=3, token_dim=2, dim=4, heads=2, depth=1, mlp_ratio=2, num_classes=3)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(3))
+    return curvscope.make_problem(net, x, torch.arange(5) % 3, loss="ce", dtype=torch.float64)
+
+
+class _Fragile(nn.Module):
+    """An MLP whose forward fails on batches of more than 2 samples when ``broken`` (set on one rank only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = mlp(4, [5], 3, activation="tanh")
+        self.broken = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.broken and x.shape[0] > 2:
+            raise CurvscopeError("bad input on this rank: sample 3 cannot be read")
+        return self.net(x)
+
+
+def _fragile_problem(rank: int) -> curvscope.Problem:
+    model = _Fragile()
+    problem = curvscope.make_problem(model, torch.randn(8, 4, generator=torch.Generator().manual_seed(4)),
+                                     torch.arange(8) % 3, loss="ce", dtype=torch.float64)
+    model.broken = rank == 1
+    return problem
+
+
+CASES: dict[str, tuple[Any, dict[str, Any]]] = {
+    "mlp-all": (_mlp_problem, {"groups": "all"}),
+    "mlp-layer": (_mlp_problem, {"groups": "layer", "include_total": True}),
+    "mlp-layer-generic": (_mlp_problem, {"groups": "layer", "include_total": True, "ghost": False}),
+    "mlp-mc-subsample": (_mlp_problem, {"groups": "layer", "include_total": True, "mc_samples": 2,
+                                        "subsample": 5, "seed": 3}),
+    "mlp-mse-mc": (lambda: _mlp_problem(loss="mse"), {"groups": "all", "mc_samples": 3, "seed": 1}),
+    "cnn-bn-layer": (_cnn_problem, {"groups": "layer", "include_total": True}),
+    "transformer-all": (_transformer_problem, {"groups": "all", "top_k": 6}),
+    # a tiny budget: several blocks per rank, stripes, factors recomputed
+    "mlp-tiny-budget": (_mlp_problem, {"groups": "layer", "include_total": True, "max_memory": 3000}),
+}
+
+
+def _summary(res) -> dict[str, Any]:
+    out: dict[str, Any] = {"loss_value": res.loss_value, "gradient_norm": res.gradient_norm,
+                           "num_columns": res.num_columns, "groups": []}
+    for g in res.groups:
+        entry = {"name": g.name, "eigenvalues": g.eigenvalues.cpu(), "rank": g.rank, "trace": g.trace,
+                 "top_k": g.top_k, "gradient_norm": g.gradient_norm}
+        if g.directions is not None:
+            d = g.directions
+            entry.update(gamma=d.gamma.cpu(), lambdas=d.lambdas.cpu(), gamma_snr=d.gamma_snr.cpu(),
+                         lambda_snr=d.lambda_snr.cpu(), gradient_overlap=d.gradient_overlap.cpu(),
+                         flat_overlap=d.flat_overlap)
+        out["groups"].append(entry)
+    return out
+
+
+# -- the worker ------------------------------------------------------------------------------------------------
+
+def _worker(rank: int, world: int, port: int, out_dir: Path) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    pg = dist.group.WORLD
+    results: dict[str, Any] = {}
+    for name, (make, kwargs) in CASES.items():
+        results[name] = _summary(compute_spectrum(make(), process_group=pg, **kwargs))
+
+    problem = _mlp_problem()
+    # the Python API: a model and the full batch on every rank
+    results["api"] = _summary(curvscope.spectrum(problem.model, problem.inputs, problem.targets, loss="ce",
+                                                 dtype=torch.float64, groups="layer", include_total=True,
+                                                 process_group=pg))
+    grams, _, _ = compute_gram(problem, [("all", tuple(problem.params))], with_gradients=True, process_group=pg)
+    results["gram"] = {"vv": grams[0].vv, "vg": grams[0].vg, "gg": grams[0].gg}
+
+    res = compute_spectrum(problem, groups="layer", include_total=True, top_k=3, process_group=pg)
+    step = newton_step(problem, res, "bootstrap", process_group=pg)
+    vecs = eigenvectors(problem, res, group=0, process_group=pg)
+    results["newton"] = {"step": step.step, "predicted": step.predicted_decrease,
+                         "realized": step.realized_decrease, "loss_before": step.loss_before,
+                         "eigenvectors": vecs}
+
+    errors = {}
+    for name, make in (("fragile", lambda: _fragile_problem(rank)),
+                       ("mismatch", lambda: _mlp_problem(n=7 if rank == 0 else 6))):
+        try:
+            compute_spectrum(make(), process_group=pg)
+            errors[name] = None
+        except Exception as exc:  # noqa: BLE001  (the type and message are what the test checks)
+            errors[name] = (type(exc).__name__, str(exc))
+    results["errors"] = errors
+    # the group still works after an agreed failure
+    results["after-errors"] = _summary(compute_spectrum(_mlp_problem(), process_group=pg, directional=False))
+    torch.save(results, out_dir / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+# -- the tests -------------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def _run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run ``args`` with a timeout: a hang fails the test."""
+    try:
+        return subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"timed out after {TIMEOUT_S} s (a hang): {' '.join(args)}\n{exc.stderr}")
+
+
+@pytest.fixture(scope="module")
+def worker_results(tmp_path_factory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("dist")
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(Path(__file__)), "worker", str(r), str(WORLD), str(port), str(out)],
+                              cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(WORLD)]
+    try:
+        logs = [p.communicate(timeout=TIMEOUT_S) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"the distributed workers did not finish in {TIMEOUT_S} s (a hang)")
+    for p, (stdout, stderr) in zip(procs, logs, strict=True):
+        assert p.returncode == 0, stderr[-4000:]
+        assert stdout == "", stdout  # the engine prints nothing
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-10, atol: float = 0.0) -> None:
+    torch.testing.assert_close(a.cpu(), b.cpu(), rtol=rtol, atol=atol, equal_nan=True)
+
+
+def _compare(got: dict[str, Any], ref: dict[str, Any]) -> None:
+    assert got["num_columns"] == ref["num_columns"]
+    assert got["loss_value"] == pytest.approx(ref["loss_value"], rel=1e-12)
+    assert got["gradient_norm"] == pytest.approx(ref["gradient_norm"], rel=1e-10)
+    assert [g["name"] for g in got["groups"]] == [g["name"] for g in ref["groups"]]
+    for g, r in zip(got["groups"], ref["groups"], strict=True):
+        assert g["rank"] == r["rank"] and g["top_k"] == r["top_k"], g["name"]
+        lam_max = float(r["eigenvalues"][0]) if r["rank"] else 0.0
+        _close(g["eigenvalues"], r["eigenvalues"], atol=1e-12 * lam_max)
+        assert g["trace"] == pytest.approx(r["trace"], rel=1e-10)
+        assert g["gradient_norm"] == pytest.approx(r["gradient_norm"], rel=1e-10)
+        if "gamma" in r:
+            # gamma's sign follows the eigenvector's orientation: compare |gamma| (CURVATURE.md section 4)
+            _close(g["gamma"].abs(), r["gamma"].abs(), rtol=1e-7, atol=1e-10)
+            _close(g["lambdas"], r["lambdas"], rtol=1e-7, atol=1e-10 * lam_max)
+            _close(g["gamma_snr"], r["gamma_snr"], rtol=1e-6, atol=1e-10)
+            _close(g["lambda_snr"], r["lambda_snr"], rtol=1e-6, atol=1e-10)
+            _close(g["gradient_overlap"], r["gradient_overlap"], rtol=1e-7, atol=1e-12)
+            assert g["flat_overlap"] == pytest.approx(r["flat_overlap"], abs=1e-9)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_spectrum_matches_single_process(worker_results, case):
+    make, kwargs = CASES[case]
+    ref = _summary(compute_spectrum(make(), **kwargs))
+    for rank, results in enumerate(worker_results):  # every rank returns the same result
+        try:
+            _compare(results[case], ref)
+        except AssertionError as exc:
+            raise AssertionError(f"rank {rank}: {exc}") from exc
+
+
+def test_python_api(worker_results):
+    problem = _mlp_problem()
+    ref = _summary(curvscope.spectrum(problem.model, problem.inputs, problem.targets, loss="ce", dtype=torch.float64,
+                                      groups="layer", include_total=True))
+    for results in worker_results:
+        _compare(results["api"], ref)
+
+
+def test_gram_blocks_match(worker_results):
+    problem = _mlp_problem()
+    grams, _, _ = compute_gram(problem, [("all", tuple(problem.params))], with_gradients=True)
+    for results in worker_results:
+        for key in ("vv", "vg", "gg"):
+            ref = getattr(grams[0], key)
+            _close(results["gram"][key], ref, rtol=0, atol=1e-13 * float(ref.abs().max()))
+
+
+def test_newton_step_and_eigenvectors_match(worker_results):
+    problem = _mlp_problem()
+    res = compute_spectrum(problem, groups="layer", include_total=True, top_k=3)
+    step = newton_step(problem, res, "bootstrap")
+    vecs = eigenvectors(problem, res, group=0)
+    for results in worker_results:
+        got = results["newton"]
+        assert got["predicted"] == pytest.approx(step.predicted_decrease, rel=1e-8)
+        assert got["realized"] == pytest.approx(step.realized_decrease, rel=1e-6, abs=1e-14)
+        assert got["loss_before"] == pytest.approx(step.loss_before, rel=1e-12)
+        for n in problem.params:
+            _close(got["step"][n], step.step[n], rtol=1e-7, atol=1e-12)
+            # eigenvector k up to its sign
+            sign = torch.sign((got["eigenvectors"][n] * vecs[n]).flatten(1).sum(1))
+            sign = sign.reshape(-1, *([1] * (vecs[n].dim() - 1)))
+            _close(got["eigenvectors"][n] * torch.where(sign == 0, 1.0, sign), vecs[n], rtol=1e-7, atol=1e-10)
+
+
+def test_error_on_one_rank_ends_all_ranks_with_one_message(worker_results):
+    """Rank 1's forward fails: both ranks raise rank 1's CurvscopeError (no hang: the workers finished within
+    the timeout), and the group keeps working afterwards."""
+    fragile = [r["errors"]["fragile"] for r in worker_results]
+    assert fragile[1] == ("CurvscopeError", "bad input on this rank: sample 3 cannot be read")
+    assert fragile[0] == ("CurvscopeError", "rank 1: bad input on this rank: sample 3 cannot be read")
+    mismatch = [r["errors"]["mismatch"] for r in worker_results]
+    assert mismatch[0] == mismatch[1] and mismatch[0][0] == "CurvscopeError"
+    assert "rank 1's problem differs from rank 0's (6 samples" in mismatch[0][1]
+    ref = _summary(compute_spectrum(_mlp_problem(), directional=False))
+    for r in worker_results:
+        _compare(r["after-errors"], ref)
+
+
+def _torchrun(port: int, *args: Any) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--master-addr",
+            "127.0.0.1", "--master-port", str(port), "-m", "curvscope", *[str(a) for a in args]]
+
+
+@pytest.mark.parametrize("extra", [[], ["--dtype", "float64", "--groups", "layer"]], ids=["float32", "float64-layer"])
+def test_cli_under_torchrun_matches_single_process(tmp_path, extra):
+    common = ["spectrum", SAMPLES / "mlp-digits.safetensors", "--data", SAMPLES / "digits.safetensors",
+              "--batch-size", 32, "--no-plots", *extra]
+    dist_out, single_out = tmp_path / "dist", tmp_path / "single"
+    run = _run(_torchrun(_free_port(), *common, "--out", dist_out))
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.count("GGN spectrum") == 1, run.stdout  # only rank 0 prints the summary
+    assert "report.json" in run.stdout
+    single = _run([sys.executable, "-m", "curvscope", *[str(a) for a in common], "--out", str(single_out)])
+    assert single.returncode == 0, single.stderr
+    got = json.loads((dist_out / "report.json").read_text())
+    ref = json.loads((single_out / "report.json").read_text())
+    assert got["problem"] == ref["problem"]
+    assert sorted(p.name for p in dist_out.iterdir()) == sorted(p.name for p in single_out.iterdir())
+    assert [g["name"] for g in got["groups"]] == [g["name"] for g in ref["groups"]]
+    float64 = "float64" in extra
+    for g, r in zip(got["groups"], ref["groups"], strict=True):
+        assert g["rank"] == r["rank"]
+        ev, ev_ref = torch.tensor(g["eigenvalues"]), torch.tensor(r["eigenvalues"])
+        if float64:
+            _close(ev, ev_ref, atol=1e-12 * float(ev_ref[0]))
+        else:  # the Gram is built in float32 (accumulated in float64): rounding of float32 products
+            _close(ev, ev_ref, rtol=1e-5, atol=1e-6 * float(ev_ref[0]))
+        assert g["trace"] == pytest.approx(r["trace"], rel=1e-10 if float64 else 1e-6)
+        # directions of the top, well separated eigenvalues (those of nearly equal small eigenvalues are
+        # ill-conditioned: rounding of the Gram rotates them)
+        for key in ("gamma_snr", "lambda_snr"):
+            _close(torch.tensor(g["directions"][key][:20]), torch.tensor(r["directions"][key][:20]),
+                   rtol=1e-6 if float64 else 1e-3, atol=1e-10)
+
+
+def test_cli_bad_input_under_torchrun_one_message(tmp_path):
+    run = _run(_torchrun(_free_port(), "spectrum", SAMPLES / "mlp-digits.safetensors", "--data",
+                         SAMPLES / "digits.safetensors", "--batch-size", 8, "--subsample", 9, "--out", tmp_path))
+    assert run.returncode != 0
+    assert run.stderr.count("error: --subsample 9 is larger than the batch (8 samples)") == 1, run.stderr[-4000:]
+    assert run.stdout == ""
+    assert not (tmp_path / "report.json").exists()
+
+
+if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "worker":
+    _worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5]))
