@@ -188,7 +188,8 @@ def test_mc_trace_is_unbiased(loss):
 def test_eigenvectors_are_orthonormal_eigenvectors(case):
     problem, Gn, _, _ = _reference(case)
     G = Gn.mean(0)
-    res = compute_spectrum(problem, groups="layer", include_total=True, top_k=4, directional=False)
+    res = compute_spectrum(problem, groups="layer", include_total=True, top_k=4, directional=False,
+                           eigenvectors=True)
     for gi, g in enumerate(res.groups):
         vecs = eigenvectors(problem, res, gi)
         E = torch.cat([vecs[n].reshape(g.top_k, -1) for n in problem.params], dim=1)  # (k, D)

@@ -62,8 +62,8 @@ def info(
     out.print(layers)
 
     facts = Table(show_header=False, title="Problem", title_justify="left")
-    facts.add_column(style="bold")
-    facts.add_column()
+    facts.add_column(style="bold", no_wrap=True)
+    facts.add_column(overflow="fold")  # paths stay whole (copy-pasteable), folded rather than cut
     for key, value in summary["facts"].items():
         facts.add_row(key, value)
     out.print(facts)
@@ -94,7 +94,8 @@ def describe(problem) -> dict:
         "model": str(info.get("model")),
         "parameters (D)": f"{problem.num_params:,}",
         "outputs (C)": str(problem.num_outputs),
-        "data": f"{info.get('data')}: x {x_shape}, y {y_shape}",
+        "data": str(info.get("data")),
+        "dataset": f"x {x_shape}, y {y_shape}",
         "batch": f"{n} samples: {which}",
         "loss": problem.loss.name,
         "batch loss": f"{loss_value:.6g}",

@@ -185,7 +185,8 @@ def run_spectrum(problem, out_dir: Path, options: dict[str, Any] | None = None, 
         result = compute_spectrum(
             problem, groups=groups_mode, mc_samples=opts["mc_samples"], subsample=opts["subsample"],
             top_k=opts["top_k"], directional=opts["directions"], include_total=groups_mode != "all", seed=seed,
-            ghost=opts["ghost"], max_memory=parsed["max_memory"], progress=progress, process_group=process_group)
+            ghost=opts["ghost"], max_memory=parsed["max_memory"], progress=progress, process_group=process_group,
+            eigenvectors=opts["eigenvectors"] is not None or opts["newton_step"] is not None)
 
         step = None
         if opts["newton_step"] is not None:
