@@ -208,13 +208,13 @@ def newton_step(problem, result, damping: float | str = BOOTSTRAP, blocks: Seque
     predicted_blocks = 0.0
     for b in blocks:
         g = result.groups[b]
+        if g.rank and g.directions is None:
+            raise CurvscopeError("the Newton step needs the directional derivatives: do not combine "
+                                 "--newton-step with --no-directions")
         if g.top_k == 0:
             deltas.append(torch.zeros(0, dtype=torch.float64))
             coefficients.append(torch.zeros(0, dtype=torch.float64))
             continue
-        if g.directions is None:
-            raise CurvscopeError("the Newton step needs the directional derivatives: do not combine "
-                                 "--newton-step with --no-directions")
         d = g.directions
         evals = g.eigenvalues[:g.top_k].to(torch.float64)
         if damping == BOOTSTRAP:

@@ -127,17 +127,22 @@ class SpectrumResult:
 # -- eigen-decomposition ---------------------------------------------------------------------------------
 
 def gram_eigen(gram: Tensor, vectors: bool = True) -> tuple[Tensor, Tensor | None]:
-    """Eigen-decompose a (symmetrized) Gram matrix in float64; eigenpairs sorted by descending eigenvalue.
+    """Eigen-decompose a Gram matrix in float64 (its lower triangle, as LAPACK does).
 
-    With ``vectors=False`` only the eigenvalues are computed (``eigvalsh``, about 2-3x cheaper than ``eigh``)
-    and the eigenvectors come back as ``None``.
+    Returns the eigenvalues in *descending* order and the eigenvectors in LAPACK's *ascending* order (columns),
+    so that only the top-k columns are ever copied (:func:`top_eigenvectors`). With ``vectors=False`` only the
+    eigenvalues are computed (``eigvalsh``, 2-3x cheaper than ``eigh``) and the eigenvectors are ``None``.
     """
     g = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
-    g = 0.5 * (g + g.T)
     if not vectors:
         return torch.linalg.eigvalsh(g).flip(0), None
     evals, evecs = torch.linalg.eigh(g)
-    return evals.flip(0), evecs.flip(1)
+    return evals.flip(0), evecs
+
+
+def top_eigenvectors(evecs_ascending: Tensor, k: int) -> Tensor:
+    """The eigenvectors of the k largest eigenvalues, descending, from :func:`gram_eigen`'s ascending columns."""
+    return evecs_ascending[:, evecs_ascending.shape[1] - k:].flip(1)
 
 
 def numerical_rank(evals: Tensor, size: int, build_dtype: torch.dtype, reference: float = 0.0) -> int:
@@ -261,7 +266,7 @@ def _group_spectrum(problem, gg: GroupGram, evals: Tensor, evecs: Tensor | None,
     k = min(rank, top_k if top_k is not None else DEFAULT_TOP_K)
     directions, top_vecs = None, None
     if k > 0 and evecs is not None:
-        top_vecs = evecs[:, :k].contiguous()
+        top_vecs = top_eigenvectors(evecs, k)
         if directional:
             directions = directional_quantities(gg, evals[:k], top_vecs, columns, g_sq)
     return GroupSpectrum(
