@@ -290,14 +290,21 @@ def _block_factors(problem, layers: Sequence[GhostLayer], block: ColumnBlock) ->
     return factors
 
 
+def _ghost_weight_gram_t1(ai: Tensor, aj: Tensor, delta_gram: Tensor) -> Tensor:
+    """One position per sample: ``(a_n . a_m)(delta_nc . delta_md)`` from the inputs ``(b_i, d_in)``,
+    ``(b_j, d_in)`` and the delta Gram ``(b_i*k_i, b_j*k_j)`` (which is also the bias's Gram)."""
+    bi, bj = ai.shape[0], aj.shape[0]
+    A = ai @ aj.T  # (bi, bj)
+    ki, kj = delta_gram.shape[0] // bi, delta_gram.shape[1] // bj
+    return (delta_gram.reshape(bi, ki, bj, kj) * A[:, None, :, None]).reshape(bi * ki, bj * kj)
+
+
 def _ghost_weight_gram(fi: dict[str, Tensor], fj: dict[str, Tensor], plan: MemoryPlan) -> Tensor:
     """``sum_{t,s} (a_nt . a_ms)(delta_nct . delta_mds)`` ``(b_i*k_i, b_j*k_j)`` from the ghost factors."""
     ai, di, aj, dj = fi["a"], fi["delta"], fj["a"], fj["delta"]
     (bi, ki, T, do), (bj, kj) = di.shape, dj.shape[:2]
     if T == 1:
-        A = ai[:, 0] @ aj[:, 0].T  # (bi, bj)
-        D = (di.reshape(bi * ki, do) @ dj.reshape(bj * kj, do).T).reshape(bi, ki, bj, kj)
-        return (D * A[:, None, :, None]).reshape(bi * ki, bj * kj)
+        return _ghost_weight_gram_t1(ai[:, 0], aj[:, 0], di.reshape(bi * ki, do) @ dj.reshape(bj * kj, do).T)
     out = torch.empty(bi, ki, bj, kj, dtype=di.dtype, device=di.device)
     s = plan.pair_samples(T * (T + kj * do) * di.element_size())
     for p in range(0, bi, s):
@@ -354,11 +361,16 @@ def contribute(problem, names: Sequence[str], columns: Columns, grad_seeds: Tens
         missing = [len(members) for _groups, members in sets]
         for layer in layers:
             li, lj = fi[layer.module_name], fj[layer.module_name]
+            # with one position per sample the bias Gram delta.delta is a factor of the weight's ghost product
+            shared = (layer.bias and layer.weight and layer.mode == "ghost" and li["delta"].shape[2] == 1)
+            bias_gram = li["bias"] @ lj["bias"].T if layer.bias else None
             for name in layer.names:
                 if name == layer.bias:
-                    gram = li["bias"] @ lj["bias"].T
+                    gram = bias_gram.clone() if shared else bias_gram
                 elif layer.mode == "materialize":
                     gram = li["weight"] @ lj["weight"].T
+                elif shared:
+                    gram = _ghost_weight_gram_t1(li["a"][:, 0], lj["a"][:, 0], bias_gram)
                 else:
                     gram = _ghost_weight_gram(li, lj, plan)
                 i = set_of[name]
