@@ -18,15 +18,6 @@ N, C = 6, 3
 BIG = MemoryPlan(budget=2**30)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only cost barrier waits (tens of ms per op on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class SeqModel(nn.Module):
     """Linear layers on (N, 2, 3, d) inputs (several leading dims), mean-pooled."""
 

@@ -28,15 +28,6 @@ from curvscope.models import mlp, transformer
 N = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only cost barrier waits (tens of ms per op on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _targets(loss: str, C: int, n: int = N, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     if loss == "ce":

@@ -12,7 +12,6 @@ import glob
 import inspect
 import json
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -40,6 +39,7 @@ from curvscope.cli.common import (
     out,
 )
 from curvscope.errors import CurvscopeError
+from curvscope.io.atomic import check_writable
 
 FACTORS_HELP = "Factors"
 ENSEMBLE_HELP = "Ensemble ground truth"
@@ -73,18 +73,6 @@ def _options(options: dict[str, Any] | None) -> dict[str, Any]:
             raise ValueError(f"run_factors: unknown option '{key}' (known: {', '.join(DEFAULTS)})")
         opts[key] = value
     return opts
-
-
-def _check_writable(path: Path, option: str) -> None:
-    if path.is_dir():
-        raise CurvscopeError(f"{option} {path}: is a directory, expected a file name")
-    existing = path.parent if str(path.parent) else Path(".")
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise CurvscopeError(f"{option} {path}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK):
-        raise CurvscopeError(f"{option} {path}: {existing} is not writable")
 
 
 def validate_options(opts: dict[str, Any]) -> list[Path]:
@@ -128,7 +116,7 @@ def validate_options(opts: dict[str, Any]) -> list[Path]:
         raise CurvscopeError("the ensemble ground truth averages single-gradient factors: use --source batch "
                              "with --ensemble / --ensemble-checkpoints")
     if opts["symo_step"] is not None:
-        _check_writable(Path(opts["symo_step"]), "--symo-step")
+        check_writable(Path(opts["symo_step"]), "--symo-step")
     return checkpoints
 
 
@@ -196,7 +184,7 @@ def run_factors(problem, out_dir: Path, options: dict[str, Any] | None = None, q
     paths = validate_options(opts)
     if out_dir.exists() and not out_dir.is_dir():
         raise CurvscopeError(f"--out {out_dir}: exists and is not a directory")
-    _check_writable(out_dir / "report.json", "--out")
+    check_writable(out_dir / "report.json", "--out")
     if opts["subsample"] is not None and opts["subsample"] > problem.batch_size:
         raise CurvscopeError(f"--subsample {opts['subsample']} is larger than the batch "
                              f"({problem.batch_size} samples)")

@@ -78,8 +78,8 @@ def _validate_options(opts: dict[str, Any], check_files: bool = True) -> dict[st
     ``check_files=False``: leave out the checks of output paths (ranks other than 0 write nothing)."""
     from curvscope.curvature.memory import parse_memory
     from curvscope.curvature.newton import parse_damping
+    from curvscope.io.atomic import check_writable
     from curvscope.problem import GROUP_MODES
-    from curvscope.report.spectrum_report import check_writable
 
     if opts["groups"] not in GROUP_MODES:
         raise CurvscopeError(f"--groups '{opts['groups']}': choose one of {', '.join(GROUP_MODES)}")
@@ -100,7 +100,7 @@ def _validate_options(opts: dict[str, Any], check_files: bool = True) -> dict[st
 
 def _validate(problem, opts: dict[str, Any], out_dir: Path, check_files: bool = True) -> dict[str, Any]:
     """Check every option before the (long) computation; returns parsed values."""
-    from curvscope.report.spectrum_report import check_writable
+    from curvscope.io.atomic import check_writable
 
     parsed = _validate_options(opts, check_files)
     if opts["subsample"] is not None and opts["subsample"] > problem.batch_size:

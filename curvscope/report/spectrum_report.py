@@ -158,20 +158,3 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: 
     except OSError as exc:
         raise CurvscopeError(f"{path}: cannot write ({exc.strerror or exc})") from exc
     return path
-
-
-def check_writable(path: str | os.PathLike, option: str) -> Path:
-    """Fail early (before the computation) when an output file cannot be written."""
-    path = Path(path)
-    if path.is_dir():
-        raise CurvscopeError(f"{option} {path}: is a directory, expected a file name")
-    parent = path.parent if str(path.parent) else Path(".")
-    existing = parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise CurvscopeError(f"{option} {path}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK):
-        raise CurvscopeError(f"{option} {path}: {existing} is not writable")
-    return path
-
