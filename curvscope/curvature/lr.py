@@ -337,7 +337,7 @@ def recommend_rates(g_hat: Tensor, h_bar: Tensor, lr_newton: Tensor, lr_diag: Te
 
 def stability_bounds(problem: Problem, partition: str, groups: list[ParamGroup]
                      ) -> tuple[Tensor, Tensor, float, float]:
-    """The stability bounds from the GGN spectrum (two spectra: the blocks of ``partition``, and the whole).
+    """The stability bounds from the GGN spectrum (the blocks of ``partition`` and the whole, from one pass).
 
     Returns ``lambda_max`` of each group's GGN block ``(S,)``, the block bounds ``2 / lambda_max(G_PP)`` ``(S,)``,
     ``lambda_max(G)`` and ``2 / lambda_max(G)``. A block whose ``lambda_max`` is at or below
@@ -346,11 +346,10 @@ def stability_bounds(problem: Problem, partition: str, groups: list[ParamGroup]
     """
     from curvscope.curvature.spectrum import compute_spectrum
 
-    blocks = {g.name: g.lambda_max for g in compute_spectrum(problem, groups=partition, directional=False).groups}
-    if partition == "all":
-        whole = float(blocks["all"])
-    else:
-        whole = float(compute_spectrum(problem, groups="all", directional=False).groups[0].lambda_max)
+    # one pass: the whole model comes first (groups[0]), then the blocks of the partition
+    spectrum = compute_spectrum(problem, groups=partition, directional=False, include_total=True).groups
+    whole = float(spectrum[0].lambda_max)
+    blocks = {g.name: g.lambda_max for g in (spectrum if partition == "all" else spectrum[1:])}
     missing = [g.name for g in groups if g.name not in blocks]
     if missing:
         raise RuntimeError(f"the spectrum engine returned no block for group(s) {missing}")
@@ -651,7 +650,7 @@ def suggest_lr(problem: Problem, partition: str = "layer", curvature: str = "hes
         direction: ``gradient`` or ``symo``.
         ridge: added to ``H_bar``'s diagonal for the joint Newton rates (>= 0).
         cubic: also compute the order-3 diagonal and the cubic-regularized rates (weight ``cubic_weight``).
-        stability: compute the stability bounds (two GGN spectra per batch); without them the recommended
+        stability: compute the stability bounds (one GGN spectrum pass per batch); without them the recommended
             rule has no cap.
         progress: called with a short message before each stage.
     """
