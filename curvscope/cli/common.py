@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import traceback
 import warnings
 from pathlib import Path
@@ -125,12 +124,3 @@ def quiet_output(quiet: bool = True) -> None:
     than 0 of a distributed run are quiet; rank 0 prints for all of them."""
     console.quiet = quiet
     out.quiet = quiet
-
-
-def fail(message: str) -> None:
-    """Raise the bad-input error for option combinations that typer cannot check."""
-    raise CurvscopeError(message)
-
-
-def isatty() -> bool:
-    return sys.stderr.isatty()

@@ -45,11 +45,9 @@ class GroupGram:
     gg: Tensor | None = None
 
 
-Adder = Callable[[str, Tensor, "Tensor | None", "Tensor | None"], None]
-
-
 class GramAccumulator:
-    """Adds per-parameter contributions into the Gram blocks of every group that contains the parameter."""
+    """The Gram blocks of every group, and which groups own each parameter (contributions are scattered into
+    them by the generic path and the ghost rule, see ``_scatter``)."""
 
     def __init__(self, groups: Sequence[tuple[str, Sequence[str]]], num_v: int, num_g: int | None,
                  device: torch.device):
@@ -66,13 +64,6 @@ class GramAccumulator:
 
     def wanted(self, name: str) -> bool:
         return name in self.owners
-
-    def add(self, name: str, vv: Tensor, vg: Tensor | None = None, gg: Tensor | None = None) -> None:
-        for g in self.owners.get(name, ()):
-            g.vv += vv.to(torch.float64)
-            if g.vg is not None and vg is not None:
-                g.vg += vg.to(torch.float64)
-                g.gg += gg.to(torch.float64)
 
 
 def per_sample_vjp(problem, names: Sequence[str], sample_idx: Tensor, seeds: Tensor) -> dict[str, Tensor]:
