@@ -1,12 +1,52 @@
-"""Command-line interface: ``curvscope info | spectrum | factors | lr-suggest | check``."""
+"""Command-line interface: ``curvscope info | spectrum | factors | lr-suggest | check``.
 
-from curvscope.cli import check, factors, info, lr, spectrum  # noqa: F401  (each module registers its command)
-from curvscope.cli.app import app
+Nothing heavy is imported with this package: :func:`main` installs the signal handlers first, so that Ctrl-C
+or SIGTERM at any moment, imports included, ends with one line and exit 130 / 143, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+def _load_app():
+    from curvscope.cli import check, factors, info, lr, spectrum  # noqa: F401  (each registers its command)
+    from curvscope.cli.app import app
+
+    globals()["app"] = app  # the package attribute is the Typer app, not the submodule of the same name
+    return app
 
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    import signal
+
+    try:
+        signal.signal(signal.SIGTERM, _terminate_early)
+        app = _load_app()
+        from curvscope.cli.common import install_signal_handlers
+
+        install_signal_handlers()
+        app()
+    except KeyboardInterrupt as exc:
+        terminated = type(exc).__name__ == "Terminated" or isinstance(exc, _EarlyTerminate)
+        sys.stderr.write("terminated (SIGTERM)\n" if terminated else "interrupted\n")
+        sys.exit(143 if terminated else 130)
+
+
+class _EarlyTerminate(KeyboardInterrupt):
+    pass
+
+
+def _terminate_early(signum, frame):  # noqa: ARG001
+    raise _EarlyTerminate()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        return _load_app()
+    raise AttributeError(name)
 
 
 __all__ = ["app", "main"]

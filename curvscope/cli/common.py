@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import os
 import traceback
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -15,6 +18,9 @@ from rich.markup import escape
 
 from curvscope import __version__
 from curvscope.errors import CurvscopeError
+
+if TYPE_CHECKING:
+    from curvscope.progress import Progress
 
 console = Console(stderr=True, highlight=False)
 """Progress, errors and diagnostics go to stderr; stdout is reserved for machine-readable output."""
@@ -96,8 +102,11 @@ def handle_errors(fn):
                 traceback.print_exc()
             console.print(f"[bold red]error:[/bold red] {_one_line(str(exc))}", soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
+        except Terminated:
+            console.print("[bold red]terminated[/bold red] (SIGTERM): no output was written or changed")
+            raise typer.Exit(143) from None
         except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/bold red]")
+            console.print("[bold red]interrupted[/bold red]: no output was written or changed")
             raise typer.Exit(130) from None
         except MemoryError:
             console.print("[bold red]error:[/bold red] out of memory: lower --batch-size or --max-memory")
@@ -124,3 +133,93 @@ def quiet_output(quiet: bool = True) -> None:
     than 0 of a distributed run are quiet; rank 0 prints for all of them."""
     console.quiet = quiet
     out.quiet = quiet
+
+
+# -- the presenter of the engine's progress protocol ------------------------------------------------------
+
+STAGE_LABELS = {
+    "gram": "Gram matrix (parameter tensors)",
+    "eigen": "eigendecomposition (groups)",
+    "directions": "directional derivatives",
+    "newton": "damped Newton step",
+    "per-sample": "per-sample gradients",
+    "ensemble": "ensemble of models",
+    "symo": "SymO line search",
+    "lanczos": "Lanczos",
+    "trace": "trace (Hutch++)",
+    "density": "spectral density",
+    "plots": "plots",
+    "write": "writing files",
+}
+"""Labels of the engine's progress stages (a stage not listed shows its own key)."""
+
+
+@contextlib.contextmanager
+def progress_bars(quiet: bool = False) -> Iterator[Progress]:
+    """A :class:`~curvscope.progress.Progress` drawing one rich bar per stage on stderr (a spinner when the
+    stage's total is unknown); transient: the bars vanish when the block ends."""
+    from curvscope.progress import silent
+
+    if quiet or console.quiet:
+        yield silent
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    tasks: dict[str, Any] = {}
+    with Progress(SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+
+        def update(stage: str, done: int, total: int | None) -> None:
+            label = escape(STAGE_LABELS.get(stage, stage))
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(label, total=None if total is None else max(total, 1))
+            bar.update(tasks[stage], completed=done, total=None if total is None else max(total, 1))
+
+        yield update
+
+
+# -- options: flags in, the engine's words mapped back to flags ---------------------------------------------
+
+def flag(field: str, flags: dict[str, str] | None = None) -> str:
+    """The CLI flag of an options field (``top_k`` -> ``--top-k``; ``flags`` overrides)."""
+    return (flags or {}).get(field) or "--" + field.replace("_", "-")
+
+
+@contextlib.contextmanager
+def as_flags(flags: dict[str, str] | None = None) -> Iterator[None]:
+    """Inside the block, an :class:`~curvscope.workflows.options.OptionError` is re-raised as a one-line
+    :class:`CurvscopeError` naming the flag instead of the field."""
+    from curvscope.workflows.options import OptionError
+
+    try:
+        yield
+    except OptionError as exc:
+        raise CurvscopeError(exc.render(flag(exc.field, flags))) from None
+
+
+def one_line_paragraphs(doc: str) -> str:
+    """typer's rich help keeps single line breaks: join each paragraph of a docstring into one flowing line (a
+    line that ends with ':' keeps its break), so the help text wraps to the terminal."""
+    out_paragraphs = []
+    for paragraph in inspect.cleandoc(doc).split("\n\n"):
+        lines = paragraph.split("\n")
+        text = lines[0]
+        for line in lines[1:]:
+            text += ("\n" if text.endswith(":") else " ") + line.strip()
+        out_paragraphs.append(text)
+    return "\n\n".join(out_paragraphs)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM ends the run like Ctrl-C does (staged outputs removed, exit 143, one line)."""
+    import signal
+
+    def terminate(signum, frame):  # noqa: ARG001
+        raise Terminated()
+
+    with contextlib.suppress(ValueError):  # not the main thread (tests): leave the default
+        signal.signal(signal.SIGTERM, terminate)
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised by the SIGTERM handler; exits 143."""

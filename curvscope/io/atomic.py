@@ -1,43 +1,48 @@
-"""Atomic file writes: a reader (or a crashed run) never leaves a partial file behind."""
+"""Every file curvscope writes goes through here: all the outputs of a run appear together, or none do.
+
+:class:`Outputs` collects a run's files (checked up front: writable, a regular file or absent, no two outputs
+on one path), stages each one as a hidden temporary file beside its target, and only when every file is
+staged moves them into place. A failure, Ctrl-C or SIGTERM before that removes the staged files and leaves
+the earlier outputs untouched; while the files are moved into place, SIGINT and SIGTERM are held back, and a
+failure there puts the previous files back.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import stat
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from curvscope.errors import CurvscopeError
+from curvscope.progress import Progress, or_silent
 
-
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
-    write_atomic(path, lambda tmp: tmp.write_text(text))
+Writer = Callable[[Path], None]
+"""``write(tmp_path)``: writes the whole content of one output file to ``tmp_path``."""
 
 
 def check_writable(path: str | os.PathLike, option: str) -> Path:
     """Fail early (before any computation) when an output file cannot be written: a one-line
-    :class:`CurvscopeError` naming ``option``. Returns ``path`` as a ``Path``."""
+    :class:`CurvscopeError` naming ``option``. A target that exists must be a regular file (a directory,
+    FIFO or device is never replaced). Returns ``path`` as a ``Path``."""
     path = Path(path)
-    if path.is_dir():
-        raise CurvscopeError(f"{option} {path}: is a directory, expected a file name")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise CurvscopeError(f"{option} {path}: cannot be inspected ({exc.strerror or exc})") from exc
+    if mode is not None:
+        if stat.S_ISDIR(mode):
+            raise CurvscopeError(f"{option} {path}: is a directory, expected a file name")
+        if not stat.S_ISREG(mode):
+            raise CurvscopeError(f"{option} {path}: exists and is not a regular file (a device, FIFO or "
+                                 "socket is never replaced); choose another path")
     parent = path.parent if str(path.parent) else Path(".")
     existing = parent
     while not existing.exists():
@@ -49,3 +54,187 @@ def check_writable(path: str | os.PathLike, option: str) -> Path:
     return path
 
 
+def check_directory(path: str | os.PathLike, option: str) -> Path:
+    """An output directory: absent (it will be made) or a writable directory."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CurvscopeError(f"{option} {path}: exists and is not a directory")
+    check_writable(path / ".curvscope-probe", option)
+    return path
+
+
+@dataclass
+class _Output:
+    path: Path
+    write: Writer
+    option: str
+
+
+class Outputs:
+    """The files of one run, written all together or not at all.
+
+    Example::
+
+        outputs = Outputs()
+        outputs.add_text(out_dir / "report.json", text, "--out")
+        outputs.add_bytes(out_dir / "spectrum.png", png, "--out")
+        outputs.commit()          # both appear, or neither (and the old ones stay)
+    """
+
+    def __init__(self) -> None:
+        self._outputs: dict[Path, _Output] = {}
+
+    def __len__(self) -> int:
+        return len(self._outputs)
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, str | os.PathLike) and _key(Path(path)) in self._outputs
+
+    @property
+    def paths(self) -> list[Path]:
+        """The target paths, in the order they were added."""
+        return [o.path for o in self._outputs.values()]
+
+    def claim(self, path: str | os.PathLike, option: str) -> Path:
+        """Check ``path`` as a target of ``option`` (writable, regular or absent, not already another output's
+        target) without giving its content yet; :meth:`add` it later."""
+        path = check_writable(path, option)
+        other = self._outputs.get(_key(path))
+        if other is not None and other.option != option:
+            raise CurvscopeError(f"{option} {path}: the same file as {other.option}; give each output its own path")
+        self._outputs.setdefault(_key(path), _Output(path, _unset, option))
+        return path
+
+    def add(self, path: str | os.PathLike, write: Writer, option: str = "output") -> Path:
+        """Add the file ``path`` whose content ``write(tmp_path)`` produces (called at :meth:`commit`)."""
+        path = Path(path)
+        key = _key(path)
+        claimed = self._outputs.get(key)
+        if claimed is None:
+            self.claim(path, option)
+        elif claimed.write is not _unset or claimed.option != option:
+            raise CurvscopeError(f"{option} {path}: the same file as {claimed.option}; give each output its own "
+                                 "path")
+        self._outputs[key] = _Output(path, write, option)
+        return path
+
+    def add_bytes(self, path: str | os.PathLike, data: bytes, option: str = "output") -> Path:
+        """Add a file with the content ``data``."""
+        return self.add(path, lambda tmp: tmp.write_bytes(data), option)
+
+    def add_text(self, path: str | os.PathLike, text: str, option: str = "output") -> Path:
+        """Add a UTF-8 text file."""
+        return self.add(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), option)
+
+    def commit(self, progress: Progress | None = None) -> list[Path]:
+        """Stage every file, then move them all into place. Returns the paths written.
+
+        Raises:
+            CurvscopeError: a file could not be written (nothing changed on disk).
+        """
+        progress = or_silent(progress)
+        pending = [o for o in self._outputs.values() if o.write is not _unset]
+        staged: list[tuple[_Output, Path]] = []
+        try:
+            for i, output in enumerate(pending):
+                progress("write", i, len(pending))
+                staged.append((output, _stage(output)))
+            with _signals_held():
+                _move_all(staged)
+            staged = []
+            progress("write", len(pending), len(pending))
+        finally:
+            for _, tmp in staged:
+                tmp.unlink(missing_ok=True)
+        return [o.path for o in pending]
+
+
+def _unset(_tmp: Path) -> None:  # placeholder of a claimed output whose content is not known yet
+    raise AssertionError("an output was claimed but never added")
+
+
+def _key(path: Path) -> Path:
+    return Path(os.path.abspath(path))
+
+
+def _stage(output: _Output) -> Path:
+    """Write one output to a hidden temporary file beside its target (same file system: the rename is atomic)."""
+    path = output.path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise CurvscopeError(f"{output.option} {path}: cannot write ({exc.strerror or exc})") from exc
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        output.write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CurvscopeError(f"{output.option} {path}: cannot write ({exc.strerror or exc})") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _move_all(staged: list[tuple[_Output, Path]]) -> None:
+    """Rename every staged file over its target; on a failure, put back the targets already replaced."""
+    backups: list[tuple[Path, Path | None]] = []  # (target, hard-linked copy of the old file or None)
+    try:
+        for output, tmp in staged:
+            target = output.path
+            if target.exists() and not target.is_file():  # appeared since the check: never replace it
+                raise CurvscopeError(f"{output.option} {target}: exists and is not a regular file")
+            backup = None
+            if target.exists():
+                backup = target.with_name(f".{target.name}.{os.getpid()}.bak")
+                with contextlib.suppress(OSError):
+                    backup.unlink(missing_ok=True)
+                    os.link(target, backup)
+                if not backup.exists():
+                    backup = None
+            os.replace(tmp, target)
+            backups.append((target, backup))
+    except BaseException:
+        for target, backup in reversed(backups):
+            with contextlib.suppress(OSError):
+                if backup is not None:
+                    os.replace(backup, target)
+                else:
+                    target.unlink(missing_ok=True)
+        raise
+    finally:
+        for _, backup in backups:
+            if backup is not None:
+                with contextlib.suppress(OSError):
+                    backup.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back (delivered after the block) in the main thread."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    mask = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, mask)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def write_atomic(path: str | os.PathLike, write: Writer, option: str = "output") -> None:
+    """Write one file atomically: ``write(tmp_path)`` on a temporary file beside ``path``, then rename."""
+    outputs = Outputs()
+    outputs.add(path, write, option)
+    outputs.commit()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, option: str = "output") -> None:
+    """Write ``text`` to ``path`` atomically."""
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), option)

@@ -7,7 +7,6 @@ returns a matplotlib ``Figure``; :func:`render_png` turns it into PNG bytes with
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -21,34 +20,19 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import PercentFormatter  # noqa: E402
 
+from curvscope.report.format import num  # noqa: E402
+from curvscope.report.render import STYLE as _STYLE  # noqa: E402
+from curvscope.report.render import render_png  # noqa: E402
+
+__all__ = ["render_png"]
+
+
+def num_na(x: float | None) -> str:
+    """A label number, ``n/a`` when missing."""
+    return num(x, missing="n/a")
+
+
 BLUE, ORANGE, GREY, RED = "#1f4e79", "#d9822b", "#7f7f7f", "#b22222"
-DPI = 160
-
-_STYLE = {
-    "font.size": 9,
-    "axes.titlesize": 10,
-    "axes.labelsize": 9,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "axes.grid": True,
-    "grid.alpha": 0.25,
-    "grid.linewidth": 0.6,
-    "legend.frameon": False,
-    "legend.fontsize": 8,
-    "xtick.labelsize": 8,
-    "ytick.labelsize": 8,
-}
-
-
-def render_png(fig: Figure) -> bytes:
-    """The figure as PNG bytes (the figure is closed)."""
-    buf = io.BytesIO()
-    try:
-        with plt.rc_context(_STYLE):
-            fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return buf.getvalue()
 
 
 def _floats(values: Sequence[Any] | None) -> np.ndarray:
@@ -56,12 +40,6 @@ def _floats(values: Sequence[Any] | None) -> np.ndarray:
     if values is None:
         return np.zeros(0)
     return np.array([np.nan if v is None else float(v) for v in values], dtype=np.float64)
-
-
-def _fmt(x: float | None) -> str:
-    if x is None or not math.isfinite(x):
-        return "n/a"
-    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 or x == 0 else f"{x:.2e}"
 
 
 def _log_bins(values: np.ndarray, per_decade: int = 8, min_bins: int = 10) -> np.ndarray:
@@ -140,11 +118,11 @@ def spectrum_figure(group: dict[str, Any], problem: dict[str, Any] | None = None
 
         lam_max = float(ev.max())
         ax.axvline(lam_max, color=RED, linestyle="--", linewidth=1.0)
-        ax.annotate(rf"$\lambda_{{max}}$ = {_fmt(lam_max)}", xy=(lam_max, 1.0), xycoords=("data", "axes fraction"),
+        ax.annotate(rf"$\lambda_{{max}}$ = {num_na(lam_max)}", xy=(lam_max, 1.0), xycoords=("data", "axes fraction"),
                     xytext=(-4, -4), textcoords="offset points", ha="right", va="top", color=RED, fontsize=8)
-        facts = [f"rank = {group.get('rank', ev.size)}", f"trace = {_fmt(trace)}"]
+        facts = [f"rank = {group.get('rank', ev.size)}", f"trace = {num_na(trace)}"]
         if group.get("effective_rank") is not None:
-            facts.append(f"effective rank = {_fmt(group['effective_rank'])}")
+            facts.append(f"effective rank = {num_na(group['effective_rank'])}")
         if group.get("num_params") is not None:
             facts.append(f"D = {group['num_params']:,}")
         ax.text(0.02, 0.97, "\n".join(facts), transform=ax.transAxes, va="top", ha="left", fontsize=8,
@@ -217,7 +195,7 @@ def directions_figure(group: dict[str, Any], problem: dict[str, Any] | None = No
                 b.set_ylim(max(sums[pos].min() / 3, 1e-12), 1.5)
             flat = d.get("flat_overlap")
             b.text(0.02, 0.97, f"top-{int(ok.sum())} directions: {float(overlap[ok].sum()):.2%}\n"
-                   f"flat space (1 - sum): {_fmt(flat)}", transform=b.transAxes, va="top", ha="left", fontsize=8,
+                   f"flat space (1 - sum): {num_na(flat)}", transform=b.transAxes, va="top", ha="left", fontsize=8,
                    bbox={"boxstyle": "round,pad=0.3", "facecolor": "white", "edgecolor": "#cccccc", "alpha": 0.9})
         else:
             _empty(b, "no gradient overlap (zero gradient or no directions)")
@@ -256,7 +234,7 @@ def layers_figure(groups: list[dict[str, Any]], problem: dict[str, Any] | None =
             ax.set_xlim(floor, vals.max() * 4)
             ax.set_xlabel(label)
             for yi, v in zip(y, vals, strict=True):
-                ax.text(max(v, floor), yi, f" {_fmt(float(v))}", va="center", ha="left", fontsize=7)
+                ax.text(max(v, floor), yi, f" {num_na(float(v))}", va="center", ha="left", fontsize=7)
             ax.grid(axis="y", visible=False)
         left.set_yticks(y)
         left.set_yticklabels(names)

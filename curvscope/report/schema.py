@@ -96,25 +96,46 @@ def build_report(command: str, problem, fields: dict[str, Any]) -> dict[str, Any
     return to_jsonable(report)
 
 
+def existing_report(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The report at ``path`` when it is a curvscope report, ``None`` when there is no file.
+
+    Raises:
+        CurvscopeError: the file exists but is not a readable curvscope report (it is never overwritten).
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CurvscopeError(f"{path}: exists and is not a curvscope report ({type(exc).__name__}); move it away "
+                             "or choose another output directory") from None
+    if not isinstance(old, dict) or "schema_version" not in old:
+        raise CurvscopeError(f"{path}: exists and is not a curvscope report; move it away or choose another "
+                             "output directory")
+    return old
+
+
+def merge_into_existing(path: str | os.PathLike, report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` merged into the report at ``path`` when that one is of the same problem and schema (the new
+    keys win, ``commands`` lists both); else ``report`` itself."""
+    old = existing_report(path)
+    if old is None or not _same_problem(old.get("problem"), report.get("problem")) or \
+            old.get("schema_version") != report.get("schema_version"):
+        return report
+    merged = {**old, **report}
+    new_commands = report.get("commands", [report["command"]])
+    commands = [c for c in old.get("commands", [old.get("command")]) if c and c not in new_commands]
+    merged["commands"] = [*commands, *new_commands]
+    return merged
+
+
 def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> Path:
     """Write ``report`` to ``out_dir/report.json`` atomically, merging into an existing report of the same
     problem. Returns the path written."""
     path = Path(out_dir) / REPORT_NAME
-    merged = report
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            old = None
-        if isinstance(old, dict) and _same_problem(old.get("problem"), report.get("problem")) and \
-                old.get("schema_version") == report.get("schema_version"):
-            merged = {**old, **report}
-            commands = [c for c in old.get("commands", [old.get("command")]) if c and c != report["command"]]
-            merged["commands"] = [*commands, report["command"]]
-    try:
-        write_text_atomic(path, json.dumps(merged, indent=2, allow_nan=False) + "\n")
-    except OSError as exc:
-        raise CurvscopeError(f"{path}: cannot write the report ({exc.strerror or exc})") from exc
+    merged = merge_into_existing(path, report)
+    write_text_atomic(path, json.dumps(merged, indent=2, allow_nan=False) + "\n", "report")
     return path
 
 

@@ -1,0 +1,56 @@
+"""The one plot renderer: the house style, and a matplotlib Figure turned into PNG bytes without the disk.
+
+matplotlib is imported here and only when a figure is drawn (``import curvscope`` stays light).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+DPI = 160
+STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.25,
+    "grid.linewidth": 0.6,
+    "legend.frameon": False,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+}
+"""rcParams of every curvscope figure (apply with :func:`style` while building the figure)."""
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (no window, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def style():
+    """A context manager applying :data:`STYLE` (use it around figure construction)."""
+    return pyplot().rc_context(STYLE)
+
+
+def render_png(fig: Figure, dpi: int = DPI) -> bytes:
+    """The figure as PNG bytes (tight bounding box); the figure is closed."""
+    plt = pyplot()
+    buf = io.BytesIO()
+    try:
+        with plt.rc_context(STYLE):
+            fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,102 @@
+"""The files of one run into an output directory: report sections, plots and tensor files, written together.
+
+Every command (and ``curvscope check`` computing several sections at once) collects what it writes in one
+:class:`ReportWriter`; :meth:`ReportWriter.commit` merges the sections into ``DIR/report.json`` (kept when
+the directory holds a report of the same problem) and writes everything through
+:class:`~curvscope.io.atomic.Outputs`: all files appear, or none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from curvscope.errors import CurvscopeError
+from curvscope.io.atomic import Outputs, check_directory
+from curvscope.progress import Progress, or_silent
+from curvscope.report.schema import REPORT_NAME, build_report, merge_into_existing
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from torch import Tensor
+
+
+class ReportWriter:
+    """Collects the report sections and files of one run into ``out_dir``.
+
+    Args:
+        out_dir: the output directory (made when absent).
+        problem: the :class:`~curvscope.problem.Problem` the numbers belong to (its ``problem`` section).
+        option: the name of the output-directory option in messages (``--out`` in the CLI).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, problem, option: str = "out_dir") -> None:
+        self.out_dir = check_directory(out_dir, option)
+        self.problem = problem
+        self.option = option
+        self.outputs = Outputs()
+        self.outputs.claim(self.report_path, option)
+        self.commands: list[str] = []
+        self.fields: dict[str, Any] = {}
+        self.files: dict[str, str] = {}
+        self._plots: list[tuple[str, Path, Callable[[dict[str, Any]], Figure]]] = []
+
+    @property
+    def report_path(self) -> Path:
+        """``out_dir/report.json``."""
+        return self.out_dir / REPORT_NAME
+
+    def claim(self, path: str | os.PathLike, option: str) -> Path:
+        """Check a user-given output path early (before computing): writable, a regular file or absent, and
+        distinct from every other output of the run."""
+        return self.outputs.claim(path, option)
+
+    def section(self, command: str, fields: dict[str, Any]) -> None:
+        """Add the report fields of ``command`` (top-level keys; later sections win on a clash)."""
+        if command not in self.commands:
+            self.commands.append(command)
+        self.fields.update(fields)
+
+    def tensors(self, key: str, path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, Any],
+                option: str | None = None) -> Path:
+        """A safetensors file, listed in the report's ``files`` under ``key``."""
+        from safetensors.torch import save_file
+
+        meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+        path = self.outputs.add(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta),
+                                option or self.option)
+        self.files[key] = str(path)
+        return path
+
+    def plot(self, key: str, name: str, make: Callable[[dict[str, Any]], Figure]) -> Path:
+        """A PNG file ``out_dir/name`` drawn at commit time by ``make(report)`` from the report being written
+        (plain JSON-able fields, so a saved report can be re-plotted the same way); listed under ``key``."""
+        path = self.out_dir / name
+        self.outputs.claim(path, self.option)
+        self._plots.append((key, path, make))
+        self.files[key] = str(path)
+        return path
+
+    def commit(self, progress: Progress | None = None) -> dict[str, Any]:
+        """Render the plots, merge the report, write every file. Returns the report as written."""
+        from curvscope.report.render import render_png
+
+        progress = or_silent(progress)
+        if not self.commands:
+            raise CurvscopeError("nothing to write: no report section was added")
+        report = build_report(self.commands[-1], self.problem, {**self.fields, "files": {}})
+        report["commands"] = list(self.commands)
+        for i, (_, path, make) in enumerate(self._plots):
+            progress("plots", i, len(self._plots))
+            self.outputs.add_bytes(path, render_png(make(report)), self.option)
+        if self._plots:
+            progress("plots", len(self._plots), len(self._plots))
+        report["files"] = dict(sorted(self.files.items()))
+        merged = merge_into_existing(self.report_path, report)
+        text = json.dumps(merged, indent=2, allow_nan=False) + "\n"
+        self.outputs.add_text(self.report_path, text, self.option)
+        self.outputs.commit(progress)
+        return merged

@@ -1,0 +1,161 @@
+"""Options of a workflow as a typed dataclass: defaults, strict conversion of config values, validation.
+
+Every workflow (``spectrum``, ``lr``, ``factors``) has one options dataclass deriving from :class:`Options`.
+Its fields are the knobs of the computation, in the engine's words (``top_k``, not ``--top-k``); the CLI maps
+its flags onto them, ``curvscope check`` builds them from a TOML table with :meth:`Options.from_mapping`, and
+a notebook constructs them directly. :meth:`Options.validate` checks values that need no Problem and raises
+:class:`OptionError` naming the field, which the CLI turns back into the flag's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar, Union
+
+from curvscope.errors import CurvscopeError
+
+T = TypeVar("T", bound="Options")
+MAX_INT = 2**63 - 1
+
+
+class OptionError(CurvscopeError):
+    """A bad option value. ``str()`` reads ``"<field> <message>"``; :meth:`render` puts another label (a CLI
+    flag, ``[spectrum] top_k`` in a config) in the field's place."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.message = message
+        super().__init__(f"{field} {message}")
+
+    def render(self, label: str) -> str:
+        """The message with ``label`` instead of the field name."""
+        return f"{label} {self.message}"
+
+
+@dataclasses.dataclass
+class Options:
+    """Base class of the workflows' options dataclasses."""
+
+    command: ClassVar[str] = ""
+    """The CLI command the options belong to (for messages)."""
+
+    def validate(self) -> None:
+        """Check values that need no Problem; raise :class:`OptionError`. Subclasses extend it."""
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), _hints(type(self))[f.name])
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """The option names, in declaration order."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_mapping(cls: type[T], values: Mapping[str, Any], where: str = "") -> T:
+        """Options from a mapping (a TOML table): unknown keys and values of the wrong type are errors.
+
+        ``where`` prefixes messages, e.g. ``"ci.toml: [spectrum]"``. Values are converted strictly: a bool
+        field takes only ``true``/``false``, an int field only integers, a float field numbers, a path field
+        strings; no value is guessed from a string (``plots = "no"`` is an error, not ``True``).
+        """
+        hints = _hints(cls)
+        known = cls.field_names()
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in hints or key not in known:
+                near = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise CurvscopeError(f"{where}unknown option {key!r}{hint}; options: {', '.join(known)}")
+            try:
+                kwargs[key] = _convert(key, value, hints[key])
+            except OptionError as exc:
+                raise CurvscopeError(f"{where}{exc}") from None
+        options = cls(**kwargs)
+        try:
+            options.validate()
+        except OptionError as exc:
+            raise CurvscopeError(f"{where}{exc}") from None
+        return options
+
+    def replace(self: T, **changes: Any) -> T:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _allowed(hint: Any) -> tuple[list[Any], bool]:
+    """The member types of a (possibly optional) hint, and whether None is allowed."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = list(typing.get_args(hint))
+        return [a for a in args if a is not type(None)], type(None) in args
+    return [hint], False
+
+
+def _convert(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as the field's type, without guessing; :class:`OptionError` otherwise."""
+    members, optional = _allowed(hint)
+    if value is None:
+        if optional:
+            return None
+        raise OptionError(name, "needs a value")
+    for member in members:
+        if member is bool and isinstance(value, bool):
+            return value
+        if member is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if member is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if member is str and isinstance(value, str):
+            return value
+        if member is Path and isinstance(value, str | Path):
+            return Path(value)
+    names = " or ".join(_type_name(m) for m in members)
+    raise OptionError(name, f"must be {names}, got {_describe(value)}")
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    """Validate a value set in Python (no conversion): the same rules as a config value."""
+    members, optional = _allowed(hint)
+    if value is None and optional:
+        return
+    _convert(name, value, hint)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        raise OptionError(name, f"is out of range ({len(str(abs(value)))}-digit integer)")
+    if isinstance(value, float) and not math.isfinite(value) and float not in members:
+        raise OptionError(name, f"must be finite, got {value}")
+
+
+def _type_name(t: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            Path: "a path (string)"}.get(t, getattr(t, "__name__", str(t)))
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def at_least(name: str, value: int | float | None, low: int | float, *, optional: bool = False) -> None:
+    """``value >= low`` (or ``None`` when ``optional``); :class:`OptionError` otherwise."""
+    if value is None:
+        if optional:
+            return
+        raise OptionError(name, "needs a value")
+    if not math.isfinite(value) or value < low or abs(value) > MAX_INT:
+        raise OptionError(name, f"must be at least {low}, got {value}")
+
+
+def one_of(name: str, value: str, choices: typing.Iterable[str]) -> None:
+    """``value`` is one of ``choices``."""
+    choices = list(choices)
+    if value not in choices:
+        raise OptionError(name, f"'{value}': choose one of {', '.join(choices)}")
