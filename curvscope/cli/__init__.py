@@ -12,9 +12,8 @@ from typing import Any
 
 def _load_app():
     from curvscope.cli import check, factors, info, lr, spectrum  # noqa: F401  (each registers its command)
-    from curvscope.cli.app import app
+    from curvscope.cli.root import app
 
-    globals()["app"] = app  # the package attribute is the Typer app, not the submodule of the same name
     return app
 
 

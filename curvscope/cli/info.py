@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from rich.table import Table
 
-from curvscope.cli.app import app
+from curvscope.cli.root import app
 from curvscope.cli.common import (
     BatchSizeOpt,
     CheckpointArg,

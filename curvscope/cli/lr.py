@@ -20,7 +20,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from curvscope.cli.app import app
+from curvscope.cli.root import app
 from curvscope.cli.common import (
     BatchSizeOpt,
     CheckpointArg,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from curvscope.cli.app import app
+from curvscope.cli.root import app
 from curvscope.cli.common import (
     BatchSizeOpt,
     CheckpointArg,
