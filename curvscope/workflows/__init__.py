@@ -1,0 +1,54 @@
+"""The application layer between the CLI and the engine: one module per command.
+
+Each module has an options dataclass (:class:`~curvscope.workflows.options.Options`), a
+``run_*(problem, options, progress) -> result`` function and a :class:`Workflow` entry ``WORKFLOW`` that ties
+them to the report writer of its section; :func:`get` finds them by report-section name (``curvscope check``
+computes what its rules need through it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from curvscope.errors import CurvscopeError
+
+if TYPE_CHECKING:
+    from curvscope.problem import Problem
+    from curvscope.progress import Progress
+    from curvscope.report.writer import ReportWriter
+    from curvscope.workflows.options import Options
+
+NAMES = ("spectrum", "lr", "factors")
+"""The report sections a workflow computes, in the order ``check`` runs them."""
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """One command's computation: options type, runner, and the writer of its report section and files."""
+
+    name: str
+    """Report section / ``check`` engine name."""
+    command: str
+    """The CLI command (for messages)."""
+    options: type[Options]
+    run: Callable[[Problem, Any, Progress | None], Any]
+    """``run(problem, options, progress) -> result``."""
+    write: Callable[[ReportWriter, Problem, Any, Any], None]
+    """``write(writer, problem, result, options)``: add the section and files of a result to a writer."""
+    claim: Callable[[ReportWriter, Any], None] | None = None
+    """``claim(writer, options)``: claim the user-given output paths before computing (optional)."""
+
+
+def get(name: str) -> Workflow:
+    """The workflow computing report section ``name`` (``spectrum``, ``lr`` or ``factors``)."""
+    if name == "spectrum":
+        from curvscope.workflows.spectrum import WORKFLOW
+    elif name == "lr":
+        from curvscope.workflows.lr import WORKFLOW
+    elif name == "factors":
+        from curvscope.workflows.factors import WORKFLOW
+    else:
+        raise CurvscopeError(f"no workflow computes '{name}' (known: {', '.join(NAMES)})")
+    return WORKFLOW
