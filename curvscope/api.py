@@ -101,3 +101,20 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Tensor | None = None
         kw["max_memory"] = parse_memory(kw["max_memory"])
     return compute_spectrum(problem, groups=groups, mc_samples=mc_samples, subsample=subsample, top_k=top_k,
                             directional=directional, process_group=process_group, **kw)
+
+
+def suggest_lr(*args: Any, **kwargs: Any):
+    """Per-group learning rates from the reduced Hessian (see :func:`curvscope.curvature.lr.suggest_lr`)."""
+    from curvscope.curvature.lr import suggest_lr as run
+
+    return run(*args, **kwargs)
+
+
+def factors(*args: Any, **kwargs: Any):
+    """Symmetry-structured curvature factors (see :func:`curvscope.curvature.symmetry.compute_factors`)."""
+    from curvscope.curvature import symmetry
+
+    run = getattr(symmetry, "compute_factors", None)
+    if run is None:  # the estimator module of the symmetry package
+        from curvscope.curvature.symmetry_estimate import compute_factors as run
+    return run(*args, **kwargs)

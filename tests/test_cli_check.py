@@ -265,18 +265,32 @@ def test_bad_config_is_bad_input(report, tmp_path):
 # -- config mode: compute, then check ----------------------------------------------------------------------
 
 def _fake_engines(monkeypatch, calls: list):
-    """Replace the engines by one that records its call and writes a small report of the problem."""
-    from curvscope.report.schema import build_report, write_report
+    """Replace the workflows by ones that record their call (the options that differ from the defaults) and
+    add a small report section of the problem."""
+    import dataclasses
 
-    def engine_for(name):
-        def run_engine(problem, out_dir, options, quiet=False):
-            calls.append((name, dict(options), problem.batch_size, problem.info.get("seed")))
+    import curvscope.workflows as workflows
+
+    real_get = workflows.get
+
+    def fake_get(name):
+        real = real_get(name)
+
+        def run(problem, options, progress=None):
+            defaults = type(options)()
+            changed = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+                       if getattr(options, f.name) != getattr(defaults, f.name)}
+            calls.append((name, changed, problem.batch_size, problem.info.get("seed")))
+            return problem
+
+        def write(writer, problem, _result, _options):
             fields = {"lr": {"groups": [{"name": "w", "recommended": 0.1}]}} if name == "lr" else \
                 {"loss_value": float(problem.loss_value()), "groups": [{"name": "all", "rank": 3}]}
-            write_report(out_dir, build_report(name, problem, fields))
-        return run_engine
+            writer.section(name, fields)
 
-    monkeypatch.setattr(check_cli, "_engine", engine_for)
+        return dataclasses.replace(real, run=run, write=write, claim=None)
+
+    monkeypatch.setattr(workflows, "get", fake_get)
 
 
 def test_config_mode_runs_what_the_rules_need(tiny_files, tmp_path, monkeypatch):

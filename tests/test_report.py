@@ -11,7 +11,6 @@ from rich.console import Console
 from safetensors.torch import load_file
 from torch import nn
 
-from curvscope.cli.spectrum import DEFAULTS, run_spectrum
 from curvscope.curvature.newton import newton_step
 from curvscope.curvature.spectrum import compute_spectrum
 from curvscope.errors import CurvscopeError
@@ -20,8 +19,16 @@ from curvscope.report import plots
 from curvscope.report import spectrum_report as sr
 from curvscope.report.schema import build_report, to_jsonable
 from curvscope.report.tables import facts_table, fmt, spectrum_table
+from curvscope.workflows import run_and_write
+from curvscope.workflows.spectrum import SpectrumOptions
 
 PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def run_spectrum(p, out, options: dict):
+    """Compute and write a spectrum report through the workflow layer (options as a config table)."""
+    table = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    return run_and_write(p, out, {"spectrum": SpectrumOptions.from_mapping(table)})
 
 
 def problem(n: int = 8, seed: int = 0):
@@ -131,7 +138,7 @@ def test_run_spectrum_writes_everything(tmp_path):
     p = problem()
     out = tmp_path / "out"
     report = run_spectrum(p, out, {"groups": "tensor", "newton_step": tmp_path / "step.safetensors",
-                                   "damping": "0.01", "eigenvectors": tmp_path / "ev.safetensors"}, quiet=True)
+                                   "damping": "0.01", "eigenvectors": tmp_path / "ev.safetensors"})
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["command"] == "spectrum" and on_disk["groups"] == report["groups"]
     assert set(report["files"]) == {"spectrum_plot", "directions_plot", "layers_plot", "directions",
@@ -142,15 +149,15 @@ def test_run_spectrum_writes_everything(tmp_path):
     step = load_file(str(tmp_path / "step.safetensors"))
     assert {k: v.shape for k, v in step.items()} == {k: v.shape for k, v in p.params.items()}
     # a second run on the same problem replaces the spectrum keys (no stale Newton section or files)
-    run_spectrum(p, out, {"plots": False, "directions": False}, quiet=True)
+    run_spectrum(p, out, {"plots": False, "directions": False})
     again = json.loads((out / "report.json").read_text())
     assert again["newton"] is None and again["files"] == {} and again["grouping"] == "all"
 
 
 def test_run_spectrum_options():
-    assert DEFAULTS["groups"] == "all" and DEFAULTS["damping"] == "bootstrap"
-    with pytest.raises(ValueError, match="unknown option"):
-        run_spectrum(problem(), "unused", {"bogus": 1}, quiet=True)
+    assert SpectrumOptions().groups == "all" and SpectrumOptions().damping == "bootstrap"
+    with pytest.raises(CurvscopeError, match="unknown option"):
+        run_spectrum(problem(), "unused", {"bogus": 1})
 
 
 def test_nothing_written_when_the_computation_fails(tmp_path, monkeypatch):
@@ -162,8 +169,8 @@ def test_nothing_written_when_the_computation_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(plots_module, "directions_figure", broken)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
-        run_spectrum(problem(), out, {"newton_step": tmp_path / "step.safetensors", "damping": 0.1}, quiet=True)
+        run_spectrum(problem(), out, {"newton_step": tmp_path / "step.safetensors", "damping": 0.1})
     assert not out.exists() and not (tmp_path / "step.safetensors").exists()
-    with pytest.raises(CurvscopeError, match="--subsample 9"):
-        run_spectrum(problem(), out, {"subsample": 9}, quiet=True)
+    with pytest.raises(CurvscopeError, match="subsample 9"):
+        run_spectrum(problem(), out, {"subsample": 9})
     assert not out.exists()

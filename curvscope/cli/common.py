@@ -166,16 +166,23 @@ def progress_bars(quiet: bool = False) -> Iterator[Progress]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     tasks: dict[str, Any] = {}
-    with Progress(SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=console, transient=True)
 
-        def update(stage: str, done: int, total: int | None) -> None:
-            label = escape(STAGE_LABELS.get(stage, stage))
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(label, total=None if total is None else max(total, 1))
-            bar.update(tasks[stage], completed=done, total=None if total is None else max(total, 1))
+    def update(stage: str, done: int, total: int | None) -> None:
+        if not tasks:
+            bar.start()  # only once there is something to show: no blank line from a run without stages
+        label = escape(STAGE_LABELS.get(stage, stage))
+        size = None if total is None else max(total, 1)
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(label, total=size)
+        bar.update(tasks[stage], completed=done, total=size)
 
+    try:
         yield update
+    finally:
+        if tasks:
+            bar.stop()
 
 
 # -- options: flags in, the engine's words mapped back to flags ---------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from rich.table import Table
 
-from curvscope.cli.root import app
 from curvscope.cli.common import (
     BatchSizeOpt,
     CheckpointArg,
@@ -22,6 +21,7 @@ from curvscope.cli.common import (
     handle_errors,
     out,
 )
+from curvscope.cli.root import app
 
 
 @app.command("info")

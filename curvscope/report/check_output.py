@@ -7,6 +7,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+from rich.table import Table
+
 from curvscope import __version__
 from curvscope.errors import CurvscopeError
 from curvscope.io.atomic import write_text_atomic
@@ -101,3 +104,30 @@ def summary(results: list[RuleResult], *, report: str, baseline: str | None = No
         } for r in results],
         "curvscope_version": __version__,
     })
+
+
+def check_table(results: list[RuleResult], report_path: Path) -> Table:
+    """The verdict as a rich table: one row per rule with value, threshold and result."""
+    failed = sum(not r.passed for r in results)
+    verdict = "[bold red]FAILED[/bold red]" if failed else "[bold green]passed[/bold green]"
+    table = Table(title=f"curvscope check: {len(results) - failed} of {len(results)} passed, {verdict} "
+                        f"({escape(str(report_path))})", title_justify="left")
+    table.add_column("rule", overflow="fold")
+    table.add_column("value", justify="right", overflow="fold")
+    table.add_column("threshold", justify="right", overflow="fold")
+    table.add_column("result", overflow="fold")
+    for r in results:
+        worst = r.worst()
+        if worst is None:
+            value = "-"
+        elif len(r.checks) == 1:
+            value = fmt(worst.value)
+        else:
+            value = f"{fmt(worst.value)} (worst of {len(r.checks)})"
+        if r.kind == "baseline" and worst is not None and worst.baseline is not None:
+            threshold = f"{r.op} {fmt(worst.threshold)} (baseline {fmt(worst.baseline)} {r.threshold})"
+        else:
+            threshold = r.threshold
+        result = "[green]pass[/green]" if r.passed else f"[bold red]FAIL[/bold red] {escape(r.reason)}"
+        table.add_row(escape(r.rule), escape(value), escape(threshold), result)
+    return table

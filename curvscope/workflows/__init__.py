@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from curvscope.report.writer import ReportWriter
     from curvscope.workflows.options import Options
 
-NAMES = ("spectrum", "lr", "factors")
+NAMES = ("spectrum", "factors", "lr")
 """The report sections a workflow computes, in the order ``check`` runs them."""
 
 
@@ -52,3 +52,26 @@ def get(name: str) -> Workflow:
     else:
         raise CurvscopeError(f"no workflow computes '{name}' (known: {', '.join(NAMES)})")
     return WORKFLOW
+
+
+def run_and_write(problem: Problem, out_dir: Any, jobs: dict[str, Options], progress: Progress | None = None,
+                  option: str = "out_dir") -> dict[str, Any]:
+    """Run several workflows on one problem and write all their outputs into ``out_dir`` together.
+
+    Args:
+        jobs: report-section name -> options, run in the order of :data:`NAMES`.
+        option: the name of the output directory in messages (``--out`` in the CLI).
+    Returns:
+        The report as written (merged into an existing report of the same problem).
+    """
+    from curvscope.report.writer import ReportWriter
+
+    writer = ReportWriter(out_dir, problem, option)
+    flows = [(get(name), jobs[name]) for name in NAMES if name in jobs]
+    for flow, options in flows:
+        options.validate()
+        if flow.claim is not None:
+            flow.claim(writer, options)
+    for flow, options in flows:
+        flow.write(writer, problem, flow.run(problem, options, progress), options)
+    return writer.commit(progress)

@@ -28,14 +28,16 @@ class OptionError(CurvscopeError):
     """A bad option value. ``str()`` reads ``"<field> <message>"``; :meth:`render` puts another label (a CLI
     flag, ``[spectrum] top_k`` in a config) in the field's place."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, flags_message: str | None = None) -> None:
         self.field = field
         self.message = message
+        self.flags_message = flags_message
         super().__init__(f"{field} {message}")
 
-    def render(self, label: str) -> str:
-        """The message with ``label`` instead of the field name."""
-        return f"{label} {self.message}"
+    def render(self, label: str, flags: bool = True) -> str:
+        """The message with ``label`` instead of the field name (and, when ``flags``, the CLI wording of a
+        message that names other options, if one was given)."""
+        return f"{label} {self.flags_message if flags and self.flags_message else self.message}"
 
 
 @dataclasses.dataclass
@@ -56,30 +58,34 @@ class Options:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_mapping(cls: type[T], values: Mapping[str, Any], where: str = "") -> T:
+    def from_mapping(cls: type[T], values: Mapping[str, Any], where: str = "", section: str | None = None) -> T:
         """Options from a mapping (a TOML table): unknown keys and values of the wrong type are errors.
 
-        ``where`` prefixes messages, e.g. ``"ci.toml: [spectrum]"``. Values are converted strictly: a bool
-        field takes only ``true``/``false``, an int field only integers, a float field numbers, a path field
-        strings; no value is guessed from a string (``plots = "no"`` is an error, not ``True``).
+        ``where`` prefixes messages (e.g. ``"ci.toml: "``), ``section`` names the table (``spectrum``).
+        Values are converted strictly: a bool field takes only ``true``/``false``, an int field only integers,
+        a float field numbers, a path field strings; nothing is guessed from a string (``plots = "no"`` is an
+        error, not ``True``).
         """
         hints = _hints(cls)
         known = cls.field_names()
+        table = f" in [{section}]" if section else ""
+        label = f"[{section}] " if section else ""
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
-            if key not in hints or key not in known:
+            if key not in known:
                 near = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
                 hint = f" (did you mean {near[0]!r}?)" if near else ""
-                raise CurvscopeError(f"{where}unknown option {key!r}{hint}; options: {', '.join(known)}")
+                owner = f"options of `curvscope {cls.command}`" if cls.command else "options"
+                raise CurvscopeError(f"{where}unknown option {key!r}{table}{hint}; {owner}: {', '.join(known)}")
             try:
                 kwargs[key] = _convert(key, value, hints[key])
             except OptionError as exc:
-                raise CurvscopeError(f"{where}{exc}") from None
+                raise CurvscopeError(f"{where}{label}{exc.render(key, flags=False)}") from None
         options = cls(**kwargs)
         try:
             options.validate()
         except OptionError as exc:
-            raise CurvscopeError(f"{where}{exc}") from None
+            raise CurvscopeError(f"{where}{label}{exc.render(exc.field, flags=False)}") from None
         return options
 
     def replace(self: T, **changes: Any) -> T:
@@ -159,3 +165,19 @@ def one_of(name: str, value: str, choices: typing.Iterable[str]) -> None:
     choices = list(choices)
     if value not in choices:
         raise OptionError(name, f"'{value}': choose one of {', '.join(choices)}")
+
+
+def engine_check(name: str, parse: Any, value: Any) -> Any:
+    """``parse(value)`` from the engine, its :class:`CurvscopeError` re-raised as an :class:`OptionError` of
+    field ``name`` (so the CLI can name the flag)."""
+    try:
+        return parse(value)
+    except OptionError:
+        raise
+    except CurvscopeError as exc:
+        text = str(exc)
+        for prefix in (f"--{name.replace('_', '-')} ", f"{name} "):
+            if text.startswith(prefix):
+                text = text[len(prefix):]
+                break
+        raise OptionError(name, text) from None

@@ -1,0 +1,163 @@
+"""``check``: gate a report (or a checkpoint, computing the report first) with rules and a baseline.
+
+:func:`prepare_check` validates everything that needs no computation (config, rules, limits, baseline,
+options of the computations); :func:`run_check` reads or computes the report and evaluates the rules.
+Presentation (tables, JSON, JUnit, annotations) is the CLI's and :mod:`curvscope.report.check_output`'s.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from curvscope.errors import CurvscopeError
+from curvscope.report.check import Limit, Rule, RuleResult, evaluate, parse_limit, parse_rule
+from curvscope.report.check_config import CheckConfig, engines_needed, load_config
+from curvscope.report.schema import REPORT_NAME, read_report
+
+if TYPE_CHECKING:
+    from curvscope.problem import Problem
+    from curvscope.progress import Progress
+    from curvscope.workflows.options import Options
+
+PROBLEM_OPTIONS = ("model", "model_kwargs", "batch_size", "shuffle", "seed", "loss", "device", "dtype")
+"""Options of the problem a ``[problem]`` table may set (command-line values win)."""
+
+
+@dataclass
+class CheckPlan:
+    """Everything ``check`` validated before reading or computing a report."""
+
+    target: Path
+    config: CheckConfig
+    rules: list[Rule]
+    limits: list[Limit]
+    baseline_file: Path | None = None
+    baseline: dict[str, Any] | None = None
+    options: dict[str, Options] = field(default_factory=dict)
+    """Computation name -> its options (only when ``target`` is a checkpoint)."""
+
+    @property
+    def computes(self) -> bool:
+        """Whether the target is a checkpoint (the report is computed first)."""
+        return self.target.suffix.lower() != ".json"
+
+
+@dataclass
+class CheckOutcome:
+    """The verdict of :func:`run_check`."""
+
+    results: list[RuleResult]
+    report_path: Path
+    computed: list[str]
+    baseline_file: Path | None
+    warnings: list[str]
+    seconds: float
+
+    @property
+    def failed(self) -> list[RuleResult]:
+        """The rules that failed."""
+        return [r for r in self.results if not r.passed]
+
+
+def prepare_check(target: Path, rule_texts: list[str], config_path: Path | None, baseline_path: Path | None,
+                  increases: list[str], decreases: list[str], given: set[str]) -> CheckPlan:
+    """Validate config, rules, limits, baseline and computation options (nothing is computed).
+
+    Args:
+        given: the problem options and ``data``/``out_dir`` the user set explicitly (only meaningful when the
+            target is a checkpoint).
+    """
+    config = load_config(config_path) if config_path is not None else CheckConfig()
+    rules = config.rules + [parse_rule(text) for text in rule_texts]
+    limits = config.limits + [parse_limit(s, "increase") for s in increases] + \
+        [parse_limit(s, "decrease") for s in decreases]
+    baseline_file = baseline_path if baseline_path is not None else config.baseline
+    if limits and baseline_file is None:
+        raise CurvscopeError("--max-increase / --max-decrease need a baseline: pass --baseline OLD.json "
+                             "(or report = \"...\" under [baseline] in the config)")
+    if baseline_path is not None and not limits:
+        raise CurvscopeError("--baseline needs limits to check: add --max-increase PATH=AMOUNT or "
+                             "--max-decrease PATH=AMOUNT")
+    if not rules and not limits:
+        raise CurvscopeError("nothing to check: give --rule 'PATH OP NUMBER' (repeatable) or --config FILE "
+                             "with rules = [...]")
+    plan = CheckPlan(target=target, config=config, rules=rules, limits=limits)
+    if baseline_file is not None and limits:
+        plan.baseline_file = Path(baseline_file)
+        plan.baseline = read_report(plan.baseline_file)
+    if target.is_dir() and (target / REPORT_NAME).is_file():
+        plan.target = target / REPORT_NAME
+    if not plan.computes:
+        if given:
+            flags = ", ".join("--out" if n == "out_dir" else "--" + n.replace("_", "-") for n in sorted(given))
+            raise CurvscopeError(f"{flags}: only used when TARGET is a checkpoint, but {plan.target} is a report "
+                                 "(.json)")
+        return plan
+    engines = engines_needed(config, [r.path for r in rules] + [lim.path for lim in limits])
+    plan.options = engine_options(engines, config)
+    return plan
+
+
+def engine_options(engines: list[str], config: CheckConfig) -> dict[str, Options]:
+    """The options of each computation from the config's tables, validated against its options dataclass."""
+    from curvscope.workflows import get
+
+    options: dict[str, Options] = {}
+    where = f"{config.path}: " if config.path else ""
+    for name in engines:
+        table = dict(config.engines.get(name, {}))
+        for key in table:
+            if key == "out_dir":
+                raise CurvscopeError(f"{where}[{name}] out_dir: the output directory is set with --out")
+            if key in PROBLEM_OPTIONS or key in ("checkpoint", "data"):
+                raise CurvscopeError(f"{where}[{name}] {key}: a problem option; put it under [problem] "
+                                     "(or pass it on the command line)")
+        options[name] = get(name).options.from_mapping(table, where, section=name)
+    return options
+
+
+def problem_values(plan: CheckPlan, given: set[str], values: dict[str, Any]) -> dict[str, Any]:
+    """The problem options: the command line's where given, else the config's ``[problem]``, else defaults."""
+    merged = dict(values)
+    for key, value in plan.config.problem.items():
+        if key not in given:
+            merged[key] = value
+    return merged
+
+
+def run_check(plan: CheckPlan, out_dir: Path, load: Callable[[], Problem] | None = None,
+              progress: Progress | None = None, started: float | None = None) -> CheckOutcome:
+    """Read (or, for a checkpoint, compute with ``load()``'s problem) the report, then evaluate the rules."""
+    from curvscope.workflows import run_and_write
+
+    started = time.perf_counter() if started is None else started
+    computed: list[str] = []
+    if plan.computes:
+        if load is None:
+            raise CurvscopeError(f"{plan.target}: a checkpoint needs a problem to compute the report")
+        run_and_write(load(), out_dir, plan.options, progress, option="--out")
+        computed = list(plan.options)
+        report_path = Path(out_dir) / REPORT_NAME
+    else:
+        report_path = plan.target
+    report = read_report(report_path)
+    warnings = [] if plan.baseline is None else different_problem(report, plan.baseline, plan.baseline_file)
+    results = evaluate(report, plan.rules, plan.limits, plan.baseline)
+    return CheckOutcome(results=results, report_path=report_path, computed=computed,
+                        baseline_file=plan.baseline_file if plan.baseline is not None else None,
+                        warnings=warnings, seconds=time.perf_counter() - started)
+
+
+def different_problem(report: dict, old: dict, path: Path | None) -> list[str]:
+    """A warning when the baseline was computed on another problem."""
+    new_p, old_p = report.get("problem") or {}, old.get("problem") or {}
+    keys = ("model", "data", "loss", "batch_size", "batch_indices")
+    differ = [k for k in keys if new_p.get(k) != old_p.get(k)]
+    if not differ:
+        return []
+    return [f"the baseline {path} was computed on a different problem ({', '.join(differ)} differ): comparisons "
+            "may not mean much"]
