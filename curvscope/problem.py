@@ -223,7 +223,8 @@ def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | 
 def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
                  model: str | None = None, model_kwargs: dict[str, Any] | str | None = None,
                  batch_size: int | None = 128, shuffle: bool = False, seed: int = 0, loss: str | None = None,
-                 device: str | None = "auto", dtype: str | None = "float32") -> Problem:
+                 device: str | None = "auto", dtype: str | None = "float32", trust_model_code: bool = False
+                 ) -> Problem:
     """Build a :class:`Problem` from files, exactly as the CLI does.
 
     Args:
@@ -237,10 +238,15 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.Pat
         batch_size: the first ``batch_size`` samples in file order (all when ``None``; capped at the dataset
             size), or a seeded random subset with ``shuffle=True``.
         loss: ``ce``/``mse``/``bce``; default: the checkpoint's, else by target dtype.
+        dtype: the model is built in this dtype before the weights are copied in (a float64 checkpoint
+            stays exact in float64).
+        trust_model_code: allow the checkpoint's metadata to name a model factory outside curvscope's
+            built-ins (importing it runs its code). Without it such a checkpoint is refused; ``model``
+            given here is always trusted (you named it).
     """
     from curvscope.io.checkpoints import apply_state_dict, load_checkpoint
     from curvscope.io.data import load_dataset, select_batch
-    from curvscope.io.spec import build_model, canonical_spec, parse_model_kwargs
+    from curvscope.io.spec import build_model, canonical_spec, check_trusted, parse_model_kwargs
 
     if data is None:
         raise CurvscopeError("no data: pass --data FILE (tensors 'x' and 'y')")
@@ -252,6 +258,8 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.Pat
                                  "initialization")
         raise CurvscopeError(f"{ckpt.path}: the checkpoint does not say which model it holds "
                              "(no 'curvscope.model' metadata); pass --model SPEC")
+    if model is None:  # the spec came from the checkpoint: no code runs without the user's consent
+        check_trusted(spec, f"{ckpt.path}: the checkpoint's metadata", trust_model_code)
     if isinstance(model_kwargs, str):
         kwargs = parse_model_kwargs(model_kwargs)
     elif model_kwargs is not None:
@@ -267,6 +275,7 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.Pat
             raise CurvscopeError(f"{ckpt.path}: metadata names a model that cannot be built: {exc}") from exc
         raise
     if ckpt is not None:
+        net = net.to(resolve_dtype(dtype))  # weights are copied into the requested dtype, never via float32
         apply_state_dict(net, ckpt.state_dict, str(ckpt.path))
     else:
         for n, p in net.named_parameters():

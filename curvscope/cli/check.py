@@ -28,6 +28,7 @@ from curvscope.cli.common import (
     ModelOpt,
     SeedOpt,
     ShuffleOpt,
+    TrustOpt,
     build_problem,
     console,
     handle_errors,
@@ -108,6 +109,7 @@ def check(
     loss: LossOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
+    trust_model_code: TrustOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Gate a checkpoint in CI: evaluate rules on a report, compare with a baseline, exit 0 / 1 / 2.
@@ -136,7 +138,7 @@ def check(
     try:
         _check(ctx, target, rule or [], config, baseline, max_increase or [], max_decrease or [], junit,
                json_output, out_dir, data, model, model_kwargs, batch_size, shuffle, seed, loss, device,
-               dtype)
+               dtype, trust_model_code)
     except CurvscopeError as exc:
         if in_github_actions():
             _annotate([github_annotation(" ".join(str(exc).split()), title="curvscope check: bad input")],
@@ -145,7 +147,8 @@ def check(
 
 
 def _check(ctx, target, rule_texts, config_path, baseline_path, increases, decreases, junit, json_output,
-           out_dir, data, model, model_kwargs, batch_size, shuffle, seed, loss, device, dtype) -> None:
+           out_dir, data, model, model_kwargs, batch_size, shuffle, seed, loss, device, dtype,
+           trust_model_code) -> None:
     from curvscope.workflows.check import prepare_check, problem_values, run_check
 
     started = time.perf_counter()
@@ -156,7 +159,7 @@ def _check(ctx, target, rule_texts, config_path, baseline_path, increases, decre
     if plan.computes:
         values = problem_values(plan, given, {"model": model, "model_kwargs": model_kwargs, "batch_size":
                                               batch_size, "shuffle": shuffle, "seed": seed, "loss": loss,
-                                              "device": device, "dtype": dtype})
+                                              "device": device, "dtype": dtype}, trust_model_code)
         check_directory(out_dir, "--out")
         if junit is not None:
             check_writable(junit, "--junit")
@@ -164,7 +167,7 @@ def _check(ctx, target, rule_texts, config_path, baseline_path, increases, decre
         def load():
             return build_problem(plan.target, data, values["model"], values["model_kwargs"],
                                  values["batch_size"], values["shuffle"], values["seed"], values["loss"],
-                                 values["device"], values["dtype"])
+                                 values["device"], values["dtype"], trust_model_code)
     # 2. the report: read it, or compute it from the checkpoint; 3. the verdict
     with progress_bars(json_output) as progress:
         outcome = run_check(plan, out_dir, load, progress, started)

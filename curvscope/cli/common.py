@@ -66,18 +66,24 @@ DeviceOpt = Annotated[str, typer.Option(
 DtypeOpt = Annotated[str, typer.Option(
     "--dtype", help="Computation dtype: float32 or float64 (eigen-decompositions always run in float64).",
     rich_help_panel=PROBLEM_HELP)]
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-model-code", help="Let the checkpoint's metadata (or a config's [problem] model) name a model "
+    "factory outside curvscope's built-ins. Importing it runs its code: only for files you trust. Without "
+    "it such a checkpoint is refused; --model SPEC is always trusted (you named it).",
+    rich_help_panel=PROBLEM_HELP)]
 DebugOpt = Annotated[bool, typer.Option(
     "--debug", help="Show the full traceback on errors.", rich_help_panel="Output")]
 
 
-def build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device, dtype):
+def build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device, dtype,
+                  trust_model_code: bool = False):
     """The CLI's one way to load a Problem (with a spinner while files load)."""
-    from curvscope.problem import load_problem
-
     with console.status("Loading model and data..."):
+        from curvscope.problem import load_problem
+
         return load_problem(checkpoint=checkpoint, data=data, model=model, model_kwargs=model_kwargs,
                             batch_size=batch_size, shuffle=shuffle, seed=seed, loss=loss, device=device,
-                            dtype=dtype)
+                            dtype=dtype, trust_model_code=trust_model_code)
 
 
 def _debug_requested(kwargs) -> bool:

@@ -17,6 +17,7 @@ from curvscope.cli.common import (
     ModelOpt,
     SeedOpt,
     ShuffleOpt,
+    TrustOpt,
     build_problem,
     handle_errors,
     out,
@@ -37,6 +38,7 @@ def info(
     loss: LossOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
+    trust_model_code: TrustOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Show the model's layers and parameter counts, the data, the loss and the batch loss.
@@ -48,7 +50,7 @@ def info(
     [bold]curvscope info sample_models/mlp-digits.safetensors --data sample_models/digits.safetensors[/bold]
     """
     problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device,
-                            dtype)
+                            dtype, trust_model_code)
     summary = describe(problem)
 
     layers = Table(title="Layers with trainable parameters", title_justify="left")

@@ -23,6 +23,7 @@ from curvscope.cli.common import (
     ModelOpt,
     SeedOpt,
     ShuffleOpt,
+    TrustOpt,
     as_flags,
     build_problem,
     handle_errors,
@@ -51,6 +52,7 @@ def spectrum(
     loss: LossOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
+    trust_model_code: TrustOpt = False,
     groups: Annotated[str, typer.Option(
         "--groups", "-g", help="Parameter groups: all (the full GGN), layer (block-diagonal, one block per module "
         "with parameters) or tensor (one block per parameter tensor). With layer/tensor the whole model is "
@@ -121,7 +123,7 @@ def spectrum(
         options.validate()  # bad options fail before the files load
     if launch is None:
         problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device,
-                                dtype)
+                                dtype, trust_model_code)
         report = _run(problem, options, out_dir, None, True)
     else:
         try:
@@ -133,7 +135,7 @@ def spectrum(
             comm = distributed.Comm.create(distributed.init_from_env(launch, rank_device), rank_device)
             with comm.stage():  # a file missing on one node ends every rank with that message
                 problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss,
-                                        str(rank_device), dtype)
+                                        str(rank_device), dtype, trust_model_code)
             report = _run(problem, options, out_dir, comm, launch.primary)
         finally:
             distributed.shutdown()

@@ -39,6 +39,29 @@ def canonical_spec(spec: str | None) -> str | None:
     return spec
 
 
+TRUST_FLAG = "--trust-model-code"
+"""The CLI flag that allows a checkpoint's (or config's) metadata to name code outside the built-ins."""
+
+
+def is_builtin(spec: str | None) -> bool:
+    """Whether ``spec`` names one of curvscope's own model factories (safe to build from metadata)."""
+    return spec is not None and canonical_spec(spec) in {f"curvscope.models:{name}" for name in BUILTIN}
+
+
+def check_trusted(spec: str, source: str, trusted: bool) -> None:
+    """Refuse a model spec that came from a file (checkpoint metadata, a config) and names code outside
+    curvscope's built-in models, unless the user allowed it: importing it would run that code.
+
+    Raises:
+        CurvscopeError: naming what the file asks to import and how to allow it.
+    """
+    if trusted or is_builtin(spec):
+        return
+    raise CurvscopeError(f"{source} asks to import and run '{spec}', code outside curvscope's built-in models "
+                         f"({', '.join(BUILTIN)}); nothing was imported. If you trust it, pass {TRUST_FLAG} "
+                         f"(Python: trust_model_code=True), or name the model yourself with --model SPEC")
+
+
 def resolve_factory(spec: str):
     """The callable a spec names.
 

@@ -20,6 +20,8 @@ def check_file(path: Path, what: str) -> Path:
         raise CurvscopeError(f"{path}: {what} file not found")
     if path.is_dir():
         raise CurvscopeError(f"{path}: is a directory, expected a {what} file")
+    if not path.is_file():  # a FIFO would block the read forever; a device is not a file of tensors
+        raise CurvscopeError(f"{path}: not a regular file (a FIFO, device or socket), expected a {what} file")
     return path
 
 

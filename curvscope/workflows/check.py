@@ -120,12 +120,21 @@ def engine_options(engines: list[str], config: CheckConfig) -> dict[str, Options
     return options
 
 
-def problem_values(plan: CheckPlan, given: set[str], values: dict[str, Any]) -> dict[str, Any]:
-    """The problem options: the command line's where given, else the config's ``[problem]``, else defaults."""
+def problem_values(plan: CheckPlan, given: set[str], values: dict[str, Any], trust_model_code: bool = False
+                   ) -> dict[str, Any]:
+    """The problem options: the command line's where given, else the config's ``[problem]``, else defaults.
+
+    A ``model`` that comes from the config file (not the command line) is code named by a file: it must be a
+    built-in model unless ``trust_model_code`` (the same rule as checkpoint metadata).
+    """
+    from curvscope.io.spec import check_trusted
+
     merged = dict(values)
     for key, value in plan.config.problem.items():
         if key not in given:
             merged[key] = value
+            if key == "model":
+                check_trusted(value, f"{plan.config.path}: [problem] model", trust_model_code)
     return merged
 
 
