@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 import curvscope.cli.factors  # noqa: F401  (registers the command)
 from curvscope.cli.factors import run_factors
-from curvscope.curvature.symmetry_estimate import compute_factors
+from curvscope.curvature.symmetry.estimate import compute_factors
 from curvscope.problem import load_problem
 from tests.conftest import DIGITS, SAMPLES, TINY_KWARGS, assert_clean_error, invoke, tiny_mlp
 

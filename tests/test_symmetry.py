@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from curvscope.cli.common import as_flags
 from curvscope.curvature.symmetry import (
     DENSE_CAP,
     build_structure,
@@ -23,8 +24,9 @@ from curvscope.curvature.symmetry import (
     single_gradient_factors,
     symo_direction,
 )
-from curvscope.curvature.symmetry_chain import find_chain
-from curvscope.curvature.symmetry_estimate import compute_factors, line_search
+from curvscope.curvature.symmetry.chain import find_chain
+from curvscope.curvature.symmetry.estimate import compute_factors
+from curvscope.curvature.symmetry.symo import line_search
 from curvscope.errors import CurvscopeError
 from curvscope.models import mlp
 from curvscope.problem import make_problem
@@ -419,7 +421,7 @@ def test_find_chain():
         assert chain.activation_symmetry == group
     t = transformer()
     params = dict(t.named_parameters())
-    with pytest.raises(CurvscopeError, match="--layers"):
+    with pytest.raises(CurvscopeError, match="--layers"), as_flags():  # the engine names the option, the CLI its flag
         find_chain(t, params)
     chain = find_chain(t, params, ["blocks.0.mlp.0", "blocks.0.mlp.2"])
     assert chain.widths == (32, 64, 32) and chain.activation_symmetry is None

@@ -20,7 +20,6 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from curvscope.cli.root import app
 from curvscope.cli.common import (
     BatchSizeOpt,
     CheckpointArg,
@@ -33,11 +32,13 @@ from curvscope.cli.common import (
     ModelOpt,
     SeedOpt,
     ShuffleOpt,
+    as_flags,
     build_problem,
     console,
     handle_errors,
     out,
 )
+from curvscope.cli.root import app
 from curvscope.errors import CurvscopeError
 from curvscope.io.atomic import check_writable
 
@@ -77,9 +78,10 @@ def _options(options: dict[str, Any] | None) -> dict[str, Any]:
 
 def validate_options(opts: dict[str, Any]) -> list[Path]:
     """Check the options that need no Problem (before anything loads); returns the ensemble checkpoints."""
-    from curvscope.curvature.ensemble import INITS
-    from curvscope.curvature.symmetry import SYMMETRIES, parse_layers
-    from curvscope.curvature.symmetry_estimate import SOURCES
+    from curvscope.curvature.symmetry.chain import parse_layers
+    from curvscope.curvature.symmetry.ensemble import INITS
+    from curvscope.curvature.symmetry.estimate import SOURCES
+    from curvscope.curvature.symmetry.groups import SYMMETRIES
 
     if opts["symmetry"] not in SYMMETRIES:
         raise CurvscopeError(f"--symmetry '{opts['symmetry']}': choose one of {', '.join(SYMMETRIES)}")
@@ -175,8 +177,9 @@ def run_factors(problem, out_dir: Path, options: dict[str, Any] | None = None, q
         The ``factors`` section written. Everything is computed before the first file is written, so a failure
         leaves no partial output; ``report.json`` is written last.
     """
-    from curvscope.curvature.ensemble import ensemble_factors
-    from curvscope.curvature.symmetry_estimate import compute_factors, symo_step
+    from curvscope.curvature.symmetry.ensemble import ensemble_factors
+    from curvscope.curvature.symmetry.estimate import compute_factors
+    from curvscope.curvature.symmetry.symo import symo_step
     from curvscope.report.schema import build_report, write_report
 
     out_dir = Path(out_dir)
@@ -194,13 +197,13 @@ def run_factors(problem, out_dir: Path, options: dict[str, Any] | None = None, q
         result = compute_factors(
             problem, symmetry=opts["symmetry"], source=opts["source"], layers=opts["layers"],
             mc_samples=opts["mc_samples"], subsample=opts["subsample"], seed=seed,
-            structure_check=opts["structure_check"], progress=lambda d, t: progress("per-sample", d, t))
+            structure_check=opts["structure_check"], progress=progress)
         ensemble = None
         if opts["ensemble"] or paths:
             members = _load_members(problem, paths) if paths else None
             ensemble = ensemble_factors(problem, result.structure, models=opts["ensemble"], init=opts["init"],
                                         members=members, seed=seed, chunk=opts["ensemble_chunk"],
-                                        progress=lambda d, t: progress("ensemble", d, t))
+                                        progress=progress)
         symo = None
         if opts["symo_step"] is not None:
             progress("symo", 0, 1)
@@ -482,10 +485,11 @@ def factors(
         "ensemble_checkpoints": ensemble_checkpoints, "init": init, "ensemble_chunk": ensemble_chunk,
         "symo_step": symo_step, "eps": eps, "plots": plots, "seed": seed,
     }
-    validate_options(_options(options))  # bad options fail before the files load
-    problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device,
-                            dtype)
-    section = run_factors(problem, out_dir, options)
+    with as_flags():
+        validate_options(_options(options))  # bad options fail before the files load
+        problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device,
+                                dtype)
+        section = run_factors(problem, out_dir, options)
     for table in factors_tables(section):
         out.print(table)
 

@@ -1,4 +1,4 @@
-"""The chain of Linear layers that a weight-space symmetry group acts on (``CURVATURE.md`` section 7).
+"""The chain of Linear layers that a weight-space symmetry group acts on (``docs/conventions.md §7``).
 
 An MLP ``h_l = W_l sigma(h_{l-1}) + b_l``, l = 1..L, has hidden widths d_1..d_{L-1}; a group element
 ``V_1..V_{L-1}`` maps ``W_l -> V_l W_l V_{l-1}^T`` and ``b_l -> V_l b_l`` (``V_0 = V_L = I``). Each axis of a
@@ -6,7 +6,8 @@ chain tensor is therefore either *free* (the input axis of W_1, the output axis 
 *hidden label* h in 1..L-1 (the group acts on it with V_h).
 
 :func:`find_chain` finds the chain in an ``nn.Sequential`` of Linear layers and elementwise activations, or
-takes it from a list of Linear module names (any model; the user then asserts the symmetry).
+takes it from a list of Linear module names (any model; the user then asserts the symmetry). Errors about the
+chain are :class:`~curvscope.workflows.options.OptionError` of the option ``layers`` that names it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from curvscope.errors import CurvscopeError
+from curvscope.workflows.options import OptionError
 
 # Elementwise activations, by the largest hidden-unit symmetry group they allow.
 LINEAR_ACTIVATIONS = (nn.Identity, nn.Dropout, nn.AlphaDropout)
@@ -65,7 +67,7 @@ class LinearChain:
 
     ``activation_symmetry`` is the largest group the activations between the layers allow (``orthogonal`` for
     linear networks, ``signed-permutation`` for odd activations such as tanh, ``permutation`` otherwise), or
-    ``None`` when the layers were named with ``--layers`` and curvscope cannot tell.
+    ``None`` when the layers were named (``layers``) and curvscope cannot tell.
     """
 
     modules: tuple[str, ...]
@@ -102,8 +104,9 @@ def chain_from_linears(linears: Sequence[tuple[str, nn.Linear]], params: dict, a
     for i, (name, lin) in enumerate(linears):
         if lin.in_features != widths[-1]:
             prev = linears[i - 1][0]
-            raise CurvscopeError(f"--layers: Linear '{name}' takes {lin.in_features} inputs but the previous "
-                                 f"layer '{prev}' has {widths[-1]} outputs: the layers do not form a chain")
+            raise OptionError("layers", f"'{','.join(n for n, _ in linears)}': Linear '{name}' takes "
+                              f"{lin.in_features} inputs but the previous layer '{prev}' has {widths[-1]} "
+                              "outputs: the layers do not form a chain")
         widths.append(lin.out_features)
     L = len(linears)
     tensors = []
@@ -130,17 +133,18 @@ def find_chain(model: nn.Module, params: dict, layers: Sequence[str] | None = No
         for name in layers:
             if name not in modules:
                 known = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-                raise CurvscopeError(f"--layers: the model has no module '{name}' (its Linear modules: "
-                                     f"{', '.join(known) or 'none'})")
+                raise OptionError("layers", f"'{','.join(layers)}': the model has no module '{name}' (its "
+                                  f"Linear modules: {', '.join(known) or 'none'})")
             if not isinstance(modules[name], nn.Linear):
-                raise CurvscopeError(f"--layers: module '{name}' is {type(modules[name]).__name__}, not Linear")
+                raise OptionError("layers", f"'{','.join(layers)}': module '{name}' is "
+                                  f"{type(modules[name]).__name__}, not Linear")
             linears.append((name, modules[name]))
         if len(set(layers)) != len(layers):
-            raise CurvscopeError("--layers: a module is named twice")
+            raise OptionError("layers", f"'{','.join(layers)}': a module is named twice")
         return chain_from_linears(linears, params, None)
     if not isinstance(model, nn.Sequential):
-        raise CurvscopeError(f"the model is a {type(model).__name__}, not an nn.Sequential MLP: name its chain "
-                             "of Linear layers with --layers a,b,c")
+        raise OptionError("layers", f"must name the chain of Linear layers (e.g. a,b,c): the model is a "
+                          f"{type(model).__name__}, not an nn.Sequential MLP")
     linears: list[tuple[str, nn.Linear]] = []
     groups: list[str] = []
     acts: list[list[nn.Module]] = []
@@ -153,18 +157,21 @@ def find_chain(model: nn.Module, params: dict, layers: Sequence[str] | None = No
         elif isinstance(child, LINEAR_ACTIVATIONS + ODD_ACTIVATIONS + OTHER_ACTIVATIONS) or (
                 isinstance(child, nn.PReLU) and child.num_parameters == 1):
             if not linears:
-                raise CurvscopeError(f"module '{name}' ({type(child).__name__}) comes before the first Linear "
-                                     "layer: not a plain MLP; name the chain with --layers a,b,c")
+                raise OptionError("layers", f"must name the chain of Linear layers (e.g. a,b,c): module "
+                                  f"'{name}' ({type(child).__name__}) comes before the first Linear layer, "
+                                  "not a plain MLP")
             acts[-1].append(child)
         else:
-            raise CurvscopeError(f"module '{name}' is {type(child).__name__}, not a Linear layer or an "
-                                 "elementwise activation: not a plain MLP; name the chain with --layers a,b,c")
+            raise OptionError("layers", f"must name the chain of Linear layers (e.g. a,b,c): module '{name}' is "
+                              f"{type(child).__name__}, not a Linear layer or an elementwise activation, not a "
+                              "plain MLP")
     if not linears:
         raise CurvscopeError("the model has no Linear layers")
     hidden_acts = acts[:-1]
     if acts[-1]:
-        raise CurvscopeError(f"the model ends with {type(acts[-1][0]).__name__} after its last Linear layer: "
-                             "curvscope expects raw outputs (logits); name the chain with --layers a,b,c")
+        raise OptionError("layers", f"must name the chain of Linear layers (e.g. a,b,c): the model ends with "
+                          f"{type(acts[-1][0]).__name__} after its last Linear layer, and curvscope expects "
+                          "raw outputs (logits)")
     for mods in hidden_acts:
         groups.append(_activation_group(mods))
     symmetry = max(groups, key=GROUP_ORDER.index) if groups else "orthogonal"
@@ -185,3 +192,15 @@ def _activation_group(mods: list[nn.Module]) -> str:
     if all(_is_odd(m) for m in mods):
         return "signed-permutation"
     return "permutation"
+
+
+def parse_layers(layers: str | Sequence[str] | None) -> list[str] | None:
+    """``"1,3,5"`` or ``["1", "3", "5"]`` -> module names (``None``/empty: find the chain)."""
+    if layers is None:
+        return None
+    if isinstance(layers, str):
+        names = [s.strip() for s in layers.split(",")]
+        if any(not s for s in names):
+            raise OptionError("layers", f"'{layers}': expected module names separated by commas")
+        return names or None
+    return list(layers) or None

@@ -1,4 +1,4 @@
-"""Ensemble ground truth for the symmetry-structured factors (``CURVATURE.md`` section 7, Bernacchia Table 1).
+"""Ensemble ground truth for the symmetry-structured factors (``docs/conventions.md §7.3``, Bernacchia Table 1).
 
 M models (drawn from the initialization, or given, e.g. several training seeds) share the problem's batch. For
 each, the full-batch gradient gives single-gradient factors R(g g^T); the ground truth is their average over
@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from curvscope.curvature.symmetry import Factors, Structure, single_gradient_factors
+from curvscope.curvature.symmetry.factors import Factors, single_gradient_factors
+from curvscope.curvature.symmetry.groups import Structure
 from curvscope.errors import CurvscopeError
+from curvscope.progress import Progress, counter
+from curvscope.workflows.options import OptionError, one_of
 
 INITS = ("normal", "default")
 CHUNK_BYTES = 256 * 2 ** 20
@@ -92,8 +95,7 @@ class InitDrawer:
     """
 
     def __init__(self, problem, init: str, seed: int = 0):
-        if init not in INITS:
-            raise CurvscopeError(f"--init '{init}' is not supported: choose one of {', '.join(INITS)}")
+        one_of("init", init, INITS)
         self.problem, self.init, self.seed = problem, init, seed
         self.names = list(problem.params)
         self.model = copy.deepcopy(problem.model).to(torch.float64)
@@ -152,16 +154,16 @@ def auto_chunk(problem, structure: Structure, models: int) -> int:
 
 def ensemble_factors(problem, structure: Structure, models: int = 0, init: str = "normal",
                      members: Sequence[dict[str, Tensor]] | None = None, seed: int = 0, chunk: int = 0,
-                     progress: Callable[[int, int], None] | None = None) -> EnsembleResult:
+                     progress: Progress | None = None) -> EnsembleResult:
     """Ground truth factors over an ensemble and each member's correlation with it.
 
     Args:
-        structure: the chain and symmetry (from :func:`~curvscope.curvature.symmetry.build_structure`).
+        structure: the chain and symmetry (from :func:`~curvscope.curvature.symmetry.groups.build_structure`).
         models: M models drawn from the initialization ``init`` (``normal`` or ``default``), seeded by ``seed``;
             or
         members: the members' parameter dicts (keyed like ``problem.params``), e.g. loaded checkpoints.
         chunk: models per vmapped chunk (0: automatic).
-        progress: called with ``(done, total)`` models.
+        progress: reports stage ``"ensemble"`` (models done of M).
     """
     if members is not None:
         M, label = len(members), "given"
@@ -171,17 +173,18 @@ def ensemble_factors(problem, structure: Structure, models: int = 0, init: str =
     else:
         M, label = int(models), init
         if M < 2:
-            raise CurvscopeError(f"--ensemble needs at least 2 models, got {M}")
+            raise OptionError("ensemble", f"needs at least 2 models, got {M}")
         draw = InitDrawer(problem, init, seed)
     itemsize = torch.finfo(problem.dtype).bits // 8
     per_model = sum(c.size ** 2 for c in structure.components) * itemsize
     if per_model * M > FACTOR_BYTES:
-        raise CurvscopeError(f"--ensemble {M}: the per-model factors would take {per_model * M / 2**30:.1f} GiB; "
-                             "use fewer models or a smaller chain")
+        raise OptionError("ensemble", f"{M}: the per-model factors would take {per_model * M / 2**30:.1f} GiB; "
+                          "use fewer models or a smaller chain")
     K = chunk if chunk and chunk > 0 else auto_chunk(problem, structure, M)
     names = structure.chain.param_names
     mats: list[list[Tensor]] = [[] for _ in structure.components]
     losses = []
+    advance = counter(progress, "ensemble", M)
     for start in range(0, M, K):
         stop = min(start + K, M)
         batch = [draw.draw(i) for i in range(start, stop)] if draw else list(members[start:stop])
@@ -191,8 +194,7 @@ def ensemble_factors(problem, structure: Structure, models: int = 0, init: str =
         for c, C in enumerate(f.matrices):
             mats[c].append(C.detach())
         losses.append(values.detach())
-        if progress is not None:
-            progress(stop, M)
+        advance(stop - start)
     all_mats = tuple(torch.cat(m) for m in mats)
     everyone = Factors(structure, all_mats)
     truth = Factors(structure, tuple(C.mean(0) for C in all_mats))
