@@ -137,6 +137,7 @@ def run_spectrum(problem: Problem, options: SpectrumOptions | None = None, progr
             the same problem and options) and every rank returns the same numbers.
     """
     from curvscope.curvature import distributed
+    from curvscope.curvature.finite import check_finite, check_outputs
     from curvscope.curvature.newton import newton_step
     from curvscope.curvature.spectrum import compute_spectrum, eigenvectors
     from curvscope.report import spectrum_report as sr
@@ -146,12 +147,17 @@ def run_spectrum(problem: Problem, options: SpectrumOptions | None = None, progr
     with distributed.stage(comm):
         options.validate()
         options.check_problem(problem)
+        check_outputs(problem)
     seed = options.seed if options.seed is not None else int(problem.info.get("seed") or 0)
     result = compute_spectrum(
         problem, groups=options.groups, mc_samples=options.mc_samples, subsample=options.subsample,
         top_k=options.top_k, directional=options.directions, include_total=options.groups != "all", seed=seed,
         ghost=options.ghost, max_memory=options.parsed_memory(), progress=progress, process_group=process_group,
         eigenvectors=options.eigenvectors is not None or options.newton_step is not None)
+    with distributed.stage(comm):
+        check_finite("the loss and gradient", loss=result.loss_value, gradient_norm=result.gradient_norm)
+        for group in result.groups:
+            check_finite(f"the curvature of group {group.name}", eigenvalues=group.eigenvalues, trace=group.trace)
     run = SpectrumRun(result)
     if options.newton_step is not None:
         if progress is not None:
