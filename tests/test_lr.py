@@ -1,4 +1,5 @@
-"""The lr engine (``curvscope.curvature.lr``) against brute force on tiny float64 problems.
+"""The lr engine (``curvscope.curvature.lr``) and its workflow (``curvscope.workflows.lr``) against brute force
+on tiny float64 problems.
 
 References: ``torch.func.hessian`` of ``phi(eta) = L(theta - sum_s eta_s u_s)`` w.r.t. eta (H-bar, g-hat), the
 dense GGN ``J^T H J / N`` from ``torch.func.jacrev`` (GGN variant, stability bounds), the dense third
@@ -14,9 +15,13 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian, jacfwd, jacrev
 
+from curvscope.cli.common import as_flags
 from curvscope.curvature import lr as L
+from curvscope.curvature.lr import reduced, rules
 from curvscope.errors import CurvscopeError
 from curvscope.problem import make_problem
+from curvscope.workflows.lr import suggest_lr
+from curvscope.workflows.options import engine_check
 
 
 @pytest.fixture(autouse=True)
@@ -157,7 +162,7 @@ def test_loop_fallback_when_vmap_fails(monkeypatch):
             raise RuntimeError("vmap: unsupported op")
         return refuse
 
-    monkeypatch.setattr(L, "vmap", no_vmap)
+    monkeypatch.setattr(reduced, "vmap", no_vmap)
     looped = [L.reduced_hessian(problem, direction, groups, c) for c in ("hessian", "ggn")]
     looped.append(L.third_order_diagonal(problem, direction, groups))
     for a, b in zip(batched, looped, strict=True):
@@ -166,8 +171,9 @@ def test_loop_fallback_when_vmap_fails(monkeypatch):
 
 def test_unknown_curvature_is_a_clean_error():
     problem = tiny_problem()
-    with pytest.raises(CurvscopeError, match="--curvature 'fisher': choose one of hessian, ggn"):
-        L.reduced_hessian(problem, problem.gradient(), problem.groups("layer"), "fisher")
+    with pytest.raises(CurvscopeError, match="--curvature 'fisher': choose one of hessian, ggn"), as_flags():
+        engine_check("curvature", lambda c: L.reduced_hessian(problem, problem.gradient(), problem.groups("layer"),
+                                                              c), "fisher")
 
 
 # -- order 3 -----------------------------------------------------------------------------------------------------
@@ -318,7 +324,7 @@ def test_quadratic_problem_predicted_equals_realized(curvature, partition):
     g = torch.Generator().manual_seed(0)
     problem = make_problem(model, torch.randn(9, 3, generator=g), torch.randn(9, 2, generator=g), loss="mse",
                            device="cpu", dtype="float64")
-    result = L.suggest_lr(problem, partition=partition, curvature=curvature, ridge=0.0)
+    result = suggest_lr(problem, partition=partition, curvature=curvature, ridge=0.0)
     main = result.main
     assert set(main.steps) >= {"diag", "stability", "recommended"}
     for name, check in main.steps.items():
@@ -349,7 +355,7 @@ def test_stability_bounds_equal_dense_ggn_blocks():
 
 def test_recommended_rates_decrease_the_loss_and_report_checks_by_hand():
     problem = tiny_problem("ce", n=8)
-    result = L.suggest_lr(problem, partition="layer", curvature="hessian")
+    result = suggest_lr(problem, partition="layer", curvature="hessian")
     main = result.main
     assert torch.isfinite(main.recommended).all() and (main.recommended > 0).all()
     # the realized decrease, recomputed by hand
@@ -371,8 +377,8 @@ def test_safeguard_halves_rates_until_the_batch_loss_decreases(monkeypatch):
     def too_large(g_hat, *args):
         return torch.full_like(g_hat, 1e4), ["test rule"] * g_hat.shape[0]
 
-    monkeypatch.setattr(L, "recommend_rates", too_large)
-    main = L.suggest_lr(problem, partition="layer", stability=False).main
+    monkeypatch.setattr(rules, "recommend_rates", too_large)
+    main = suggest_lr(problem, partition="layer", stability=False).main
     assert main.halvings > 0
     torch.testing.assert_close(main.recommended, torch.full_like(main.recommended, 1e4 / 2 ** main.halvings))
     assert all(rule == f"test rule, halved x{main.halvings} (loss check)" for rule in main.rules)
@@ -399,7 +405,7 @@ class CosModel(nn.Module):
 def test_non_positive_definite_h_bar_is_reported_and_rates_stay_finite():
     problem = make_problem(CosModel(), torch.ones(4, 1), -torch.ones(4, 1), loss="mse", device="cpu",
                            dtype="float64")
-    result = L.suggest_lr(problem, partition="tensor", curvature="hessian")
+    result = suggest_lr(problem, partition="tensor", curvature="hessian")
     main = result.main
     assert main.h_bar[0, 0] < 0  # d^2 L / d eta_a^2 < 0
     assert not main.h_bar_positive_definite
@@ -411,7 +417,7 @@ def test_non_positive_definite_h_bar_is_reported_and_rates_stay_finite():
     assert main.steps["recommended"].realized > 0
     # the GGN variant is PSD (here rank 1: one output depending on a and b through cos(a) + b) and gives
     # diagonal rates for both groups
-    ggn = L.suggest_lr(problem, partition="tensor", curvature="ggn").main
+    ggn = suggest_lr(problem, partition="tensor", curvature="ggn").main
     assert torch.linalg.eigvalsh(ggn.h_bar).min() > -1e-12 and torch.isfinite(ggn.lr_diag).all()
     assert ggn.newton_eta is None and "singular" in ggn.newton_note
 
@@ -424,7 +430,7 @@ def test_zero_gradient_gives_clear_finite_output():
         y = model.double()(x)  # the model fits exactly: g = 0
     problem = make_problem(model, x, y, loss="mse", device="cpu", dtype="float64")
     assert all((t == 0).all() for t in problem.gradient().values())
-    main = L.suggest_lr(problem, partition="tensor").main
+    main = suggest_lr(problem, partition="tensor").main
     assert (main.g_hat == 0).all() and (main.h_bar == 0).all()
     assert main.newton_eta is None and main.newton_note == "no group moves"
     assert torch.isfinite(main.recommended).all() and (main.recommended > 0).all()
@@ -448,7 +454,7 @@ def test_numerically_zero_block_is_treated_as_zero_gradient():
     g = torch.Generator().manual_seed(0)
     problem = make_problem(Dead(), torch.randn(8, 3, generator=g), torch.arange(8) % 2, loss="ce",
                            device="cpu", dtype="float64")
-    main = L.suggest_lr(problem, partition="layer").main
+    main = suggest_lr(problem, partition="layer").main
     assert math.isnan(main.lr_stability[1])
     assert main.rules[1].startswith("zero gradient") and "global stability bound" in main.rules[1]
     assert main.recommended[1] == pytest.approx(main.lr_stability_global)
@@ -460,13 +466,13 @@ def test_numerically_zero_block_is_treated_as_zero_gradient():
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_batches_are_disjoint_and_statistics_match(shuffle):
     problem = dataset_problem(total=30, batch=6, shuffle=shuffle, seed=4)
-    result = L.suggest_lr(problem, partition="layer", curvature="ggn", batches=3, holdout=5, stability=False)
+    result = suggest_lr(problem, partition="layer", curvature="ggn", batches=3, holdout=5, stability=False)
     indices = [b.batch_indices for b in result.batches]
     assert indices[0] == problem.info["batch_indices"]
     flat = [i for idx in indices for i in idx]
     assert len(flat) == len(set(flat)) == 18
     for b, batch in enumerate(result.batches):
-        single = L.suggest_lr(problem.batch_from_dataset(torch.tensor(indices[b])), curvature="ggn",
+        single = suggest_lr(problem.batch_from_dataset(torch.tensor(indices[b])), curvature="ggn",
                               stability=False).main
         torch.testing.assert_close(batch.g_hat, single.g_hat)
         torch.testing.assert_close(batch.h_bar, single.h_bar)
@@ -501,18 +507,18 @@ def test_rate_stats_ignore_missing_values():
 
 def test_too_many_batches_or_bad_options_are_clean_errors():
     problem = dataset_problem(total=20, batch=6)
-    with pytest.raises(CurvscopeError, match="needs 24 samples but the dataset has 20"):
-        L.suggest_lr(problem, batches=4, stability=False)
-    with pytest.raises(CurvscopeError, match="holdout"):
-        L.suggest_lr(problem, holdout=-1, stability=False)
-    with pytest.raises(CurvscopeError, match="--partition 'module'"):
-        L.suggest_lr(problem, partition="module", stability=False)
-    with pytest.raises(CurvscopeError, match="--ridge must be a finite number >= 0"):
-        L.suggest_lr(problem, ridge=-1.0, stability=False)
-    with pytest.raises(CurvscopeError, match="--batches must be an integer"):
-        L.suggest_lr(problem, batches="2", stability=False)
-    with pytest.raises(CurvscopeError, match="data file"):
-        L.suggest_lr(tiny_problem(), batches=2, stability=False)
+    with pytest.raises(CurvscopeError, match="needs 24 samples but the dataset has 20"), as_flags():
+        suggest_lr(problem, batches=4, stability=False)
+    with pytest.raises(CurvscopeError, match="holdout"), as_flags():
+        suggest_lr(problem, holdout=-1, stability=False)
+    with pytest.raises(CurvscopeError, match="--partition 'module'"), as_flags():
+        suggest_lr(problem, partition="module", stability=False)
+    with pytest.raises(CurvscopeError, match="--ridge must be a finite number >= 0"), as_flags():
+        suggest_lr(problem, ridge=-1.0, stability=False)
+    with pytest.raises(CurvscopeError, match="--batches must be an integer"), as_flags():
+        suggest_lr(problem, batches="2", stability=False)
+    with pytest.raises(CurvscopeError, match="data file"), as_flags():
+        suggest_lr(tiny_problem(), batches=2, stability=False)
 
 
 def test_symo_direction_is_used_when_available():
@@ -522,7 +528,7 @@ def test_symo_direction_is_used_when_available():
 
     u = symo_direction(problem, eps=1e-8)
     groups = problem.groups("layer")
-    main = L.suggest_lr(problem, direction="symo", partition="layer").main
+    main = suggest_lr(problem, direction="symo", partition="layer").main
     f = phi(problem, u, groups)
     torch.testing.assert_close(main.h_bar, hessian(f)(torch.zeros(len(groups))), rtol=1e-9, atol=1e-12)
     assert "stability" not in main.steps  # GD bounds do not apply along another direction

@@ -1,0 +1,153 @@
+"""The reduced model of the step ``theta(eta) = theta - sum_s eta_s u_s`` (``docs/conventions.md §6``).
+
+For S parameter groups and a direction ``u`` (``u_s``: ``u`` restricted to group s),
+
+    L(theta(eta)) ~ L(theta) - eta^T g_hat + 1/2 eta^T H_bar eta + (order 3: d3),
+    g_hat_s = g_s^T u_s,   H_bar_st = u_s^T H u_t   (S x S),
+
+with ``H`` the Hessian (S batched Hessian-vector products) or the GGN (S batched Jacobian-vector products), and
+``d3_s = d^3 L(theta(eta)) / d eta_s^3`` at ``eta = 0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vmap
+
+from curvscope.errors import CurvscopeError
+from curvscope.problem import ParamGroup, Problem
+
+CURVATURES = ("hessian", "ggn")
+"""The curvature ``H`` of ``H_bar``: the Hessian (may be indefinite) or the GGN (PSD)."""
+
+
+def group_tangents(direction: dict[str, Tensor], groups: list[ParamGroup]) -> dict[str, Tensor]:
+    """The S restrictions ``u_s`` stacked.
+
+    Args:
+        direction: ``u``, one tensor per parameter.
+        groups: the S parameter groups.
+
+    Returns:
+        For each parameter a tensor ``(S, *shape)`` whose row s is the parameter's part of ``u`` when it belongs
+        to group s, zero otherwise.
+    """
+    out = {}
+    for name, u in direction.items():
+        rows = [u if name in group.param_names else torch.zeros_like(u) for group in groups]
+        out[name] = torch.stack(rows)
+    return out
+
+
+def _batched(fn: Callable[[dict[str, Tensor]], object], tangents: dict[str, Tensor]):
+    """``fn`` applied to each of the S stacked tangents at once (``vmap``), one by one when the model does
+    something ``vmap`` does not support."""
+    try:
+        return vmap(fn)(tangents)
+    except (RuntimeError, NotImplementedError):
+        S = next(iter(tangents.values())).shape[0]
+        results = [fn({n: t[s] for n, t in tangents.items()}) for s in range(S)]
+        if isinstance(results[0], dict):
+            return {n: torch.stack([r[n] for r in results]) for n in results[0]}
+        return torch.stack(results)
+
+
+def _pairwise(a: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
+    """``(S, T)`` matrix of inner products ``<a_s, b_t>`` summed over parameters (rows stacked first)."""
+    return sum(x.reshape(x.shape[0], -1) @ b[n].reshape(b[n].shape[0], -1).T for n, x in a.items())
+
+
+def reduced_gradient(gradient: dict[str, Tensor], direction: dict[str, Tensor],
+                     groups: list[ParamGroup]) -> Tensor:
+    """The reduced gradient ``g_hat`` ``(S,)``: ``g_hat_s = g_s^T u_s``.
+
+    That is minus the derivative of ``L(theta(eta))`` at ``eta = 0``.
+
+    Args:
+        gradient: ``g``, one tensor per parameter.
+        direction: ``u``, one tensor per parameter.
+        groups: the S parameter groups.
+    """
+    return torch.stack([sum((gradient[n] * direction[n]).sum() for n in group.param_names)
+                        for group in groups])
+
+
+def reduced_hessian(problem: Problem, direction: dict[str, Tensor], groups: list[ParamGroup],
+                    curvature: str = "hessian") -> Tensor:
+    """The reduced curvature ``H_bar`` ``(S, S)``, symmetrized (``(A + A^T)/2``) against rounding.
+
+    Args:
+        problem: the model, batch and loss.
+        direction: ``u``, one tensor per parameter.
+        groups: the S parameter groups.
+        curvature: ``hessian``: ``u_s^T H u_t`` (S batched Hessian-vector products); ``ggn``:
+            ``(1/N) sum_n (J_n u_s)^T H_n (J_n u_t)`` (S batched Jacobian-vector products).
+
+    Raises:
+        CurvscopeError: ``curvature`` is none of :data:`CURVATURES`.
+    """
+    if curvature not in CURVATURES:
+        raise CurvscopeError(f"curvature '{curvature}': choose one of {', '.join(CURVATURES)}")
+    U = group_tangents(direction, groups)
+    if curvature == "hessian":
+        gradient_fn = grad(problem.loss_value)
+
+        def hvp(u: dict[str, Tensor]) -> dict[str, Tensor]:
+            return jvp(gradient_fn, (problem.params,), (u,))[1]
+
+        h_bar = _pairwise(U, _batched(hvp, U))
+    else:
+        def jvp_outputs(u: dict[str, Tensor]) -> Tensor:
+            return jvp(problem.forward, (problem.params,), (u,))[1]
+
+        JU = _batched(jvp_outputs, U)  # (S, N, C)
+        with torch.no_grad():
+            outputs = problem.forward()
+        H = problem.loss.hessian(outputs, problem.targets)  # (N, C, C)
+        h_bar = torch.einsum("snc,ncd,tnd->st", JU, H, JU) / problem.batch_size
+    return ((h_bar + h_bar.T) / 2).detach()
+
+
+def third_order_diagonal(problem: Problem, direction: dict[str, Tensor], groups: list[ParamGroup]) -> Tensor:
+    """The order-3 diagonal ``d3`` ``(S,)``: ``d^3 L(theta(eta)) / d eta_s^3`` at ``eta = 0``.
+
+    That is ``-D^3 L[u_s, u_s, u_s]``: three nested forward-mode derivatives along ``u_s``, batched over s.
+
+    Args:
+        problem: the model, batch and loss.
+        direction: ``u``, one tensor per parameter.
+        groups: the S parameter groups.
+    """
+    U = group_tangents(direction, groups)
+
+    def third(u: dict[str, Tensor]) -> Tensor:
+        def d1(p: dict[str, Tensor]) -> Tensor:
+            return jvp(problem.loss_value, (p,), (u,))[1]
+
+        def d2(p: dict[str, Tensor]) -> Tensor:
+            return jvp(d1, (p,), (u,))[1]
+
+        return -jvp(d2, (problem.params,), (u,))[1]
+
+    return _batched(third, U).detach()
+
+
+def step_params(params: dict[str, Tensor], direction: dict[str, Tensor], groups: list[ParamGroup],
+                eta: Tensor) -> dict[str, Tensor]:
+    """The stepped parameters ``theta(eta) = theta - sum_s eta_s u_s``.
+
+    Args:
+        params: ``theta``, one tensor per parameter.
+        direction: ``u``, one tensor per parameter.
+        groups: the S parameter groups.
+        eta: the rates ``(S,)``; ``nan`` entries count as 0 (the group does not move).
+    """
+    eta = torch.nan_to_num(eta.to(torch.float64), nan=0.0).tolist()
+    out = dict(params)
+    for s, group in enumerate(groups):
+        for name in group.param_names:
+            out[name] = params[name] - eta[s] * direction[name]
+    return out

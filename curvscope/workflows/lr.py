@@ -1,0 +1,203 @@
+"""``lr-suggest``: per-group learning rates from the reduced Hessian, on one or several batches.
+
+:class:`LrOptions` are the knobs, :func:`run_lr` draws the further batches and the holdout from the dataset and
+runs the engine (:func:`curvscope.curvature.lr.analyse_batch`) on each batch, and :func:`write_lr` adds the
+report's ``lr`` section and ``lr.png`` to a :class:`~curvscope.report.writer.ReportWriter`. :func:`suggest_lr`
+is the same computation with keyword arguments (the Python API). Conventions: ``docs/conventions.md §6``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from curvscope.curvature.lr import CURVATURES, DIRECTIONS, PARTITIONS, LRResult, analyse_batch
+from curvscope.io.data import select_batch
+from curvscope.workflows import Workflow
+from curvscope.workflows.options import OptionError, Options, at_least, one_of
+
+if TYPE_CHECKING:
+    from curvscope.problem import Problem
+    from curvscope.progress import Progress
+    from curvscope.report.writer import ReportWriter
+
+PLOT_NAME = "lr.png"
+
+
+@dataclass
+class LrOptions(Options):
+    """Options of the learning-rate computation (the ``curvscope lr-suggest`` flags, in snake_case)."""
+
+    command: ClassVar[str] = "lr-suggest"
+
+    partition: str = "layer"
+    """Parameter groups, one rate each: ``layer`` (one per module with parameters), ``tensor`` or ``all``."""
+    direction: str = "gradient"
+    """Step direction ``u``: ``gradient`` (plain SGD) or ``symo`` (the SymO direction)."""
+    curvature: str = "hessian"
+    """``H`` in ``H_bar = u_s^T H u_t``: ``hessian`` (may be indefinite) or ``ggn`` (PSD)."""
+    ridge: float = 0.0
+    """Added to ``H_bar``'s diagonal for the joint Newton rates (>= 0)."""
+    batches: int = 1
+    """Repeat on this many disjoint batches of the problem's batch size (mean and std of every rate)."""
+    holdout: int = 0
+    """Also measure each step's realized loss decrease on this many other samples."""
+    cubic: bool = False
+    """Also the order-3 diagonal and the cubic-regularized rates."""
+    cubic_weight: float = 1.0
+    """Weight of the cubic term (> 0)."""
+    stability: bool = True
+    """Compute the stability bounds (one GGN spectrum pass per batch); without them the rule has no caps."""
+    plot: bool = True
+    """Draw lr.png."""
+
+    def validate(self) -> None:
+        """Check every value that needs no Problem."""
+        super().validate()
+        one_of("partition", self.partition, PARTITIONS)
+        one_of("direction", self.direction, DIRECTIONS)
+        one_of("curvature", self.curvature, CURVATURES)
+        _finite("ridge", self.ridge, 0.0)
+        _finite("cubic_weight", self.cubic_weight, 0.0, strict=True)
+        at_least("batches", self.batches, 1)
+        at_least("holdout", self.holdout, 0)
+
+
+def _finite(name: str, value: float, low: float, strict: bool = False) -> None:
+    """``value`` is a finite number ``>= low`` (``> low`` when ``strict``)."""
+    if not math.isfinite(value) or value < low or (strict and value == low):
+        raise OptionError(name, f"must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
+
+
+def draw_batches(problem: Problem, batches: int, holdout: int) -> tuple[list[Problem], Problem | None]:
+    """Further batches and a holdout from the problem's dataset.
+
+    Samples are taken in the order the batch was drawn (file order, or the shuffled order of the problem's
+    seed), skipping the problem's own batch.
+
+    Args:
+        problem: a problem loaded from a data file (``problem.dataset`` and ``info["batch_indices"]``).
+        batches: the number of batches in all, the problem's own included (>= 1).
+        holdout: the number of holdout samples (>= 0).
+
+    Returns:
+        ``batches - 1`` further batches of the problem's batch size, disjoint from the problem's batch and from
+        each other, and a holdout of ``holdout`` samples disjoint from all of them (None when 0).
+
+    Raises:
+        OptionError: the problem has no dataset, or the dataset is too small.
+    """
+    at_least("batches", batches, 1)
+    at_least("holdout", holdout, 0)
+    if batches == 1 and holdout == 0:
+        return [], None
+    field = "batches" if batches > 1 else "holdout"
+    if problem.dataset is None or problem.info.get("batch_indices") is None:
+        raise OptionError(field, "needs a problem loaded from a data file (the other samples are unknown)")
+    total = len(problem.dataset[0])
+    n = problem.batch_size
+    order = select_batch(total, None, shuffle=bool(problem.info.get("shuffle")),
+                         seed=int(problem.info.get("seed") or 0))
+    taken = set(problem.info["batch_indices"])
+    rest = order[torch.tensor([int(i) not in taken for i in order.tolist()], dtype=torch.bool)]
+    need = (batches - 1) * n + holdout
+    if need > rest.numel():
+        needs = f"needs {batches * n + holdout} samples but the dataset has {total}"
+        with_holdout = f" and holdout {holdout}" if holdout else ""
+        raise OptionError(
+            "batches", f"{batches} with batch size {n}{with_holdout} {needs}; lower the batch size, batches or "
+            "holdout",
+            f"{batches} with --batch-size {n}{f' and --holdout {holdout}' if holdout else ''} {needs}; lower "
+            "--batch-size, --batches or --holdout")
+    others = [problem.batch_from_dataset(rest[b * n:(b + 1) * n]) for b in range(batches - 1)]
+    held = problem.batch_from_dataset(rest[(batches - 1) * n:need]) if holdout else None
+    return others, held
+
+
+def run_lr(problem: Problem, options: LrOptions | None = None, progress: Progress | None = None) -> LRResult:
+    """Per-group learning rates on the problem's batch and ``options.batches - 1`` further disjoint batches.
+
+    Every rate set is checked by the realized loss change on its batch (and on a holdout of
+    ``options.holdout`` other samples when > 0).
+
+    Args:
+        problem: the model, batch and loss (loaded from a data file for ``batches > 1`` or ``holdout > 0``).
+        options: the knobs (default :class:`LrOptions`); validated first.
+        progress: reports stage ``"lr"``: done of ``batches x`` the steps of one batch.
+
+    Returns:
+        The rates of every batch, the problem's own first.
+
+    Raises:
+        OptionError: a bad option, or more samples asked for than the dataset has.
+    """
+    options = LrOptions() if options is None else options
+    options.validate()
+    groups = problem.groups(options.partition)
+    others, held = draw_batches(problem, options.batches, options.holdout)
+    results = []
+    for b, batch_problem in enumerate([problem, *others]):
+        def report(stage: str, done: int, total: int | None, b: int = b) -> None:
+            if progress is not None:
+                progress(stage, None if total is None else b * total + done,
+                         None if total is None else options.batches * total)
+
+        results.append(analyse_batch(batch_problem, groups, options.partition, options.curvature,
+                                     options.direction, options.ridge, options.cubic, options.cubic_weight,
+                                     options.stability, held, report))
+    return LRResult(partition=options.partition, curvature=options.curvature, direction=options.direction,
+                    ridge=options.ridge, groups=groups,
+                    num_params=[sum(problem.params[n].numel() for n in g.param_names) for g in groups],
+                    batches=results, holdout_size=options.holdout if held is not None else 0,
+                    cubic_weight=options.cubic_weight if options.cubic else None)
+
+
+def suggest_lr(problem: Problem, partition: str = "layer", curvature: str = "hessian",
+               direction: str = "gradient", ridge: float = 0.0, batches: int = 1, holdout: int = 0,
+               cubic: bool = False, cubic_weight: float = 1.0, stability: bool = True,
+               progress: Progress | None = None) -> LRResult:
+    """Per-group learning rates (``docs/conventions.md §6``), each rate set checked by the realized loss change.
+
+    The Python API of ``curvscope lr-suggest`` (without the files): :func:`run_lr` with these
+    :class:`LrOptions`.
+
+    Args:
+        problem: the model, batch and loss.
+        partition: ``layer`` (one group per module with parameters), ``tensor`` or ``all``.
+        curvature: ``hessian`` (S Hessian-vector products) or ``ggn`` (S Jacobian-vector products; PSD).
+        direction: ``gradient`` or ``symo``.
+        ridge: added to ``H_bar``'s diagonal for the joint Newton rates (>= 0).
+        batches: the problem's batch and ``batches - 1`` further disjoint batches of its dataset.
+        holdout: measure each step's realized decrease on this many other samples too.
+        cubic: also compute the order-3 diagonal and the cubic-regularized rates (weight ``cubic_weight``).
+        cubic_weight: the weight of the cubic term (> 0).
+        stability: compute the stability bounds (one GGN spectrum pass per batch); without them the recommended
+            rule has no cap.
+        progress: ``progress(stage, done, total)`` (see :mod:`curvscope.progress`).
+
+    Returns:
+        An :class:`~curvscope.curvature.lr.LRResult`: ``result.main.recommended``, ``.rules``, ``.steps``;
+        ``result.statistics()`` over the batches.
+    """
+    options = LrOptions(partition=partition, direction=direction, curvature=curvature, ridge=ridge,
+                        batches=batches, holdout=holdout, cubic=cubic, cubic_weight=cubic_weight,
+                        stability=stability, plot=False)
+    return run_lr(problem, options, progress)
+
+
+def write_lr(writer: ReportWriter, problem: Problem, result: LRResult, options: LrOptions) -> None:
+    """Add the report's ``lr`` section of ``result`` (and ``lr.png`` when ``options.plot``) to ``writer``."""
+    from curvscope.report.lr_report import lr_section
+
+    section = lr_section(result)
+    if options.plot:
+        from curvscope.report.lr_plots import lr_figure
+
+        section["plot"] = str(writer.plot("lr_plot", PLOT_NAME, lambda r: lr_figure(r["lr"], r["problem"])))
+    writer.section("lr-suggest", {"lr": section})
+
+
+WORKFLOW = Workflow(name="lr", command="lr-suggest", options=LrOptions, run=run_lr, write=write_lr, claim=None)
