@@ -112,24 +112,30 @@ def _sample_model(checkpoint):
 
 
 def test_run_lr_without_the_cli_merges_into_the_report(tmp_path):
-    from curvscope.cli.lr import run_lr
     from curvscope.problem import load_problem
+    from curvscope.report.writer import ReportWriter
+    from curvscope.workflows.lr import LrOptions, run_lr, write_lr
+
+    def run_lr_and_write(options):
+        writer = ReportWriter(tmp_path, problem)
+        write_lr(writer, problem, run_lr(problem, options), options)
+        return writer.commit()["lr"]
 
     problem = load_problem(SAMPLES / "mlp-diabetes.safetensors", DIABETES, batch_size=16, device="cpu")
-    section = run_lr(problem, tmp_path, {"partition": "all", "plot": False, "batch_size": 16}, quiet=True)
+    section = run_lr_and_write(LrOptions.from_mapping({"partition": "all", "plot": False}))
     assert [g["name"] for g in section["groups"]] == ["all"]
     assert not (tmp_path / "lr.png").exists()
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["lr"] == json.loads(json.dumps(section))
     report["extra"] = 1
     (tmp_path / "report.json").write_text(json.dumps(report))
-    run_lr(problem, tmp_path, {}, quiet=True)
+    run_lr_and_write(LrOptions.from_mapping({}))
     merged = json.loads((tmp_path / "report.json").read_text())
     assert merged["extra"] == 1 and merged["lr"]["partition"] == "layer"
     from curvscope.errors import CurvscopeError
 
     with pytest.raises(CurvscopeError, match="unknown option 'partitions'"):
-        run_lr(problem, tmp_path, {"partitions": "all"}, quiet=True)
+        run_lr_and_write(LrOptions.from_mapping({"partitions": "all"}))
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -4,19 +4,14 @@ re-plotted): the rates per group on a log axis, and H-bar as a correlation heatm
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
+from curvscope.report.render import pyplot, style
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from curvscope.report.plots import render_png  # noqa: E402
-
-__all__ = ["lr_figure", "render_png"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 RATES = (  # report key, label, marker, colour
     ("lr_newton", "joint Newton", "o", "#1f4e79"),
@@ -32,8 +27,21 @@ def _value(x: Any) -> float:
 
 
 def lr_figure(section: dict[str, Any], problem: dict[str, Any] | None = None) -> Figure:
-    """Left: every rate per group on a log axis (missing rates left out; error bars = std over batches).
-    Right: ``H_bar_st / sqrt(|H_bar_ss H_bar_tt|)`` as a heatmap on [-1, 1]."""
+    """The rates per group and H-bar's correlation, drawn from the report.
+
+    Left: every rate per group on a log axis (missing rates left out; error bars = std over batches).
+    Right: ``H_bar_st / sqrt(|H_bar_ss H_bar_tt|)`` as a heatmap on [-1, 1].
+
+    Args:
+        section: the report's ``lr`` section.
+        problem: the report's ``problem`` section (names the model in the title).
+    """
+    with style():
+        return _draw(section, problem)
+
+
+def _draw(section: dict[str, Any], problem: dict[str, Any] | None) -> Figure:
+    plt = pyplot()
     groups = section["groups"]
     names = [g["name"] for g in groups]
     S = len(names)

@@ -1,0 +1,208 @@
+"""The ``lr`` report section of ``curvscope lr-suggest`` and what is made from it: tables, notes, code.
+
+:func:`lr_section` turns an :class:`~curvscope.curvature.lr.LRResult` into the JSON-able section; everything
+else here reads only that section (so a saved report prints the same tables). Plot: :mod:`.lr_plots`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from rich import box
+from rich.markup import escape
+from rich.table import Table
+
+from curvscope.curvature.lr import RECOMMENDED_RULE
+from curvscope.report.format import finite_or_none, num
+
+if TYPE_CHECKING:
+    from curvscope.curvature.lr import LRResult
+
+
+def lr_section(result: LRResult) -> dict[str, Any]:
+    """The report's ``lr`` section of a result (formatting only; tensors are made JSON-able by the writer).
+
+    Args:
+        result: the rates of every batch (:func:`curvscope.workflows.lr.run_lr`).
+
+    Returns:
+        The fields listed in ``docs/lr.md`` (Outputs): per group and for the problem's own batch, with means and
+        standard deviations over the batches when there are several.
+    """
+    main = result.main
+    stats = result.statistics() if len(result.batches) > 1 else {}
+    groups = []
+    for s, group in enumerate(result.groups):
+        row: dict[str, Any] = {
+            "name": group.name,
+            "parameters": list(group.param_names),
+            "num_params": result.num_params[s],
+            "g_hat": finite_or_none(main.g_hat[s]),
+            "h_bar_diag": finite_or_none(main.h_bar[s, s]),
+            "lr_newton": finite_or_none(main.lr_newton[s]),
+            "lr_diag": finite_or_none(main.lr_diag[s]),
+            "diag_note": main.diag_notes[s],
+            "lambda_max": finite_or_none(main.lambda_max[s]),
+            "lr_stability": finite_or_none(main.lr_stability[s]),
+            "recommended": finite_or_none(main.recommended[s]),
+            "rule": main.rules[s],
+        }
+        if main.lr_cubic is not None:
+            row["lr_cubic"] = finite_or_none(main.lr_cubic[s])
+        if main.d3 is not None:
+            row["d3"] = finite_or_none(main.d3[s])
+        noisy = []
+        for name, st in stats.items():
+            row[f"{name}_mean"] = finite_or_none(st.mean[s])
+            row[f"{name}_std"] = finite_or_none(st.std[s])
+            if st.noisy[s]:
+                noisy.append(name)
+        if stats:
+            row["noisy"] = noisy
+        groups.append(row)
+    rec = main.steps["recommended"]
+    section: dict[str, Any] = {
+        "partition": result.partition,
+        "curvature": result.curvature,
+        "direction": result.direction,
+        "ridge": result.ridge,
+        "rule": RECOMMENDED_RULE,
+        "g_hat": main.g_hat,
+        "h_bar": main.h_bar,
+        "h_bar_eigenvalues": main.h_bar_eigenvalues,
+        "h_bar_positive_definite": main.h_bar_positive_definite,
+        "h_bar_correlation": main.h_bar_correlation,
+        "newton_eta": main.newton_eta,
+        "newton_note": main.newton_note,
+        "lambda_max_global": finite_or_none(main.lambda_max_global),
+        "lr_stability_global": finite_or_none(main.lr_stability_global),
+        "groups": groups,
+        "loss_before": main.loss_before,
+        "predicted_decrease": rec.predicted,
+        "realized_decrease": rec.realized,
+        "realized_decrease_holdout": rec.realized_holdout,
+        "halvings": main.halvings,
+        "steps": {name: {"rates": c.rates, "predicted_decrease": c.predicted, "realized_decrease": c.realized,
+                         "realized_decrease_holdout": c.realized_holdout,
+                         **({"predicted_decrease_cubic": c.predicted_cubic} if c.predicted_cubic is not None
+                            else {})}
+                  for name, c in main.steps.items()},
+        "batches": len(result.batches),
+        "holdout": result.holdout_size,
+        "per_batch": [{"batch_indices": b.batch_indices, "loss_before": b.loss_before,
+                       "recommended": b.recommended, "realized_decrease": b.steps["recommended"].realized,
+                       "h_bar_positive_definite": b.h_bar_positive_definite} for b in result.batches],
+    }
+    if result.cubic_weight is not None:
+        section["cubic"] = {"weight": result.cubic_weight, "note": main.cubic_note, "eta": main.cubic_eta}
+    return section
+
+
+def _rate_cell(row: dict[str, Any], key: str, missing: str = "-") -> str:
+    """The rate, and under it ``±std`` over the batches (red with ``!`` when std > mean)."""
+    text = num(row.get(key), missing=missing)
+    std = row.get(f"{key}_std")
+    if std is not None:
+        text += f"\n±{num(std, digits=2)}"
+        if key in row.get("noisy", []):
+            text = f"[red]{text}![/red]"
+    return text
+
+
+def rule_legend(section: dict[str, Any]) -> list[str]:
+    """The distinct rules of the recommended rates, in order of first use (the table cites them by number)."""
+    return list(dict.fromkeys(row["rule"] for row in section["groups"]))
+
+
+def rates_table(section: dict[str, Any]) -> Table:
+    """Per-group table: group, #params, g-hat, H-bar_ss, then the rates lr_newton, lr_diag, lr_stability,
+    (lr_cubic), recommended, and the number of the rule that gave the recommended rate (:func:`rule_legend`)."""
+    batches = section["batches"]
+    title = (f"Learning rates per {section['partition']} group ({section['curvature']}, direction "
+             f"{section['direction']})")
+    if batches > 1:
+        title += f"; ±std over {batches} batches, ! = std > mean"
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=0)
+    table.add_column("group", overflow="fold", min_width=6)
+    headers = ["#params", "g-hat", "H-bar_ss", "lr_newton", "lr_diag", "lr_stability"]
+    cubic = "cubic" in section
+    if cubic:
+        headers.append("lr_cubic")
+    for name in headers:
+        table.add_column(name.replace("lr_", "lr_\n"), justify="right", no_wrap=True)
+    table.add_column("recom-\nmended", justify="right", style="bold", no_wrap=True)
+    table.add_column("rule", justify="right", no_wrap=True)
+    legend = rule_legend(section)
+    newton_missing = "n/a" if section["newton_eta"] is None else "<=0"
+    for row in section["groups"]:
+        moves = not row["diag_note"].startswith("zero gradient")
+        cells = [escape(row["name"]), f"{row['num_params']:,}", num(row["g_hat"]), num(row["h_bar_diag"]),
+                 _rate_cell(row, "lr_newton", newton_missing if moves else "n/a"), _rate_cell(row, "lr_diag", "n/a"),
+                 _rate_cell(row, "lr_stability", "n/a")]
+        if cubic:
+            cells.append(_rate_cell(row, "lr_cubic", "n/a"))
+        cells += [_rate_cell(row, "recommended"), f"[{legend.index(row['rule']) + 1}]"]
+        table.add_row(*cells)
+    return table
+
+
+def truth_table(section: dict[str, Any]) -> Table:
+    """Each rate set as a step: predicted and realized loss decrease (batch, holdout)."""
+    holdout = section["holdout"] > 0
+    table = Table(title=f"Truth test: take the step, re-evaluate the loss (before: {num(section['loss_before'], 6)})",
+                  title_justify="left")
+    table.add_column("rates")
+    table.add_column("predicted decrease", justify="right")
+    table.add_column("realized (batch)", justify="right")
+    if holdout:
+        table.add_column(f"realized (holdout {section['holdout']})", justify="right")
+    if "cubic" in section:
+        table.add_column("predicted (cubic model)", justify="right")
+    for name, step in section["steps"].items():
+        realized = step["realized_decrease"]
+        style = "green" if realized is not None and realized > 0 else "red"
+        cells = [name, num(step["predicted_decrease"]), f"[{style}]{num(realized)}[/{style}]"]
+        if holdout:
+            cells.append(num(step["realized_decrease_holdout"]))
+        if "cubic" in section:
+            cells.append(num(step.get("predicted_decrease_cubic")))
+        table.add_row(*cells)
+    return table
+
+
+def notes(section: dict[str, Any]) -> list[str]:
+    """One-line remarks under the tables (H-bar definiteness, Newton, stability)."""
+    lines = [f"rule [{i}]: {escape(rule)}" for i, rule in enumerate(rule_legend(section), start=1)]
+    evals = section["h_bar_eigenvalues"]
+    if section["h_bar_positive_definite"]:
+        lines.append(f"H-bar is positive definite (eigenvalues {num(evals[0])} .. {num(evals[-1])}).")
+    else:
+        lines.append(f"[yellow]H-bar is NOT positive definite[/yellow] (smallest eigenvalue {num(evals[0])}): "
+                     "the quadratic model has no minimum; joint Newton rates are not defined.")
+    if section["newton_note"] != "ok":
+        lines.append(f"joint Newton: {escape(section['newton_note'])}")
+    if section["lr_stability_global"] is not None:
+        lines.append(f"whole-model stability bound 2/lambda_max(G) = {num(section['lr_stability_global'], 4)} "
+                     f"(lambda_max = {num(section['lambda_max_global'], 4)})")
+    if "cubic" in section and section["cubic"]["note"] != "ok":
+        lines.append(f"cubic: {escape(str(section['cubic']['note']))}")
+    return lines
+
+
+def emit_torch(section: dict[str, Any]) -> str:
+    """Python source: ``optimizer = torch.optim.SGD([...])``, one param group per group with its recommended
+    rate (needs ``model`` in scope)."""
+    lines = [f"# curvscope lr-suggest: recommended rates, one param group per {section['partition']} group",
+             "import torch", "", "optimizer = torch.optim.SGD(["]
+    for row in section["groups"]:
+        params = ", ".join(f"model.get_parameter({n!r})" for n in row["parameters"])
+        lines.append(f"    {{\"params\": [{params}], \"lr\": {row['recommended']!r}}},  # {row['name']}: "
+                     f"{row['rule']}")
+    lines.append("])")
+    return "\n".join(lines)
+
+
+def emit_json(section: dict[str, Any]) -> str:
+    """JSON object: parameter name -> recommended rate."""
+    return json.dumps({n: row["recommended"] for row in section["groups"] for n in row["parameters"]}, indent=2)
