@@ -250,6 +250,9 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.Pat
 
     if data is None:
         raise CurvscopeError("no data: pass --data FILE (tensors 'x' and 'y')")
+    if not 0 <= seed < 2**63:
+        raise CurvscopeError(f"seed must be between 0 and 2**63 - 1, got a {len(str(abs(seed)))}-digit number"
+                             if abs(seed) >= 2**63 else f"seed must be at least 0, got {seed}")
     ckpt = load_checkpoint(checkpoint) if checkpoint is not None else None
     spec = model or (ckpt.model_spec if ckpt else None)
     if spec is None:

@@ -1,5 +1,7 @@
 """The typer application object; commands register themselves on it from their own modules."""
 
+import sys
+
 import typer
 
 app = typer.Typer(
@@ -35,3 +37,27 @@ def _root(
                                  help="Print the version and exit."),
 ) -> None:
     """Curvature diagnosis for PyTorch checkpoints."""
+
+
+def _one_line_usage_errors() -> None:
+    """Bad flags (``-n 0``, ``-n abc``, an unknown option) end like every other bad input: one line starting
+    with ``error:`` on stderr and exit 2, not typer's multi-line box. Help asked for by running a command
+    without arguments is still shown as help."""
+    from typer import rich_utils
+    from typer._click.exceptions import NoArgsIsHelpError
+
+    boxed = rich_utils.rich_format_error
+
+    def one_line(error) -> None:
+        if isinstance(error, NoArgsIsHelpError):
+            boxed(error)
+            return
+        message = " ".join(str(error.format_message()).split())
+        command = getattr(getattr(error, "ctx", None), "command_path", None) or "curvscope"
+        print(f"error: {message} (see '{command} --help')", file=sys.stderr, flush=True)
+
+    if getattr(rich_utils.rich_format_error, "__name__", "") != "one_line":
+        rich_utils.rich_format_error = one_line
+
+
+_one_line_usage_errors()

@@ -27,6 +27,9 @@ def parse_model_kwargs(text: str | None, source: str = "--model-kwargs") -> dict
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CurvscopeError(f"{source}: not valid JSON ({exc.msg} at position {exc.pos})") from exc
+    except (RecursionError, ValueError) as exc:  # nested too deeply, or an integer of thousands of digits
+        raise CurvscopeError(f"{source}: cannot be read ({type(exc).__name__}: nested too deeply or a number "
+                             "too large)") from None
     if not isinstance(value, dict):
         raise CurvscopeError(f"{source}: expected a JSON object like '{{\"hidden\": [32, 32]}}'")
     return value

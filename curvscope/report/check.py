@@ -178,12 +178,19 @@ class Rule:
         return f"{format_path(self.path)} {self.op} {self.number}"
 
 
+MAX_RULE_LENGTH = 1000
+"""Longer rules are refused at once (nothing a report holds needs a longer path)."""
+
+
 def parse_rule(text: str, source: str = "--rule") -> Rule:
     """Parse ``PATH OP NUMBER``; :class:`CurvscopeError` with the column of the first mistake otherwise."""
     if not isinstance(text, str):
         raise CurvscopeError(f"malformed rule {text!r} ({source}): a rule is a string like "
                              "'loss_value < 0.5'")
     stripped = text.strip()
+    if len(stripped) > MAX_RULE_LENGTH:
+        raise CurvscopeError(f"malformed rule ({source}): {len(stripped):,} characters, more than "
+                             f"{MAX_RULE_LENGTH}; a rule is PATH OP NUMBER, e.g. 'groups[0].lambda_max <= 50'")
 
     def bad(message: str, pos: int) -> CurvscopeError:
         return CurvscopeError(f"malformed rule {text!r} ({source}): {message} (at column {pos + 1}); "

@@ -77,6 +77,9 @@ def load_config(path: str | Path) -> CheckConfig:
         raise CurvscopeError(f"{path}: not a text file ({exc.reason})") from None
     except toml.TOMLDecodeError as exc:
         raise CurvscopeError(f"{path}: invalid TOML: {exc}") from None
+    except (RecursionError, ValueError) as exc:  # absurdly nested tables or a 5000-digit integer
+        raise CurvscopeError(f"{path}: cannot be read ({type(exc).__name__}: nested too deeply or a number "
+                             "too large)") from None
     return parse_config(data, path)
 
 

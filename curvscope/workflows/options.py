@@ -174,6 +174,8 @@ def engine_check(name: str, parse: Any, value: Any) -> Any:
         return parse(value)
     except OptionError:
         raise
+    except (OverflowError, ValueError) as exc:
+        raise OptionError(name, f"'{str(value)[:40]}' is out of range ({type(exc).__name__})") from None
     except CurvscopeError as exc:
         text = str(exc)
         for prefix in (f"--{name.replace('_', '-')} ", f"{name} "):

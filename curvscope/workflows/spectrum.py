@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from curvscope.report.writer import ReportWriter
 
 GROUP_MODES = ("all", "layer", "tensor")
+MIN_MEMORY = 64 * 2**20
+"""The smallest memory budget accepted."""
 FILE_NAMES = {"spectrum_plot": "spectrum.png", "directions_plot": "directions.png", "layers_plot": "layers.png",
               "directions": "directions.safetensors"}
 
@@ -83,24 +85,34 @@ class SpectrumOptions(Options):
         return engine_check("damping", parse_damping, self.damping)
 
     def parsed_memory(self) -> int | None:
-        """The memory budget in bytes (``None``: the default)."""
+        """The memory budget in bytes (``None``: the default); at least :data:`MIN_MEMORY`."""
         from curvscope.curvature.memory import parse_memory
 
-        return engine_check("max_memory", parse_memory, self.max_memory)
+        budget = engine_check("max_memory", parse_memory, self.max_memory)
+        if budget is not None and budget < MIN_MEMORY:
+            raise OptionError("max_memory", f"'{self.max_memory}' is below the floor of {MIN_MEMORY // 2**20} MiB "
+                              "(smaller budgets only make the computation crawl)")
+        return budget
 
     def check_problem(self, problem: Problem) -> None:
         """Checks that need the Problem (before the long computation)."""
         if self.subsample is not None and self.subsample > problem.batch_size:
             raise OptionError("subsample", f"{self.subsample} is larger than the batch ({problem.batch_size} "
                               "samples)")
+        from curvscope.curvature.memory import MemoryPlan
+
+        columns = (self.subsample or problem.batch_size) * (self.mc_samples or problem.num_outputs)
+        budget = MemoryPlan.default(problem.device, self.parsed_memory()).budget
+        if 8 * columns**2 > budget:  # the float64 Gram alone
+            raise OptionError("mc_samples" if self.mc_samples else "max_memory",
+                              f"{self.mc_samples or self.max_memory}: the Gram matrix of {columns:,} columns needs "
+                              f"{8 * columns**2 / 2**30:.1f} GiB, more than the memory budget "
+                              f"({budget / 2**30:.1f} GiB); use fewer samples or Monte-Carlo columns")
         if self.eigenvectors is not None:  # k x D numbers in memory and on disk: refuse what cannot fit
-            from curvscope.curvature.memory import MemoryPlan
             from curvscope.curvature.spectrum import DEFAULT_TOP_K
 
-            columns = (self.subsample or problem.batch_size) * (self.mc_samples or problem.num_outputs)
             k = min(self.top_k or DEFAULT_TOP_K, columns)
             size = k * problem.num_params * next(iter(problem.params.values())).element_size()
-            budget = MemoryPlan.default(problem.device, self.parsed_memory()).budget
             if size > budget:
                 text = (f"up to {k} eigenvectors of {problem.num_params:,} parameters need {size / 2**30:.1f} "
                         f"GiB, more than the memory budget ({budget / 2**30:.1f} GiB)")
