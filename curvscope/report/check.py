@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from curvscope.errors import CurvscopeError
+from curvscope.report.format import exact as fmt
 
 # -- paths -------------------------------------------------------------------------------------------------
 
@@ -488,15 +489,6 @@ class RuleResult:
         if self.op in (">", ">="):
             return min(self.checks, key=lambda c: (c.value or 0.0) - (c.threshold or 0.0))
         return self.checks[0]
-
-
-def fmt(value: float | None) -> str:
-    """Numbers the way tables and messages show them."""
-    if value is None:
-        return "null"
-    if float(value).is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return f"{value:.6g}"
 
 
 def evaluate_rule(report: dict, rule: Rule) -> RuleResult:

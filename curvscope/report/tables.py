@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from rich.table import Table
 
+from curvscope.report.format import num as fmt
+from curvscope.report.format import share as _share
 
-def fmt(x: Any, digits: int = 3) -> str:
-    """A number for humans: 3 significant digits, scientific notation outside [1e-3, 1e4), '-' for missing."""
-    if x is None:
-        return "-"
-    if isinstance(x, int):
-        return f"{x:,}"
-    x = float(x)
-    if not math.isfinite(x):
-        return "inf" if x > 0 else "-"
-    if x == 0 or 1e-3 <= abs(x) < 1e4:
-        return f"{x:.{digits}g}"
-    return f"{x:.{digits - 1}e}"
-
-
-def _share(x: float | None) -> str:
-    return "-" if x is None else f"{x:.0%}"
+__all__ = ["facts_table", "fmt", "spectrum_table"]
 
 
 def spectrum_table(report: dict[str, Any]) -> Table:
