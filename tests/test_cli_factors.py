@@ -9,10 +9,18 @@ import torch
 from safetensors import safe_open
 
 import curvscope.cli.factors  # noqa: F401  (registers the command)
-from curvscope.cli.factors import run_factors
 from curvscope.curvature.symmetry.estimate import compute_factors
+from curvscope.errors import CurvscopeError
 from curvscope.problem import load_problem
+from curvscope.workflows import run_and_write
+from curvscope.workflows.factors import FactorsOptions
 from tests.conftest import DIGITS, SAMPLES, TINY_KWARGS, assert_clean_error, invoke, tiny_mlp
+
+
+def run_factors(problem, out, options: dict):
+    """Compute and write the factors outputs through the workflow layer (options as a config table); the
+    report's ``factors`` section."""
+    return run_and_write(problem, out, {"factors": FactorsOptions.from_mapping(options)})["factors"]
 
 
 def read_file(path):
@@ -110,13 +118,13 @@ def test_run_factors_api(tmp_path, tiny_files, options):
     if options.get("source") == "ggn":
         pytest.importorskip("curvscope.curvature.gram")
     problem = load_problem(ckpt, data, device="cpu", dtype="float64")
-    sec = run_factors(problem, tmp_path / "o", options, quiet=True)
+    sec = run_factors(problem, tmp_path / "o", options)
     assert sec["source"] == options.get("source", "batch")
     assert sec["symmetry"] == options.get("symmetry", "orthogonal")
     assert (tmp_path / "o" / "factors.safetensors").is_file()
     if options.get("symmetry") == "none":
         assert [b["name"] for b in sec["blocks"]] == ["Sigma"] and sec["structure_error"] == {}
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(CurvscopeError, match="unknown option"):
         run_factors(problem, tmp_path / "o", {"bogus": 1})
 
 
@@ -128,7 +136,7 @@ def test_report_merges_with_other_commands(tmp_path, tiny_files):
     from curvscope.report.schema import build_report, write_report
 
     write_report(out, build_report("spectrum", problem, {"loss_value": 1.0}))
-    run_factors(problem, out, {"plots": False}, quiet=True)
+    run_factors(problem, out, {"plots": False})
     report = json.loads((out / "report.json").read_text())
     assert report["commands"] == ["spectrum", "factors"] and report["loss_value"] == 1.0 and "factors" in report
 

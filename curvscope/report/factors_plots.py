@@ -1,19 +1,19 @@
 """``factors.png``: heatmaps of the matrix factors (beside the ensemble ground truth) and a bar chart of the
-ensemble correlations. Drawing only: the numbers come from the engine."""
+ensemble correlations. Drawing only: the numbers come from the engine (the factor matrices) and the report's
+``factors`` section (titles, parameters, correlations); :mod:`curvscope.report.render` turns it into PNG."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from curvscope.report.render import pyplot, style
 
-DPI = 150
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 MAX_HEATMAPS = 6
 
 
@@ -21,6 +21,7 @@ def _heatmap(fig: Figure, ax, matrix: np.ndarray, title: str) -> None:
     vmax = float(np.max(np.abs(matrix))) if matrix.size else 0.0
     vmax = vmax if vmax > 0 else 1.0
     im = ax.imshow(matrix, cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest", aspect="auto")
+    ax.grid(False)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("column index", fontsize=8)
     ax.set_ylabel("row index", fontsize=8)
@@ -36,6 +37,11 @@ def factors_figure(factors: Mapping[str, np.ndarray], title: str,
     """Heatmaps of the 2-D factors (at most :data:`MAX_HEATMAPS`), each beside its ground truth when given
     (``example_r``: the shown model's correlation per factor), and a bar chart of the correlation mean +- std
     per factor when ``correlation`` is given. ``params``: factor name -> the parameters it couples."""
+    with style():
+        return _factors_figure(factors, title, ground_truth, correlation, example_label, example_r, params)
+
+
+def _factors_figure(factors, title, ground_truth, correlation, example_label, example_r, params) -> Figure:
     names = [n for n, v in factors.items() if np.ndim(v) == 2]
     shown = names[:MAX_HEATMAPS]
     if ground_truth is not None:
@@ -45,7 +51,7 @@ def factors_figure(factors: Mapping[str, np.ndarray], title: str,
         heat_rows = max(-(-len(shown) // cols), 1)
     bar_rows = 1 if correlation else 0
     rows = heat_rows + bar_rows
-    fig = plt.figure(figsize=(4.6 * cols, 3.6 * rows), constrained_layout=True)
+    fig = pyplot().figure(figsize=(4.6 * cols, 3.6 * rows), constrained_layout=True)
     grid = fig.add_gridspec(rows, cols)
     if not shown:
         ax = fig.add_subplot(grid[0, :])
@@ -86,11 +92,18 @@ def factors_figure(factors: Mapping[str, np.ndarray], title: str,
     return fig
 
 
-def render_png(fig: Figure) -> bytes:
-    """The figure as PNG bytes (dpi 150); closes it."""
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=DPI)
-    finally:
-        plt.close(fig)
-    return buf.getvalue()
+
+def factors_plot(section: Mapping[str, Any], factors: Mapping[str, np.ndarray],
+                 ground_truth: Mapping[str, np.ndarray] | None = None,
+                 example_r: Mapping[str, float] | None = None) -> Figure:
+    """``factors.png`` for a report's ``factors`` section: ``factors`` are the matrices shown (ensemble model
+    0's with an ensemble, beside ``ground_truth``; ``example_r``: its correlation per factor)."""
+    title = (f"curvscope factors: {section['symmetry']} symmetry, source {section['source']}, "
+             f"widths {'-'.join(str(w) for w in section['widths'])}")
+    params = {b["name"]: " x ".join(b["params"]) for b in section["blocks"]}
+    ensemble = section.get("ensemble")
+    if ground_truth is None or not ensemble:
+        return factors_figure(factors, title, params=params)
+    return factors_figure(factors, title + f"; ensemble of {ensemble['models']} ({ensemble['init']})",
+                          ground_truth=ground_truth, correlation=ensemble["correlation"],
+                          example_label="ensemble model 0", example_r=example_r, params=params)

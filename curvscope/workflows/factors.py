@@ -1,0 +1,222 @@
+"""``factors``: symmetry-structured curvature factors, their ensemble ground truth and the SymO step.
+
+:class:`FactorsOptions` are the knobs, :func:`run_factors` computes (no files) and :func:`write_factors` adds the
+``factors`` section, ``factors.safetensors``, the SymO direction file and ``factors.png`` to a
+:class:`~curvscope.report.writer.ReportWriter`. Conventions: ``docs/conventions.md §7``.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from curvscope.workflows import Workflow
+from curvscope.workflows.options import OptionError, Options, at_least, one_of
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from curvscope.curvature.symmetry.ensemble import EnsembleResult
+    from curvscope.curvature.symmetry.estimate import FactorsResult
+    from curvscope.curvature.symmetry.symo import SymoResult
+    from curvscope.problem import Problem
+    from curvscope.progress import Progress
+    from curvscope.report.writer import ReportWriter
+
+FACTORS_FILE = "factors.safetensors"
+PLOT_FILE = "factors.png"
+
+
+@dataclass
+class FactorsOptions(Options):
+    """Options of the factors computation (the ``curvscope factors`` flags, in snake_case)."""
+
+    command: ClassVar[str] = "factors"
+
+    symmetry: str = "orthogonal"
+    """``orthogonal``, ``signed-permutation`` (same factors), ``permutation`` or ``none`` (dense, small chains)."""
+    source: str = "batch"
+    """What R projects: ``batch`` (g g^T), ``per-sample`` (mean of g_n g_n^T) or ``ggn`` (V V^T)."""
+    layers: str | None = None
+    """Comma-separated Linear module names of the chain, in order (default: the Linear layers of an MLP)."""
+    mc_samples: int = 0
+    """Source ``ggn``: 0 for the exact loss-Hessian square root, M > 0 Monte-Carlo columns per sample."""
+    subsample: int | None = None
+    """Source ``ggn``: the GGN of the first K samples of the batch only."""
+    structure_check: bool = True
+    """Report the relative projection error of the per-sample second moment."""
+    ensemble: int = 0
+    """M models drawn from the initialization ``init`` (0: no ensemble)."""
+    ensemble_checkpoints: str | None = None
+    """A glob of checkpoints forming the ensemble instead of drawn models."""
+    init: str = "normal"
+    """Initialization of drawn models: ``normal`` or ``default``."""
+    ensemble_chunk: int = 0
+    """Models per vectorized chunk (0: automatic)."""
+    symo_step: Path | None = None
+    """Write the SymO direction to this safetensors file and report a line search."""
+    eps: float = 1e-8
+    """Damping of the SymO inverse square root."""
+    plots: bool = True
+    """Draw factors.png."""
+    seed: int | None = None
+    """Seed of drawn models and Monte-Carlo columns (None: the problem's seed, else 0)."""
+
+    def validate(self) -> None:
+        """Check every value that needs no Problem (the ensemble glob is matched here)."""
+        from curvscope.curvature.symmetry.chain import parse_layers
+        from curvscope.curvature.symmetry.ensemble import INITS
+        from curvscope.curvature.symmetry.estimate import SOURCES
+        from curvscope.curvature.symmetry.groups import SYMMETRIES
+
+        super().validate()
+        one_of("symmetry", self.symmetry, SYMMETRIES)
+        one_of("source", self.source, SOURCES)
+        parse_layers(self.layers)
+        if self.mc_samples < 0:
+            raise OptionError("mc_samples", f"must be 0 (exact) or positive, got {self.mc_samples}")
+        at_least("subsample", self.subsample, 1, optional=True)
+        for name in ("mc_samples", "subsample"):
+            if getattr(self, name) not in (0, None) and self.source != "ggn":
+                raise OptionError(name, "applies to source ggn only", "applies to --source ggn only")
+        one_of("init", self.init, INITS)
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise OptionError("eps", f"must be a positive number, got {self.eps}")
+        if self.ensemble < 0 or self.ensemble == 1:
+            raise OptionError("ensemble", f"must be 0 (off) or at least 2 models, got {self.ensemble}")
+        if self.ensemble_chunk < 0:
+            raise OptionError("ensemble_chunk", f"must be 0 (automatic) or positive, got {self.ensemble_chunk}")
+        if (self.checkpoints() or self.ensemble) and self.source != "batch":
+            text = f"'{self.source}': the ensemble ground truth averages single-gradient factors; use source batch"
+            raise OptionError("source", f"{text} with an ensemble",
+                              f"{text.replace('source', '--source')} with --ensemble / --ensemble-checkpoints")
+
+    def checkpoints(self) -> list[Path]:
+        """The files matching ``ensemble_checkpoints`` (sorted; empty when it is not set)."""
+        if not self.ensemble_checkpoints:
+            return []
+        if self.ensemble:
+            raise OptionError("ensemble", "and ensemble_checkpoints: use one of them, not both",
+                              "and --ensemble-checkpoints: use one of them, not both")
+        pattern = str(self.ensemble_checkpoints)
+        paths = [Path(p) for p in sorted(glob.glob(pattern)) if Path(p).is_file()]
+        if not paths:
+            raise OptionError("ensemble_checkpoints", f"'{pattern}': no file matches")
+        if len(paths) < 2:
+            raise OptionError("ensemble_checkpoints", f"'{pattern}': an ensemble needs at least 2 checkpoints, "
+                              f"found 1 ({paths[0]})")
+        return paths
+
+    def check_problem(self, problem: Problem) -> None:
+        """Checks that need the Problem (before the long computation)."""
+        if self.subsample is not None and self.subsample > problem.batch_size:
+            raise OptionError("subsample", f"{self.subsample} is larger than the batch ({problem.batch_size} "
+                              "samples)")
+
+
+@dataclass
+class FactorsRun:
+    """What :func:`run_factors` computed."""
+
+    result: FactorsResult
+    ensemble: EnsembleResult | None = None
+    symo: SymoResult | None = None
+    section: dict[str, Any] = field(default_factory=dict)
+    """The report's ``factors`` section, without ``files`` (added by :func:`write_factors`)."""
+
+    def __repr__(self) -> str:
+        return (f"FactorsRun(symmetry={self.result.structure.symmetry!r}, source={self.result.source!r}, "
+                f"blocks={len(self.section.get('blocks', []))}, ensemble={'yes' if self.ensemble else 'no'}, "
+                f"symo={'yes' if self.symo else 'no'})")
+
+
+def run_factors(problem: Problem, options: FactorsOptions | None = None, progress: Progress | None = None
+                ) -> FactorsRun:
+    """Compute the factors of ``problem``, the ensemble ground truth and the SymO step as ``options`` ask (no
+    files). ``progress`` gets stages ``per-sample``, ``ensemble`` and ``symo`` (:mod:`curvscope.progress`)."""
+    from curvscope.curvature.symmetry.ensemble import ensemble_factors
+    from curvscope.curvature.symmetry.estimate import compute_factors
+    from curvscope.curvature.symmetry.symo import symo_step
+    from curvscope.report.factors_report import factors_section
+
+    options = options or FactorsOptions()
+    options.validate()
+    options.check_problem(problem)
+    paths = options.checkpoints()
+    seed = options.seed if options.seed is not None else int(problem.info.get("seed") or 0)
+    result = compute_factors(problem, symmetry=options.symmetry, source=options.source, layers=options.layers,
+                             mc_samples=options.mc_samples, subsample=options.subsample, seed=seed,
+                             structure_check=options.structure_check, progress=progress)
+    ensemble = None
+    if options.ensemble or paths:
+        ensemble = ensemble_factors(problem, result.structure, models=options.ensemble, init=options.init,
+                                    members=_load_members(problem, paths) if paths else None, seed=seed,
+                                    chunk=options.ensemble_chunk, progress=progress)
+    symo = None
+    if options.symo_step is not None:
+        if progress is not None:
+            progress("symo", 0, 1)
+        symo = symo_step(problem, result, eps=float(options.eps))
+        if progress is not None:
+            progress("symo", 1, 1)
+    ggn = {"mc_samples": options.mc_samples, "subsample": options.subsample} if result.source == "ggn" else None
+    return FactorsRun(result, ensemble, symo, factors_section(result, ensemble, symo, ggn, paths))
+
+
+def _load_members(problem: Problem, paths: list[Path]) -> list[dict[str, Tensor]]:
+    """Parameters of each checkpoint (the problem's architecture), keyed like ``problem.params``."""
+    from curvscope.io.checkpoints import apply_state_dict, load_checkpoint
+
+    members = []
+    for path in paths:
+        net = copy.deepcopy(problem.model)
+        apply_state_dict(net, load_checkpoint(path).state_dict, str(path))
+        values = dict(net.named_parameters())
+        members.append({n: values[n].detach().to(device=problem.device, dtype=problem.dtype)
+                        for n in problem.params})
+    return members
+
+
+def claim_factors(writer: ReportWriter, options: FactorsOptions) -> None:
+    """Claim the user-given output file (the SymO direction) before computing."""
+    if options.symo_step is not None:
+        writer.claim(options.symo_step, "symo_step")
+
+
+def write_factors(writer: ReportWriter, problem: Problem, run: FactorsRun, options: FactorsOptions) -> None:
+    """Add the ``factors`` section, ``factors.safetensors``, the SymO file and ``factors.png`` to ``writer``."""
+    from curvscope.report import factors_report as fr
+    from curvscope.report.factors_plots import factors_plot
+
+    section = dict(run.section)
+    files = {"factors": str(writer.out_dir / FACTORS_FILE)}
+    if options.plots:
+        files["plot"] = str(writer.out_dir / PLOT_FILE)
+    if run.symo is not None:
+        files["symo_step"] = str(options.symo_step)
+    section["files"] = files
+    writer.section("factors", {"factors": section})
+    writer.tensors("factors", files["factors"], fr.factors_tensors(run.result, run.ensemble),
+                   fr.factors_metadata(section))
+    if run.symo is not None:
+        writer.tensors("symo_step", options.symo_step, fr.symo_tensors(run.symo), fr.symo_metadata(section),
+                       "symo_step")
+    if not options.plots:
+        return
+    if run.ensemble is None:
+        shown, truth, example_r = run.result.factors.blocks(), None, None
+    else:
+        shown, truth = run.ensemble.example.blocks(), run.ensemble.ground_truth.blocks()
+        example_r = {n: float(r[0]) for n, r in run.ensemble.correlation.items()}
+    matrices = {n: t.detach().cpu().double().numpy() for n, t in shown.items()}
+    truth_matrices = None if truth is None else {n: t.detach().cpu().double().numpy() for n, t in truth.items()}
+    writer.plot("factors_plot", PLOT_FILE,
+                lambda report: factors_plot(report["factors"], matrices, truth_matrices, example_r))
+
+
+WORKFLOW = Workflow(name="factors", command="factors", options=FactorsOptions, run=run_factors,
+                    write=write_factors, claim=claim_factors)
