@@ -36,7 +36,6 @@ from curvscope.cli.root import app
 FACTORS_HELP = "Factors"
 ENSEMBLE_HELP = "Ensemble ground truth"
 FILES_HELP = "Output"
-FLAGS = {"out_dir": "--out"}
 
 
 @app.command("factors")
@@ -120,25 +119,19 @@ def factors(
     --data sample_models/digits.safetensors --batch-size 1797 --ensemble 200[/bold]
     """
     from curvscope.report.factors_report import factors_tables
-    from curvscope.report.writer import ReportWriter
-    from curvscope.workflows.factors import FactorsOptions, claim_factors, run_factors, write_factors
+    from curvscope.workflows import run_and_write
+    from curvscope.workflows.factors import FactorsOptions
 
     options = FactorsOptions(symmetry=symmetry, source=source, layers=layers, mc_samples=mc_samples,
                              subsample=subsample, structure_check=structure_check, ensemble=ensemble,
                              ensemble_checkpoints=ensemble_checkpoints, init=init, ensemble_chunk=ensemble_chunk,
                              symo_step=symo_step, eps=eps, plots=plots, seed=seed)
-    with as_flags(FLAGS):
+    with as_flags():
         options.validate()  # bad options fail before the files load
     problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device, dtype,
                             trust_model_code)
-    with as_flags(FLAGS):
-        writer = ReportWriter(out_dir, problem, "--out")
-        claim_factors(writer, options)
-        options.check_problem(problem)
-        with progress_bars() as progress:
-            run = run_factors(problem, options, progress)
-            write_factors(writer, problem, run, options)
-            report = writer.commit(progress)
+    with as_flags(), progress_bars() as progress:  # claims the outputs, runs, writes everything together
+        report = run_and_write(problem, out_dir, {"factors": options}, progress, option="--out")
     for table in factors_tables(report["factors"]):
         out.print(table)
 
