@@ -11,7 +11,7 @@ from typing import Any
 
 
 def _load_app():
-    from curvscope.cli import check, factors, info, lr, spectrum  # noqa: F401  (each registers its command)
+    from curvscope.cli import check, factors, info, lr, show, spectrum  # noqa: F401  (each registers itself)
     from curvscope.cli.root import app
 
     return app

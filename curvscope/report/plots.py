@@ -242,3 +242,21 @@ def layers_figure(groups: list[dict[str, Any]], problem: dict[str, Any] | None =
         left.set_ylabel("block (parameters)")
         fig.tight_layout()
         return fig
+
+
+def spectrum_plots(report: dict[str, Any]) -> list[tuple[str, str, Any]]:
+    """The figures a spectrum report has, as ``(files key, file name, make(report) -> Figure)``: spectrum.png
+    always, directions.png when directional quantities exist, layers.png for block-diagonal groupings."""
+    groups = report.get("groups") or []
+    if not groups:
+        return []
+    jobs: list[tuple[str, str, Any]] = [
+        ("spectrum_plot", "spectrum.png",
+         lambda r: spectrum_figure(r["groups"][0], r.get("problem"), r.get("approximation")))]
+    if groups[0].get("directions"):
+        jobs.append(("directions_plot", "directions.png",
+                     lambda r: directions_figure(r["groups"][0], r.get("problem"), r.get("approximation"))))
+    if report.get("grouping", "all") != "all" and len(groups) > 1:
+        jobs.append(("layers_plot", "layers.png",
+                     lambda r: layers_figure(r["groups"][1:], r.get("problem"), r.get("approximation"))))
+    return jobs

@@ -100,3 +100,40 @@ class ReportWriter:
         self.outputs.add_text(self.report_path, text, self.option)
         self.outputs.commit(progress)
         return merged
+
+
+def redraw(report: dict[str, Any], out_dir: str | os.PathLike, progress: Progress | None = None) -> list[Path]:
+    """Draw the plots of a saved report again into ``out_dir`` (all of them or none). Returns the files.
+
+    Spectrum and lr figures come from the report's fields alone; the factors figure from the
+    ``factors.safetensors`` file the report names (skipped when that file is gone).
+    """
+    from curvscope.report.plots import spectrum_plots
+    from curvscope.report.render import render_png
+
+    progress = or_silent(progress)
+    out_dir = check_directory(out_dir, "--out")
+    jobs = [(name, make) for _, name, make in spectrum_plots(report)]
+    if report.get("lr"):
+        from curvscope.report.lr_plots import lr_figure
+
+        jobs.append(("lr.png", lambda r: lr_figure(r["lr"], r.get("problem"))))
+    factors_file = ((report.get("factors") or {}).get("files") or {}).get("factors")
+    if factors_file and Path(factors_file).is_file():
+        jobs.append(("factors.png", lambda r: _factors_figure(r["factors"], Path(factors_file))))
+    outputs = Outputs()
+    for i, (name, make) in enumerate(jobs):
+        progress("plots", i, len(jobs))
+        outputs.add_bytes(out_dir / name, render_png(make(report)), "--out")
+    return outputs.commit(progress)
+
+
+def _factors_figure(section: dict[str, Any], path: Path) -> Figure:
+    from curvscope.io.tensors import read_tensors
+    from curvscope.report.factors_plots import factors_plot
+
+    tensors, _ = read_tensors(path, "factors", (".safetensors",))
+    own = {n: t.double().numpy() for n, t in tensors.items() if "/" not in n}
+    truth = {n.split("/", 1)[1]: t.double().numpy() for n, t in tensors.items() if n.startswith("ground_truth/")}
+    corr = {n.split("/", 1)[1]: float(t.flatten()[0]) for n, t in tensors.items() if n.startswith("correlation/")}
+    return factors_plot(section, own, truth or None, corr or None)

@@ -28,8 +28,7 @@ if TYPE_CHECKING:
 GROUP_MODES = ("all", "layer", "tensor")
 MIN_MEMORY = 64 * 2**20
 """The smallest memory budget accepted."""
-FILE_NAMES = {"spectrum_plot": "spectrum.png", "directions_plot": "directions.png", "layers_plot": "layers.png",
-              "directions": "directions.safetensors"}
+FILE_NAMES = {"directions": "directions.safetensors"}
 
 
 @dataclass
@@ -219,16 +218,9 @@ def write_spectrum(writer: ReportWriter, problem: Problem, run: SpectrumRun, opt
                        {n: t.detach().cpu().contiguous() for n, t in step.step.items()},
                        {"format": "curvscope.newton_step", "damping": step.damping, "blocks": step.blocks},
                        "newton_step")
-    if not options.plots:
-        return
-    writer.plot("spectrum_plot", FILE_NAMES["spectrum_plot"],
-                lambda r: plots.spectrum_figure(r["groups"][0], r["problem"], r["approximation"]))
-    if options.directions and run.fields["groups"][0].get("directions"):
-        writer.plot("directions_plot", FILE_NAMES["directions_plot"],
-                    lambda r: plots.directions_figure(r["groups"][0], r["problem"], r["approximation"]))
-    if options.groups != "all" and len(result.groups) > 1:
-        writer.plot("layers_plot", FILE_NAMES["layers_plot"],
-                    lambda r: plots.layers_figure(r["groups"][1:], r["problem"], r["approximation"]))
+    if options.plots:
+        for key, name, make in plots.spectrum_plots({**run.fields, "grouping": options.groups}):
+            writer.plot(key, name, make)
 
 
 WORKFLOW = Workflow(name="spectrum", command="spectrum", options=SpectrumOptions, run=run_spectrum,

@@ -1,0 +1,69 @@
+"""``curvscope show``: the summary of a saved report, printed again, and its plots drawn again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from curvscope.cli.common import DebugOpt, console, handle_errors, out, progress_bars
+from curvscope.cli.root import app
+from curvscope.errors import CurvscopeError
+
+
+@app.command("show")
+@handle_errors
+def show(
+    report: Annotated[Path, typer.Argument(
+        help="A report.json written by spectrum, lr-suggest, factors or check (or the directory holding it).",
+        show_default=False)],
+    plots: Annotated[bool, typer.Option(
+        "--plots/--no-plots", help="Draw the report's plots again (--no-plots: only print the summary).")] = True,
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Directory for the plots. Default: beside the report.", show_default=False)] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Print the summary of a saved report again and re-draw its plots, without computing anything.
+
+    Every table and figure is drawn from the report's own fields (and, for the factors, the factors file it
+    names), so a report copied from a CI run shows exactly what the run showed.
+
+    Example: [bold]curvscope show curvscope-out/report.json --out figures[/bold]
+    """
+    from curvscope.report.schema import REPORT_NAME, read_report
+    from curvscope.report.writer import redraw
+
+    path = report / REPORT_NAME if report.is_dir() else report
+    doc = read_report(path)
+    shown = _print_sections(doc, path)
+    if not shown:
+        raise CurvscopeError(f"{path}: the report has no section curvscope can show (spectrum, lr, factors)")
+    if plots:
+        with progress_bars() as progress:
+            written = redraw(doc, out_dir if out_dir is not None else path.parent, progress)
+        for file in written:
+            console.print(f"drew {file}", soft_wrap=True, highlight=False)
+
+
+def _print_sections(doc: dict[str, Any], path: Path) -> list[str]:
+    shown = []
+    if doc.get("groups"):
+        from curvscope.report.tables import facts_table, spectrum_table
+
+        out.print(spectrum_table(doc))
+        out.print(facts_table(doc, str(path.parent)))
+        shown.append("spectrum")
+    if doc.get("lr"):
+        from curvscope.report.lr_report import rates_table, truth_table
+
+        out.print(rates_table(doc["lr"]))
+        out.print(truth_table(doc["lr"]))
+        shown.append("lr")
+    if doc.get("factors"):
+        from curvscope.report.factors_report import factors_tables
+
+        for table in factors_tables(doc["factors"]):
+            out.print(table)
+        shown.append("factors")
+    return shown
