@@ -1,5 +1,7 @@
-"""``lr.png`` for ``curvscope lr-suggest``, drawn from the report's ``lr`` section (so a saved report can be
-re-plotted): the rates per group on a log axis, and H-bar as a correlation heatmap (layer interactions).
+"""``lr.png`` for ``curvscope lr-suggest``, drawn from the report's ``lr`` section.
+
+So a saved report can be re-plotted: the rates per group on a log axis, and H-bar as a correlation heatmap
+(layer interactions).
 """
 
 from __future__ import annotations

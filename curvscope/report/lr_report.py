@@ -116,8 +116,11 @@ def rule_legend(section: dict[str, Any]) -> list[str]:
 
 
 def rates_table(section: dict[str, Any]) -> Table:
-    """Per-group table: group, #params, g-hat, H-bar_ss, then the rates lr_newton, lr_diag, lr_stability,
-    (lr_cubic), recommended, and the number of the rule that gave the recommended rate (:func:`rule_legend`)."""
+    """The per-group table of the rates.
+
+    Columns: group, #params, g-hat, H-bar_ss, then the rates lr_newton, lr_diag, lr_stability, (lr_cubic),
+    recommended, and the number of the rule that gave the recommended rate (:func:`rule_legend`).
+    """
     batches = section["batches"]
     title = (f"Learning rates per {section['partition']} group ({section['curvature']}, direction "
              f"{section['direction']})")
@@ -191,8 +194,10 @@ def notes(section: dict[str, Any]) -> list[str]:
 
 
 def emit_torch(section: dict[str, Any]) -> str:
-    """Python source: ``optimizer = torch.optim.SGD([...])``, one param group per group with its recommended
-    rate (needs ``model`` in scope)."""
+    """Python source: ``optimizer = torch.optim.SGD([...])`` (needs ``model`` in scope).
+
+    One param group per group, with its recommended rate.
+    """
     lines = [f"# curvscope lr-suggest: recommended rates, one param group per {section['partition']} group",
              "import torch", "", "optimizer = torch.optim.SGD(["]
     for row in section["groups"]:

@@ -63,8 +63,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """``suggest_lr`` lives in the application layer (it draws further batches from the dataset); it is
-    found here too, on first use, so that ``from curvscope.curvature.lr import suggest_lr`` keeps working."""
+    """``suggest_lr``, found here on first use (``from curvscope.curvature.lr import suggest_lr`` keeps working).
+
+    It lives in the application layer (:mod:`curvscope.workflows.lr`): it draws further batches from the dataset.
+    """
     if name == "suggest_lr":
         from curvscope.workflows.lr import suggest_lr
 

@@ -69,8 +69,10 @@ def _correlation(h_bar: Tensor) -> Tensor:
 
 def _joint_newton(g_hat: Tensor, h_bar: Tensor, diag_notes: list[str], ridge: float, dtype: torch.dtype
                   ) -> tuple[Tensor | None, Tensor, str]:
-    """Joint Newton rates over the moving groups (a zero ``u_s`` would make ``H_bar`` singular for nothing):
-    the raw vector (or None), its positive part (``nan`` elsewhere) and a note."""
+    """Joint Newton rates over the moving groups (a zero ``u_s`` would make ``H_bar`` singular for nothing).
+
+    Returns the raw vector (or None), its positive part (``nan`` elsewhere) and a note.
+    """
     S = g_hat.shape[0]
     active = [s for s in range(S) if not diag_notes[s].startswith("zero gradient")]
     lr_newton = torch.full((S,), math.nan, dtype=torch.float64)
@@ -101,7 +103,8 @@ def analyse_batch(problem: Problem, groups: list[ParamGroup], partition: str = "
         curvature: ``hessian`` or ``ggn`` (see :func:`~curvscope.curvature.lr.reduced.reduced_hessian`).
         direction: ``gradient`` or ``symo`` (see :func:`resolve_direction`).
         ridge: added to ``H_bar``'s diagonal for the joint Newton rates (>= 0).
-        cubic: also the order-3 diagonal and the cubic-regularized rates (weight ``cubic_weight``).
+        cubic: also the order-3 diagonal and the cubic-regularized rates.
+        cubic_weight: the weight of the cubic term (> 0).
         stability: compute the stability bounds (one GGN spectrum pass); without them the rule has no caps.
         holdout: other samples on which every step's realized decrease is measured too.
         progress: reports stage ``"lr"``: done of the batch's steps (H-bar, bounds, order 3, truth test).

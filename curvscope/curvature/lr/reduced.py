@@ -43,8 +43,10 @@ def group_tangents(direction: dict[str, Tensor], groups: list[ParamGroup]) -> di
 
 
 def _batched(fn: Callable[[dict[str, Tensor]], object], tangents: dict[str, Tensor]):
-    """``fn`` applied to each of the S stacked tangents at once (``vmap``), one by one when the model does
-    something ``vmap`` does not support."""
+    """``fn`` applied to each of the S stacked tangents at once (``vmap``).
+
+    One by one when the model does something ``vmap`` does not support.
+    """
     try:
         return vmap(fn)(tangents)
     except (RuntimeError, NotImplementedError):

@@ -13,8 +13,15 @@ from curvscope.problem import ParamGroup
 
 @dataclass
 class StepCheck:
-    """One rate set taken as a step: ``rates`` ``(S,)`` (``nan`` = group not moved), the decrease the
-    quadratic model predicts, the realized ``L(theta) - L(theta(eta))`` on the batch and on the holdout."""
+    """One rate set taken as a step, and what the loss did.
+
+    Attributes:
+        rates: ``(S,)`` (``nan``: the group does not move).
+        predicted: the decrease the quadratic model predicts.
+        realized: ``L(theta) - L(theta(eta))`` on the batch.
+        realized_holdout: the same on the holdout (None without one).
+        predicted_cubic: the decrease the cubic-regularized model predicts (None without order 3).
+    """
 
     rates: Tensor
     predicted: float
@@ -35,8 +42,9 @@ class BatchRates:
         newton_eta: the joint solution ``(H_bar + ridge I)^{-1} g_hat`` (may have negative entries), or None.
         lr_newton: ``newton_eta`` where positive, ``nan`` elsewhere (never a negative or infinite rate).
         lr_stability: ``2/lambda_max(G_PP)`` per group; ``lambda_max`` the block eigenvalues.
-        recommended, rules: see :func:`recommend_rates`; ``halvings``: how often the safeguard halved them.
-        d3, cubic_eta: order-3 diagonal and the minimizer of the cubic-regularized model (``--cubic``);
+        recommended, rules: see :func:`~curvscope.curvature.lr.rules.recommend_rates`; ``halvings``: how often
+            the loss check halved them.
+        d3, cubic_eta: order-3 diagonal and the minimizer of the cubic-regularized model (``cubic``);
             ``lr_cubic``: ``cubic_eta`` where positive, ``nan`` elsewhere.
         steps: rate-set name -> :class:`StepCheck`.
     """
@@ -69,8 +77,13 @@ class BatchRates:
 
 @dataclass
 class RateStats:
-    """Mean and std (N-1) of one rate over the batches where it exists, ``(S,)`` each; ``noisy`` flags
-    ``std > mean``; ``count`` how many batches gave a finite rate."""
+    """Mean and std (N-1) of one rate over the batches where it exists.
+
+    Attributes:
+        mean, std: ``(S,)`` each (``nan`` where no batch, or one, gave a finite rate).
+        noisy: per group, ``std > mean``.
+        count: per group, how many batches gave a finite rate.
+    """
 
     mean: Tensor
     std: Tensor
@@ -94,11 +107,15 @@ class LRResult:
 
     @property
     def main(self) -> BatchRates:
+        """The rates of the problem's own batch."""
         return self.batches[0]
 
     def statistics(self) -> dict[str, RateStats]:
-        """Rate name (``lr_newton``, ``lr_diag``, ``lr_stability``, ``recommended``, ``lr_cubic``) -> stats
-        over the batches."""
+        """Statistics of every rate over the batches.
+
+        Returns:
+            Rate name (``lr_newton``, ``lr_diag``, ``lr_stability``, ``recommended``, ``lr_cubic``) -> stats.
+        """
         names = ["lr_newton", "lr_diag", "lr_stability", "recommended"]
         if self.main.lr_cubic is not None:
             names.append("lr_cubic")

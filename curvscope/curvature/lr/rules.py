@@ -42,9 +42,18 @@ def pd_tolerance(matrix: Tensor, dtype: torch.dtype) -> float:
 
 def newton_rates(g_hat: Tensor, h_bar: Tensor, ridge: float = 0.0, dtype: torch.dtype = torch.float64
                  ) -> tuple[Tensor | None, str]:
-    """Joint rates ``eta = (H_bar + ridge I)^{-1} g_hat`` ``(S,)`` (float64), or ``None`` with the reason when
-    ``H_bar + ridge I`` is not positive definite (its eigenvalues at or below ``S eps(dtype) max|lambda|``
-    count as zero; ``dtype``: the one ``H_bar`` was computed in). Components may be negative."""
+    """Joint rates ``eta = (H_bar + ridge I)^{-1} g_hat`` ``(S,)`` (float64); components may be negative.
+
+    Args:
+        g_hat: the reduced gradient ``(S,)``.
+        h_bar: the reduced curvature ``(S, S)``.
+        ridge: added to the diagonal (>= 0).
+        dtype: the dtype ``H_bar`` was computed in: eigenvalues at or below ``S eps(dtype) max|lambda|`` count
+            as zero.
+
+    Returns:
+        The rates and ``"ok"``, or ``None`` with the reason when ``H_bar + ridge I`` is not positive definite.
+    """
     A = h_bar.to(torch.float64) + ridge * torch.eye(h_bar.shape[0], dtype=torch.float64)
     evals = torch.linalg.eigvalsh(A)
     if not bool(torch.isfinite(evals).all()):
@@ -58,8 +67,11 @@ def newton_rates(g_hat: Tensor, h_bar: Tensor, ridge: float = 0.0, dtype: torch.
 
 
 def diagonal_rates(g_hat: Tensor, h_bar: Tensor) -> tuple[Tensor, list[str]]:
-    """Per-group rates ``g_hat_s / H_bar_ss`` ``(S,)`` (float64) with a note per group; ``nan`` where there is
-    no positive finite rate: zero gradient, ``g_hat_s < 0`` (not a descent direction) or ``H_bar_ss <= 0``."""
+    """Per-group rates ``g_hat_s / H_bar_ss`` ``(S,)`` (float64) with a note per group.
+
+    ``nan`` (and the reason in the note) where there is no positive finite rate: zero gradient, ``g_hat_s < 0``
+    (not a descent direction) or ``H_bar_ss <= 0``.
+    """
     g = g_hat.to(torch.float64)
     d = torch.diagonal(h_bar).to(torch.float64)
     rates = torch.full_like(g, math.nan)
