@@ -81,6 +81,7 @@ def _draw(section: dict[str, Any], problem: dict[str, Any] | None) -> Figure:
                  fontsize=10)
 
     corr = np.array([[_value(v) for v in row] for row in section["h_bar_correlation"]], dtype=np.float64)
+    hm.grid(False)  # the house style draws grids; not across a heatmap
     image = hm.imshow(np.ma.masked_invalid(corr), cmap="coolwarm", vmin=-1, vmax=1)
     hm.set_xticks(x)
     hm.set_yticks(x)
