@@ -174,3 +174,18 @@ def test_non_mlp_needs_layers(tmp_path):
     assert result.exit_code == 0, (result.stdout, result.stderr)
     sec = json.loads((out / "report.json").read_text())["factors"]
     assert sec["widths"] == [32, 64, 32] and sec["activation_symmetry"] is None
+
+
+def test_options_speak_the_engines_words_and_the_cli_maps_them_to_flags():
+    from curvscope.cli.common import as_flags
+    from curvscope.workflows.options import OptionError
+
+    with pytest.raises(OptionError, match="^symmetry 'rotation': choose one of orthogonal"):
+        FactorsOptions(symmetry="rotation").validate()
+    with pytest.raises(OptionError, match="^mc_samples applies to source ggn only$"):
+        FactorsOptions(mc_samples=2).validate()
+    with pytest.raises(CurvscopeError, match="^--mc-samples applies to --source ggn only$"), as_flags():
+        FactorsOptions(mc_samples=2).validate()
+    with pytest.raises(CurvscopeError, match=r"\[factors\] ensemble must be 0 \(off\) or at least 2"):
+        FactorsOptions.from_mapping({"ensemble": 1}, section="factors")
+    assert FactorsOptions.from_mapping({"layers": "1,3", "eps": 1}).eps == 1.0

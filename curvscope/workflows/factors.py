@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from curvscope.progress import counter
 from curvscope.workflows import Workflow
 from curvscope.workflows.options import OptionError, Options, at_least, one_of
 
@@ -158,11 +159,9 @@ def run_factors(problem: Problem, options: FactorsOptions | None = None, progres
                                     chunk=options.ensemble_chunk, progress=progress)
     symo = None
     if options.symo_step is not None:
-        if progress is not None:
-            progress("symo", 0, 1)
+        advance = counter(progress, "symo", 1)
         symo = symo_step(problem, result, eps=float(options.eps))
-        if progress is not None:
-            progress("symo", 1, 1)
+        advance()
     ggn = {"mc_samples": options.mc_samples, "subsample": options.subsample} if result.source == "ggn" else None
     return FactorsRun(result, ensemble, symo, factors_section(result, ensemble, symo, ggn, paths))
 
