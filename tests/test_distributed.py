@@ -16,16 +16,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import helpers
 import pytest
 import torch
-from torch import nn
 
 import curvscope
+from curvscope.curvature.distributed import _fill, _specs, _strip
 from curvscope.curvature.gram import compute_gram
 from curvscope.curvature.newton import newton_step
 from curvscope.curvature.spectrum import compute_spectrum, eigenvectors
-from curvscope.errors import CurvscopeError
-from curvscope.models import mlp, transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
@@ -33,59 +32,25 @@ WORLD = 2
 TIMEOUT_S = 120  # a hang fails the test instead of blocking CI
 
 
-# -- the problems: every rank builds the same one --------------------------------------------------------------
+# -- the problems (helpers.CASES): every rank builds the same one ----------------------------------------------
 
 def _mlp_problem(n: int = 7, loss: str = "ce") -> curvscope.Problem:
-    torch.manual_seed(0)
-    model = mlp(4, [5, 4], 3, activation="tanh")
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, 4, generator=g)
-    y = torch.arange(n) % 3 if loss == "ce" else torch.randn(n, 3, generator=g)
-    return curvscope.make_problem(model, x, y, loss=loss, dtype=torch.float64)
+    """7 samples: the ranks' slices differ in size."""
+    return helpers.CASES[f"mlp-tanh-{loss}"](n=n, data_seed=1)
 
 
 def _cnn_problem() -> curvscope.Problem:
     """Conv (ghost rule) + BatchNorm in eval mode (generic path) + Linear."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(2),
-                        nn.Conv2d(2, 3, 3, padding=1), nn.AvgPool2d(2), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
-    with torch.no_grad():
-        net[1].running_mean.copy_(torch.tensor([0.3, -0.2]))
-        net[1].running_var.copy_(torch.tensor([0.5, 2.0]))
-        net[1].weight.copy_(torch.tensor([1.5, 0.7]))
-    net.eval()
-    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(2))
-    return curvscope.make_problem(net, x, torch.arange(6) % 3, loss="ce", dtype=torch.float64)
+    return helpers.CASES["cnn-bn-eval-ce"](data_seed=2)
 
 
 def _transformer_problem() -> curvscope.Problem:
-    torch.manual_seed(0)
-    net = transformer(seq_len=3, token_dim=2, dim=4, heads=2, depth=1, mlp_ratio=2, num_classes=3)
-    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(3))
-    return curvscope.make_problem(net, x, torch.arange(5) % 3, loss="ce", dtype=torch.float64)
-
-
-class _Fragile(nn.Module):
-    """An MLP whose forward fails on batches of more than 2 samples when ``broken`` (set on one rank only)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = mlp(4, [5], 3, activation="tanh")
-        self.broken = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.broken and x.shape[0] > 2:
-            raise CurvscopeError("bad input on this rank: sample 3 cannot be read")
-        return self.net(x)
+    return helpers.CASES["transformer-ce"](n=5, data_seed=3)
 
 
 def _fragile_problem(rank: int) -> curvscope.Problem:
-    model = _Fragile()
-    problem = curvscope.make_problem(model, torch.randn(8, 4, generator=torch.Generator().manual_seed(4)),
-                                     torch.arange(8) % 3, loss="ce", dtype=torch.float64)
-    model.broken = rank == 1
-    return problem
+    """Rank 1's forward fails on batches of more than 2 samples."""
+    return helpers.CASES["fragile"](broken=rank == 1)
 
 
 CASES: dict[str, tuple[Any, dict[str, Any]]] = {
@@ -217,7 +182,7 @@ def _compare(got: dict[str, Any], ref: dict[str, Any]) -> None:
         assert g["trace"] == pytest.approx(r["trace"], rel=1e-10)
         assert g["gradient_norm"] == pytest.approx(r["gradient_norm"], rel=1e-10)
         if "gamma" in r:
-            # gamma's sign follows the eigenvector's orientation: compare |gamma| (CURVATURE.md section 4)
+            # gamma's sign follows the eigenvector's orientation: compare |gamma| (docs/conventions.md §4)
             _close(g["gamma"].abs(), r["gamma"].abs(), rtol=1e-7, atol=1e-10)
             _close(g["lambdas"], r["lambdas"], rtol=1e-7, atol=1e-10 * lam_max)
             _close(g["gamma_snr"], r["gamma_snr"], rtol=1e-6, atol=1e-10)
@@ -284,6 +249,22 @@ def test_error_on_one_rank_ends_all_ranks_with_one_message(worker_results):
     ref = _summary(compute_spectrum(_mlp_problem(), directional=False))
     for r in worker_results:
         _compare(r["after-errors"], ref)
+
+
+def test_broadcast_trees_carry_dataclasses():
+    """What a broadcast sends (a skeleton and its tensors in order) rebuilds the tree, dataclasses included."""
+    problem = _mlp_problem()
+    res = compute_spectrum(problem, groups="layer", include_total=True, top_k=2)
+    tree = {"groups": res.groups, "pair": (1, torch.ones(2)), "none": None}
+    tensors: list[torch.Tensor] = []
+    skeleton = _strip(tree, tensors)
+    assert [tuple(t.shape) for t in tensors] == [s.shape for s in _specs(skeleton)]
+    rebuilt = _fill(skeleton, iter(t.clone() for t in tensors))
+    assert rebuilt["none"] is None and rebuilt["pair"][0] == 1 and isinstance(rebuilt["pair"], tuple)
+    for got, ref in zip(rebuilt["groups"], res.groups, strict=True):
+        assert type(got) is type(ref) and got.param_names == ref.param_names and got.rank == ref.rank
+        assert torch.equal(got.eigenvalues, ref.eigenvalues)
+        assert torch.equal(got.directions.gamma, ref.directions.gamma)
 
 
 def _torchrun(port: int, *args: Any) -> list[str]:

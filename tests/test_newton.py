@@ -1,15 +1,11 @@
-"""Damped Newton steps along eigen-directions (CURVATURE.md section 5) against a dense brute force, float64."""
+"""Damped Newton steps along eigen-directions (docs/conventions.md §5) against a dense brute force, float64."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.func import functional_call, hessian, jacrev
+from helpers import CASES, dense_ggn, dense_step, param_slices, per_sample_gradients, reference_bootstrap
 
 from curvscope.curvature.newton import (
     bootstrap_damping,
@@ -21,67 +17,21 @@ from curvscope.curvature.newton import (
 )
 from curvscope.curvature.spectrum import compute_spectrum
 from curvscope.errors import CurvscopeError
-from curvscope.problem import make_problem
 
 DT = torch.float64
 
 
 def ce_problem(seed: int = 0, n: int = 6):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
-    x = torch.randn(n, 3, dtype=DT)
-    y = torch.arange(n) % 3
-    return make_problem(model, x, y, loss="ce", device="cpu", dtype=DT)
+    return CASES["small-mlp-ce"](seed=seed, n=n)
 
 
 def linear_mse_problem(seed: int = 0, n: int = 8):
-    torch.manual_seed(seed)
-    model = nn.Linear(5, 2).to(DT)
-    x = torch.randn(n, 5, dtype=DT)
-    y = torch.randn(n, 2, dtype=DT)
-    return make_problem(model, x, y, loss="mse", device="cpu", dtype=DT)
+    return CASES["linear-mse"](seed=seed, n=n)
 
 
 def dense(problem):
-    """Dense GGN (D x D) from jacrev and the autograd loss Hessian, the gradient (D,), and each parameter's
-    slice of the flat vector."""
-    names = list(problem.params)
-    flat = torch.cat([problem.params[n].reshape(-1) for n in names])
-    sizes = [problem.params[n].numel() for n in names]
-
-    def unflatten(v):
-        return {n: t.reshape(problem.params[n].shape) for n, t in zip(names, v.split(sizes), strict=True)}
-
-    def f(v, x):
-        return functional_call(problem.model, {**problem.buffers, **unflatten(v)}, (x.unsqueeze(0),))[0]
-
-    def sample_loss(out, y):
-        if problem.loss.name == "ce":
-            return F.cross_entropy(out.unsqueeze(0), y.unsqueeze(0))
-        return F.mse_loss(out, y)
-
-    D = flat.numel()
-    G = torch.zeros(D, D, dtype=DT)
-    for x, y in zip(problem.inputs, problem.targets, strict=True):
-        J = jacrev(f)(flat, x)  # (C, D)
-        H = hessian(sample_loss)(f(flat, x), y)  # (C, C)
-        G += J.T @ H @ J
-    G /= problem.batch_size
-    g = torch.func.grad(lambda v: sum(sample_loss(f(v, x), y) for x, y in
-                                      zip(problem.inputs, problem.targets, strict=True)) / problem.batch_size)(flat)
-    slices, start = {}, 0
-    for n, s in zip(names, sizes, strict=True):
-        slices[n] = slice(start, start + s)
-        start += s
-    return G, g, slices
-
-
-def dense_step(G, g, rank, delta):
-    """-sum_k gamma_k / (lambda_k + delta) e_k over the top-``rank`` eigenpairs of the dense G."""
-    evals, evecs = torch.linalg.eigh(G)
-    evals, evecs = evals.flip(0)[:rank], evecs.flip(1)[:, :rank]
-    gamma = evecs.T @ g
-    return -(evecs @ (gamma / (evals + delta)))
+    """Dense GGN (D x D), the gradient (D,), and each parameter's slice of the flat vector (``helpers``)."""
+    return dense_ggn(problem), per_sample_gradients(problem).mean(0), param_slices(problem.params)
 
 
 def flat_step(problem, step):
@@ -150,27 +100,6 @@ def test_subsampled_curvature_uses_the_subsampled_ggn():
                           rtol=1e-7, atol=1e-9)
 
 
-def reference_bootstrap(gamma, lambdas, grid, B, seed, q=5.0):
-    """A straightforward loop implementation of the rule in CURVATURE.md section 5."""
-    gen = torch.Generator().manual_seed(seed)
-    N, NV = gamma.shape[0], lambdas.shape[0]
-    idx_g = torch.randint(N, (B, N), generator=gen).numpy()
-    idx_l = idx_g if NV == N else torch.randint(NV, (B, NV), generator=gen).numpy()
-    gamma, lambdas, grid = gamma.numpy(), lambdas.numpy(), grid.numpy()
-    out = []
-    for k in range(gamma.shape[1]):
-        g_mean, l_mean = gamma[:, k].mean(), lambdas[:, k].mean()
-        best, best_delta = -math.inf, math.inf
-        for delta in grid:
-            s = -g_mean / (l_mean + delta)
-            R = [-s * gamma[idx_g[b], k].mean() - 0.5 * s**2 * lambdas[idx_l[b], k].mean() for b in range(B)]
-            p = np.percentile(R, q)
-            if p > best:
-                best, best_delta = p, delta
-        out.append(best_delta if best > 0 else math.inf)
-    return np.array(out)
-
-
 @pytest.mark.parametrize("nv", [40, 25])
 def test_bootstrap_picks_by_the_5th_percentile(nv):
     gen = torch.Generator().manual_seed(3)
@@ -214,12 +143,20 @@ def test_damping_grid_and_parse():
     assert parse_damping("bootstrap") == "bootstrap" and parse_damping(" Bootstrap ") == "bootstrap"
     assert parse_damping("1e-3") == 1e-3 and parse_damping(0) == 0.0
     for bad in ("nonsense", "-1", "nan", "inf"):
-        with pytest.raises(CurvscopeError, match="--damping"):
+        with pytest.raises(CurvscopeError, match="^damping"):
             parse_damping(bad)
 
 
 def test_newton_needs_directions():
     problem = ce_problem()
     result = compute_spectrum(problem, directional=False)
-    with pytest.raises(CurvscopeError, match="--no-directions"):
+    with pytest.raises(CurvscopeError, match="directional=True"):
         newton_step(problem, result, 1e-3)
+
+
+def test_progress_counts_the_blocks():
+    problem = ce_problem(seed=1)
+    result = compute_spectrum(problem, groups="layer", include_total=True)
+    calls = []
+    newton_step(problem, result, 1e-2, progress=lambda *a: calls.append(a))
+    assert calls == [("newton", 0, 2), ("newton", 1, 2), ("newton", 2, 2)]

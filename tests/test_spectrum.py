@@ -4,98 +4,25 @@ architectures."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from helpers import (
+    CASES,
+    DENSE_CASES,
     dense_ggn,
+    dense_reference,
     ggn_factor,
     group_index,
     nonzero_eigen,
-    per_sample_ggns,
-    per_sample_gradients,
     snr_ref,
 )
-from torch import nn
 
 import curvscope
 from curvscope.curvature.gram import compute_gram
 from curvscope.curvature.spectrum import compute_spectrum, eigenvectors
 from curvscope.errors import CurvscopeError
-from curvscope.models import mlp, transformer
 
 N = 6
-
-
-def _targets(loss: str, C: int, n: int = N, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    if loss == "ce":
-        return torch.arange(n) % C
-    if loss == "mse":
-        return torch.randn(n, C, generator=g)
-    return torch.rand(n, C, generator=g)
-
-
-def _problem(model: nn.Module, x: torch.Tensor, loss: str, C: int) -> curvscope.Problem:
-    model.eval()
-    return curvscope.make_problem(model, x, _targets(loss, C, x.shape[0]), loss=loss, dtype=torch.float64)
-
-
-def _mlp(activation: str, bias: bool, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return mlp(4, [5, 4], 3, activation=activation, bias=bias)
-
-
-def _cnn() -> nn.Module:
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(2),
-                        nn.Conv2d(2, 3, 3, padding=1, stride=1), nn.AvgPool2d(2), nn.Tanh(), nn.Flatten(),
-                        nn.Linear(12, 3))
-    bn = net[1]
-    with torch.no_grad():  # non-trivial running statistics and affine parameters
-        bn.running_mean.copy_(torch.tensor([0.3, -0.2]))
-        bn.running_var.copy_(torch.tensor([0.5, 2.0]))
-        bn.weight.copy_(torch.tensor([1.5, 0.7]))
-        bn.bias.copy_(torch.tensor([0.1, -0.3]))
-    return net
-
-
-def _conv1d() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv1d(2, 3, 3, stride=2, padding=1), nn.Tanh(), nn.Conv1d(3, 2, 2, dilation=2),
-                         nn.Flatten(), nn.Linear(4, 3))
-
-
-class _Embedder(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = nn.Embedding(7, 4)
-        self.proj = nn.Linear(4, 4)
-        self.head = nn.Linear(4, 3)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.proj(self.embed(tokens))).mean(1))
-
-
-def _x(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(N, *shape, generator=torch.Generator().manual_seed(seed))
-
-
-CASES = {
-    "mlp-tanh-ce": lambda: _problem(_mlp("tanh", True), _x(4), "ce", 3),
-    "mlp-relu-mse-nobias": lambda: _problem(_mlp("relu", False), _x(4), "mse", 3),
-    "mlp-sigmoid-bce": lambda: _problem(_mlp("sigmoid", True), _x(4), "bce", 3),
-    "cnn-bn-eval-ce": lambda: _problem(_cnn(), _x(1, 8, 8), "ce", 3),
-    "conv1d-mse": lambda: _problem(_conv1d(), _x(2, 7), "mse", 3),
-    "transformer-ce": lambda: (torch.manual_seed(0), _problem(
-        transformer(seq_len=3, token_dim=2, dim=4, heads=2, depth=1, mlp_ratio=2, num_classes=3),
-        _x(6), "ce", 3))[1],
-    "embedding-bce": lambda: _problem(_Embedder(), torch.randint(0, 7, (N, 5),
-                                                                 generator=torch.Generator().manual_seed(0)),
-                                      "bce", 3),
-}
 
 
 def _assert_block_spectrum(g, G_block: torch.Tensor, V_block: torch.Tensor, scale: float) -> None:
@@ -118,18 +45,11 @@ def _assert_block_spectrum(g, G_block: torch.Tensor, V_block: torch.Tensor, scal
     assert g.lambda_max == pytest.approx(float(ref[0]), rel=1e-10)
 
 
-@functools.cache
-def _reference(case: str) -> tuple[curvscope.Problem, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(problem, per-sample GGNs (N, D, D), GGN factor V (D, NC), per-sample gradients (N, D))``."""
-    problem = CASES[case]()
-    return problem, per_sample_ggns(problem), ggn_factor(problem), per_sample_gradients(problem)
-
-
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", DENSE_CASES)
 @pytest.mark.parametrize("groups", ["all", "layer", "tensor"])
 def test_eigenvalues_match_dense_ggn(case, groups):
-    problem, Gn, V, _ = _reference(case)
-    G = Gn.mean(0)
+    ref = dense_reference(case)
+    problem, G, V = ref.problem, ref.G, ref.V
     torch.testing.assert_close(V @ V.T, G, rtol=0, atol=1e-13 * float(G.abs().max()))
     res = compute_spectrum(problem, groups=groups, include_total=True, directional=False)
     expected = ["all"] if groups == "all" else ["all", *(g.name for g in problem.groups(groups))]
@@ -161,7 +81,7 @@ def test_subsampling_is_the_ggn_of_the_first_samples(ghost):
 
 @pytest.mark.parametrize("loss", ["ce", "mse", "bce"])
 def test_mc_trace_is_unbiased(loss):
-    problem = _problem(_mlp("tanh", True), _x(4), loss, 3)
+    problem = CASES[f"mlp-tanh-{loss}"]()
     exact = float(torch.trace(dense_ggn(problem)))
     names = tuple(problem.params)
     M, seeds = 2, 150
@@ -177,8 +97,8 @@ def test_mc_trace_is_unbiased(loss):
 
 @pytest.mark.parametrize("case", ["mlp-tanh-ce", "cnn-bn-eval-ce", "transformer-ce"])
 def test_eigenvectors_are_orthonormal_eigenvectors(case):
-    problem, Gn, _, _ = _reference(case)
-    G = Gn.mean(0)
+    ref = dense_reference(case)
+    problem, G = ref.problem, ref.G
     res = compute_spectrum(problem, groups="layer", include_total=True, top_k=4, directional=False,
                            eigenvectors=True)
     for gi, g in enumerate(res.groups):
@@ -213,9 +133,10 @@ def test_directional_quantities_match_brute_force(case, subsample):
 
     Directions inside a degenerate eigenspace (e.g. the last layer under mse: G = (2/C) I x A) are not
     unique: there, only basis-free sums over the eigenspace are compared."""
-    problem, Gn_all, _, gn = _reference(case)
+    ref = dense_reference(case)
+    problem, gn = ref.problem, ref.gn
     Nv = subsample or N
-    Gn = Gn_all[:Nv]
+    Gn = ref.Gn[:Nv]
     G = Gn.mean(0)
     top = 4
     res = compute_spectrum(problem, groups="layer", include_total=True, top_k=top, subsample=subsample)
@@ -253,6 +174,32 @@ def test_directional_quantities_match_brute_force(case, subsample):
 
 
 def test_batchnorm_in_train_mode_is_refused():
-    model = _cnn().train()
+    model = CASES["cnn-bn-eval-ce"]().model.train()
+    x = torch.randn(N, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with pytest.raises(CurvscopeError, match="BatchNorm in train mode"):
-        curvscope.make_problem(model, _x(1, 8, 8), _targets("ce", 3), loss="ce", dtype=torch.float64)
+        curvscope.make_problem(model, x, torch.arange(N) % 3, loss="ce", dtype=torch.float64)
+
+
+def test_progress_protocol_and_argument_errors():
+    """One progress protocol: ``progress(stage, done, total)``, "gram" in parameter tensors, "eigen" in groups;
+    bad arguments are named in the engine's words."""
+    problem = CASES["mlp-tanh-ce"]()
+    calls = []
+    compute_spectrum(problem, groups="layer", include_total=True, directional=False,
+                     progress=lambda *a: calls.append(a))
+    assert {c[0] for c in calls} == {"gram", "eigen"}
+    D, groups = len(problem.params), 1 + len(problem.groups("layer"))
+    gram = [c for c in calls if c[0] == "gram"]
+    assert gram[0] == ("gram", 0, D) and gram[-1] == ("gram", D, D)
+    assert calls[-1] == ("eigen", groups, groups)
+    for stage in ("gram", "eigen"):
+        done = [c[1] for c in calls if c[0] == stage]
+        assert done == sorted(done)
+    with pytest.raises(CurvscopeError, match="^top_k must be at least 1, got 0$"):
+        compute_spectrum(problem, top_k=0)
+    with pytest.raises(CurvscopeError, match="^groups 'module': choose one of"):
+        compute_spectrum(problem, groups="module")
+    with pytest.raises(CurvscopeError, match="^subsample 7 is larger than the batch"):
+        compute_spectrum(problem, subsample=7)
+    with pytest.raises(CurvscopeError, match="^mc_samples must be 0"):
+        compute_spectrum(problem, mc_samples=-1)

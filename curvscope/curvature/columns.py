@@ -1,6 +1,6 @@
 """The columns of V: which samples, and which loss-Hessian-root vectors s_nc are backpropagated.
 
-``V = [v_nc]`` with ``v_nc = J_n^T s_nc / sqrt(N_V)`` (``CURVATURE.md`` section 2), where ``N_V`` is the number
+``V = [v_nc]`` with ``v_nc = J_n^T s_nc / sqrt(N_V)`` (``docs/conventions.md`` §2), where ``N_V`` is the number
 of curvature samples (all N, or K with sub-sampling) and ``s_nc`` runs over the columns of the exact square root
 ``S_n`` (C columns) or of a Monte-Carlo one (M columns).
 """
@@ -51,11 +51,11 @@ def make_columns(problem, outputs: Tensor | None = None, mc_samples: int = 0, su
     N = problem.batch_size
     if subsample is not None:
         if subsample < 1:
-            raise CurvscopeError(f"--subsample must be at least 1, got {subsample}")
+            raise CurvscopeError(f"subsample must be at least 1, got {subsample}")
         if subsample > N:
-            raise CurvscopeError(f"--subsample {subsample} is larger than the batch ({N} samples)")
+            raise CurvscopeError(f"subsample {subsample} is larger than the batch ({N} samples)")
     if mc_samples < 0:
-        raise CurvscopeError(f"--mc-samples must be 0 (exact) or positive, got {mc_samples}")
+        raise CurvscopeError(f"mc_samples must be 0 (exact) or positive, got {mc_samples}")
     samples = torch.arange(N if subsample is None else subsample, device=problem.device)
     if outputs is None:
         with torch.no_grad():

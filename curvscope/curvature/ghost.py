@@ -1,4 +1,4 @@
-"""Fast per-layer Gram rules ("ghost" products) for nn.Linear and nn.Conv1d/2d (``CURVATURE.md`` section 3).
+"""Fast per-layer Gram rules ("ghost" products) for nn.Linear and nn.Conv1d/2d (``docs/conventions.md`` §3).
 
 A layer ``y = W a + b`` applied at T positions of a sample (T = 1 for a plain Linear, the flattened leading
 dims for sequences, the output pixels for a convolution through its unfolded patches) has, for column
@@ -27,7 +27,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +34,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 
 from curvscope.curvature.columns import Columns
-from curvscope.curvature.gram import GramAccumulator, _owner_sets, _scatter
-from curvscope.curvature.memory import ColumnBlock, MemoryPlan, column_blocks, pairwise
-
-if TYPE_CHECKING:
-    from curvscope.curvature.distributed import Shard
+from curvscope.curvature.layout import GramAccumulator, Layout
+from curvscope.curvature.memory import ColumnBlock, MemoryPlan
 
 MODES = ("ghost", "materialize")
 
@@ -224,7 +220,7 @@ GHOST_EINSUM_PENALTY = 20
 
 def choose_mode(layer: GhostLayer, num_samples: int, num_columns: int, plan: MemoryPlan, element_size: int
                 ) -> str:
-    """``ghost`` or ``materialize`` for one layer, by multiply-adds and memory (``CURVATURE.md`` section 3).
+    """``ghost`` or ``materialize`` for one layer, by multiply-adds and memory (``docs/conventions.md`` §3).
 
     With N samples, P = total columns, k = P / N columns per sample: materialize costs
     ``P T d_in d_out + P^2 d_in d_out``; ghost ``N^2 d_in + P^2 d_out`` for T = 1, else
@@ -316,30 +312,26 @@ def _ghost_weight_gram(fi: dict[str, Tensor], fj: dict[str, Tensor], plan: Memor
 
 
 def contribute(problem, names: Sequence[str], columns: Columns, grad_seeds: Tensor | None,
-               acc: GramAccumulator, plan: MemoryPlan, force_mode: str | None = None,
-               shard: Shard | None = None) -> set[str]:
+               acc: GramAccumulator, plan: MemoryPlan, layout: Layout, force_mode: str | None = None) -> set[str]:
     """Add the contributions of the parameters with a fast rule to ``acc``; return the names handled.
 
     Args:
         names: parameters wanted (the others are never touched); grad_seeds: ``(N, 1, C)`` or ``None``.
+        layout: where the columns are (collective for a sharded layout: factors of this rank's columns are
+            contracted with every rank's, into ``acc``'s block rows). Layers and modes are chosen from the whole
+            batch either way.
         force_mode: ``ghost`` or ``materialize`` for every layer (tests); default: per layer by cost.
-        shard: a ``distributed.Shard`` (collective): factors of this rank's columns are contracted with every
-            rank's, into ``acc``'s block rows. Layers and modes are chosen from the whole batch, as without.
     """
     if force_mode is not None and force_mode not in MODES:
         raise ValueError(f"force_mode must be one of {MODES}, got {force_mode!r}")
     names = [n for n in names if acc.wanted(n)]
-    if shard is None:
+    with layout.stage():
         layers = select_layers(problem, names, columns, grad_seeds, plan, force_mode)
-    else:
-        with shard.stage():
-            layers = select_layers(problem, names, columns, grad_seeds, plan, force_mode)
     if not layers:
         return set()
-    num_v = columns.num_columns
-    num_samples = problem.batch_size if grad_seeds is not None else columns.num_samples
-    total = num_v + (problem.batch_size if grad_seeds is not None else 0)
-    k = total / num_samples
+    num_g = None if grad_seeds is None else problem.batch_size
+    num_samples = columns.num_samples if num_g is None else num_g
+    k = (columns.num_columns + (num_g or 0)) / num_samples
     elt = torch.finfo(problem.dtype).bits // 8
     kept = work = 0.0  # bytes per column
     for layer in layers:
@@ -348,11 +340,8 @@ def contribute(problem, names: Sequence[str], columns: Columns, grad_seeds: Tens
         if layer.weight:
             kept += di * do if layer.mode == "materialize" else T * do + T * di / k
         work += (T * do * k + T * di) * plan.activation_factor / k
-    if shard is None:
-        max_columns, held = plan.blocking(total, kept * elt, work * elt)
-    else:
-        max_columns, held = shard.blocking(plan, columns, grad_seeds is not None, kept * elt, work * elt)
-    sets = _owner_sets(acc, [n for layer in layers for n in layer.names])
+    max_columns, held = plan.blocking(layout.held_columns(columns, num_g), kept * elt, work * elt)
+    sets = acc.owner_sets([n for layer in layers for n in layer.names])
     set_of = {n: i for i, (_groups, members) in enumerate(sets) for n in members}
 
     def contract(bi: ColumnBlock, fi: dict, bj: ColumnBlock, fj: dict) -> None:
@@ -377,13 +366,10 @@ def contribute(problem, names: Sequence[str], columns: Columns, grad_seeds: Tens
                 partial[i] = partial[i].add_(gram) if i in partial else gram
                 missing[i] -= 1
                 if not missing[i]:
-                    _scatter(sets[i][0], num_v, bi.index, bj.index, partial.pop(i), mirror=bi is not bj)
+                    acc.add(sets[i][0], bi, bj, partial.pop(i))
 
     def compute(blk: ColumnBlock) -> dict[str, dict[str, Tensor]]:
         return _block_factors(problem, layers, blk)
 
-    if shard is None:
-        pairwise(column_blocks(columns, grad_seeds, max_columns), compute, contract, held)
-    else:
-        shard.pairwise(columns, grad_seeds, max_columns, compute, contract, held)
+    layout.pairwise(columns, grad_seeds, max_columns, compute, contract, held)
     return {n for layer in layers for n in layer.names}

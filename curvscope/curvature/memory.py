@@ -38,10 +38,10 @@ def parse_memory(text: str | int | None) -> int | None:
         return text
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise CurvscopeError(f"--max-memory '{text}': expected a size like 4GiB, 512MB or 2e9 (bytes)")
+        raise CurvscopeError(f"max_memory '{text}': expected a size like 4GiB, 512MB or 2e9 (bytes)")
     value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if value < 2**20:
-        raise CurvscopeError(f"--max-memory '{text}' is below 1 MiB")
+        raise CurvscopeError(f"max_memory '{text}' is below 1 MiB")
     return value
 
 
@@ -148,31 +148,39 @@ class ColumnBlock:
         return self.index.numel()
 
 
-def column_blocks(columns, grad_seeds: Tensor | None, max_columns: int) -> list[ColumnBlock]:
-    """The columns of ``[V, G]`` cut into blocks of at most ``max_columns`` columns.
+def column_blocks(columns, grad_seeds: Tensor | None, max_columns: int, curvature: tuple[int, int] | None = None,
+                  batch: tuple[int, int] | None = None) -> list[ColumnBlock]:
+    """The columns of ``[V, G]`` cut into blocks of at most ``max_columns`` columns, with their extended indices.
 
     Args:
         columns: the :class:`~curvscope.curvature.columns.Columns` of V (``N_V`` samples, K seeds each).
         grad_seeds: ``(N, 1, C)`` gradient seeds of all batch samples, or ``None`` (V only).
-    When V covers the whole batch a sample's gradient seed joins its K seeds (one backward for K + 1 columns).
-    A sample whose columns alone exceed ``max_columns`` has its seeds split over several blocks.
+        curvature: only the curvature samples ``[c0, c1)`` (default: all ``N_V``); batch: only the gradients of
+            the batch samples ``[b0, b1)`` (default: all N). A rank of a sharded layout passes its ranges.
+    When V covers the whole batch a sample's gradient seed joins its K seeds (one backward for K + 1 columns;
+    then ``batch`` is not used: a sample's gradient goes with its curvature sample). A sample whose columns alone
+    exceed ``max_columns`` has its seeds split over several blocks.
     """
     N_V, K = columns.num_samples, columns.per_sample
     num_v = N_V * K
-    samples = columns.samples
-    v_index = torch.arange(num_v, device=samples.device).reshape(N_V, K)
+    c0, c1 = (0, N_V) if curvature is None else curvature
+    samples = columns.samples[c0:c1]
+    v_index = torch.arange(c0 * K, c1 * K, device=samples.device).reshape(c1 - c0, K)
     units: list[tuple[Tensor, Tensor, Tensor]] = []  # (samples (m,), seeds (m, k, C), index (m, k))
     if grad_seeds is None:
-        units.append((samples, columns.seeds, v_index))
+        units.append((samples, columns.seeds[c0:c1], v_index))
     elif N_V == grad_seeds.shape[0]:
-        units.append((samples, torch.cat([columns.seeds, grad_seeds[samples]], dim=1),
+        units.append((samples, torch.cat([columns.seeds[c0:c1], grad_seeds[samples]], dim=1),
                       torch.cat([v_index, num_v + samples.unsqueeze(1)], dim=1)))
     else:
-        everyone = torch.arange(grad_seeds.shape[0], device=samples.device)
-        units += [(samples, columns.seeds, v_index), (everyone, grad_seeds, (num_v + everyone).unsqueeze(1))]
+        b0, b1 = (0, grad_seeds.shape[0]) if batch is None else batch
+        mine = torch.arange(b0, b1, device=samples.device)
+        units += [(samples, columns.seeds[c0:c1], v_index), (mine, grad_seeds[b0:b1], (num_v + mine).unsqueeze(1))]
     blocks = []
     for idx, seeds, index in units:
         m, k = index.shape
+        if m == 0:
+            continue
         if max_columns >= k:
             step = max_columns // k
             blocks += [ColumnBlock(idx[i:i + step], seeds[i:i + step], index[i:i + step].reshape(-1))

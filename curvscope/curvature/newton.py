@@ -1,11 +1,11 @@
-"""Damped Newton steps along the GGN's eigen-directions (``CURVATURE.md`` section 5, ViViT section 4.2).
+"""Damped Newton steps along the GGN's eigen-directions (``docs/conventions.md`` §5, ViViT section 4.2).
 
 In the eigenbasis of the GGN the damped Newton step splits into one-dimensional problems::
 
     delta_theta = sum_k s_k e_k,   s_k = -gamma_k / (lambda_k + delta_k)
 
 over the top-k nonzero directions of each parameter group (the flat directions get no step). The step is formed
-with one multiplication by V: ``V (sum_k s_k ~e_k / sqrt(lambda_k))`` (:func:`~curvscope.curvature.gram.apply_v`).
+with one multiplication by V: ``V (sum_k s_k ~e_k / sqrt(lambda_k))`` (:func:`~curvscope.curvature.generic.apply_v`).
 With several groups (a block-diagonal GGN) the step is the sum of the per-group steps.
 
 Damping is either one constant ``delta`` for every direction, or ``"bootstrap"``: a per-direction ``delta_k``
@@ -23,9 +23,10 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, jvp
 
-from curvscope.curvature import distributed
-from curvscope.curvature.gram import apply_v
+from curvscope.curvature.generic import apply_v
+from curvscope.curvature.layout import make_layout
 from curvscope.errors import CurvscopeError
+from curvscope.progress import Progress, stage
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -87,10 +88,10 @@ def parse_damping(value: float | str | None) -> float | str:
         try:
             value = float(text)
         except ValueError:
-            raise CurvscopeError(f"--damping '{value}': expected a number >= 0 or 'bootstrap'") from None
+            raise CurvscopeError(f"damping '{value}': expected a number >= 0 or 'bootstrap'") from None
     value = float(value)
     if not math.isfinite(value) or value < 0:
-        raise CurvscopeError(f"--damping {value}: expected a finite number >= 0 or 'bootstrap'")
+        raise CurvscopeError(f"damping {value}: expected a finite number >= 0 or 'bootstrap'")
     return value
 
 
@@ -117,7 +118,7 @@ def _resample_counts(num: int, num_resamples: int, generator: torch.Generator) -
 def bootstrap_damping(gamma: Tensor, lambdas: Tensor, grid: Tensor | None = None,
                       num_resamples: int = DEFAULT_RESAMPLES, percentile: float = DEFAULT_PERCENTILE,
                       seed: int = 0) -> Tensor:
-    """Noise-aware directional damping (ViViT section 4.2, ``CURVATURE.md`` section 5).
+    """Noise-aware directional damping (ViViT section 4.2, ``docs/conventions.md`` §5).
 
     For each direction k and each candidate ``delta`` of ``grid`` the step is ``s = -gamma_k / (lambda_k + delta)``
     (means over all samples). The samples are resampled with replacement ``num_resamples`` times; on resample b
@@ -183,7 +184,7 @@ def default_blocks(result) -> list[int]:
 
 def newton_step(problem, result, damping: float | str = BOOTSTRAP, blocks: Sequence[int] | None = None,
                 num_resamples: int = DEFAULT_RESAMPLES, seed: int = 0, grid: Tensor | None = None,
-                process_group: ProcessGroup | None = None) -> NewtonStep:
+                process_group: ProcessGroup | None = None, progress: Progress | None = None) -> NewtonStep:
     """The damped Newton step along the top-k eigen-directions of ``result`` (a :class:`SpectrumResult` computed
     with directional quantities), summed over the (disjoint) ``blocks`` (indices into ``result.groups``; default
     :func:`default_blocks`), with its predicted and realized loss decrease.
@@ -194,6 +195,7 @@ def newton_step(problem, result, damping: float | str = BOOTSTRAP, blocks: Seque
         process_group: collective over an initialized ``torch.distributed`` group, with the same problem and
             result on every rank (as ``compute_spectrum(..., process_group=)`` returns): the multiplications
             by V, the losses and the gradient are split over the ranks' samples; every rank gets the same step.
+        progress: :class:`~curvscope.progress.Progress`; stage ``"newton"`` counts the blocks finished.
     """
     damping = parse_damping(damping)
     blocks = default_blocks(result) if blocks is None else list(blocks)
@@ -206,11 +208,13 @@ def newton_step(problem, result, damping: float | str = BOOTSTRAP, blocks: Seque
     step = {n: torch.zeros_like(p) for n, p in problem.params.items()}
     deltas, coefficients = [], []
     predicted_blocks = 0.0
-    for b in blocks:
+    report = stage(progress, "newton")
+    for done, b in enumerate(blocks):
+        report(done, len(blocks))
         g = result.groups[b]
         if g.rank and g.directions is None:
-            raise CurvscopeError("the Newton step needs the directional derivatives: do not combine "
-                                 "--newton-step with --no-directions")
+            raise CurvscopeError("the Newton step needs the directional derivatives: compute the spectrum with "
+                                 "directional=True")
         if g.top_k == 0:
             deltas.append(torch.zeros(0, dtype=torch.float64))
             coefficients.append(torch.zeros(0, dtype=torch.float64))
@@ -232,14 +236,9 @@ def newton_step(problem, result, damping: float | str = BOOTSTRAP, blocks: Seque
         coefficients.append(s.cpu())
 
     moved = {n: p + step[n] for n, p in problem.params.items()}
-    if process_group is None:
-        with torch.no_grad():
-            loss_before = float(problem.loss_value())
-            loss_after = float(problem.loss_value(moved))
-    else:
-        shard = distributed.Shard.create(process_group, problem, check=False)
-        loss_before = distributed.loss_value(problem, shard)
-        loss_after = distributed.loss_value(problem, shard, moved)
+    layout = make_layout(problem, process_group, check=False)
+    loss_before, loss_after = layout.loss_value(problem), layout.loss_value(problem, moved)
+    report(len(blocks), len(blocks))
     return NewtonStep(
         step=step, damping=damping, blocks=[result.groups[b].name for b in blocks], block_indices=blocks, deltas=deltas,
         coefficients=coefficients,
@@ -256,16 +255,12 @@ def quadratic_decrease(problem, columns, step: dict[str, Tensor], process_group:
     ``d^T G d = ||V^T d||^2`` with ``(V^T d)_nk = seeds[n, k] . (J_n d)``: one Jacobian-vector product.
     With a ``process_group`` (collective) the gradient and the products are split over the ranks' samples.
     """
-    samples, seeds, shard = columns.samples, columns.seeds, None
-    if process_group is None:
-        grad = problem.gradient()
-    else:
-        shard = distributed.Shard.create(process_group, problem, check=False)
-        grad = distributed.gradient(problem, shard)
-        c0, c1 = shard.curvature_range(columns)
-        samples, seeds = samples[c0:c1], seeds[c0:c1]
+    layout = make_layout(problem, process_group, check=False)
+    grad = layout.gradient(problem)
+    c0, c1 = layout.curvature_range(columns)
+    samples, seeds = columns.samples[c0:c1], columns.seeds[c0:c1]
     g_dot = float(sum((grad[n].to(torch.float64) * step[n].to(torch.float64)).sum() for n in problem.params))
-    with distributed.stage(shard):
+    with layout.stage():
         vtd_sq = torch.zeros((), dtype=torch.float64, device=problem.device)
         if samples.numel():
             inputs = problem.inputs[samples]
@@ -277,6 +272,5 @@ def quadratic_decrease(problem, columns, step: dict[str, Tensor], process_group:
                 _, jd = jvp(f, (dict(problem.params),), ({n: step[n] for n in problem.params},))  # (n, C)
             vtd = torch.einsum("nkc,nc->nk", seeds.to(torch.float64), jd.to(torch.float64))
             vtd_sq = (vtd**2).sum()
-    if shard is not None:
-        vtd_sq = shard.all_reduce_sum({"s": vtd_sq.reshape(1)})["s"][0]
+    vtd_sq = layout.all_reduce_sum({"s": vtd_sq.reshape(1)})["s"][0]
     return -(g_dot + 0.5 * float(vtd_sq))

@@ -1,24 +1,28 @@
 """Exact GGN eigenspectrum through the Gram trick, with per-sample directional derivatives and SNRs.
 
-``CURVATURE.md`` sections 2 and 4. The GGN ``G = V V^T`` (D x D) is never formed: the Gram ``V^T V``
+``docs/conventions.md`` §2 and §4. The GGN ``G = V V^T`` (D x D) is never formed: the Gram ``V^T V``
 (NK x NK) has the same nonzero eigenvalues, and every directional quantity follows from the extended Gram
-blocks ``vv``, ``vg`` of :mod:`curvscope.curvature.gram`.
+blocks ``vv``, ``vg`` of :mod:`curvscope.curvature.gram`. One driver serves one process and a
+``torch.distributed`` group alike (:mod:`curvscope.curvature.layout`): group i's Gram is assembled and
+decomposed on process ``i mod R``, and the per-group results are broadcast.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from curvscope.curvature.columns import Columns
-from curvscope.curvature.gram import GroupGram, apply_v, compute_gram
+from curvscope.curvature.generic import apply_v
+from curvscope.curvature.gram import gram_rows
+from curvscope.curvature.layout import GroupGram, make_layout
 from curvscope.curvature.memory import MemoryPlan
 from curvscope.errors import CurvscopeError
 from curvscope.problem import GROUP_MODES
+from curvscope.progress import Progress, stage
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -146,7 +150,7 @@ def top_eigenvectors(evecs_ascending: Tensor, k: int) -> Tensor:
 
 
 def numerical_rank(evals: Tensor, size: int, build_dtype: torch.dtype, reference: float = 0.0) -> int:
-    """Number of eigenvalues above ``lambda_max * NK * eps(build_dtype)`` (``CURVATURE.md`` section 2).
+    """Number of eigenvalues above ``lambda_max * NK * eps(build_dtype)`` (``docs/conventions.md`` §2).
 
     Args:
         evals: descending eigenvalues of a Gram of ``size`` rows, built in ``build_dtype``.
@@ -197,8 +201,8 @@ def snr(x: Tensor) -> Tensor:
 def compute_spectrum(problem, groups: str = "all", mc_samples: int = 0, subsample: int | None = None,
                      top_k: int | None = None, directional: bool = True, include_total: bool = False,
                      seed: int = 0, ghost: bool = True, max_memory: int | None = None,
-                     progress: Callable[[str, int, int], None] | None = None,
-                     process_group: ProcessGroup | None = None, eigenvectors: bool | None = None) -> SpectrumResult:
+                     progress: Progress | None = None, process_group: ProcessGroup | None = None,
+                     eigenvectors: bool | None = None) -> SpectrumResult:
     """Exact (or MC / sub-sampled) GGN eigenspectrum of ``problem``'s batch, per parameter group.
 
     Args:
@@ -212,7 +216,8 @@ def compute_spectrum(problem, groups: str = "all", mc_samples: int = 0, subsampl
         include_total: with ``groups != "all"``, also return the whole model as ``groups[0]``.
         ghost: use the fast per-layer rules where they are cheaper.
         max_memory: byte budget for materialized rows of V (default: a safe share of free memory).
-        progress: ``progress(stage, done, total)`` callback for a progress display.
+        progress: :class:`~curvscope.progress.Progress`; stages ``"gram"`` (parameter tensors) and ``"eigen"``
+            (groups).
         process_group: an initialized ``torch.distributed`` process group (e.g. ``dist.group.WORLD``). Then the
             call is collective: every rank passes the *same full* problem (model, parameters, all N samples)
             and the same arguments; rank r works on its contiguous slice of the samples, group i's Gram is
@@ -220,40 +225,43 @@ def compute_spectrum(problem, groups: str = "all", mc_samples: int = 0, subsampl
             single-process one up to rounding (``docs/distributed.md``).
     """
     if groups not in GROUP_MODES:
-        raise CurvscopeError(f"--groups '{groups}': choose one of {', '.join(GROUP_MODES)}")
+        raise CurvscopeError(f"groups '{groups}': choose one of {', '.join(GROUP_MODES)}")
     if top_k is not None and top_k < 1:
-        raise CurvscopeError(f"--top-k must be at least 1, got {top_k}")
-    report = progress or (lambda _s, _d, _t: None)
+        raise CurvscopeError(f"top_k must be at least 1, got {top_k}")
     blocks = [(g.name, g.param_names) for g in problem.groups(groups)]
     if include_total and groups != "all":
         blocks = [("all", tuple(problem.params)), *blocks]
-    total = len(problem.params)
-    done = [0]
-
-    def tick(n: int) -> None:
-        done[0] += n
-        report("gram", done[0], total)
-
-    plan = MemoryPlan.default(problem.device, max_memory)
     vectors = directional if eigenvectors is None else (eigenvectors or directional)
-    if process_group is not None:
-        return _compute_spectrum_distributed(problem, blocks, process_group, groups, mc_samples, subsample, top_k,
-                                             directional, seed, ghost, plan, tick, report, vectors)
-    grams, columns, outputs = compute_gram(problem, blocks, with_gradients=directional, mc_samples=mc_samples,
-                                           subsample=subsample, seed=seed, ghost=ghost, plan=plan, progress=tick)
-    loss_value = float(problem.loss(outputs, problem.targets))
-    grad = problem.gradient()
+    layout = make_layout(problem, process_group)
+    acc, columns, outputs = gram_rows(problem, blocks, layout, with_gradients=directional, mc_samples=mc_samples,
+                                      subsample=subsample, seed=seed, ghost=ghost,
+                                      plan=MemoryPlan.default(problem.device, max_memory), progress=progress)
+    with layout.stage():
+        loss_value = float(problem.loss(outputs, problem.targets))
+    grad = layout.gradient(problem)
     grad_sq = {n: float((g.to(torch.float64) ** 2).sum()) for n, g in grad.items()}
 
-    decompositions = []
-    for i, gg in enumerate(grams):
-        report("eigen", i, len(grams))
-        decompositions.append(gram_eigen(gg.vv, vectors))
+    owners = [i % layout.world for i in range(len(blocks))]
+    grams = layout.assemble(acc, columns, owners, with_gg=False)
+    report = stage(progress, "eigen")
+    decompositions: dict[int, tuple[Tensor, Tensor | None]] = {}
+    with layout.stage():
+        for i, gg in enumerate(grams):
+            if gg is not None:
+                report(len(decompositions), len(grams))
+                decompositions[i] = gram_eigen(gg.vv, vectors)
     # the whole model's largest eigenvalue bounds every block's (a block is a principal submatrix of G)
-    reference = max((float(ev[0]) for ev, _ in decompositions if ev.numel()), default=0.0)
-    results = [_group_spectrum(problem, gg, evals, evecs, reference, top_k, directional, grad_sq, columns)
-               for gg, (evals, evecs) in zip(grams, decompositions, strict=True)]
-    report("eigen", len(grams), len(grams))
+    reference = layout.all_reduce_max(max((float(ev[0]) for ev, _ in decompositions.values() if ev.numel()),
+                                          default=0.0))
+    mine: dict[int, GroupSpectrum] = {}
+    with layout.stage():
+        for i, (evals, evecs) in decompositions.items():
+            mine[i] = _group_spectrum(problem, grams[i], evals, evecs, reference, top_k, directional, grad_sq,
+                                      columns)
+            grams[i] = None
+    del decompositions
+    results = [layout.broadcast(mine.pop(i, None), owner) for i, owner in enumerate(owners)]
+    report(len(blocks), len(blocks))
     return SpectrumResult(groups=results, loss_value=loss_value, gradient_norm=sum(grad_sq.values()) ** 0.5,
                           columns=columns, grouping=groups, mc_samples=mc_samples, subsample=subsample)
 
@@ -274,64 +282,6 @@ def _group_spectrum(problem, gg: GroupGram, evals: Tensor, evecs: Tensor | None,
         num_params=sum(problem.params[n].numel() for n in gg.param_names),
         eigenvalues=evals[:rank].clone(), rank=rank, trace=float(torch.diagonal(gg.vv).sum()),
         gradient_norm=g_sq**0.5, directions=directions, gram_eigenvectors=top_vecs)
-
-
-def _compute_spectrum_distributed(problem, blocks: list[tuple[str, tuple[str, ...]]], process_group: ProcessGroup,
-                                  groups: str, mc_samples: int, subsample: int | None, top_k: int | None,
-                                  directional: bool,
-                                  seed: int, ghost: bool, plan: MemoryPlan, tick: Callable[[int], None],
-                                  report: Callable[[str, int, int], None], vectors: bool = True) -> SpectrumResult:
-    """:func:`compute_spectrum` over a process group: block rows per rank, group i's Gram assembled and
-    decomposed on rank ``i mod R``, the per-group results broadcast to every rank."""
-    from curvscope.curvature import distributed
-
-    shard = distributed.Shard.create(process_group, problem)
-    rows, columns, outputs = distributed.block_rows(
-        problem, blocks, shard, with_gradients=directional, mc_samples=mc_samples, subsample=subsample, seed=seed,
-        ghost=ghost, plan=plan, progress=tick)
-    with shard.stage():
-        loss_value = float(problem.loss(outputs, problem.targets))
-    grad = distributed.gradient(problem, shard)
-    grad_sq = {n: float((g.to(torch.float64) ** 2).sum()) for n, g in grad.items()}
-
-    owners = [i % shard.world for i in range(len(rows))]
-    grams = distributed.assemble(rows, shard, columns, owners, with_gg=False)
-    decompositions: dict[int, tuple[Tensor, Tensor]] = {}
-    with shard.stage():
-        for i, gg in enumerate(grams):
-            if gg is not None:
-                report("eigen", len(decompositions), len(grams))
-                decompositions[i] = gram_eigen(gg.vv, vectors)
-    reference = shard.all_reduce_max(max((float(ev[0]) for ev, _ in decompositions.values() if ev.numel()),
-                                         default=0.0))
-    mine: dict[int, GroupSpectrum] = {}
-    with shard.stage():
-        for i, (evals, evecs) in decompositions.items():
-            mine[i] = _group_spectrum(problem, grams[i], evals, evecs, reference, top_k, directional, grad_sq,
-                                      columns)
-            grams[i] = None
-    del decompositions
-    results = []
-    for i, owner in enumerate(owners):
-        tree = _spectrum_tree(mine.pop(i)) if owner == shard.rank else None
-        results.append(_spectrum_from_tree(shard.broadcast_tree(tree, owner)))
-    report("eigen", len(blocks), len(blocks))
-    return SpectrumResult(groups=results, loss_value=loss_value, gradient_norm=sum(grad_sq.values()) ** 0.5,
-                          columns=columns, grouping=groups, mc_samples=mc_samples, subsample=subsample)
-
-
-def _spectrum_tree(g: GroupSpectrum) -> dict:
-    """A :class:`GroupSpectrum` as plain dicts of tensors and values (for ``Comm.broadcast_tree``)."""
-    tree = {f.name: getattr(g, f.name) for f in fields(g)}
-    if g.directions is not None:
-        tree["directions"] = {f.name: getattr(g.directions, f.name) for f in fields(g.directions)}
-    return tree
-
-
-def _spectrum_from_tree(tree: dict) -> GroupSpectrum:
-    directions = tree.pop("directions")
-    tree["param_names"] = tuple(tree["param_names"])
-    return GroupSpectrum(**tree, directions=None if directions is None else Directions(**directions))
 
 
 def eigenvectors(problem, result: SpectrumResult, group: int | str = 0, k: int | None = None,

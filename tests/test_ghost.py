@@ -1,0 +1,143 @@
+"""The ghost rules (nn.Linear, nn.Conv1d/2d) against the dense Jacobian and against the generic torch.func path,
+for every block (vv, vg, gg) of every group; unsupported or unsafe layers fall back; the cost rule."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import CASES, assert_same_grams, dense_grams
+from torch import nn
+
+from curvscope.curvature import generic, ghost
+from curvscope.curvature.columns import gradient_seeds, make_columns
+from curvscope.curvature.gram import compute_gram
+from curvscope.curvature.layout import make_layout
+from curvscope.curvature.memory import MemoryPlan
+
+BIG = MemoryPlan(budget=2**30)
+KINDS = ["linear2d", "linear3d", "conv1d", "conv2d"]
+
+
+def _all_groups(problem) -> list[tuple[str, tuple[str, ...]]]:
+    return [(f"{mode}:{g.name}", g.param_names) for mode in ("all", "layer", "tensor")
+            for g in problem.groups(mode)]
+
+
+def _generic(problem, groups, **kw):
+    return compute_gram(problem, groups, with_gradients=True, ghost=False, plan=BIG, **kw)[0]
+
+
+def _ghost(problem, groups, force_mode=None, plan=BIG, mc_samples=0, subsample=None, seed=0,
+           with_gradients=True):
+    """The ghost rules alone (then the generic path for what they leave), as ``gram.gram_rows`` composes them;
+    returns ``(grams, parameters the rules handled, columns)``."""
+    layout = make_layout(problem)
+    outputs = layout.outputs(problem)
+    columns = make_columns(problem, outputs, mc_samples=mc_samples, subsample=subsample, seed=seed)
+    grad_seeds = gradient_seeds(problem, outputs) if with_gradients else None
+    acc = layout.accumulator(groups, columns, problem.batch_size if with_gradients else None)
+    names = [n for n in problem.params if acc.wanted(n)]
+    handled = ghost.contribute(problem, names, columns, grad_seeds, acc, plan, layout, force_mode=force_mode)
+    rest = [n for n in names if n not in handled]
+    if rest:
+        generic.contribute(problem, rest, columns, grad_seeds, acc, plan, layout)
+    return acc.groups, handled, columns
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ["ghost", "materialize"])
+@pytest.mark.parametrize("subsample", [None, 4])
+def test_ghost_equals_dense(kind, mode, subsample):
+    """Both modes of the rules against ``J_n^T s_nk`` from the dense Jacobian and looped per-sample gradients."""
+    problem = CASES[f"rule-{kind}"]()
+    groups = _all_groups(problem)
+    got, handled, columns = _ghost(problem, groups, force_mode=mode, subsample=subsample)
+    assert handled == set(problem.params)
+    assert_same_grams(dense_grams(problem, columns, groups), got)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("subsample", [None, 4])
+def test_ghost_equals_generic(kind, bias, subsample):
+    problem = CASES[f"rule-{kind}"](bias=bias)
+    groups = _all_groups(problem)
+    ref = _generic(problem, groups, subsample=subsample)
+    for mode in ("ghost", "materialize", None):
+        got, handled, _ = _ghost(problem, groups, force_mode=mode, subsample=subsample)
+        assert handled == set(problem.params), (mode, handled)  # every tensor is a Linear/Conv parameter
+        assert_same_grams(ref, got)
+    # and through compute_gram's own composition
+    assert_same_grams(ref, compute_gram(problem, groups, with_gradients=True, subsample=subsample, plan=BIG)[0])
+
+
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+def test_ghost_equals_generic_mc_and_other_losses(loss):
+    problem = CASES["rule-conv2d"](loss=loss)
+    groups = _all_groups(problem)
+    for mc in (0, 2):
+        ref = _generic(problem, groups, mc_samples=mc, seed=3)
+        got = compute_gram(problem, groups, with_gradients=True, mc_samples=mc, seed=3, plan=BIG)[0]
+        assert_same_grams(ref, got)
+        for mode in ("ghost", "materialize"):
+            assert_same_grams(ref, _ghost(problem, groups, force_mode=mode, mc_samples=mc, seed=3)[0])
+    ref = compute_gram(problem, groups, ghost=False, plan=BIG)[0]  # without gradient seeds: vv only
+    got, _, _ = _ghost(problem, groups, force_mode="ghost", with_gradients=False)
+    assert got[0].vg is None
+    assert_same_grams(ref, got)
+
+
+# -- layers the ghost rules must leave to the generic path --------------------------------------------------
+
+FALLBACKS = {
+    "twice-called": {"head.weight", "head.bias"},
+    "tied": {"head.weight", "head.bias"},
+    "used-outside": set(),
+    "time-major": {"head.weight", "head.bias"},
+    "hooked-output": set(),
+}
+
+
+@pytest.mark.parametrize("case", list(FALLBACKS))
+def test_unsafe_layers_fall_back_to_the_generic_path(case):
+    problem = CASES[case]()
+    groups = _all_groups(problem)
+    got, handled, columns = _ghost(problem, groups)
+    assert handled == FALLBACKS[case]
+    assert_same_grams(_generic(problem, groups), got)
+    assert_same_grams(dense_grams(problem, columns, groups), got)
+
+
+def test_unsupported_convolutions_are_not_candidates():
+    problem = CASES["unsupported-convs"]()
+    groups = _all_groups(problem)
+    got, handled, _ = _ghost(problem, groups)
+    assert handled == {"4.weight", "4.bias"}
+    assert_same_grams(_generic(problem, groups), got)
+
+
+def test_only_wanted_parameters_are_touched():
+    problem = CASES["rule-linear2d"]()
+    groups = [("first", ("0.weight",))]
+    got, handled, _ = _ghost(problem, groups)
+    assert handled == {"0.weight"}
+    assert_same_grams(_generic(problem, groups), got)
+
+
+def test_cost_rule_picks_ghost_for_wide_linear_and_materialize_for_many_positions():
+    wide = ghost.GhostLayer("l", nn.Linear(64, 64), "l.weight", None, positions=1, d_in=64, d_out=64)
+    conv = ghost.GhostLayer("c", nn.Conv2d(1, 16, 3), "c.weight", None, positions=64, d_in=9, d_out=16)
+    assert ghost.choose_mode(wide, 128, 128 * 11, BIG, 4) == "ghost"
+    assert ghost.choose_mode(conv, 128, 128 * 11, BIG, 4) == "materialize"
+    # memory: materialized rows that cannot fit yield to ghost factors that can
+    plan = MemoryPlan(budget=3 * 200 * 2**20)  # rows 369 MB, ghost factors 100 MB
+    long = ghost.GhostLayer("s", nn.Linear(256, 256), "s.weight", None, positions=64, d_in=256, d_out=256)
+    assert ghost.choose_mode(long, 128, 128 * 11, MemoryPlan(budget=2**40), 4) == "materialize"
+    assert ghost.choose_mode(long, 128, 128 * 11, plan, 4) == "ghost"
+
+
+def test_force_mode_is_checked():
+    problem = CASES["rule-linear2d"]()
+    with pytest.raises(ValueError, match="force_mode"):
+        _ghost(problem, _all_groups(problem), force_mode="fast")
