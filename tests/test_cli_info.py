@@ -189,7 +189,7 @@ BAD_CASES = {
     "plain checkpoint without --model": (["{tmp}/plain.pt", "--data", "{data}"],
                                          ["plain.pt", "does not say which model", "--model SPEC"]),
     "metadata names an unbuildable model": (
-        ["{tmp}/orphan.safetensors", "--data", "{data}"],
+        ["{tmp}/orphan.safetensors", "--data", "{data}", "--trust-model-code"],
         ["orphan.safetensors", "metadata names a model that cannot be built", "nonexistent_cs_pkg"]),
     "spec module does not import": (["--model", "nonexistent_cs_pkg.nets:make", "--data", "{data}"],
                                     ["nonexistent_cs_pkg.nets:make", "cannot import module"]),

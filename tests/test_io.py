@@ -268,7 +268,7 @@ def test_checkpoint_naming_a_model_that_cannot_be_built(tmp_path, tiny_data):
     save_checkpoint(path, tiny_mlp(), model_spec="nonexistent_cs_pkg:make")
     data = write_data(tmp_path / "d.safetensors", *tiny_data)
     with pytest.raises(CurvscopeError, match=r"orphan\.safetensors: metadata names a model"):
-        load_problem(path, data)
+        load_problem(path, data, trust_model_code=True)
 
 
 # -- integer inputs -------------------------------------------------------------------------------------

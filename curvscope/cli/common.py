@@ -148,6 +148,7 @@ STAGE_LABELS = {
     "eigen": "eigendecomposition (groups)",
     "directions": "directional derivatives",
     "newton": "damped Newton step",
+    "lr": "learning rates",
     "per-sample": "per-sample gradients",
     "ensemble": "ensemble of models",
     "symo": "SymO line search",
