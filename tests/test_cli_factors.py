@@ -86,6 +86,12 @@ def test_model_only_ensemble(tmp_path, tiny_files):
     assert meta["ensemble_models"] == "5"
     assert "r vs truth" in result.stdout and "±" in result.stdout
     assert (out / "factors.png").is_file()
+    # the figure is drawn from what was written: the report section and factors.safetensors
+    from curvscope.report.factors_plots import factors_file_plot
+    from curvscope.report.render import render_png
+
+    assert tensors["example/Phi_1"].shape == (4, 4)
+    assert render_png(factors_file_plot(sec, tensors)) == (out / "factors.png").read_bytes()
 
 
 def test_ensemble_checkpoints(tmp_path, tiny_files):

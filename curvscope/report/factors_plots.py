@@ -107,3 +107,21 @@ def factors_plot(section: Mapping[str, Any], factors: Mapping[str, np.ndarray],
     return factors_figure(factors, title + f"; ensemble of {ensemble['models']} ({ensemble['init']})",
                           ground_truth=ground_truth, correlation=ensemble["correlation"],
                           example_label="ensemble model 0", example_r=example_r, params=params)
+
+
+def factors_file_plot(section: Mapping[str, Any], tensors: Mapping[str, Any]) -> Figure:
+    """``factors.png`` from a report's ``factors`` section and the tensors of its ``factors.safetensors``
+    (CPU tensors or arrays by name): the factors, or with an ensemble ``example/<name>`` (model 0) beside
+    ``ground_truth/<name>`` with its correlation ``correlation/<name>[0]``; in the section's block order (a
+    safetensors file sorts its keys)."""
+    names = [b["name"] for b in section["blocks"]]
+
+    def group(prefix: str) -> dict[str, np.ndarray]:
+        return {n: np.asarray(tensors[prefix + n], dtype=np.float64) for n in names if prefix + n in tensors}
+
+    own = group("")
+    truth = group("ground_truth/")
+    if not truth:
+        return factors_plot(section, own)
+    example_r = {n: float(r.reshape(-1)[0]) for n, r in group("correlation/").items() if r.size}
+    return factors_plot(section, group("example/") or own, truth, example_r)

@@ -91,11 +91,13 @@ def _cpu(t: Tensor) -> Tensor:
 
 
 def factors_tensors(result: FactorsResult, ensemble: EnsembleResult | None) -> dict[str, Tensor]:
-    """The tensors of ``factors.safetensors``: every named factor; with an ensemble ``ground_truth/<name>`` and
-    ``correlation/<name>`` ``(M,)``."""
+    """The tensors of ``factors.safetensors``: every named factor; with an ensemble ``ground_truth/<name>``,
+    ``correlation/<name>`` ``(M,)`` and ``example/<name>`` (ensemble model 0's factor, the one factors.png
+    shows beside the ground truth)."""
     tensors = {name: _cpu(t) for name, t in result.factors.blocks().items()}
     if ensemble is not None:
         tensors.update({f"ground_truth/{n}": _cpu(t) for n, t in ensemble.ground_truth.blocks().items()})
+        tensors.update({f"example/{n}": _cpu(t) for n, t in ensemble.example.blocks().items()})
         tensors.update({f"correlation/{n}": _cpu(t) for n, t in ensemble.correlation.items()})
     return tensors
 

@@ -189,7 +189,7 @@ def claim_factors(writer: ReportWriter, options: FactorsOptions) -> None:
 def write_factors(writer: ReportWriter, problem: Problem, run: FactorsRun, options: FactorsOptions) -> None:
     """Add the ``factors`` section, ``factors.safetensors``, the SymO file and ``factors.png`` to ``writer``."""
     from curvscope.report import factors_report as fr
-    from curvscope.report.factors_plots import factors_plot
+    from curvscope.report.factors_plots import factors_file_plot
 
     section = dict(run.section)
     files = {"factors": str(writer.out_dir / FACTORS_FILE)}
@@ -199,22 +199,13 @@ def write_factors(writer: ReportWriter, problem: Problem, run: FactorsRun, optio
         files["symo_step"] = str(options.symo_step)
     section["files"] = files
     writer.section("factors", {"factors": section})
-    writer.tensors("factors", files["factors"], fr.factors_tensors(run.result, run.ensemble),
-                   fr.factors_metadata(section))
+    tensors = fr.factors_tensors(run.result, run.ensemble)
+    writer.tensors("factors", files["factors"], tensors, fr.factors_metadata(section))
     if run.symo is not None:
         writer.tensors("symo_step", options.symo_step, fr.symo_tensors(run.symo), fr.symo_metadata(section),
                        "symo_step")
-    if not options.plots:
-        return
-    if run.ensemble is None:
-        shown, truth, example_r = run.result.factors.blocks(), None, None
-    else:
-        shown, truth = run.ensemble.example.blocks(), run.ensemble.ground_truth.blocks()
-        example_r = {n: float(r[0]) for n, r in run.ensemble.correlation.items()}
-    matrices = {n: t.detach().cpu().double().numpy() for n, t in shown.items()}
-    truth_matrices = None if truth is None else {n: t.detach().cpu().double().numpy() for n, t in truth.items()}
-    writer.plot("factors_plot", PLOT_FILE,
-                lambda report: factors_plot(report["factors"], matrices, truth_matrices, example_r))
+    if options.plots:  # drawn from what is written: the report section and factors.safetensors
+        writer.plot("factors_plot", PLOT_FILE, lambda report: factors_file_plot(report["factors"], tensors))
 
 
 WORKFLOW = Workflow(name="factors", command="factors", options=FactorsOptions, run=run_factors,
