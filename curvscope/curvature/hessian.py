@@ -1,0 +1,297 @@
+"""Matrix-free curvature spectrum: extreme eigenvalues, trace and spectral density of the Hessian or the GGN.
+
+``docs/conventions.md`` §9. Per parameter group, the curvature matrix is reached through products only
+(:mod:`curvscope.curvature.operators`) and handed to the generic estimators of
+:mod:`curvscope.curvature.matfree`:
+
+- extreme eigenvalues by Lanczos with full reorthogonalization, each Ritz value with its true residual
+  ``||A q - theta q||``; converged when every residual is ``<= tol * max |theta|``. The Hessian is indefinite:
+  both ends are reported (top k largest and bottom k smallest algebraic eigenvalues); the GGN is positive
+  semi-definite and only its top k are computed;
+- the trace by Hutch++ with Rademacher vectors and a standard error (the exact trace from ``dim`` unit vectors
+  when the budget reaches ``dim``);
+- the spectral density by stochastic Lanczos quadrature (SLQ), for the first group only (the whole model
+  whenever ``groups == "all"`` or ``include_total``); it integrates to 1 (multiply by D for eigenvalue counts).
+
+Everything is deterministic in ``seed``: each group and each estimator draws from its own CPU
+``torch.Generator`` seeded from ``seed``, the group's index and the estimator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from curvscope.curvature.matfree import (
+    Density,
+    default_max_steps,
+    extreme_eigenpairs,
+    hutchpp,
+    spectral_density,
+)
+from curvscope.curvature.operators import CURVATURES, curvature_operator
+from curvscope.errors import CurvscopeError
+from curvscope.problem import GROUP_MODES
+from curvscope.progress import Progress, or_silent
+
+_EIGEN, _TRACE, _DENSITY = 0, 1, 2  # estimator index in the seed of its generator
+
+
+@dataclass(repr=False)
+class MatfreeGroup:
+    """The matrix-free spectrum of one block of the (block-diagonal) Hessian or GGN.
+
+    Attributes:
+        name, param_names, num_params: the group (``num_params`` = D_P, the operator's dimension).
+        top: ``(k,)`` largest algebraic Ritz values, descending.
+        top_residuals: ``(k,)`` their residuals ``||A q - theta q||`` (unit Ritz vectors q).
+        bottom: ``(k,)`` smallest algebraic Ritz values, ascending (Hessian); ``None`` for the GGN.
+        bottom_residuals: ``(k,)`` their residuals (Hessian); ``None`` for the GGN.
+        converged: every reported residual is ``<= tol * max |theta|``.
+        tol: the relative residual tolerance.
+        steps: Lanczos steps of the eigenvalue run.
+        trace: trace estimate (Hutch++, or exact); ``None`` when ``trace_matvecs == 0``.
+        trace_stderr: its standard error (0.0 when exact, NaN with a single Hutchinson vector).
+        trace_method: ``"hutch++"``, ``"hutchinson"`` or ``"exact"`` (``None`` without a trace).
+        density: the SLQ :class:`~curvscope.curvature.matfree.Density` (``grid`` ``(G,)``, ``values`` ``(G,)``,
+            Ritz ``nodes``/``weights`` ``(n_v, m)``, ``sigma``), for the first group only, else ``None``.
+        negative_mass: Hessian with a density: the fraction of the smoothed density below 0,
+            ``(1/n_v) sum_v sum_i tau_vi Phi(-theta_vi / sigma)`` (the exact integral of the Gaussian-kernel
+            density over ``(-inf, 0)``); ``None`` otherwise.
+        matvecs: products with this group's operator (eigenvalues, residual checks, trace and density).
+    """
+
+    name: str
+    param_names: tuple[str, ...]
+    num_params: int
+    top: Tensor
+    top_residuals: Tensor
+    bottom: Tensor | None
+    bottom_residuals: Tensor | None
+    converged: bool
+    tol: float
+    steps: int
+    trace: float | None
+    trace_stderr: float | None
+    trace_method: str | None
+    density: Density | None
+    negative_mass: float | None
+    matvecs: int
+
+    @property
+    def lambda_max(self) -> float:
+        """The largest eigenvalue (the top Ritz value)."""
+        return float(self.top[0])
+
+    @property
+    def lambda_min(self) -> float | None:
+        """The smallest eigenvalue (Hessian); ``None`` for the GGN (positive semi-definite, not computed)."""
+        return None if self.bottom is None else float(self.bottom[0])
+
+    @property
+    def stability_lr(self) -> float:
+        """``2 / lambda_max``: gradient descent on this block is stable below this learning rate (inf if
+        ``lambda_max <= 0``)."""
+        return 2.0 / self.lambda_max if self.lambda_max > 0 else math.inf
+
+    @property
+    def max_residual(self) -> float:
+        """The largest residual among the reported Ritz values."""
+        res = [self.top_residuals] + ([self.bottom_residuals] if self.bottom_residuals is not None else [])
+        return float(torch.cat(res).max()) if sum(r.numel() for r in res) else 0.0
+
+    def __repr__(self) -> str:
+        parts = [f"name={self.name!r}", f"D={self.num_params}", f"lambda_max={self.lambda_max:.6g}"]
+        if self.lambda_min is not None:
+            parts.append(f"lambda_min={self.lambda_min:.6g}")
+        if self.trace is not None:
+            parts.append(f"trace={self.trace:.6g}")
+        if self.negative_mass is not None:
+            parts.append(f"negative_mass={self.negative_mass:.3g}")
+        parts += [f"converged={self.converged}", f"matvecs={self.matvecs}"]
+        return f"MatfreeGroup({', '.join(parts)})"
+
+
+@dataclass(repr=False)
+class MatfreeResult:
+    """What :func:`compute_matfree_spectrum` returns.
+
+    Attributes:
+        groups: one :class:`MatfreeGroup` per block; with ``include_total`` and a grouping other than ``all``,
+            ``groups[0]`` is the whole model.
+        curvature: ``"hessian"`` or ``"ggn"``.
+        method: ``"lanczos"``.
+        loss_value: the batch loss L.
+        matvecs: products over all groups.
+        seed: the seed of every random draw.
+        grouping: ``all``, ``layer`` or ``tensor``.
+        eigenvectors: with ``eigenvectors=True``: name -> ``(k, *param.shape)``, the unit Ritz vectors of
+            ``groups[0].top`` (rows aligned with it; zeros outside the group; sign arbitrary); else ``None``.
+    """
+
+    groups: list[MatfreeGroup]
+    curvature: str
+    method: str
+    loss_value: float
+    matvecs: int
+    seed: int
+    grouping: str = "all"
+    eigenvectors: dict[str, Tensor] | None = None
+
+    @property
+    def density(self) -> Density | None:
+        """The SLQ density (of ``groups[0]``)."""
+        return self.groups[0].density if self.groups else None
+
+    @property
+    def converged(self) -> bool:
+        return all(g.converged for g in self.groups)
+
+    def group(self, name: str) -> MatfreeGroup:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    def __repr__(self) -> str:
+        return (f"MatfreeResult(curvature={self.curvature!r}, method={self.method!r}, groups={len(self.groups)}, "
+                f"loss_value={self.loss_value:.6g}, matvecs={self.matvecs}, seed={self.seed})")
+
+
+def _generator(seed: int, group: int, estimator: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + 3 * group + estimator)
+
+
+def _checked(name: str, value: int, minimum: int) -> int:
+    if int(value) != value or value < minimum:
+        raise CurvscopeError(f"{name} must be an integer >= {minimum}, got {value}")
+    return int(value)
+
+
+class _Stage:
+    """Progress of one stage summed over the groups: ``(stage, done, total)`` with a fixed ``total``; a group
+    that stops early jumps to the end of its share."""
+
+    def __init__(self, progress: Progress, name: str, totals: list[int]) -> None:
+        self.progress, self.name, self.totals = progress, name, totals
+
+    def group(self, i: int):
+        offset, total = sum(self.totals[:i]), sum(self.totals)
+
+        def report(done: int, _total: int) -> None:
+            self.progress(self.name, offset + min(done, self.totals[i]), total)
+
+        return report
+
+    def finish(self, i: int) -> None:
+        self.progress(self.name, sum(self.totals[: i + 1]), sum(self.totals))
+
+
+def _negative_mass(density: Density) -> float:
+    """``(1/n_v) sum tau Phi(-theta / sigma)``: the Gaussian-kernel density's mass below 0."""
+    cdf = 0.5 * torch.erfc(density.nodes.to(torch.float64) / (density.sigma * math.sqrt(2.0)))
+    return float((density.weights.to(torch.float64) * cdf).sum() / density.nodes.shape[0])
+
+
+def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str = "all", top_k: int = 10,
+                             tol: float = 1e-6, max_steps: int | None = None, trace_matvecs: int = 60,
+                             density_vectors: int = 4, density_steps: int = 40, eigenvectors: bool = False,
+                             include_total: bool = True, seed: int = 0, progress: Progress | None = None
+                             ) -> MatfreeResult:
+    """Extreme eigenvalues, trace and spectral density of the Hessian or GGN per parameter group (§9).
+
+    Args:
+        problem: the :class:`~curvscope.problem.Problem`.
+        curvature: ``"hessian"`` (``H = d^2 L / d theta^2``, indefinite: top and bottom eigenvalues) or
+            ``"ggn"`` (``G``, positive semi-definite: top eigenvalues only).
+        groups: ``all`` (the whole model), ``layer`` or ``tensor`` (diagonal blocks, as in
+            :func:`~curvscope.curvature.spectrum.compute_spectrum`).
+        top_k: eigenvalues wanted at each end (clipped to each group's dimension D_P).
+        tol: relative residual tolerance of the Lanczos runs (use ``>= 1e-5`` in float32).
+        max_steps: cap on Lanczos steps per group (default
+            :func:`~curvscope.curvature.matfree.default_max_steps`); the basis holds ``max_steps * D_P``
+            numbers.
+        trace_matvecs: Hutch++ budget per group; the exact trace when ``>= D_P`` (``stderr`` 0); 0 skips it.
+        density_vectors: SLQ start vectors (n_v) for the density of ``groups[0]``; 0 skips it.
+        density_steps: Lanczos steps per SLQ vector (m).
+        eigenvectors: also return the unit Ritz vectors of ``groups[0].top`` (parameter-shaped).
+        include_total: with ``groups != "all"``, prepend the whole model as ``groups[0]``.
+        seed: seeds every random vector (start vectors, Hutch++ and SLQ vectors).
+        progress: :class:`~curvscope.progress.Progress`; stages ``"lanczos"`` (Lanczos steps, summed over the
+            groups), ``"trace"`` (products, summed over the groups) and ``"density"`` (Lanczos steps).
+
+    Returns:
+        :class:`MatfreeResult`; shapes: ``top``/``bottom`` ``(min(k, D_P),)``, density ``(G,)``.
+    """
+    if curvature not in CURVATURES:
+        raise CurvscopeError(f"unknown curvature '{curvature}': choose one of {', '.join(CURVATURES)}")
+    if groups not in GROUP_MODES:
+        raise CurvscopeError(f"groups '{groups}': choose one of {', '.join(GROUP_MODES)}")
+    top_k = _checked("top_k", top_k, 1)
+    trace_matvecs = _checked("trace_matvecs", trace_matvecs, 0)
+    density_vectors = _checked("density_vectors", density_vectors, 0)
+    density_steps = _checked("density_steps", density_steps, 1)
+    if max_steps is not None:
+        max_steps = _checked("max_steps", max_steps, 1)
+    if not tol > 0:
+        raise CurvscopeError(f"tol must be positive, got {tol}")
+    progress = or_silent(progress)
+    blocks = [(g.name, g.param_names) for g in problem.groups(groups)]
+    if include_total and groups != "all":
+        blocks = [("all", tuple(problem.params)), *blocks]
+    which = "both" if curvature == "hessian" else "largest"
+    dims = [sum(problem.params[n].numel() for n in names) for _, names in blocks]
+    caps = [default_max_steps(d, min(top_k, d), which) if max_steps is None else min(d, max(max_steps, top_k))
+            for d in dims]
+    lanczos_stage = _Stage(progress, "lanczos", caps)
+    trace_stage = _Stage(progress, "trace", [min(trace_matvecs, d) for d in dims])
+    with torch.no_grad():
+        loss_value = float(problem.loss_value())
+
+    results: list[MatfreeGroup] = []
+    vectors: dict[str, Tensor] | None = None
+    for i, (name, names) in enumerate(blocks):
+        op = curvature_operator(problem, names, curvature)
+        kw = {"dtype": problem.dtype, "device": problem.device}
+        eig = extreme_eigenpairs(op.matvec, op.dim, top_k, which=which, tol=tol, max_steps=caps[i],
+                                 generator=_generator(seed, i, _EIGEN), want_vectors=eigenvectors and i == 0,
+                                 progress=lanczos_stage.group(i), **kw)
+        lanczos_stage.finish(i)
+        if eigenvectors and i == 0:
+            vectors = _parameter_vectors(problem, op, eig.top_vectors)
+        trace = None
+        if trace_matvecs:
+            trace = hutchpp(op.matvec, op.dim, trace_matvecs, generator=_generator(seed, i, _TRACE),
+                            progress=trace_stage.group(i), **kw)
+            trace_stage.finish(i)
+        density = None
+        if i == 0 and density_vectors:
+            total = density_vectors * min(density_steps, op.dim)
+            density = spectral_density(op.matvec, op.dim, num_vectors=density_vectors, steps=density_steps,
+                                       generator=_generator(seed, i, _DENSITY),
+                                       progress=lambda done, tot: progress("density", done, tot), **kw)
+            progress("density", total, total)
+        hessian = curvature == "hessian"
+        results.append(MatfreeGroup(
+            name=name, param_names=tuple(names), num_params=op.dim,
+            top=eig.top, top_residuals=eig.top_residuals,
+            bottom=eig.bottom if hessian else None, bottom_residuals=eig.bottom_residuals if hessian else None,
+            converged=eig.converged, tol=tol, steps=eig.steps,
+            trace=None if trace is None else trace.trace, trace_stderr=None if trace is None else trace.stderr,
+            trace_method=None if trace is None else trace.method, density=density,
+            negative_mass=_negative_mass(density) if hessian and density is not None else None,
+            matvecs=op.count))
+        del op  # frees the group's autograd graphs
+    return MatfreeResult(groups=results, curvature=curvature, method="lanczos", loss_value=loss_value,
+                         matvecs=sum(g.matvecs for g in results), seed=seed, grouping=groups, eigenvectors=vectors)
+
+
+def _parameter_vectors(problem, op, rows: Tensor) -> dict[str, Tensor]:
+    """Unit Ritz vectors ``(k, D_P)`` as name -> ``(k, *shape)`` for every parameter (zeros outside the group)."""
+    k = rows.shape[0]
+    inside = op.unflatten(rows)
+    return {n: inside[n] if n in inside else torch.zeros(k, *p.shape, dtype=p.dtype, device=p.device)
+            for n, p in problem.params.items()}

@@ -1,0 +1,249 @@
+"""Matrix-vector products with the Hessian and the GGN of a Problem's batch loss (``docs/conventions.md`` §9).
+
+An :class:`Operator` acts on flat vectors of one parameter group: the group's tensors (``names``, in that order)
+flattened and concatenated, ``dim`` entries in ``problem.dtype`` on ``problem.device``. Parameters outside the
+group are held fixed, so the operator is the group's diagonal block of the whole-model matrix (§2, parameter
+groups). Parameters of the group that do not influence the loss give zero rows and columns.
+
+- :func:`hessian_operator`: ``H v`` with ``H = d^2 L / d theta^2`` by double backward (reverse over reverse).
+  The first gradient ``dL/dtheta`` is built once with ``create_graph=True``; every product is one backward
+  pass through that graph (``retain_graph=True``).
+- :func:`ggn_operator`: ``G v = (1/N) sum_n J_n^T H_n (J_n v)`` (§2): ``J v`` by the double-VJP trick
+  (``J v = d/du [v . J^T u]``, one backward pass through the graph of ``u -> J^T u``), the loss Hessians
+  ``H_n`` of §1 applied sample by sample in closed form, then one VJP ``J^T (.)``. The forward graph and the
+  graph of ``J^T u`` are built once and reused. The result equals ``V V^T v`` of the Gram engine.
+
+Only ``torch.autograd.grad`` is used: no forward-mode AD and no ``torch.func.hessian``, which returned a wrong,
+non-symmetric Hessian through LayerNorm + GELU in torch 2.14 (§9).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from curvscope.errors import CurvscopeError
+
+CURVATURES = ("hessian", "ggn")
+
+
+@dataclass(repr=False)
+class Operator:
+    """A symmetric curvature matrix of one parameter group, available through products only.
+
+    Attributes:
+        dim: length of the flat vectors the operator acts on (the group's number of parameters).
+        names: the group's parameter names, in the order their entries appear in the flat vectors.
+        kind: ``"hessian"`` or ``"ggn"``.
+        shapes: the shape of every parameter in ``names``.
+        dtype, device: those of the problem (``matvec`` returns vectors there).
+        count: number of products computed so far.
+    """
+
+    dim: int
+    names: tuple[str, ...]
+    kind: str
+    shapes: tuple[torch.Size, ...]
+    dtype: torch.dtype
+    device: torch.device
+    count: int = 0
+    _product: Callable[[list[Tensor]], list[Tensor]] = field(default=None, compare=False)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``A v`` for a vector ``v`` with ``dim`` entries (any shape, cast to the problem's dtype/device).
+
+        Returns:
+            ``(dim,)`` tensor, detached, in ``dtype`` on ``device``.
+        """
+        if not isinstance(v, Tensor) or v.numel() != self.dim:
+            got = v.numel() if isinstance(v, Tensor) else type(v).__name__
+            raise CurvscopeError(f"{self.kind} operator acts on vectors of {self.dim} entries, got {got}")
+        parts = self.split(v.reshape(-1).to(dtype=self.dtype, device=self.device))
+        with torch.enable_grad():
+            out = self._product(parts)
+        self.count += 1
+        return torch.cat([o.reshape(-1) for o in out]).detach()
+
+    __call__ = matvec
+
+    def split(self, v: Tensor) -> list[Tensor]:
+        """A flat ``(dim,)`` vector as a list of parameter-shaped tensors, one per name."""
+        sizes = [s.numel() for s in self.shapes]
+        return [p.reshape(s) for p, s in zip(torch.split(v, sizes), self.shapes, strict=True)]
+
+    def unflatten(self, v: Tensor) -> dict[str, Tensor]:
+        """A flat ``(..., dim)`` tensor as name -> ``(..., *shape)`` tensors."""
+        lead = v.shape[:-1]
+        sizes = [s.numel() for s in self.shapes]
+        return {n: p.reshape(*lead, *s)
+                for n, p, s in zip(self.names, torch.split(v, sizes, dim=-1), self.shapes, strict=True)}
+
+    def flatten(self, tensors: dict[str, Tensor]) -> Tensor:
+        """name -> parameter-shaped tensors as one flat ``(dim,)`` vector (missing names are zeros)."""
+        parts = [tensors[n].reshape(-1) if n in tensors else torch.zeros(s.numel(), dtype=self.dtype,
+                                                                          device=self.device)
+                 for n, s in zip(self.names, self.shapes, strict=True)]
+        return torch.cat([p.to(dtype=self.dtype, device=self.device) for p in parts])
+
+    def dense(self) -> Tensor:
+        """The ``(dim, dim)`` matrix, column by column (``dim`` products; for tiny groups and tests)."""
+        eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
+        return torch.stack([self.matvec(e) for e in eye], dim=1)
+
+    def __repr__(self) -> str:
+        return f"Operator(kind={self.kind!r}, dim={self.dim}, names={len(self.names)}, count={self.count})"
+
+
+def _check_names(problem, names: Sequence[str] | None) -> tuple[str, ...]:
+    names = tuple(problem.params) if names is None else tuple(names)
+    if not names:
+        raise CurvscopeError("a curvature operator needs at least one parameter")
+    unknown = [n for n in names if n not in problem.params]
+    if unknown:
+        raise CurvscopeError(f"unknown parameter(s) {', '.join(unknown)}: not among the model's trainable "
+                             "parameters")
+    if len(set(names)) != len(names):
+        raise CurvscopeError("a parameter group lists a parameter twice")
+    return names
+
+
+def _leaves(problem, names: tuple[str, ...]) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """Fresh leaves requiring grad for ``names``, and the full parameter dict with them substituted."""
+    leaves = [problem.params[n].detach().clone().requires_grad_(True) for n in names]
+    params = {**{k: v.detach() for k, v in problem.params.items()}, **dict(zip(names, leaves, strict=True))}
+    return leaves, params
+
+
+def _zero_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> list[Tensor]:
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, like, strict=True)]
+
+
+def _backward(outputs: Sequence[Tensor], inputs: Sequence[Tensor], seeds: Sequence[Tensor]) -> list[Tensor]:
+    """``sum_i seeds_i . d outputs_i / d inputs``, skipping outputs without a graph (constant: they add 0)."""
+    pairs = [(o, s) for o, s in zip(outputs, seeds, strict=True) if o.requires_grad]
+    if not pairs:
+        return [torch.zeros_like(x) for x in inputs]
+    grads = torch.autograd.grad([o for o, _ in pairs], list(inputs), grad_outputs=[s for _, s in pairs],
+                                retain_graph=True, allow_unused=True)
+    return _zero_none(grads, inputs)
+
+
+def _operator(problem, names: tuple[str, ...], kind: str, product: Callable[[list[Tensor]], list[Tensor]]
+              ) -> Operator:
+    shapes = tuple(problem.params[n].shape for n in names)
+    return Operator(dim=sum(s.numel() for s in shapes), names=names, kind=kind, shapes=shapes, dtype=problem.dtype,
+                    device=problem.device, _product=product)
+
+
+def hessian_operator(problem, names: Sequence[str] | None = None) -> Operator:
+    """The Hessian ``H_PP = d^2 L / d theta_P^2`` of the batch loss w.r.t. the group ``names`` (§9).
+
+    The gradient graph ``g_P(theta)`` is built here, once (one forward and one backward pass with
+    ``create_graph=True``); every :meth:`Operator.matvec` is one more backward pass through it:
+    ``H v = d (g_P . v) / d theta_P``. It holds the forward and backward graphs in memory while it lives.
+
+    Args:
+        problem: the :class:`~curvscope.problem.Problem`.
+        names: the group's parameter names (default: every trainable parameter, the whole model).
+
+    Returns:
+        :class:`Operator` with ``kind="hessian"`` on vectors of ``dim = sum |theta_p|, p in names``.
+    """
+    names = _check_names(problem, names)
+    with torch.enable_grad():
+        leaves, params = _leaves(problem, names)
+        loss = problem.loss_value(params)
+        if loss.requires_grad:
+            grads = _zero_none(torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True), leaves)
+        else:  # no parameter of the group reaches the loss: H_PP = 0
+            grads = [torch.zeros_like(x) for x in leaves]
+
+    def product(parts: list[Tensor]) -> list[Tensor]:
+        return _backward(grads, leaves, parts)
+
+    return _operator(problem, names, "hessian", product)
+
+
+def loss_hessian_product(loss, outputs: Tensor, targets: Tensor) -> Callable[[Tensor], Tensor]:
+    """``w -> (H_n w_n)_n`` for output-space vectors ``w`` ``(N, C)``: the loss Hessians of §1 per sample.
+
+    Closed forms (no ``C x C`` matrices): ``ce``: ``p * w - p (p . w)`` with ``p = softmax(f_n)``; ``mse``:
+    ``(2/C) w``; ``bce``: ``s (1 - s) w / C`` with ``s = sigmoid(f_n)``. Any other loss: a Hessian-vector
+    product of ``N * loss(outputs, targets)`` w.r.t. the outputs by double backward (for a mean of per-sample
+    losses this is the same block-diagonal ``H_n``).
+
+    Args:
+        loss: a :class:`~curvscope.losses.Loss`.
+        outputs: ``(N, C)`` model outputs (detached here); targets: the batch targets.
+    """
+    outputs = outputs.detach()
+    C = outputs.shape[-1]
+    if loss.name == "ce":
+        p = outputs.softmax(dim=-1)
+        return lambda w: p * w - p * (p * w).sum(dim=-1, keepdim=True)
+    if loss.name == "mse":
+        return lambda w: (2.0 / C) * w
+    if loss.name == "bce":
+        s = torch.sigmoid(outputs)
+        weight = s * (1 - s) / C
+        return lambda w: weight * w
+    with torch.enable_grad():
+        f = outputs.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss(f, targets) * outputs.shape[0], f, create_graph=True)
+
+    def generic(w: Tensor) -> Tensor:
+        with torch.enable_grad():
+            return _backward([g], [f], [w])[0]
+
+    return generic
+
+
+def ggn_operator(problem, names: Sequence[str] | None = None) -> Operator:
+    """The GGN ``G_PP = (1/N) sum_n J_nP^T H_n J_nP`` of the batch w.r.t. the group ``names`` (§2, §9).
+
+    Built once: the forward graph of the outputs ``f(theta_P)`` ``(N, C)`` and the graph of ``u -> J^T u``
+    (a VJP with a symbolic seed ``u``, ``create_graph=True``). Every :meth:`Operator.matvec` then does
+    ``J v = d (v . J^T u) / d u`` (one backward pass), ``w_n = H_n (J v)_n / N`` (:func:`loss_hessian_product`),
+    and ``J^T w`` (one backward pass). ``G v`` equals ``V V^T v`` with the exact factor V of the Gram engine.
+
+    Args:
+        problem: the :class:`~curvscope.problem.Problem`.
+        names: the group's parameter names (default: every trainable parameter, the whole model).
+
+    Returns:
+        :class:`Operator` with ``kind="ggn"`` on vectors of ``dim = sum |theta_p|, p in names``.
+    """
+    names = _check_names(problem, names)
+    with torch.enable_grad():
+        leaves, params = _leaves(problem, names)
+        outputs = problem.forward(params)
+        hessian = loss_hessian_product(problem.loss, outputs, problem.targets)
+        if not outputs.requires_grad:  # no parameter of the group reaches the outputs: G_PP = 0
+            transposed = [torch.zeros_like(x) for x in leaves]
+            seed = None
+        else:
+            seed = torch.zeros_like(outputs, requires_grad=True)
+            transposed = _zero_none(torch.autograd.grad(outputs, leaves, grad_outputs=seed, create_graph=True,
+                                                        allow_unused=True), leaves)
+    n = outputs.shape[0]
+
+    def product(parts: list[Tensor]) -> list[Tensor]:
+        if seed is None:
+            return [torch.zeros_like(x) for x in leaves]
+        jv = _backward(transposed, [seed], parts)[0]  # (N, C)
+        w = hessian(jv.detach()) / n
+        return _backward([outputs], leaves, [w])
+
+    return _operator(problem, names, "ggn", product)
+
+
+def curvature_operator(problem, names: Sequence[str] | None = None, curvature: str = "hessian") -> Operator:
+    """:func:`hessian_operator` or :func:`ggn_operator`, by ``curvature`` (``"hessian"`` or ``"ggn"``)."""
+    if curvature == "hessian":
+        return hessian_operator(problem, names)
+    if curvature == "ggn":
+        return ggn_operator(problem, names)
+    raise CurvscopeError(f"unknown curvature '{curvature}': choose one of {', '.join(CURVATURES)}")
