@@ -104,7 +104,7 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Tensor | None = None
 
 
 def suggest_lr(*args: Any, **kwargs: Any):
-    """Per-group learning rates from the reduced Hessian (see :func:`curvscope.curvature.lr.suggest_lr`)."""
+    """Per-group learning rates from the reduced Hessian (see :func:`curvscope.workflows.lr.suggest_lr`)."""
     from curvscope.workflows.lr import suggest_lr as run
 
     return run(*args, **kwargs)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from curvscope.progress import counter
-from curvscope.workflows import Workflow
+from curvscope.workflows.base import Workflow
 from curvscope.workflows.options import OptionError, Options, at_least, one_of
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ import torch
 
 from curvscope.curvature.lr import CURVATURES, DIRECTIONS, PARTITIONS, LRResult, analyse_batch
 from curvscope.io.data import select_batch
-from curvscope.workflows import Workflow
+from curvscope.workflows.base import Workflow
 from curvscope.workflows.options import OptionError, Options, at_least, one_of
 
 if TYPE_CHECKING:

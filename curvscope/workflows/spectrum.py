@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from curvscope.errors import CurvscopeError
-from curvscope.workflows import Workflow
+from curvscope.workflows.base import Workflow
 from curvscope.workflows.options import OptionError, Options, at_least, engine_check, one_of
 
 if TYPE_CHECKING:

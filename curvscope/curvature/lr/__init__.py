@@ -28,8 +28,6 @@ Several batches and a holdout drawn from the dataset are the application layer's
 
 from __future__ import annotations
 
-from typing import Any
-
 from curvscope.curvature.lr.batch import DIRECTIONS, PARTITIONS, analyse_batch, resolve_direction
 from curvscope.curvature.lr.cubic import cubic_model, cubic_rates
 from curvscope.curvature.lr.reduced import (
@@ -58,17 +56,6 @@ __all__ = [
     "BatchRates", "LRResult", "RateStats", "StepCheck", "analyse_batch", "cubic_model", "cubic_rates",
     "diagonal_rates", "group_tangents", "newton_rates", "predicted_decrease", "rate_stats", "recommend_rates",
     "reduced_gradient", "reduced_hessian", "resolve_direction", "stability_bounds", "step_params",
-    "suggest_lr", "third_order_diagonal",
+    "third_order_diagonal",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    """``suggest_lr``, found here on first use (``from curvscope.curvature.lr import suggest_lr`` keeps working).
-
-    It lives in the application layer (:mod:`curvscope.workflows.lr`): it draws further batches from the dataset.
-    """
-    if name == "suggest_lr":
-        from curvscope.workflows.lr import suggest_lr
-
-        return suggest_lr
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
