@@ -112,9 +112,6 @@ def suggest_lr(*args: Any, **kwargs: Any):
 
 def factors(*args: Any, **kwargs: Any):
     """Symmetry-structured curvature factors (see :func:`curvscope.curvature.symmetry.compute_factors`)."""
-    from curvscope.curvature import symmetry
+    from curvscope.curvature.symmetry import compute_factors
 
-    run = getattr(symmetry, "compute_factors", None)
-    if run is None:  # the estimator module of the symmetry package
-        from curvscope.curvature.symmetry_estimate import compute_factors as run
-    return run(*args, **kwargs)
+    return compute_factors(*args, **kwargs)

@@ -130,10 +130,7 @@ def redraw(report: dict[str, Any], out_dir: str | os.PathLike, progress: Progres
 
 def _factors_figure(section: dict[str, Any], path: Path) -> Figure:
     from curvscope.io.tensors import read_tensors
-    from curvscope.report.factors_plots import factors_plot
+    from curvscope.report.factors_plots import factors_file_plot
 
     tensors, _ = read_tensors(path, "factors", (".safetensors",))
-    own = {n: t.double().numpy() for n, t in tensors.items() if "/" not in n}
-    truth = {n.split("/", 1)[1]: t.double().numpy() for n, t in tensors.items() if n.startswith("ground_truth/")}
-    corr = {n.split("/", 1)[1]: float(t.flatten()[0]) for n, t in tensors.items() if n.startswith("correlation/")}
-    return factors_plot(section, own, truth or None, corr or None)
+    return factors_file_plot(section, tensors)

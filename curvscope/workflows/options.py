@@ -18,26 +18,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, Union
 
-from curvscope.errors import CurvscopeError
+from curvscope.errors import MAX_INT, CurvscopeError, OptionError, at_least, one_of
+
+__all__ = ["OptionError", "Options", "at_least", "engine_check", "one_of"]
 
 T = TypeVar("T", bound="Options")
-MAX_INT = 2**63 - 1
 
-
-class OptionError(CurvscopeError):
-    """A bad option value. ``str()`` reads ``"<field> <message>"``; :meth:`render` puts another label (a CLI
-    flag, ``[spectrum] top_k`` in a config) in the field's place."""
-
-    def __init__(self, field: str, message: str, flags_message: str | None = None) -> None:
-        self.field = field
-        self.message = message
-        self.flags_message = flags_message
-        super().__init__(f"{field} {message}")
-
-    def render(self, label: str, flags: bool = True) -> str:
-        """The message with ``label`` instead of the field name (and, when ``flags``, the CLI wording of a
-        message that names other options, if one was given)."""
-        return f"{label} {self.flags_message if flags and self.flags_message else self.message}"
 
 
 @dataclasses.dataclass
@@ -150,21 +136,7 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def at_least(name: str, value: int | float | None, low: int | float, *, optional: bool = False) -> None:
-    """``value >= low`` (or ``None`` when ``optional``); :class:`OptionError` otherwise."""
-    if value is None:
-        if optional:
-            return
-        raise OptionError(name, "needs a value")
-    if not math.isfinite(value) or value < low or abs(value) > MAX_INT:
-        raise OptionError(name, f"must be at least {low}, got {value}")
 
-
-def one_of(name: str, value: str, choices: typing.Iterable[str]) -> None:
-    """``value`` is one of ``choices``."""
-    choices = list(choices)
-    if value not in choices:
-        raise OptionError(name, f"'{value}': choose one of {', '.join(choices)}")
 
 
 def engine_check(name: str, parse: Any, value: Any) -> Any:

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from curvscope.errors import CurvscopeError
-from curvscope.workflows.options import OptionError
+from curvscope.errors import CurvscopeError, OptionError
 
 # Elementwise activations, by the largest hidden-unit symmetry group they allow.
 LINEAR_ACTIVATIONS = (nn.Identity, nn.Dropout, nn.AlphaDropout)

@@ -23,9 +23,8 @@ from torch.func import functional_call, grad, vmap
 
 from curvscope.curvature.symmetry.factors import Factors, single_gradient_factors
 from curvscope.curvature.symmetry.groups import Structure
-from curvscope.errors import CurvscopeError
+from curvscope.errors import CurvscopeError, OptionError, one_of
 from curvscope.progress import Progress, counter
-from curvscope.workflows.options import OptionError, one_of
 
 INITS = ("normal", "default")
 CHUNK_BYTES = 256 * 2 ** 20

@@ -30,8 +30,8 @@ from curvscope.curvature.symmetry.factors import (
     single_gradient_factors,
 )
 from curvscope.curvature.symmetry.groups import Structure, build_structure
+from curvscope.errors import one_of
 from curvscope.progress import Progress, counter
-from curvscope.workflows.options import one_of
 
 SOURCES = ("batch", "per-sample", "ggn")
 CHECK_CAP = 20_000_000

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from itertools import combinations
 
 from curvscope.curvature.symmetry.chain import ChainTensor, LinearChain
-from curvscope.workflows.options import OptionError, one_of
+from curvscope.errors import OptionError, one_of
 
 SYMMETRIES = ("orthogonal", "signed-permutation", "permutation", "none")
 DENSE_CAP = 4096

@@ -19,7 +19,7 @@ from torch.func import grad, jvp
 from curvscope.curvature.symmetry.chain import find_chain, parse_layers
 from curvscope.curvature.symmetry.factors import Factors, single_gradient_factors
 from curvscope.curvature.symmetry.groups import build_structure
-from curvscope.workflows.options import OptionError
+from curvscope.errors import OptionError
 
 if TYPE_CHECKING:
     from curvscope.curvature.symmetry.estimate import FactorsResult
