@@ -49,10 +49,10 @@ def show(
 def _print_sections(doc: dict[str, Any], path: Path) -> list[str]:
     shown = []
     if doc.get("groups"):
-        from curvscope.report.tables import facts_table, spectrum_table
+        from curvscope.report.tables import spectrum_summary
 
-        out.print(spectrum_table(doc))
-        out.print(facts_table(doc, str(path.parent)))
+        for table in spectrum_summary(doc, str(path.parent)):
+            out.print(table)
         shown.append("spectrum")
     if doc.get("lr"):
         from curvscope.report.lr_report import rates_table, truth_table

@@ -94,6 +94,26 @@ def spectrum(
     out_dir: Annotated[Path, typer.Option(
         "--out", "-o", help="Output directory for report.json, plots and directions.safetensors (a report of "
         "the same problem there is merged, not replaced).", rich_help_panel=FILES_HELP)] = Path("curvscope-out"),
+    curvature: Annotated[str, typer.Option(
+        "--curvature", help="ggn, or hessian: the loss Hessian by Lanczos on Hessian-vector products (both ends "
+        "of its spectrum, a Hutch++ trace, an SLQ density), with the GGN's lambda_max and trace beside it.",
+        rich_help_panel=SPECTRUM_HELP)] = "ggn",
+    method: Annotated[str, typer.Option(
+        "--method", help="gram (exact: every eigenvalue, from the N*C x N*C Gram), lanczos (matrix-free: the "
+        "--top-k extremes, Hutch++ trace, SLQ density) or auto: gram when it fits --max-memory, else lanczos.",
+        rich_help_panel=SPECTRUM_HELP)] = "auto",
+    tol: Annotated[float, typer.Option(
+        "--tol", help="Lanczos: converged when every residual is below tol * |lambda_max|.",
+        rich_help_panel=SPECTRUM_HELP)] = 1e-6,
+    trace_samples: Annotated[int, typer.Option(
+        "--trace-samples", help="Lanczos: products for the Hutch++ trace (exact when at least the group's "
+        "parameter count).", rich_help_panel=SPECTRUM_HELP)] = 60,
+    density_vectors: Annotated[int, typer.Option(
+        "--density-vectors", help="Lanczos: random vectors of the SLQ spectral density (0: none).",
+        rich_help_panel=SPECTRUM_HELP)] = 4,
+    landscape: Annotated[bool, typer.Option(
+        "--landscape", help="Also write landscape.png: the batch loss along the top eigenvector with the "
+        "quadratic model, and over the plane of the top two.", rich_help_panel=FILES_HELP)] = False,
     plots: Annotated[bool, typer.Option(
         "--plots/--no-plots", help="Write spectrum.png, directions.png and (with --groups layer/tensor) "
         "layers.png.", rich_help_panel=FILES_HELP)] = True,
@@ -114,7 +134,9 @@ def spectrum(
 
     options = SpectrumOptions(groups=groups, mc_samples=mc_samples, subsample=subsample, top_k=top_k,
                               directions=directions, eigenvectors=eigenvectors, newton_step=newton_step,
-                              damping=damping, max_memory=max_memory, ghost=ghost, plots=plots, seed=seed)
+                              damping=damping, max_memory=max_memory, ghost=ghost, plots=plots, seed=seed,
+                              curvature=curvature, method=method, tol=tol, trace_samples=trace_samples,
+                              density_vectors=density_vectors, landscape=landscape)
     launch = distributed.torchrun_env()  # launched by torchrun with several processes: run distributed
     primary = launch is None or launch.primary
     if not primary:
@@ -140,10 +162,10 @@ def spectrum(
         finally:
             distributed.shutdown()
     if report is not None:
-        from curvscope.report.tables import facts_table, spectrum_table
+        from curvscope.report.tables import spectrum_summary
 
-        out.print(spectrum_table(report))
-        out.print(facts_table(report, str(out_dir)))
+        for table in spectrum_summary(report, str(out_dir)):
+            out.print(table)
 
 
 def _run(problem, options, out_dir: Path, comm, primary: bool):

@@ -250,7 +250,17 @@ def spectrum_plots(report: dict[str, Any]) -> list[tuple[str, str, Any]]:
     groups = report.get("groups") or []
     if not groups:
         return []
-    jobs: list[tuple[str, str, Any]] = [
+    jobs: list[tuple[str, str, Any]] = []
+    if report.get("landscape"):
+        from curvscope.report.matfree_report import landscape_figure
+
+        jobs.append(("landscape_plot", "landscape.png", lambda r: landscape_figure(r["landscape"])))
+    if report.get("method") == "lanczos":
+        from curvscope.report.matfree_report import density_figure
+
+        return [("spectrum_plot", "spectrum.png", lambda r: density_figure(r["groups"][0], r.get("problem"))),
+                *jobs]
+    jobs += [
         ("spectrum_plot", "spectrum.png",
          lambda r: spectrum_figure(r["groups"][0], r.get("problem"), r.get("approximation")))]
     if groups[0].get("directions"):

@@ -9,7 +9,7 @@ from rich.table import Table
 from curvscope.report.format import num as fmt
 from curvscope.report.format import share as _share
 
-__all__ = ["facts_table", "fmt", "spectrum_table"]
+__all__ = ["facts_table", "fmt", "spectrum_summary", "spectrum_table"]
 
 
 def spectrum_table(report: dict[str, Any]) -> Table:
@@ -60,9 +60,28 @@ def facts_table(report: dict[str, Any], out_dir: str | None = None, top_k: int =
                       f", realized {fmt(newton.get('realized_decrease'))} (|step| {fmt(newton.get('step_norm'))}, "
                       f"{newton.get('skipped_directions', 0)} of {newton.get('num_directions', 0)} directions "
                       "skipped)")
+    from curvscope.report.matfree_report import comparison_rows
+
+    for label, text in comparison_rows(report):
+        table.add_row(label, text)
+    land = report.get("landscape")
+    if land:
+        table.add_row("landscape", f"loss {fmt(land.get('loss0'), 4)} at 0, {fmt(min(land.get('loss_1d') or [0]), 4)}"
+                      f" to {fmt(max(land.get('loss_1d') or [0]), 4)} for |t| <= {fmt(land.get('radius'))}")
+    for note in report.get("notes") or []:
+        table.add_row("note", note)
     files = report.get("files") or {}
     if out_dir is not None:
         table.add_row("report", f"{out_dir}/report.json")
     for key, path in files.items():
         table.add_row(key.replace("_", " "), str(path))
     return table
+
+
+def spectrum_summary(report: dict[str, Any], out_dir: str | None = None) -> list[Table]:
+    """What ``spectrum`` (and ``show``) print: the groups table for the method used, then the facts."""
+    if report.get("method") == "lanczos":
+        from curvscope.report.matfree_report import matfree_table
+
+        return [matfree_table(report), facts_table(report, out_dir)]
+    return [spectrum_table(report), facts_table(report, out_dir)]

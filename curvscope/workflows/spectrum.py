@@ -7,7 +7,7 @@ tensor files to a :class:`~curvscope.report.writer.ReportWriter`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from torch import Tensor
     from torch.distributed import ProcessGroup
 
+    from curvscope.curvature.hessian import MatfreeResult
+    from curvscope.curvature.landscape import Landscape
     from curvscope.curvature.newton import NewtonStep
     from curvscope.curvature.spectrum import SpectrumResult
     from curvscope.problem import Problem
@@ -26,6 +28,9 @@ if TYPE_CHECKING:
     from curvscope.report.writer import ReportWriter
 
 GROUP_MODES = ("all", "layer", "tensor")
+CURVATURES = ("ggn", "hessian")
+METHODS = ("auto", "gram", "lanczos")
+DEFAULT_LANCZOS_K = 10
 MIN_MEMORY = 64 * 2**20
 """The smallest memory budget accepted."""
 FILE_NAMES = {"directions": "directions.safetensors"}
@@ -60,7 +65,20 @@ class SpectrumOptions(Options):
     plots: bool = True
     """Draw spectrum.png, directions.png, layers.png."""
     seed: int | None = None
-    """Seed of Monte-Carlo sampling and the bootstrap (None: the problem's seed, else 0)."""
+    """Seed of Monte-Carlo sampling, the bootstrap and Lanczos (None: the problem's seed, else 0)."""
+    curvature: str = "ggn"
+    """``ggn``, or ``hessian`` (matrix-free: Lanczos, Hutch++, SLQ; the GGN is computed beside it)."""
+    method: str = "auto"
+    """``gram`` (exact, all eigenvalues), ``lanczos`` (matrix-free, the extremes) or ``auto`` (gram when
+    its Gram matrix fits the memory budget)."""
+    tol: float = 1e-6
+    """Lanczos: a Ritz value counts as converged when its residual is below tol * |lambda_max|."""
+    trace_samples: int = 60
+    """Lanczos: matrix-vector products for the Hutch++ trace (exact when at least the group's size)."""
+    density_vectors: int = 4
+    """Lanczos: random start vectors of the SLQ spectral density of the whole model (0: no density)."""
+    landscape: bool = False
+    """The batch loss along the top eigenvector and over the plane of the top two (landscape.png)."""
 
     def validate(self) -> None:
         """Check every value that needs no Problem."""
@@ -71,8 +89,23 @@ class SpectrumOptions(Options):
         at_least("mc_samples", self.mc_samples, 0)
         at_least("subsample", self.subsample, 1, optional=True)
         at_least("top_k", self.top_k, 1, optional=True)
+        one_of("curvature", self.curvature, CURVATURES)
+        one_of("method", self.method, METHODS)
+        if self.curvature == "hessian" and self.method == "gram":
+            raise OptionError("method", "gram: the Hessian has no Gram factor; use lanczos (or auto)",
+                              "gram: the Hessian has no Gram factor; use --method lanczos (or auto)")
+        if not (0 < self.tol < 1):
+            raise OptionError("tol", f"must lie in (0, 1), got {self.tol}")
+        at_least("trace_samples", self.trace_samples, 0)
+        at_least("density_vectors", self.density_vectors, 0)
         self.parsed_damping()
         self.parsed_memory()
+        if self.mc_samples and (self.curvature == "hessian" or self.method == "lanczos"):
+            raise OptionError("mc_samples", "applies to the Gram method only (Lanczos uses the exact curvature)",
+                              "applies to the Gram method only (Lanczos uses the exact curvature)")
+        if self.newton_step is not None and (self.curvature == "hessian" or self.method == "lanczos"):
+            raise OptionError("newton_step", "needs the GGN by Gram (curvature ggn, method gram or auto)",
+                              "needs the GGN by Gram (--curvature ggn, --method gram or auto)")
         if self.newton_step is not None and not self.directions:
             raise OptionError("newton_step", "needs the directional derivatives: set directions=True",
                               "needs the directional derivatives: leave out --no-directions")
@@ -93,6 +126,30 @@ class SpectrumOptions(Options):
                               "(smaller budgets only make the computation crawl)")
         return budget
 
+    def gram_bytes(self, problem: Problem) -> tuple[int, int]:
+        """``(columns, bytes)`` of the float64 Gram matrix this problem and these options need."""
+        columns = (self.subsample or problem.batch_size) * (self.mc_samples or problem.num_outputs)
+        return columns, 8 * columns**2
+
+    def resolved_method(self, problem: Problem) -> tuple[str, str | None]:
+        """``("gram" | "lanczos", note)``: ``auto`` picks the Gram when it fits the memory budget."""
+        from curvscope.curvature.memory import MemoryPlan
+
+        if self.curvature == "hessian" or self.method == "lanczos":
+            return "lanczos", None
+        columns, size = self.gram_bytes(problem)
+        budget = MemoryPlan.default(problem.device, self.parsed_memory()).budget
+        if size <= budget:
+            return "gram", None
+        if self.method == "gram" or self.mc_samples:  # an explicit Gram request is refused, not replaced
+            raise OptionError("mc_samples" if self.mc_samples else "max_memory",
+                              f"{self.mc_samples or self.max_memory}: the Gram matrix of {columns:,} columns needs "
+                              f"{size / 2**30:.1f} GiB, more than the memory budget ({budget / 2**30:.1f} GiB); "
+                              "use fewer samples or Monte-Carlo columns, or method lanczos")
+        return "lanczos", (f"the exact Gram matrix ({columns:,} columns, {size / 2**30:.1f} GiB) does not fit the "
+                           f"memory budget ({budget / 2**30:.1f} GiB): used Lanczos on GGN-vector products "
+                           "(the extreme eigenvalues, a Hutch++ trace and an SLQ density)")
+
     def check_problem(self, problem: Problem) -> None:
         """Checks that need the Problem (before the long computation)."""
         if self.subsample is not None and self.subsample > problem.batch_size:
@@ -100,17 +157,13 @@ class SpectrumOptions(Options):
                               "samples)")
         from curvscope.curvature.memory import MemoryPlan
 
-        columns = (self.subsample or problem.batch_size) * (self.mc_samples or problem.num_outputs)
+        method, _ = self.resolved_method(problem)
+        columns, _ = self.gram_bytes(problem)
         budget = MemoryPlan.default(problem.device, self.parsed_memory()).budget
-        if 8 * columns**2 > budget:  # the float64 Gram alone
-            raise OptionError("mc_samples" if self.mc_samples else "max_memory",
-                              f"{self.mc_samples or self.max_memory}: the Gram matrix of {columns:,} columns needs "
-                              f"{8 * columns**2 / 2**30:.1f} GiB, more than the memory budget "
-                              f"({budget / 2**30:.1f} GiB); use fewer samples or Monte-Carlo columns")
         if self.eigenvectors is not None:  # k x D numbers in memory and on disk: refuse what cannot fit
             from curvscope.curvature.spectrum import DEFAULT_TOP_K
 
-            k = min(self.top_k or DEFAULT_TOP_K, columns)
+            k = min(self.top_k or (DEFAULT_TOP_K if method == "gram" else DEFAULT_LANCZOS_K), columns)
             size = k * problem.num_params * next(iter(problem.params.values())).element_size()
             if size > budget:
                 text = (f"up to {k} eigenvectors of {problem.num_params:,} parameters need {size / 2**30:.1f} "
@@ -122,17 +175,25 @@ class SpectrumOptions(Options):
 class SpectrumRun:
     """What :func:`run_spectrum` computed."""
 
-    result: SpectrumResult
+    result: SpectrumResult | None = None
+    """The Gram spectrum (method ``gram``)."""
+    matfree: MatfreeResult | None = None
+    """The matrix-free spectrum (method ``lanczos``, or the Hessian)."""
     step: NewtonStep | None = None
     """The damped Newton step (``options.newton_step``)."""
     vectors: dict[str, Tensor] | None = None
-    """Top eigenvectors ``{parameter: (k, *shape)}`` (``options.eigenvectors``)."""
+    """Top eigenvectors ``{parameter: (k, *shape)}`` (``options.eigenvectors`` or the landscape)."""
+    landscape: Landscape | None = None
+    """The loss along the top eigenvectors (``options.landscape``)."""
     fields: dict[str, Any] | None = None
     """The report fields (set by :func:`run_spectrum`)."""
+    notes: list[str] = field(default_factory=list)
+    """What the user should know about how the numbers were computed (printed by the CLI)."""
 
     def __repr__(self) -> str:
-        g = self.result.groups[0]
-        return (f"SpectrumRun(groups={len(self.result.groups)}, rank={g.rank}, lambda_max={g.lambda_max:.4g}, "
+        g = (self.fields or {}).get("groups", [{}])[0]
+        return (f"SpectrumRun(method={(self.fields or {}).get('method', 'gram')}, groups="
+                f"{len((self.fields or {}).get('groups', []))}, lambda_max={g.get('lambda_max')}, "
                 f"newton={'yes' if self.step is not None else 'no'})")
 
 
@@ -145,13 +206,10 @@ def run_spectrum(problem: Problem, options: SpectrumOptions | None = None, progr
         options: :class:`SpectrumOptions` (defaults when ``None``); validated here.
         progress: the progress protocol (:mod:`curvscope.progress`).
         process_group: an initialized ``torch.distributed`` group: the call is collective (every rank passes
-            the same problem and options) and every rank returns the same numbers.
+            the same problem and options) and every rank returns the same numbers (Gram method only).
     """
     from curvscope.curvature import distributed
-    from curvscope.curvature.finite import check_finite, check_outputs
-    from curvscope.curvature.newton import newton_step
-    from curvscope.curvature.spectrum import compute_spectrum, eigenvectors
-    from curvscope.report import spectrum_report as sr
+    from curvscope.curvature.finite import check_outputs
 
     options = options or SpectrumOptions()
     comm = None if process_group is None else distributed.Comm.create(process_group, problem.device)
@@ -159,38 +217,121 @@ def run_spectrum(problem: Problem, options: SpectrumOptions | None = None, progr
         options.validate()
         options.check_problem(problem)
         check_outputs(problem)
+        method, note = options.resolved_method(problem)
+        if method == "lanczos" and process_group is not None:
+            raise OptionError("method", "lanczos does not run distributed yet; run it in one process")
     seed = options.seed if options.seed is not None else int(problem.info.get("seed") or 0)
+    if method == "gram":
+        run = _run_gram(problem, options, seed, progress, process_group, comm)
+    else:
+        run = _run_lanczos(problem, options, seed, progress)
+    if note:
+        run.notes.append(note)
+    if options.landscape:
+        run.landscape, run.fields["landscape"] = _landscape(problem, run, options)
+    return run
+
+
+def _run_gram(problem: Problem, options: SpectrumOptions, seed: int, progress: Progress | None,
+              process_group: ProcessGroup | None, comm: Any) -> SpectrumRun:
+    from curvscope.curvature import distributed
+    from curvscope.curvature.finite import check_finite
+    from curvscope.curvature.newton import newton_step
+    from curvscope.curvature.spectrum import compute_spectrum, eigenvectors
+    from curvscope.report import spectrum_report as sr
+
     result = compute_spectrum(
         problem, groups=options.groups, mc_samples=options.mc_samples, subsample=options.subsample,
         top_k=options.top_k, directional=options.directions, include_total=options.groups != "all", seed=seed,
         ghost=options.ghost, max_memory=options.parsed_memory(), progress=progress, process_group=process_group,
-        eigenvectors=options.eigenvectors is not None or options.newton_step is not None)
+        eigenvectors=options.eigenvectors is not None or options.newton_step is not None or options.landscape)
     with distributed.stage(comm):
         check_finite("the loss and gradient", loss=result.loss_value, gradient_norm=result.gradient_norm)
         for group in result.groups:
             check_finite(f"the curvature of group {group.name}", eigenvalues=group.eigenvalues, trace=group.trace)
-    run = SpectrumRun(result)
+    run = SpectrumRun(result=result)
     if options.newton_step is not None:
         if progress is not None:
             progress("newton", 0, 1)
         run.step = newton_step(problem, result, options.parsed_damping(), seed=seed, process_group=process_group)
         if progress is not None:
             progress("newton", 1, 1)
-    if options.eigenvectors is not None:
+    if options.eigenvectors is not None or options.landscape:
         run.vectors = eigenvectors(problem, result, group=0, process_group=process_group)
     with distributed.stage(comm):
         run.fields = sr.spectrum_fields(result, problem.batch_size, directional=options.directions)
-        # replaces a stale section when merging into an older report of this problem
+        # replaces stale sections when merging into an older report of this problem
+        run.fields.update(curvature="ggn", method="gram", comparison=None, landscape=None)
         run.fields["newton"] = None if run.step is None else sr.newton_fields(run.step, options.newton_step)
     return run
 
 
+def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress: Progress | None) -> SpectrumRun:
+    from curvscope.curvature.finite import check_finite
+    from curvscope.curvature.hessian import compute_matfree_spectrum
+    from curvscope.report import matfree_report as mr
+
+    def matfree(curvature: str, groups: str, top_k: int, vectors: bool, density: int):
+        return compute_matfree_spectrum(
+            problem, curvature=curvature, groups=groups, top_k=top_k, tol=options.tol,
+            trace_matvecs=options.trace_samples, density_vectors=density, eigenvectors=vectors,
+            include_total=groups != "all", seed=seed, progress=progress)
+
+    k = options.top_k or DEFAULT_LANCZOS_K
+    result = matfree(options.curvature, options.groups, k, options.eigenvectors is not None or options.landscape,
+                     options.density_vectors)
+    for group in result.groups:
+        check_finite(f"the curvature of group {group.name}", eigenvalues=group.top, trace=group.trace)
+    run = SpectrumRun(matfree=result, vectors=result.eigenvectors)
+    run.fields = mr.matfree_fields(result, problem.batch_size)
+    run.fields["comparison"] = None
+    run.fields["landscape"] = None
+    if not result.converged:
+        run.notes.append(f"Lanczos did not reach the tolerance {options.tol:g} for every eigenvalue: raise top_k's "
+                         "steps or the tolerance; residuals are in the report")
+    if options.curvature == "hessian":  # how much of the curvature the GGN captures
+        ggn = _ggn_beside(problem, options, seed, progress, matfree)
+        run.fields["comparison"] = mr.comparison_fields(run.fields["groups"][0], ggn)
+    return run
+
+
+def _ggn_beside(problem: Problem, options: SpectrumOptions, seed: int, progress: Progress | None, matfree: Any
+                ) -> dict[str, Any]:
+    """The whole-model GGN's lambda_max and trace: exact by Gram when it fits, else by Lanczos."""
+    ggn_options = options.replace(curvature="ggn", method="auto", groups="all", directions=False, eigenvectors=None,
+                                  newton_step=None, landscape=False)
+    method, _ = ggn_options.resolved_method(problem)
+    if method == "gram":
+        from curvscope.curvature.spectrum import compute_spectrum
+
+        g = compute_spectrum(problem, groups="all", directional=False, seed=seed, ghost=options.ghost,
+                             max_memory=options.parsed_memory(), progress=progress).groups[0]
+        return {"lambda_max": float(g.lambda_max), "trace": float(g.trace), "method": "gram"}
+    g = matfree("ggn", "all", 1, False, 0).groups[0]
+    return {"lambda_max": g.lambda_max, "trace": g.trace, "method": "lanczos"}
+
+
+def _landscape(problem: Problem, run: SpectrumRun, options: SpectrumOptions) -> tuple[Landscape, dict[str, Any]]:
+    from curvscope.curvature.landscape import loss_landscape
+    from curvscope.report import matfree_report as mr
+
+    if not run.vectors:
+        raise OptionError("landscape", "needs at least one nonzero eigen-direction of the whole model")
+    top = run.fields["groups"][0]["eigenvalues"]
+    top = [float(v) for v in (top.tolist() if hasattr(top, "tolist") else top)]
+    k = min(2, next(iter(run.vectors.values())).shape[0])
+    directions = {n: v[:k] for n, v in run.vectors.items()}
+    land = loss_landscape(problem, directions, eigenvalue=top[0] if top and top[0] > 0 else None,
+                          points_2d=15 if k > 1 else 0)
+    return land, mr.landscape_fields(land, top)
+
+
 def claim_spectrum(writer: ReportWriter, options: SpectrumOptions) -> None:
     """Claim the user-given output files before computing (writable, regular, distinct)."""
-    for field in ("eigenvectors", "newton_step"):
-        path = getattr(options, field)
+    for name in ("eigenvectors", "newton_step"):
+        path = getattr(options, name)
         if path is not None:
-            writer.claim(path, field)
+            writer.claim(path, name)
 
 
 def write_spectrum(writer: ReportWriter, problem: Problem, run: SpectrumRun, options: SpectrumOptions) -> None:
@@ -198,21 +339,23 @@ def write_spectrum(writer: ReportWriter, problem: Problem, run: SpectrumRun, opt
     from curvscope.report import plots
     from curvscope.report import spectrum_report as sr
 
-    result, step = run.result, run.step
     if run.fields is None:
         raise CurvscopeError("write_spectrum: the run has no report fields (use run_spectrum)")
-    writer.section("spectrum", run.fields)
-    directions = sr.directions_tensors(result, step) if options.directions else {}
+    writer.section("spectrum", {**run.fields, "notes": list(run.notes)})
+    result, step = run.result, run.step
+    directions = sr.directions_tensors(result, step) if result is not None and options.directions else {}
     if directions:
         writer.tensors("directions", writer.out_dir / FILE_NAMES["directions"], directions,
                        {"format": "curvscope.directions", "grouping": options.groups,
                         "groups": [g.name for g in result.groups]})
-    if run.vectors is not None:
-        total = result.groups[0]
-        writer.tensors("eigenvectors", options.eigenvectors,
-                       sr.eigenvector_tensors(run.vectors, total.eigenvalues[:total.top_k]),
-                       {"format": "curvscope.eigenvectors", "group": total.name, "k": total.top_k,
-                        "parameters": list(problem.params)}, "eigenvectors")
+    if options.eigenvectors is not None and run.vectors is not None:
+        top = run.fields["groups"][0]
+        k = next(iter(run.vectors.values())).shape[0]
+        eigenvalues = result.groups[0].eigenvalues[:k] if result is not None else run.matfree.groups[0].top[:k]
+        writer.tensors("eigenvectors", options.eigenvectors, sr.eigenvector_tensors(run.vectors, eigenvalues),
+                       {"format": "curvscope.eigenvectors", "group": top["name"], "k": k,
+                        "curvature": run.fields.get("curvature", "ggn"), "parameters": list(problem.params)},
+                       "eigenvectors")
     if step is not None:
         writer.tensors("newton_step", options.newton_step,
                        {n: t.detach().cpu().contiguous() for n, t in step.step.items()},

@@ -1,0 +1,233 @@
+"""Report fields, terminal tables and figures of the matrix-free spectrum (Lanczos, Hutch++, SLQ; Hessian or
+GGN) and of the loss landscape. Writers only: the numbers come from :mod:`curvscope.curvature.hessian` and
+:mod:`curvscope.curvature.landscape`. Field-by-field documentation: ``docs/report.md``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rich.table import Table
+
+from curvscope.report.format import finite_or_none
+from curvscope.report.format import num as fmt
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from curvscope.curvature.hessian import MatfreeGroup, MatfreeResult
+    from curvscope.curvature.landscape import Landscape
+
+
+def group_fields(group: MatfreeGroup, curvature: str) -> dict[str, Any]:
+    """One entry of ``groups`` for a matrix-free group (the same keys as a Gram group where they apply)."""
+    top = group.top.tolist()
+    lam_max = group.lambda_max
+    fields: dict[str, Any] = {
+        "name": group.name,
+        "parameters": list(group.param_names),
+        "num_params": int(group.num_params),
+        "curvature": curvature,
+        "method": "lanczos",
+        "eigenvalues": top,
+        "eigenvalues_bottom": None if group.bottom is None else group.bottom.tolist(),
+        "residuals": group.top_residuals.tolist(),
+        "residuals_bottom": None if group.bottom_residuals is None else group.bottom_residuals.tolist(),
+        "converged": bool(group.converged),
+        "tolerance": float(group.tol),
+        "rank": None,
+        "trace": finite_or_none(group.trace),
+        "trace_stderr": finite_or_none(group.trace_stderr) if group.trace_method != "exact" else None,
+        "trace_method": group.trace_method,
+        "lambda_max": finite_or_none(lam_max),
+        "lambda_min": finite_or_none(group.lambda_min) if group.bottom is not None else None,
+        "negative_mass": _negative_weight(group),
+        "effective_rank": None,
+        "stability_lr": finite_or_none(group.stability_lr) if lam_max is not None and lam_max > 0 else None,
+        "gradient_norm": None,
+        "matvecs": int(group.matvecs),
+        "density": None if group.density is None else {
+            "grid": group.density.grid.tolist(), "values": group.density.values.tolist(),
+            "sigma": float(group.density.sigma)},
+        "directions": None,
+    }
+    return fields
+
+
+def _negative_weight(group: MatfreeGroup) -> float | None:
+    """The share of the spectrum clearly below zero: the SLQ quadrature weight of Ritz values below -sigma (the
+    kernel width), so that the smoothing of the cluster of near-zero eigenvalues does not count as negative."""
+    density = group.density
+    if density is None or group.bottom is None:
+        return None
+    below = (density.nodes < -density.sigma).to(density.weights.dtype)
+    return finite_or_none(float((density.weights * below).sum(dim=1).mean()))
+
+
+def matfree_fields(result: MatfreeResult, batch_size: int) -> dict[str, Any]:
+    """The top-level report fields of a matrix-free ``spectrum`` run."""
+    return {
+        "loss_value": float(result.loss_value),
+        "gradient_norm": None,
+        "approximation": {"mc_samples": 0, "subsample": None, "curvature_samples": batch_size,
+                          "num_columns": None, "exact": True, "method": "lanczos", "curvature": result.curvature,
+                          "matvecs": int(result.matvecs), "seed": int(result.seed)},
+        "grouping": result.grouping,
+        "curvature": result.curvature,
+        "method": "lanczos",
+        "groups": [group_fields(g, result.curvature) for g in result.groups],
+        "newton": None,
+    }
+
+
+def comparison_fields(hessian: dict[str, Any], ggn: dict[str, Any]) -> dict[str, Any]:
+    """How much of the Hessian's curvature the GGN captures (whole model): both lambda_max and traces."""
+    h_trace, g_trace = hessian.get("trace"), ggn.get("trace")
+    return {
+        "hessian_lambda_max": hessian.get("lambda_max"),
+        "hessian_lambda_min": hessian.get("lambda_min"),
+        "hessian_trace": h_trace,
+        "ggn_lambda_max": ggn.get("lambda_max"),
+        "ggn_trace": g_trace,
+        "ggn_method": ggn.get("method", "gram"),
+        "trace_ratio": g_trace / h_trace if h_trace and g_trace is not None and h_trace > 0 else None,
+        "negative_mass": hessian.get("negative_mass"),
+    }
+
+
+def landscape_fields(land: Landscape, eigenvalues: list[float]) -> dict[str, Any]:
+    """The ``landscape`` section: losses along the top eigenvector and over the plane of the top two."""
+    return {
+        "directions": "top eigenvectors of groups[0]",
+        "eigenvalues": eigenvalues[:2],
+        "loss0": float(land.loss0),
+        "slope": float(land.slope),
+        "curvature": float(land.curvature),
+        "radius": float(land.radius),
+        "t": land.t.tolist(),
+        "loss_1d": land.loss_1d.tolist(),
+        "quadratic_1d": land.quadratic_1d.tolist(),
+        "radius_2d": None if land.radius_2d is None else float(land.radius_2d),
+        "grid_s": None if land.grid_s is None else land.grid_s.tolist(),
+        "grid_t": None if land.grid_t is None else land.grid_t.tolist(),
+        "loss_2d": None if land.loss_2d is None else land.loss_2d.tolist(),
+    }
+
+
+# -- terminal -----------------------------------------------------------------------------------------------
+
+def matfree_table(report: dict[str, Any]) -> Table:
+    """One row per group: the extreme eigenvalues, trace ± standard error, negative mass, convergence."""
+    curvature = report.get("curvature", "hessian")
+    hessian = curvature == "hessian"
+    approx = report.get("approximation") or {}
+    table = Table(title=f"{'Hessian' if hessian else 'GGN'} spectrum (Lanczos, {fmt(approx.get('matvecs'))} "
+                        "products)", title_justify="left")
+    table.add_column("group", overflow="fold")
+    headers = ["params", "λ_max"] + (["λ_min", "neg.\nmass"] if hessian else []) + ["trace", "± s.e.", "conv."]
+    for header in headers:
+        table.add_column(header, justify="right", no_wrap=True)
+    for g in report.get("groups", []):
+        row = [str(g["name"]), fmt(g.get("num_params")), fmt(g.get("lambda_max"))]
+        if hessian:
+            mass = g.get("negative_mass")
+            row += [fmt(g.get("lambda_min")), "-" if mass is None else f"{mass:.1%}"]
+        row += [fmt(g.get("trace")), fmt(g.get("trace_stderr")), "yes" if g.get("converged") else "[red]no[/red]"]
+        table.add_row(*row)
+    return table
+
+
+def comparison_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """Facts-table rows comparing the Hessian with the GGN."""
+    c = report.get("comparison")
+    if not c:
+        return []
+    ratio = c.get("trace_ratio")
+    rows = [("GGN vs Hessian", f"λ_max {fmt(c.get('ggn_lambda_max'))} vs {fmt(c.get('hessian_lambda_max'))}, "
+                               f"trace {fmt(c.get('ggn_trace'))} vs {fmt(c.get('hessian_trace'))}"
+                               + ("" if ratio is None else f" ({ratio:.0%})"))]
+    if c.get("hessian_lambda_min") is not None and c["hessian_lambda_min"] < 0:
+        mass = c.get("negative_mass")
+        rows.append(("negative curvature", f"λ_min {fmt(c['hessian_lambda_min'])}"
+                     + ("" if mass is None else f", {mass:.1%} of the spectrum's weight clearly below 0")))
+    return rows
+
+
+# -- figures ------------------------------------------------------------------------------------------------
+
+def density_figure(group: dict[str, Any], problem: dict[str, Any] | None = None) -> Figure:
+    """The SLQ spectral density, PyHessian-style: log density over a symmetric-log eigenvalue axis (negative
+    eigenvalues visible), with the Lanczos extreme eigenvalues marked."""
+    import numpy as np
+
+    from curvscope.report.render import pyplot, style
+
+    plt = pyplot()
+    with style():
+        fig, ax = plt.subplots(figsize=(6.4, 3.9))
+        curvature = "Hessian" if group.get("curvature") == "hessian" else "GGN"
+        ax.set_title(f"{curvature} spectral density (SLQ): {group.get('name', 'all')}", loc="left")
+        density = group.get("density") or {}
+        grid = np.array(density.get("grid") or [], dtype=float)
+        values = np.array([np.nan if v is None else v for v in density.get("values") or []], dtype=float)
+        if grid.size:
+            floor = max(float(np.nanmax(values)) * 1e-8, 1e-300) if np.isfinite(values).any() else 1e-300
+            ax.semilogy(grid, np.maximum(values, floor), color="#1f4e79", linewidth=1.3, label="density")
+            ax.fill_between(grid, floor, np.maximum(values, floor), color="#1f4e79", alpha=0.15)
+        scale = max([abs(v) for v in (group.get("eigenvalues") or []) + (group.get("eigenvalues_bottom") or [])
+                     if v is not None] or [1.0])
+        ax.set_xscale("symlog", linthresh=max(scale * 1e-3, 1e-12))
+        for value, color, label in ((group.get("lambda_max"), "#b22222", "λ_max"),
+                                    (group.get("lambda_min"), "#d9822b", "λ_min")):
+            if value is not None:
+                ax.axvline(value, color=color, linestyle="--", linewidth=1.0, label=f"{label} = {fmt(value)}")
+        ax.axvline(0.0, color="#7f7f7f", linewidth=0.6)
+        ax.set_xlabel("eigenvalue (symmetric log scale)")
+        ax.set_ylabel("density (log scale)")
+        facts = [f"trace = {fmt(group.get('trace'))} ± {fmt(group.get('trace_stderr'), missing='0')}"]
+        if group.get("negative_mass") is not None:
+            facts.append(f"weight below 0 = {group['negative_mass']:.1%}")
+        if group.get("num_params") is not None:
+            facts.append(f"D = {group['num_params']:,}")
+        ax.text(0.02, 0.97, "\n".join(facts), transform=ax.transAxes, va="top", ha="left", fontsize=8,
+                bbox={"boxstyle": "round,pad=0.35", "facecolor": "white", "edgecolor": "#cccccc", "alpha": 0.9})
+        ax.legend(loc="upper right")
+        fig.tight_layout()
+        return fig
+
+
+def landscape_figure(land: dict[str, Any]) -> Figure:
+    """The batch loss along the top eigenvector with the quadratic model ``L0 + t g·e + ½ κ t²``, and contours
+    over the plane of the top two eigenvectors."""
+    import numpy as np
+
+    from curvscope.report.render import pyplot, style
+
+    plt = pyplot()
+    two_d = land.get("loss_2d") is not None
+    with style():
+        fig, axes = plt.subplots(1, 2 if two_d else 1, figsize=(9.6 if two_d else 5.2, 3.9), squeeze=False)
+        ax = axes[0][0]
+        t = np.array(land["t"], dtype=float)
+        ax.plot(t, land["loss_1d"], color="#1f4e79", linewidth=1.6, label="batch loss")
+        ax.plot(t, land["quadratic_1d"], color="#d9822b", linestyle="--", linewidth=1.3,
+                label=f"quadratic model (κ = {fmt(land.get('curvature'))})")
+        ax.axvline(0.0, color="#7f7f7f", linewidth=0.6)
+        ax.set_xlabel("step t along the top eigenvector")
+        ax.set_ylabel("loss")
+        ax.set_title("loss along the top eigenvector", loc="left")
+        ax.legend()
+        if two_d:
+            ax2 = axes[0][1]
+            s, tt = np.array(land["grid_s"], dtype=float), np.array(land["grid_t"], dtype=float)
+            z = np.array(land["loss_2d"], dtype=float)
+            contours = ax2.contourf(s, tt, z.T, levels=20, cmap="viridis")
+            ax2.contour(s, tt, z.T, levels=10, colors="white", linewidths=0.4)
+            ax2.plot([0], [0], marker="*", color="#b22222", markersize=9)
+            fig.colorbar(contours, ax=ax2, fraction=0.046, pad=0.04).set_label("loss")
+            ax2.set_xlabel("top eigenvector")
+            ax2.set_ylabel("second eigenvector")
+            ax2.set_title("loss over the plane of the top two", loc="left")
+            ax2.grid(False)
+        fig.tight_layout()
+        return fig
