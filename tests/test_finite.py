@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_KWARGS, assert_clean_error, invoke, tiny_mlp, write_data
+
 from curvscope.curvature.finite import check_finite
 from curvscope.errors import CurvscopeError
 from curvscope.io.checkpoints import save_checkpoint

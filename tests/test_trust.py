@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_KWARGS, assert_clean_error, invoke, tiny_mlp, write_data
 from safetensors.torch import save_file
 
-from conftest import TINY_KWARGS, assert_clean_error, invoke, tiny_mlp, write_data
 from curvscope.errors import CurvscopeError
 from curvscope.problem import load_problem
 
