@@ -29,7 +29,8 @@ def _evil_checkpoint(path: Path, spec: str, kwargs: dict) -> Path:
 def test_checkpoint_metadata_cannot_run_code(tmp_path, tiny_data, spec, kwargs):
     marker = tmp_path / "marker"
     payload = tmp_path / "payload.py"
-    payload.write_text(f"open({str(marker)!r}, 'w').close()\ndef f():\n    import torch\n    return torch.nn.Linear(4, 3)\n")
+    payload.write_text(f"open({str(marker)!r}, 'w').close()\n"
+                       "def f():\n    import torch\n    return torch.nn.Linear(4, 3)\n")
     spec = spec.format(payload=payload)
     kwargs = {k: v.format(marker=marker) if isinstance(v, str) else v for k, v in kwargs.items()}
     ckpt = _evil_checkpoint(tmp_path / "evil.safetensors", spec, kwargs)
