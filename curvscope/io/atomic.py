@@ -35,6 +35,8 @@ def check_writable(path: str | os.PathLike, option: str) -> Path:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         mode = None
+    except NotADirectoryError:
+        raise CurvscopeError(f"{option} {path}: a parent of it is not a directory") from None
     except OSError as exc:
         raise CurvscopeError(f"{option} {path}: cannot be inspected ({exc.strerror or exc})") from exc
     if mode is not None:

@@ -54,6 +54,19 @@ class ReportWriter:
         distinct from every other output of the run."""
         return self.outputs.claim(path, option)
 
+    def claim_option(self, path: str | os.PathLike, field: str) -> Path:
+        """:meth:`claim` for the output path of an options field: a refusal is an
+        :class:`~curvscope.errors.OptionError` of ``field`` (the CLI names the flag)."""
+        from curvscope.errors import OptionError
+
+        try:
+            return self.claim(path, field)
+        except OptionError:
+            raise
+        except CurvscopeError as exc:
+            text = str(exc)
+            raise OptionError(field, text[len(field) + 1:] if text.startswith(field + " ") else text) from None
+
     def section(self, command: str, fields: dict[str, Any]) -> None:
         """Add the report fields of ``command`` (top-level keys; later sections win on a clash)."""
         if command not in self.commands:

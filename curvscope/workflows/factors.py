@@ -183,7 +183,7 @@ def _load_members(problem: Problem, paths: list[Path]) -> list[dict[str, Tensor]
 def claim_factors(writer: ReportWriter, options: FactorsOptions) -> None:
     """Claim the user-given output file (the SymO direction) before computing."""
     if options.symo_step is not None:
-        writer.claim(options.symo_step, "symo_step")
+        writer.claim_option(options.symo_step, "symo_step")
 
 
 def write_factors(writer: ReportWriter, problem: Problem, run: FactorsRun, options: FactorsOptions) -> None:

@@ -331,7 +331,7 @@ def claim_spectrum(writer: ReportWriter, options: SpectrumOptions) -> None:
     for name in ("eigenvectors", "newton_step"):
         path = getattr(options, name)
         if path is not None:
-            writer.claim(path, name)
+            writer.claim_option(path, name)
 
 
 def write_spectrum(writer: ReportWriter, problem: Problem, run: SpectrumRun, options: SpectrumOptions) -> None:
