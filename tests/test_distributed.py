@@ -139,17 +139,38 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+GLOO_ABORT = "terminate called without an active exception"
+"""gloo's known, rare teardown abort (std::terminate in a gloo thread, seen on 2-core machines before and after
+the engine restructure, never in a standalone worker): a run that dies with it is run once more; any other
+failure fails at once."""
+
+
+def _gloo_aborted(returncode: int, stderr: str) -> bool:
+    return returncode != 0 and GLOO_ABORT in (stderr or "")
+
+
+def _run(args: list[str], cwd: Path = ROOT, attempts: int = 2) -> subprocess.CompletedProcess:
     """Run ``args`` with a timeout: a hang fails the test."""
-    try:
-        return subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"timed out after {TIMEOUT_S} s (a hang): {' '.join(args)}\n{exc.stderr}")
+    for attempt in range(attempts):
+        try:
+            run = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            pytest.fail(f"timed out after {TIMEOUT_S} s (a hang): {' '.join(args)}\n{exc.stderr}")
+        if not _gloo_aborted(run.returncode, run.stderr) or attempt == attempts - 1:
+            return run
+    return run
 
 
 @pytest.fixture(scope="module")
 def worker_results(tmp_path_factory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("dist")
+    for _attempt in range(2):
+        results, aborted = _workers(tmp_path_factory.mktemp("dist"))
+        if not aborted:
+            return results
+    pytest.fail(f"the distributed workers died twice with gloo's teardown abort ({GLOO_ABORT!r})")
+
+
+def _workers(out: Path) -> tuple[list[dict[str, Any]], bool]:
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, str(Path(__file__)), "worker", str(r), str(WORLD), str(port), str(out)],
                               cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -160,10 +181,12 @@ def worker_results(tmp_path_factory) -> list[dict[str, Any]]:
         for p in procs:
             p.kill()
         pytest.fail(f"the distributed workers did not finish in {TIMEOUT_S} s (a hang)")
+    if any(_gloo_aborted(p.returncode, stderr) for p, (_, stderr) in zip(procs, logs, strict=True)):
+        return [], True
     for p, (stdout, stderr) in zip(procs, logs, strict=True):
         assert p.returncode == 0, stderr[-4000:]
         assert stdout == "", stdout  # the engine prints nothing
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)], False
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-10, atol: float = 0.0) -> None:
