@@ -178,3 +178,21 @@ def test_a_signal_ends_the_run_with_one_line_and_no_partial_outputs(tmp_path, si
     if leftovers:  # all or nothing
         assert "report.json" in leftovers
         assert json.loads((out / "report.json").read_text())["command"] == "spectrum"
+
+
+def test_a_rerun_replaces_the_previous_runs_outputs(tmp_path, tiny_files, tiny_data):
+    ckpt, data, _ = tiny_files
+    out = tmp_path / "out"
+    assert invoke("spectrum", ckpt, "--data", data, "-o", out, "--groups", "layer").exit_code == 0
+    assert {"spectrum.png", "directions.png", "layers.png"} <= set(_snapshot(out))
+    assert invoke("spectrum", ckpt, "--data", data, "-o", out, "--no-plots").exit_code == 0
+    assert not [n for n in _snapshot(out) if n.endswith(".png")]  # no stale plots beside the new report
+    assert invoke("lr-suggest", ckpt, "--data", data, "-o", out).exit_code == 0  # same problem: merged
+    report = json.loads((out / "report.json").read_text())
+    assert "groups" in report and "lr" in report and (out / "lr.png").is_file()
+    # another problem (another batch) in the same directory: replaced, with a warning, and its files removed
+    result = invoke("spectrum", ckpt, "--data", data, "-o", out, "-n", "6", "--no-plots")
+    assert result.exit_code == 0 and "another problem" in result.stderr, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert "lr" not in report and report["problem"]["batch_size"] == 6
+    assert not (out / "lr.png").exists()

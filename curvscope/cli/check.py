@@ -34,6 +34,7 @@ from curvscope.cli.common import (
     handle_errors,
     out,
     progress_bars,
+    warn,
 )
 from curvscope.cli.root import app
 from curvscope.errors import CurvscopeError
@@ -170,7 +171,7 @@ def _check(ctx, target, rule_texts, config_path, baseline_path, increases, decre
                                  values["device"], values["dtype"], trust_model_code)
     # 2. the report: read it, or compute it from the checkpoint; 3. the verdict
     with progress_bars(json_output) as progress:
-        outcome = run_check(plan, out_dir, load, progress, started)
+        outcome = run_check(plan, out_dir, load, progress, started, warn)
     if outcome.computed and not json_output:
         console.print(f"report: {escape(str(outcome.report_path))} (computed: {', '.join(outcome.computed)})")
     for warning in outcome.warnings:

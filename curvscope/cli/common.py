@@ -134,6 +134,11 @@ def _one_line(text: str) -> str:
     return escape(" ".join(part.strip() for part in text.strip().splitlines() if part.strip()))
 
 
+def warn(message: str) -> None:
+    """A one-line warning on stderr."""
+    console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
+
+
 def quiet_output(quiet: bool = True) -> None:
     """Silence (or restore) everything this process prints: progress, summaries and error messages. Ranks other
     than 0 of a distributed run are quiet; rank 0 prints for all of them."""

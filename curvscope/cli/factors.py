@@ -30,6 +30,7 @@ from curvscope.cli.common import (
     one_line_paragraphs,
     out,
     progress_bars,
+    warn,
 )
 from curvscope.cli.root import app
 
@@ -131,7 +132,8 @@ def factors(
     problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device, dtype,
                             trust_model_code)
     with as_flags(), progress_bars() as progress:  # claims the outputs, runs, writes everything together
-        report = run_and_write(problem, out_dir, {"factors": options}, progress, option="--out")
+        report = run_and_write(problem, out_dir, {"factors": options}, progress, option="--out",
+                               warn=warn)
     for table in factors_tables(report["factors"]):
         out.print(table)
 

@@ -32,6 +32,7 @@ from curvscope.cli.common import (
     one_line_paragraphs,
     out,
     progress_bars,
+    warn,
 )
 from curvscope.cli.root import app
 
@@ -126,7 +127,7 @@ def lr_suggest(
         one_of("emit", emit, EMITS)
     problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device, dtype,
                             trust_model_code)
-    writer = ReportWriter(out_dir, problem, "--out")
+    writer = ReportWriter(out_dir, problem, "--out", warn)
     with progress_bars() as progress, as_flags():
         result = run_lr(problem, options, progress)
         write_lr(writer, problem, result, options)

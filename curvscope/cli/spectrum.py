@@ -30,6 +30,7 @@ from curvscope.cli.common import (
     out,
     progress_bars,
     quiet_output,
+    warn,
 )
 from curvscope.cli.root import app
 from curvscope.errors import CurvscopeError
@@ -177,7 +178,7 @@ def _run(problem, options, out_dir: Path, comm, primary: bool):
     writer = None
     with as_flags(FLAGS), distributed.stage(comm):
         if primary:
-            writer = ReportWriter(out_dir, problem, "--out")
+            writer = ReportWriter(out_dir, problem, "--out", warn)
             claim_spectrum(writer, options)
         options.check_problem(problem)
     with progress_bars(quiet=not primary) as progress, as_flags(FLAGS):

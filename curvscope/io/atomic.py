@@ -85,6 +85,7 @@ class Outputs:
 
     def __init__(self) -> None:
         self._outputs: dict[Path, _Output] = {}
+        self._removals: list[Path] = []
 
     def __len__(self) -> int:
         return len(self._outputs)
@@ -128,6 +129,14 @@ class Outputs:
         """Add a UTF-8 text file."""
         return self.add(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), option)
 
+    def remove(self, path: str | os.PathLike) -> None:
+        """Remove the regular file ``path`` as part of the commit (put back if the commit fails)."""
+        path = Path(path)
+        if _key(path) in self._outputs:
+            raise CurvscopeError(f"{path}: cannot both write and remove it")
+        if path.is_file() and _key(path) not in {_key(p) for p in self._removals}:
+            self._removals.append(path)
+
     def commit(self, progress: Progress | None = None) -> list[Path]:
         """Stage every file, then move them all into place. Returns the paths written.
 
@@ -142,7 +151,7 @@ class Outputs:
                 progress("write", i, len(pending))
                 staged.append((output, _stage(output)))
             with _signals_held():
-                _move_all(staged)
+                _move_all(staged, self._removals)
             staged = []
             progress("write", len(pending), len(pending))
         finally:
@@ -183,10 +192,15 @@ def _stage(output: _Output) -> Path:
     return tmp
 
 
-def _move_all(staged: list[tuple[_Output, Path]]) -> None:
-    """Rename every staged file over its target; on a failure, put back the targets already replaced."""
+def _move_all(staged: list[tuple[_Output, Path]], removals: list[Path] = ()) -> None:
+    """Rename every staged file over its target and remove ``removals``; on a failure, put back the targets
+    already replaced or removed."""
     backups: list[tuple[Path, Path | None]] = []  # (target, hard-linked copy of the old file or None)
     try:
+        for target in removals:
+            backup = target.with_name(f".{target.name}.{os.getpid()}.bak")
+            os.replace(target, backup)
+            backups.append((target, backup))
         for output, tmp in staged:
             target = output.path
             if target.exists() and not target.is_file():  # appeared since the check: never replace it

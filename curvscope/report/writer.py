@@ -17,11 +17,41 @@ from typing import TYPE_CHECKING, Any
 from curvscope.errors import CurvscopeError
 from curvscope.io.atomic import Outputs, check_directory
 from curvscope.progress import Progress, or_silent
-from curvscope.report.schema import REPORT_NAME, build_report, merge_into_existing
+from curvscope.report.schema import REPORT_NAME, build_report, existing_report, merge_into_existing
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from torch import Tensor
+
+
+COMMAND_FILES = {
+    "spectrum": ("spectrum.png", "directions.png", "layers.png", "landscape.png", "directions.safetensors"),
+    "lr-suggest": ("lr.png",),
+    "factors": ("factors.png", "factors.safetensors"),
+}
+"""The files each command writes into the output directory (a rerun that skips one removes the old copy)."""
+
+
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _listed_files(report: dict[str, Any]) -> list[str]:
+    """Every file path a report lists (top-level ``files`` and a section's own ``files``)."""
+    found = [v for v in (report.get("files") or {}).values() if isinstance(v, str)]
+    for section in ("lr", "factors"):
+        value = report.get(section)
+        if isinstance(value, dict):
+            found += [v for v in (value.get("files") or {}).values() if isinstance(v, str)]
+            if isinstance(value.get("plot"), str):
+                found.append(value["plot"])
+    return found
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    a, b = old.get("problem") or {}, new.get("problem") or {}
+    keys = [k for k in ("checkpoint", "model", "data", "loss", "batch_indices") if a.get(k) != b.get(k)]
+    return ", ".join(keys) + " differ" if keys else "another problem"
 
 
 class ReportWriter:
@@ -31,10 +61,18 @@ class ReportWriter:
         out_dir: the output directory (made when absent).
         problem: the :class:`~curvscope.problem.Problem` the numbers belong to (its ``problem`` section).
         option: the name of the output-directory option in messages (``--out`` in the CLI).
+        warn: called with a one-line warning (a report of another problem replaced, stale files removed).
+
+    The outputs of a run replace those of the previous run in the directory: a file the previous report lists
+    there, of a kind this run writes (a plot, the directions file, ...), that this run does not write again is
+    removed with the commit (``--no-plots`` leaves no old plots behind). A report of another problem is not
+    merged: it is replaced, and every file it listed in the directory is removed.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, problem, option: str = "out_dir") -> None:
+    def __init__(self, out_dir: str | os.PathLike, problem, option: str = "out_dir",
+                 warn: Callable[[str], None] | None = None) -> None:
         self.out_dir = check_directory(out_dir, option)
+        self.warn = warn or (lambda _message: None)
         self.problem = problem
         self.option = option
         self.outputs = Outputs()
@@ -108,11 +146,31 @@ class ReportWriter:
         if self._plots:
             progress("plots", len(self._plots), len(self._plots))
         report["files"] = dict(sorted(self.files.items()))
+        old = existing_report(self.report_path)
         merged = merge_into_existing(self.report_path, report)
         text = json.dumps(merged, indent=2, allow_nan=False) + "\n"
         self.outputs.add_text(self.report_path, text, self.option)
+        for path in self._stale(old, merged is report):
+            self.outputs.remove(path)
+        if old is not None and merged is report and old.get("problem") != report.get("problem"):
+            self.warn(f"{self.report_path} held a report of another problem ({_differences(old, report)}): "
+                      "replaced, not merged, with the files it listed here")
         self.outputs.commit(progress)
         return merged
+
+    def _stale(self, old: dict[str, Any] | None, replaced: bool) -> list[Path]:
+        """Files of the previous report in ``out_dir`` that this run supersedes without writing them again."""
+        if old is None:
+            return []
+        listed = [Path(p) for p in _listed_files(old)]
+        written = {_real(p) for p in self.outputs.paths}
+        names = set() if replaced else {n for c in self.commands for n in COMMAND_FILES.get(c, ())}
+        stale = []
+        for path in listed:
+            inside = _real(path).parent == _real(self.out_dir)
+            if inside and _real(path) not in written and path.is_file() and (replaced or path.name in names):
+                stale.append(path)
+        return stale
 
 
 def redraw(report: dict[str, Any], out_dir: str | os.PathLike, progress: Progress | None = None) -> list[Path]:

@@ -8,6 +8,7 @@ computes what its rules need through it).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from curvscope.errors import CurvscopeError
@@ -38,18 +39,19 @@ def get(name: str) -> Workflow:
 
 
 def run_and_write(problem: Problem, out_dir: Any, jobs: dict[str, Options], progress: Progress | None = None,
-                  option: str = "out_dir") -> dict[str, Any]:
+                  option: str = "out_dir", warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run several workflows on one problem and write all their outputs into ``out_dir`` together.
 
     Args:
         jobs: report-section name -> options, run in the order of :data:`NAMES`.
         option: the name of the output directory in messages (``--out`` in the CLI).
+        warn: called with one-line warnings about the output directory (see :class:`ReportWriter`).
     Returns:
         The report as written (merged into an existing report of the same problem).
     """
     from curvscope.report.writer import ReportWriter
 
-    writer = ReportWriter(out_dir, problem, option)
+    writer = ReportWriter(out_dir, problem, option, warn)
     flows = [(get(name), jobs[name]) for name in NAMES if name in jobs]
     for flow, options in flows:
         options.validate()

@@ -139,7 +139,8 @@ def problem_values(plan: CheckPlan, given: set[str], values: dict[str, Any], tru
 
 
 def run_check(plan: CheckPlan, out_dir: Path, load: Callable[[], Problem] | None = None,
-              progress: Progress | None = None, started: float | None = None) -> CheckOutcome:
+              progress: Progress | None = None, started: float | None = None,
+              warn: Callable[[str], None] | None = None) -> CheckOutcome:
     """Read (or, for a checkpoint, compute with ``load()``'s problem) the report, then evaluate the rules."""
     from curvscope.workflows import run_and_write
 
@@ -148,7 +149,7 @@ def run_check(plan: CheckPlan, out_dir: Path, load: Callable[[], Problem] | None
     if plan.computes:
         if load is None:
             raise CurvscopeError(f"{plan.target}: a checkpoint needs a problem to compute the report")
-        run_and_write(load(), out_dir, plan.options, progress, option="--out")
+        run_and_write(load(), out_dir, plan.options, progress, option="--out", warn=warn)
         computed = list(plan.options)
         report_path = Path(out_dir) / REPORT_NAME
     else:
