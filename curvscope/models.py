@@ -1,8 +1,9 @@
 """Built-in architectures that the bundled sample models name (``curvscope.models:<factory>``).
 
-Each factory returns a plain ``nn.Module`` that maps a batch of inputs to ``(N, C)`` outputs. They are small,
-readable references for the kinds of models the engine must handle: an MLP, a CNN with pooling and an
-optional BatchNorm, and a transformer encoder with attention, LayerNorm, GELU and residual connections.
+Each factory returns a plain ``nn.Module`` that maps a batch of inputs to ``(N, C)`` outputs (``char_lm``: to
+``(N, T, vocab)`` next-token logits). They are small, readable references for the kinds of models the engine
+must handle: an MLP, a CNN with pooling and an optional BatchNorm, a transformer encoder with attention,
+LayerNorm, GELU and residual connections, and a causal character-level language model.
 """
 
 from __future__ import annotations
@@ -63,13 +64,18 @@ def cnn(in_channels: int = 1, image_size: int = 8, channels: Sequence[int] = (16
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with separate query/key/value/output projections (plain ``nn.Linear``)."""
+    """Multi-head self-attention with separate query/key/value/output projections (plain ``nn.Linear``).
 
-    def __init__(self, dim: int, heads: int):
+    ``causal``: position t attends to positions 0..t only (an explicit lower-triangular mask, the same for every
+    input: no data-dependent branches, so ``torch.func.vmap`` traces it).
+    """
+
+    def __init__(self, dim: int, heads: int, causal: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads = heads
+        self.causal = causal
         self.query = nn.Linear(dim, dim)
         self.key = nn.Linear(dim, dim)
         self.value = nn.Linear(dim, dim)
@@ -83,7 +89,11 @@ class Attention(nn.Module):
             return t.reshape(B, T, h, D // h).transpose(1, 2)  # (B, h, T, D/h)
 
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        att = (q @ k.transpose(-1, -2) / math.sqrt(D // h)).softmax(dim=-1)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(D // h)  # (B, h, T, T)
+        if self.causal:
+            allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        att = scores.softmax(dim=-1)
         y = (att @ v).transpose(1, 2).reshape(B, T, D)
         return self.out(y)
 
@@ -91,10 +101,10 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: ``x + Attn(LN(x))``, then ``x + MLP(LN(x))`` with a GELU MLP."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: int = 2):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 2, causal: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.attn = Attention(dim, heads, causal)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
 
@@ -130,3 +140,32 @@ def transformer(seq_len: int = 8, token_dim: int = 8, dim: int = 32, heads: int 
                 mlp_ratio: int = 2, num_classes: int = 10) -> Transformer:
     """Factory for :class:`Transformer` (``transformer-digits`` reads the 8 image rows as 8 tokens)."""
     return Transformer(seq_len, token_dim, dim, heads, depth, mlp_ratio, num_classes)
+
+
+class CharLM(nn.Module):
+    """A character-level causal language model (a tiny GPT).
+
+    Token ids ``(N, T)`` with ``T <= seq_len`` -> token embedding + learned positions -> ``depth`` pre-LayerNorm
+    blocks with causal self-attention and a GELU MLP -> LayerNorm -> linear head: logits ``(N, T, vocab)``,
+    where position t predicts token t + 1 from tokens 0..t.
+    """
+
+    def __init__(self, vocab: int = 64, seq_len: int = 32, dim: int = 32, heads: int = 4, depth: int = 2,
+                 mlp_ratio: int = 2):
+        super().__init__()
+        self.seq_len = seq_len
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(0.02 * torch.randn(seq_len, dim))
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, causal=True) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x) + self.pos[:x.shape[1]]
+        return self.head(self.norm(self.blocks(h)))
+
+
+def char_lm(vocab: int = 64, seq_len: int = 32, dim: int = 32, heads: int = 4, depth: int = 2,
+            mlp_ratio: int = 2) -> CharLM:
+    """Factory for :class:`CharLM` (``charlm-pysource`` is trained on Python's own standard-library source)."""
+    return CharLM(vocab, seq_len, dim, heads, depth, mlp_ratio)

@@ -16,7 +16,7 @@ from torch import nn
 
 from curvscope.errors import CurvscopeError
 
-BUILTIN = ("mlp", "cnn", "transformer")
+BUILTIN = ("mlp", "cnn", "transformer", "char_lm")
 
 
 def parse_model_kwargs(text: str | None, source: str = "--model-kwargs") -> dict[str, Any]:
