@@ -63,7 +63,7 @@ def test_sample_mlp_with_symo_step(tmp_path):
     assert set(direction) == set(problem.params) and smeta["format"] == "curvscope.symo_step"
     assert all(direction[n].shape == p.shape for n, p in problem.params.items())
     symo = sec["symo"]
-    assert symo["g_dot_direction"] > 0 and symo["best"]["realized"] < 0
+    assert symo["g_dot_direction"] > 0 and symo["best"]["realized_decrease"] > 0
     assert len(symo["line_search"]) == 11
     assert (out / "factors.png").stat().st_size > 10_000
     assert sec["files"]["symo_step"] == str(step)

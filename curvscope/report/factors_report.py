@@ -72,14 +72,16 @@ def factors_section(result: FactorsResult, ensemble: EnsembleResult | None, symo
 
 def symo_fields(symo: SymoResult) -> dict[str, Any]:
     """The ``factors.symo`` fields: the line search and its best step."""
-    best = None
+    best = None  # decreases, as everywhere in the report: positive = the loss went down
     if symo.best_step is not None:
         i = [float(s) for s in symo.steps].index(symo.best_step)
-        best = {"step": symo.best_step, "predicted": float(symo.predicted[i]), "realized": float(symo.realized[i])}
+        best = {"step": symo.best_step, "predicted_decrease": -float(symo.predicted[i]),
+                "realized_decrease": -float(symo.realized[i])}
     return {
         "eps": symo.eps, "g_dot_direction": symo.g_dot_u, "curvature": symo.curvature,
         "quadratic_step": symo.g_dot_u / symo.curvature if symo.curvature > 0 else None,
-        "line_search": [{"step": float(s), "predicted": float(p), "predicted_linear": float(q), "realized": float(r)}
+        "line_search": [{"step": float(s), "predicted_decrease": -float(p), "predicted_decrease_linear": -float(q),
+                         "realized_decrease": -float(r)}
                         for s, p, q, r in zip(symo.steps, symo.predicted, symo.predicted_linear, symo.realized,
                                               strict=True)],
         "best": best,
@@ -163,8 +165,8 @@ def factors_tables(section: dict[str, Any]) -> list[Table]:
         s = section["symo"]
         best = s["best"]
         text = (f"g·u {num(s['g_dot_direction'], 4)}, u·Hu {num(s['curvature'], 4)}; " +
-                (f"best step {num(best['step'])}: predicted {num(best['predicted'], 4)}, realized "
-                 f"{num(best['realized'], 4)}" if best else "no step lowers the loss"))
+                (f"best step {num(best['step'])}: predicted decrease {num(best['predicted_decrease'], 4)}, "
+                 f"realized {num(best['realized_decrease'], 4)}" if best else "no step lowers the loss"))
         facts.add_row("SymO", text)
     for note in section["notes"]:
         facts.add_row("note", escape(note))

@@ -96,7 +96,29 @@ def lr_section(result: LRResult) -> dict[str, Any]:
     }
     if result.cubic_weight is not None:
         section["cubic"] = {"weight": result.cubic_weight, "note": main.cubic_note, "eta": main.cubic_eta}
+    section["warnings"] = rate_warnings(section)
     return section
+
+
+def rate_warnings(section: dict[str, Any]) -> list[str]:
+    """The ways the recommended rates are predicted or measured to hurt: a higher batch or held-out loss after
+    the step, or a group rate beyond the whole-model stability bound 2/lambda_max(G)."""
+    warnings = []
+    realized = section.get("realized_decrease")
+    if realized is not None and realized < 0:
+        warnings.append(f"the recommended rates raise the batch loss (realized decrease {num(realized)})")
+    held = section.get("realized_decrease_holdout")
+    if held is not None and held < 0:
+        warnings.append(f"the recommended rates raise the held-out loss (realized decrease {num(held)}): they fit "
+                        "this batch, not the data")
+    bound = section.get("lr_stability_global")
+    if bound is not None:
+        over = [g["name"] for g in section["groups"] if g.get("recommended") is not None and g["recommended"] > bound]
+        if over:
+            warnings.append(f"{len(over)} group(s) get a rate above the whole-model stability bound 2/lambda_max = "
+                            f"{num(bound)} ({', '.join(over[:3])}{', ...' if len(over) > 3 else ''}): together "
+                            "with the others such a step can diverge")
+    return warnings
 
 
 def _rate_cell(row: dict[str, Any], key: str, missing: str = "-") -> str:
@@ -177,6 +199,7 @@ def truth_table(section: dict[str, Any]) -> Table:
 def notes(section: dict[str, Any]) -> list[str]:
     """One-line remarks under the tables (H-bar definiteness, Newton, stability)."""
     lines = [f"rule [{i}]: {escape(rule)}" for i, rule in enumerate(rule_legend(section), start=1)]
+    lines += [f"[bold yellow]warning:[/bold yellow] {escape(w)}" for w in section.get("warnings", [])]
     evals = section["h_bar_eigenvalues"]
     if section["h_bar_positive_definite"]:
         lines.append(f"H-bar is positive definite (eigenvalues {num(evals[0])} .. {num(evals[-1])}).")
@@ -198,8 +221,9 @@ def emit_torch(section: dict[str, Any]) -> str:
 
     One param group per group, with its recommended rate.
     """
-    lines = [f"# curvscope lr-suggest: recommended rates, one param group per {section['partition']} group",
-             "import torch", "", "optimizer = torch.optim.SGD(["]
+    lines = [f"# curvscope lr-suggest: recommended rates, one param group per {section['partition']} group"]
+    lines += [f"# WARNING: {w}" for w in section.get("warnings", [])]
+    lines += ["import torch", "", "optimizer = torch.optim.SGD(["]
     for row in section["groups"]:
         params = ", ".join(f"model.get_parameter({n!r})" for n in row["parameters"])
         lines.append(f"    {{\"params\": [{params}], \"lr\": {row['recommended']!r}}},  # {row['name']}: "

@@ -94,6 +94,10 @@ def spectrum_figure(group: dict[str, Any], problem: dict[str, Any] | None = None
             return fig
         bins = _log_bins(ev)
         ax.hist(ev, bins=bins, color=BLUE, alpha=0.85, edgecolor="white", linewidth=0.4, label="eigenvalues")
+        floor = group.get("eigenvalue_floor")
+        if floor is not None and floor > bins[0]:
+            ax.axvspan(bins[0], floor, color=GREY, alpha=0.18, linewidth=0,
+                       label=f"below the {(problem or {}).get('dtype', 'float32')} precision floor")
         ax.set_xscale("log")
         ax.set_xlabel(r"eigenvalue $\lambda$")
         ax.set_ylabel("number of eigenvalues")

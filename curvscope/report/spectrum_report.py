@@ -50,8 +50,8 @@ def directions_fields(group) -> dict[str, Any] | None:
     }
 
 
-def group_fields(group, directional: bool = True) -> dict[str, Any]:
-    """One entry of ``groups``."""
+def group_fields(group, directional: bool = True, floor: float | None = None) -> dict[str, Any]:
+    """One entry of ``groups``; ``floor``: the eigenvalue below which the Gram's rounding dominates."""
     return {
         "name": group.name,
         "parameters": list(group.param_names),
@@ -63,12 +63,28 @@ def group_fields(group, directional: bool = True) -> dict[str, Any]:
         "effective_rank": float(group.effective_rank),
         "stability_lr": float(group.stability_lr),
         "gradient_norm": float(group.gradient_norm),
+        "eigenvalue_floor": floor,
         "directions": directions_fields(group) if directional else None,
     }
 
 
-def spectrum_fields(result, batch_size: int, directional: bool = True) -> dict[str, Any]:
-    """The top-level report fields of ``curvscope spectrum`` (before ``newton`` and ``files``)."""
+def eigenvalue_floors(result, dtype: torch.dtype | None) -> list[float | None]:
+    """Per group, the precision floor ``lambda_max * N_cols * eps(dtype)`` of the rank threshold
+    (``docs/conventions.md`` §2): eigenvalues below it are rounding noise of a Gram built in ``dtype``. A block
+    uses the larger of its own and the whole model's lambda_max, as the rank does."""
+    if dtype is None:
+        return [None] * len(result.groups)
+    eps = torch.finfo(dtype).eps
+    total = float(result.groups[0].lambda_max) if result.grouping != "all" else 0.0
+    return [max(float(g.lambda_max), total) * int(result.num_columns) * eps for g in result.groups]
+
+
+def spectrum_fields(result, batch_size: int, directional: bool = True, dtype: torch.dtype | None = None
+                    ) -> dict[str, Any]:
+    """The top-level report fields of ``curvscope spectrum`` (before ``newton`` and ``files``).
+
+    ``dtype``: the dtype the Gram was built in (the problem's), for the precision floor of each group.
+    """
     subsample = result.subsample
     exact = result.mc_samples == 0 and (subsample is None or subsample >= batch_size)
     return {
@@ -82,7 +98,9 @@ def spectrum_fields(result, batch_size: int, directional: bool = True) -> dict[s
             "exact": bool(exact),
         },
         "grouping": result.grouping,
-        "groups": [group_fields(g, directional) for g in result.groups],
+        "precision": None if dtype is None else str(dtype).replace("torch.", ""),
+        "groups": [group_fields(g, directional, floor)
+                   for g, floor in zip(result.groups, eigenvalue_floors(result, dtype), strict=True)],
     }
 
 
@@ -100,7 +118,21 @@ def newton_fields(step, file: str | os.PathLike) -> dict[str, Any]:
         "num_directions": int(step.num_directions),
         "skipped_directions": int(step.num_skipped),
         "file": str(file),
+        "warnings": newton_warnings(step),
     }
+
+
+def newton_warnings(step) -> list[str]:
+    """When the damped Newton step is predicted or measured to hurt."""
+    warnings = []
+    if float(step.realized_decrease) < 0:
+        warnings.append(f"the step raises the batch loss (predicted decrease {float(step.predicted_decrease):.3g}, "
+                        f"realized {float(step.realized_decrease):.3g}): do not take it; use bootstrap damping or a "
+                        "larger constant damping")
+    if float(step.predicted_decrease) > float(step.loss_before) > 0:
+        warnings.append(f"the predicted decrease {float(step.predicted_decrease):.3g} exceeds the loss itself "
+                        f"({float(step.loss_before):.3g}): the quadratic model does not hold that far")
+    return warnings
 
 
 # -- tensor files ------------------------------------------------------------------------------------------

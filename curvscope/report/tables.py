@@ -52,6 +52,12 @@ def facts_table(report: dict[str, Any], out_dir: str | None = None, top_k: int =
             flat = d["flat_overlap"]
             share = f"{flat:.2%}" if abs(flat) >= 5e-5 else "< 0.01%"
             table.add_row("gradient in flat space", f"{share} (outside the top-{d.get('top_k')} directions)")
+    first = (report.get("groups") or [{}])[0]
+    if first.get("eigenvalue_floor") is not None:
+        precision = report.get("precision") or "float32"
+        hint = "; --dtype float64 resolves ~1e9x smaller ones" if precision == "float32" else ""
+        table.add_row("precision floor", f"{fmt(first['eigenvalue_floor'])} ({precision}): smaller eigenvalues "
+                      f"count as zero in rank and SNR shares{hint}")
     newton = report.get("newton")
     if newton:
         damping = newton.get("damping")
@@ -60,6 +66,8 @@ def facts_table(report: dict[str, Any], out_dir: str | None = None, top_k: int =
                       f", realized {fmt(newton.get('realized_decrease'))} (|step| {fmt(newton.get('step_norm'))}, "
                       f"{newton.get('skipped_directions', 0)} of {newton.get('num_directions', 0)} directions "
                       "skipped)")
+        for warning in newton.get("warnings") or []:
+            table.add_row("[bold yellow]warning[/bold yellow]", f"Newton step: {warning}")
     from curvscope.report.matfree_report import comparison_rows
 
     for label, text in comparison_rows(report):

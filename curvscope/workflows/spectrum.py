@@ -259,7 +259,8 @@ def _run_gram(problem: Problem, options: SpectrumOptions, seed: int, progress: P
     if options.eigenvectors is not None or options.landscape:
         run.vectors = eigenvectors(problem, result, group=0, process_group=process_group)
     with distributed.stage(comm):
-        run.fields = sr.spectrum_fields(result, problem.batch_size, directional=options.directions)
+        run.fields = sr.spectrum_fields(result, problem.batch_size, directional=options.directions,
+                                        dtype=problem.dtype)
         # replaces stale sections when merging into an older report of this problem
         run.fields.update(curvature="ggn", method="gram", comparison=None, landscape=None)
         run.fields["newton"] = None if run.step is None else sr.newton_fields(run.step, options.newton_step)
