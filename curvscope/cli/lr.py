@@ -115,7 +115,7 @@ def lr_suggest(
     debug: DebugOpt = False,
 ) -> None:
     """Per-layer learning rates from the reduced Hessian (help text: :data:`HELP`)."""
-    from curvscope.report.lr_report import emit_json, emit_torch, notes, rates_table, truth_table
+    from curvscope.report.lr_report import emit_json, emit_torch, notes, rates_tables, truth_table
     from curvscope.report.writer import ReportWriter
     from curvscope.workflows.lr import LrOptions, run_lr, write_lr
     from curvscope.workflows.options import one_of
@@ -135,7 +135,8 @@ def lr_suggest(
 
     section = report["lr"]
     screen = console if emit != "none" else out
-    screen.print(rates_table(section))
+    for table in rates_tables(section, screen.width):
+        screen.print(table)
     screen.print(truth_table(section))
     for line in notes(section):
         screen.print(line, soft_wrap=True)

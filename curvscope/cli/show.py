@@ -51,13 +51,14 @@ def _print_sections(doc: dict[str, Any], path: Path) -> list[str]:
     if doc.get("groups"):
         from curvscope.report.tables import spectrum_summary
 
-        for table in spectrum_summary(doc, str(path.parent)):
+        for table in spectrum_summary(doc, str(path.parent), out.width):
             out.print(table)
         shown.append("spectrum")
     if doc.get("lr"):
-        from curvscope.report.lr_report import rates_table, truth_table
+        from curvscope.report.lr_report import rates_tables, truth_table
 
-        out.print(rates_table(doc["lr"]))
+        for table in rates_tables(doc["lr"], out.width):
+            out.print(table)
         out.print(truth_table(doc["lr"]))
         shown.append("lr")
     if doc.get("factors"):

@@ -165,7 +165,7 @@ def spectrum(
     if report is not None:
         from curvscope.report.tables import spectrum_summary
 
-        for table in spectrum_summary(report, str(out_dir)):
+        for table in spectrum_summary(report, str(out_dir), out.width):
             out.print(table)
 
 

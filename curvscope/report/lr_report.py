@@ -137,8 +137,15 @@ def rule_legend(section: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(row["rule"] for row in section["groups"]))
 
 
-def rates_table(section: dict[str, Any]) -> Table:
-    """The per-group table of the rates.
+def rates_tables(section: dict[str, Any], width: int = 80) -> list[Table]:
+    """:func:`rates_table` with group names never broken at ``width`` columns (a legend for long names)."""
+    from curvscope.report.tables import fit_names
+
+    return fit_names(lambda labels: rates_table(section, labels), [row["name"] for row in section["groups"]], width)
+
+
+def rates_table(section: dict[str, Any], labels: list[str] | None = None) -> Table:
+    """The per-group table of the rates (``labels``: row labels, default the group names).
 
     Columns: group, #params, g-hat, H-bar_ss, then the rates lr_newton, lr_diag, lr_stability, (lr_cubic),
     recommended, and the number of the rule that gave the recommended rate (:func:`rule_legend`).
@@ -149,7 +156,7 @@ def rates_table(section: dict[str, Any]) -> Table:
     if batches > 1:
         title += f"; ±std over {batches} batches, ! = std > mean"
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=0)
-    table.add_column("group", overflow="fold", min_width=6)
+    table.add_column("group", no_wrap=True, min_width=6)
     headers = ["#params", "g-hat", "H-bar_ss", "lr_newton", "lr_diag", "lr_stability"]
     cubic = "cubic" in section
     if cubic:
@@ -160,9 +167,9 @@ def rates_table(section: dict[str, Any]) -> Table:
     table.add_column("rule", justify="right", no_wrap=True)
     legend = rule_legend(section)
     newton_missing = "n/a" if section["newton_eta"] is None else "<=0"
-    for row in section["groups"]:
+    for row, label in zip(section["groups"], labels or [row["name"] for row in section["groups"]], strict=True):
         moves = not row["diag_note"].startswith("zero gradient")
-        cells = [escape(row["name"]), f"{row['num_params']:,}", num(row["g_hat"]), num(row["h_bar_diag"]),
+        cells = [escape(label), f"{row['num_params']:,}", num(row["g_hat"]), num(row["h_bar_diag"]),
                  _rate_cell(row, "lr_newton", newton_missing if moves else "n/a"), _rate_cell(row, "lr_diag", "n/a"),
                  _rate_cell(row, "lr_stability", "n/a")]
         if cubic:

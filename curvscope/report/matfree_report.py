@@ -116,19 +116,21 @@ def landscape_fields(land: Landscape, eigenvalues: list[float]) -> dict[str, Any
 
 # -- terminal -----------------------------------------------------------------------------------------------
 
-def matfree_table(report: dict[str, Any]) -> Table:
-    """One row per group: the extreme eigenvalues, trace ± standard error, negative mass, convergence."""
+def matfree_table(report: dict[str, Any], labels: list[str] | None = None) -> Table:
+    """One row per group: the extreme eigenvalues, trace ± standard error, negative mass, convergence.
+    ``labels``: row labels (default: the group names)."""
     curvature = report.get("curvature", "hessian")
     hessian = curvature == "hessian"
     approx = report.get("approximation") or {}
     table = Table(title=f"{'Hessian' if hessian else 'GGN'} spectrum (Lanczos, {fmt(approx.get('matvecs'))} "
                         "products)", title_justify="left")
-    table.add_column("group", overflow="fold")
+    table.add_column("group", no_wrap=True)
     headers = ["params", "λ_max"] + (["λ_min", "neg.\nmass"] if hessian else []) + ["trace", "± s.e.", "conv."]
     for header in headers:
         table.add_column(header, justify="right", no_wrap=True)
-    for g in report.get("groups", []):
-        row = [str(g["name"]), fmt(g.get("num_params")), fmt(g.get("lambda_max"))]
+    groups = report.get("groups", [])
+    for g, label in zip(groups, labels or [str(g["name"]) for g in groups], strict=True):
+        row = [label, fmt(g.get("num_params")), fmt(g.get("lambda_max"))]
         if hessian:
             mass = g.get("negative_mass")
             row += [fmt(g.get("lambda_min")), "-" if mass is None else f"{mass:.1%}"]

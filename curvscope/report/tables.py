@@ -12,24 +12,56 @@ from curvscope.report.format import share as _share
 __all__ = ["facts_table", "fmt", "spectrum_summary", "spectrum_table"]
 
 
-def spectrum_table(report: dict[str, Any]) -> Table:
+def natural_width(table: Table) -> int:
+    """The width ``table`` takes when nothing is wrapped."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    console = Console(width=10_000)
+    return Measurement.get(console, console.options, table).maximum
+
+
+def fit_names(build, names: list[str], width: int = 80, header: str = "group") -> list[Table]:
+    """Tables whose name column never breaks a name: ``build(labels)`` makes the table with one label per
+    name. Names that fit beside the numbers at ``width`` columns stay; longer ones are labelled ``#1``, ``#2``,
+    ... and a legend table below lists them whole (a name longer than the terminal still folds)."""
+    table = build(list(names))
+    if natural_width(table) <= width:
+        return [table]
+    tags = [f"#{i}" for i in range(1, len(names) + 1)]
+    base = natural_width(build(tags))
+    room = width - (base - max(len(header), max(len(t) for t in tags)))
+    labels = [name if len(name) <= room else tag for name, tag in zip(names, tags, strict=True)]
+    legend = Table(show_header=False, box=None, pad_edge=False)
+    legend.add_column(no_wrap=True, style="bold")
+    legend.add_column(overflow="fold")
+    for label, name in zip(labels, names, strict=True):
+        if label != name:
+            legend.add_row(label, name)
+    return [build(labels), legend]
+
+
+def spectrum_table(report: dict[str, Any], labels: list[str] | None = None) -> Table:
     """One row per group: rank, lambda_max, trace, effective rank, SNR > 1 shares, the GD bound 2/lambda_max.
 
     Narrow enough for an 80-column terminal or CI log; the top eigenvalues go into :func:`facts_table`.
+    ``labels``: the row labels (default: the group names; see :func:`fit_names`).
     """
     approx = report.get("approximation") or {}
     kind = "exact" if approx.get("exact", True) else ", ".join(
         b for b in (f"MC {approx['mc_samples']}" if approx.get("mc_samples") else "",
                     f"subsample {approx['subsample']}" if approx.get("subsample") else "") if b)
     table = Table(title=f"GGN spectrum ({kind}, {approx.get('num_columns', '?')} columns)", title_justify="left")
-    table.add_column("group", overflow="fold")
+    table.add_column("group", no_wrap=True)
     for header in ("params", "rank", "λ_max", "trace", "eff.\nrank", "SNR(γ)\n> 1", "SNR(λ)\n> 1",
                    "GD lr <\n2/λ_max"):
         table.add_column(header, justify="right", no_wrap=True)
-    for g in report.get("groups", []):
+    groups = report.get("groups", [])
+    labels = labels or [str(g["name"]) for g in groups]
+    for g, label in zip(groups, labels, strict=True):
         d = g.get("directions") or {}
         table.add_row(
-            str(g["name"]), fmt(g.get("num_params")), fmt(g.get("rank")), fmt(g.get("lambda_max")),
+            label, fmt(g.get("num_params")), fmt(g.get("rank")), fmt(g.get("lambda_max")),
             fmt(g.get("trace")), fmt(g.get("effective_rank")),
             _share(d.get("snr_gt1_share")), _share(d.get("lambda_snr_gt1_share")),
             fmt(g.get("stability_lr")),
@@ -41,7 +73,7 @@ def facts_table(report: dict[str, Any], out_dir: str | None = None, top_k: int =
     """Loss, gradient norm, the top eigenvalues, the Newton step and where the files went."""
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold", no_wrap=True)
-    table.add_column(overflow="fold")  # paths stay whole (copy-pasteable), folded rather than cut
+    table.add_column(overflow="fold")  # paths stay whole (copy-pasteable); folded only when wider than the screen
     table.add_row("loss", fmt(report.get("loss_value"), 6))
     table.add_row("gradient norm", fmt(report.get("gradient_norm"), 4))
     for g in report.get("groups", [])[:1]:
@@ -86,10 +118,12 @@ def facts_table(report: dict[str, Any], out_dir: str | None = None, top_k: int =
     return table
 
 
-def spectrum_summary(report: dict[str, Any], out_dir: str | None = None) -> list[Table]:
-    """What ``spectrum`` (and ``show``) print: the groups table for the method used, then the facts."""
+def spectrum_summary(report: dict[str, Any], out_dir: str | None = None, width: int = 80) -> list[Table]:
+    """What ``spectrum`` (and ``show``) print: the groups table for the method used (names never broken at
+    ``width`` columns), then the facts."""
+    names = [str(g["name"]) for g in report.get("groups", [])]
     if report.get("method") == "lanczos":
         from curvscope.report.matfree_report import matfree_table
 
-        return [matfree_table(report), facts_table(report, out_dir)]
-    return [spectrum_table(report), facts_table(report, out_dir)]
+        return [*fit_names(lambda labels: matfree_table(report, labels), names, width), facts_table(report, out_dir)]
+    return [*fit_names(lambda labels: spectrum_table(report, labels), names, width), facts_table(report, out_dir)]
