@@ -37,7 +37,7 @@ def test_sample_mlp_with_symo_step(tmp_path):
     assert "Phi_1" in result.stdout and "SymO" in result.stdout
     report = json.loads((out / "report.json").read_text())
     sec = report["factors"]
-    assert report["command"] == "factors" and sec["symmetry"] == "orthogonal" and sec["source"] == "batch"
+    assert report["command"] == "factors" and sec["symmetry"] == "signed-permutation" and sec["source"] == "batch"
     assert sec["layers"] == ["1", "3", "5"] and sec["widths"] == [64, 64, 64, 10]
     assert sec["activation_symmetry"] == "signed-permutation"
     names = [b["name"] for b in sec["blocks"]]
@@ -50,7 +50,7 @@ def test_sample_mlp_with_symo_step(tmp_path):
     # the file holds exactly the engine's factors
     tensors, meta = read_file(out / "factors.safetensors")
     assert set(tensors) == set(names)
-    assert meta["symmetry"] == "orthogonal" and meta["layers"] == "1,3,5" and meta["source"] == "batch"
+    assert meta["symmetry"] == "signed-permutation" and meta["layers"] == "1,3,5" and meta["source"] == "batch"
     problem = load_problem(ckpt, DIGITS, batch_size=32, device="cpu", dtype="float64")
     engine = compute_factors(problem, structure_check=False).factors.blocks()
     for name in names:
@@ -126,7 +126,7 @@ def test_run_factors_api(tmp_path, tiny_files, options):
     problem = load_problem(ckpt, data, device="cpu", dtype="float64")
     sec = run_factors(problem, tmp_path / "o", options)
     assert sec["source"] == options.get("source", "batch")
-    assert sec["symmetry"] == options.get("symmetry", "orthogonal")
+    assert sec["symmetry"] == options.get("symmetry", "signed-permutation")  # auto: tanh allows it
     assert (tmp_path / "o" / "factors.safetensors").is_file()
     if options.get("symmetry") == "none":
         assert [b["name"] for b in sec["blocks"]] == ["Sigma"] and sec["structure_error"] == {}
@@ -186,7 +186,7 @@ def test_options_speak_the_engines_words_and_the_cli_maps_them_to_flags():
     from curvscope.cli.common import as_flags
     from curvscope.workflows.options import OptionError
 
-    with pytest.raises(OptionError, match="^symmetry 'rotation': choose one of orthogonal"):
+    with pytest.raises(OptionError, match="^symmetry 'rotation': choose one of auto, orthogonal"):
         FactorsOptions(symmetry="rotation").validate()
     with pytest.raises(OptionError, match="^mc_samples applies to source ggn only$"):
         FactorsOptions(mc_samples=2).validate()

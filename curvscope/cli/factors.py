@@ -54,10 +54,11 @@ def factors(
     dtype: DtypeOpt = "float32",
     trust_model_code: TrustOpt = False,
     symmetry: Annotated[str, typer.Option(
-        "--symmetry", help="Weight-space symmetry group of the hidden units: orthogonal and signed-permutation "
-        "(same factors: Phi_1, phi_l, Phi_L, bias factors, Psi_1 for two-layer nets), permutation (ReLU-type: "
-        "all-ones and complement parts, cross-layer terms) or none (the dense matrix; small chains only).",
-        rich_help_panel=FACTORS_HELP)] = "orthogonal",
+        "--symmetry", help="Weight-space symmetry group of the hidden units: auto (the largest group the "
+        "chain's activations allow, said in the summary: orthogonal for linear chains, signed-permutation for "
+        "odd activations such as tanh, permutation for the rest, e.g. ReLU), orthogonal, signed-permutation (the "
+        "same factors as orthogonal), permutation, or none (the dense second moment; small chains only).",
+        rich_help_panel=FACTORS_HELP)] = "auto",
     source: Annotated[str, typer.Option(
         "--source", help="What is projected: batch (the full-batch gradient g g^T, the paper's estimate), "
         "per-sample (mean of g_n g_n^T: a structured empirical Fisher) or ggn (the GGN V V^T from the spectrum "

@@ -38,8 +38,10 @@ class FactorsOptions(Options):
 
     command: ClassVar[str] = "factors"
 
-    symmetry: str = "orthogonal"
-    """``orthogonal``, ``signed-permutation`` (same factors), ``permutation`` or ``none`` (dense, small chains)."""
+    symmetry: str = "auto"
+    """``auto`` (the largest group the chain's activations allow: orthogonal for linear chains,
+    signed-permutation for odd ones such as tanh, permutation otherwise, e.g. ReLU), ``orthogonal``,
+    ``signed-permutation`` (same factors), ``permutation`` or ``none`` (dense, small chains)."""
     source: str = "batch"
     """What R projects: ``batch`` (g g^T), ``per-sample`` (mean of g_n g_n^T) or ``ggn`` (V V^T)."""
     layers: str | None = None
@@ -75,7 +77,7 @@ class FactorsOptions(Options):
         from curvscope.curvature.symmetry.groups import SYMMETRIES
 
         super().validate()
-        one_of("symmetry", self.symmetry, SYMMETRIES)
+        one_of("symmetry", self.symmetry, ("auto", *SYMMETRIES))
         one_of("source", self.source, SOURCES)
         parse_layers(self.layers)
         if self.mc_samples < 0:
@@ -135,6 +137,20 @@ class FactorsRun:
                 f"symo={'yes' if self.symo else 'no'})")
 
 
+def resolve_symmetry(problem: Problem, options: FactorsOptions) -> tuple[str, str | None]:
+    """``(symmetry, note)``: ``auto`` becomes the largest group the chain's activations allow (permutation
+    when the chain is named by ``layers`` and its activations are unknown); the note says what was chosen."""
+    if options.symmetry != "auto":
+        return options.symmetry, None
+    from curvscope.curvature.symmetry.chain import find_chain, parse_layers
+
+    chain = find_chain(problem.model, problem.params, parse_layers(options.layers))
+    chosen = chain.activation_symmetry or "permutation"
+    why = (f"the activations ({', '.join(chain.activations)}) allow it" if chain.activation_symmetry
+           else "named layers: their activations are unknown, permutation holds for any elementwise one")
+    return chosen, f"symmetry auto: {chosen} ({why})"
+
+
 def run_factors(problem: Problem, options: FactorsOptions | None = None, progress: Progress | None = None
                 ) -> FactorsRun:
     """Compute the factors of ``problem``, the ensemble ground truth and the SymO step as ``options`` ask (no
@@ -149,7 +165,8 @@ def run_factors(problem: Problem, options: FactorsOptions | None = None, progres
     options.check_problem(problem)
     paths = options.checkpoints()
     seed = options.seed if options.seed is not None else int(problem.info.get("seed") or 0)
-    result = compute_factors(problem, symmetry=options.symmetry, source=options.source, layers=options.layers,
+    symmetry, choice = resolve_symmetry(problem, options)
+    result = compute_factors(problem, symmetry=symmetry, source=options.source, layers=options.layers,
                              mc_samples=options.mc_samples, subsample=options.subsample, seed=seed,
                              structure_check=options.structure_check, progress=progress)
     ensemble = None
@@ -163,7 +180,11 @@ def run_factors(problem: Problem, options: FactorsOptions | None = None, progres
         symo = symo_step(problem, result, eps=float(options.eps))
         advance()
     ggn = {"mc_samples": options.mc_samples, "subsample": options.subsample} if result.source == "ggn" else None
-    return FactorsRun(result, ensemble, symo, factors_section(result, ensemble, symo, ggn, paths))
+    section = factors_section(result, ensemble, symo, ggn, paths)
+    if choice:
+        section["symmetry_choice"] = choice
+        section["notes"] = [choice, *[n for n in section.get("notes", []) if "try symmetry" not in n]]
+    return FactorsRun(result, ensemble, symo, section)
 
 
 def _load_members(problem: Problem, paths: list[Path]) -> list[dict[str, Tensor]]:
