@@ -19,6 +19,7 @@ from curvscope.losses import LOSS_NAMES
 META_MODEL = "curvscope.model"
 META_KWARGS = "curvscope.model_kwargs"
 META_LOSS = "curvscope.loss"
+META_SHIFT_LABELS = "curvscope.shift_labels"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
@@ -32,6 +33,7 @@ class Checkpoint:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     loss: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    shift_labels: bool | None = None
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -50,8 +52,13 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if loss is not None and loss not in LOSS_NAMES:
         raise CurvscopeError(f"{path}: metadata '{META_LOSS}' is '{loss}', not one of "
                              f"{', '.join(LOSS_NAMES)}")
+    shift = meta.get(META_SHIFT_LABELS)
+    if shift is not None:
+        from curvscope.io.hf import parse_bool
+
+        shift = parse_bool(shift, f"{path}: metadata '{META_SHIFT_LABELS}'")
     return Checkpoint(path=path, state_dict=state, model_spec=meta.get(META_MODEL) or None,
-                      model_kwargs=kwargs, loss=loss, metadata=meta)
+                      model_kwargs=kwargs, loss=loss, metadata=meta, shift_labels=shift)
 
 
 def apply_state_dict(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
@@ -83,8 +90,11 @@ def _first(items: list[str], n: int = 3) -> str:
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, model_spec: str | None = None,
                     model_kwargs: dict[str, Any] | None = None, loss: str | None = None,
-                    extra_metadata: dict[str, str] | None = None) -> None:
-    """Write ``model``'s state dict as a self-describing safetensors checkpoint (atomically)."""
+                    extra_metadata: dict[str, str] | None = None, shift_labels: bool | None = None) -> None:
+    """Write ``model``'s state dict as a self-describing safetensors checkpoint (atomically).
+
+    ``shift_labels``: recorded as ``curvscope.shift_labels`` (targets are the inputs, predicted one step on).
+    """
     from safetensors.torch import save_file
 
     meta = dict(extra_metadata or {})
@@ -93,5 +103,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, model_spec: str |
     meta[META_KWARGS] = json.dumps(model_kwargs or {})
     if loss:
         meta[META_LOSS] = loss
+    if shift_labels is not None:
+        meta[META_SHIFT_LABELS] = "true" if shift_labels else "false"
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     write_atomic(Path(path), lambda tmp: save_file(state, str(tmp), metadata=meta))
