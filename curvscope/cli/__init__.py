@@ -23,7 +23,8 @@ def main() -> None:
 
     try:
         signal.signal(signal.SIGTERM, _terminate_early)
-        app = _load_app()
+        with _starting():
+            app = _load_app()
         from curvscope.cli.common import install_signal_handlers
 
         install_signal_handlers()
@@ -32,6 +33,21 @@ def main() -> None:
         terminated = type(exc).__name__ == "Terminated" or isinstance(exc, _EarlyTerminate)
         sys.stderr.write("terminated (SIGTERM)\n" if terminated else "interrupted\n")
         sys.exit(143 if terminated else 130)
+
+
+COMPUTING = ("spectrum", "factors", "lr-suggest", "check", "info", "show")
+
+
+def _starting():
+    """A spinner on an interactive stderr while the heavy libraries load (within a second of the start)."""
+    import contextlib
+
+    args = sys.argv[1:2]
+    if not args or args[0] not in COMPUTING or "-h" in sys.argv or "--help" in sys.argv or not sys.stderr.isatty():
+        return contextlib.nullcontext()
+    from rich.console import Console
+
+    return Console(stderr=True).status("Starting curvscope (loading PyTorch)...")
 
 
 class _EarlyTerminate(KeyboardInterrupt):

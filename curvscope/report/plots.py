@@ -35,6 +35,20 @@ def num_na(x: float | None) -> str:
 BLUE, ORANGE, GREY, RED = "#1f4e79", "#d9822b", "#7f7f7f", "#b22222"
 
 
+def _percent(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2%}"
+
+
+def _lean_log(ax, x: bool = True, y: bool = True) -> None:
+    """Log axes without minor tick labels' cost: minor ticks are what makes a log plot slow to draw."""
+    from matplotlib.ticker import NullLocator
+
+    if x:
+        ax.xaxis.set_minor_locator(NullLocator())
+    if y:
+        ax.yaxis.set_minor_locator(NullLocator())
+
+
 def _floats(values: Sequence[Any] | None) -> np.ndarray:
     """A report list as float64, ``None`` (non-finite in the JSON) as NaN."""
     if values is None:
@@ -94,6 +108,7 @@ def spectrum_figure(group: dict[str, Any], problem: dict[str, Any] | None = None
             return fig
         bins = _log_bins(ev)
         ax.hist(ev, bins=bins, color=BLUE, alpha=0.85, edgecolor="white", linewidth=0.4, label="eigenvalues")
+        _lean_log(ax, y=False)
         floor = group.get("eigenvalue_floor")
         if floor is not None and floor > bins[0]:
             ax.axvspan(bins[0], floor, color=GREY, alpha=0.18, linewidth=0,
@@ -151,6 +166,7 @@ def _scatter_loglog(ax, x: np.ndarray, y: np.ndarray, ylabel: str, title: str, s
     ax.scatter(x[ok], y[ok], s=9, color=BLUE, alpha=0.65, linewidths=0)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    _lean_log(ax)
     if snr_line:
         lo, hi = ax.get_ylim()
         ax.set_ylim(min(lo, 0.3), max(hi, 3.0))
@@ -158,8 +174,7 @@ def _scatter_loglog(ax, x: np.ndarray, y: np.ndarray, ylabel: str, title: str, s
         ax.annotate("SNR = 1", xy=(1.0, 1.0), xycoords=("axes fraction", "data"), xytext=(-2, 3),
                     textcoords="offset points", ha="right", va="bottom", color=RED, fontsize=8)
         above = int((y[ok] > 1).sum())
-        ax.text(0.98, 0.03, f"SNR > 1: {above} of {x.size}", transform=ax.transAxes, ha="right", va="bottom",
-                fontsize=8, color=GREY)
+        ax.set_title(f"{title}: SNR > 1 for {above} of {x.size}", loc="left")  # above the axes, never on points
     hidden = x.size - int(ok.sum())
     if hidden:
         ax.text(0.02, 0.03, f"{hidden} not shown (undefined or not positive)", transform=ax.transAxes,
@@ -195,11 +210,13 @@ def directions_figure(group: dict[str, Any], problem: dict[str, Any] | None = No
                   edgecolor="white", linewidth=0.4)
             b.set_xscale("log")
             b.set_yscale("log")
+            _lean_log(b)
             if pos.any():
                 b.set_ylim(max(sums[pos].min() / 3, 1e-12), 1.5)
             flat = d.get("flat_overlap")
+            flat = None if flat is None else max(float(flat), 0.0)  # -4e-16 is rounding of 1 - sum: show 0
             b.text(0.02, 0.97, f"top-{int(ok.sum())} directions: {float(overlap[ok].sum()):.2%}\n"
-                   f"flat space (1 - sum): {num_na(flat)}", transform=b.transAxes, va="top", ha="left", fontsize=8,
+                   f"flat space (1 - sum): {_percent(flat)}", transform=b.transAxes, va="top", ha="left", fontsize=8,
                    bbox={"boxstyle": "round,pad=0.3", "facecolor": "white", "edgecolor": "#cccccc", "alpha": 0.9})
         else:
             _empty(b, "no gradient overlap (zero gradient or no directions)")

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-DPI = 160
+DPI = 130
 STYLE = {
     "font.size": 9,
     "axes.titlesize": 10,
@@ -45,12 +45,13 @@ def style():
 
 
 def render_png(fig: Figure, dpi: int = DPI) -> bytes:
-    """The figure as PNG bytes (tight bounding box); the figure is closed."""
+    """The figure as PNG bytes; the figure is closed."""
     plt = pyplot()
     buf = io.BytesIO()
     try:
         with plt.rc_context(STYLE):
-            fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+            # figures lay themselves out (tight_layout); bbox_inches="tight" would draw every figure twice
+            fig.savefig(buf, format="png", dpi=dpi)
     finally:
         plt.close(fig)
     return buf.getvalue()
