@@ -17,12 +17,19 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from curvscope.errors import CurvscopeError
+from curvscope.io.inputs import call_model, cast_inputs, nonfinite_inputs, probe_model
 from curvscope.losses import Loss, default_loss_name, get_loss
+from curvscope.losses import shift_labels as _shift_labels
 
 GROUP_MODES = ("all", "layer", "tensor")
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one short line: its message's first line, or its type."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -46,6 +53,13 @@ class Problem:
         loss: the :class:`~curvscope.losses.Loss`.
         info: provenance for reports (checkpoint, model spec, data file, batch indices, seed).
         dataset: the whole dataset ``(x, y)`` the batch came from, when known (for extra batches).
+        output_shape: the model's raw output shape for one sample: ``(C,)``, or ``(T, C)`` / ``(T1, T2, C)`` for
+            sequence outputs, which :meth:`forward` flattens to ``num_outputs = T*C`` per sample
+            (``CURVATURE.md`` section 8; ``positions``, ``classes``).
+        shift_labels: the targets were shifted for a causal LM (position t scored against token t+1).
+        use_vmap: try the vmapped per-sample paths (``False``: plain autograd everywhere).
+        vmap_error: why ``vmap`` failed on this model (set by the engine when it fell back), else ``None``;
+            :attr:`path` says which path ran.
     """
 
     model: nn.Module
@@ -59,6 +73,20 @@ class Problem:
     num_outputs: int
     info: dict[str, Any] = field(default_factory=dict)
     dataset: tuple[Tensor, Tensor] | None = None
+    output_shape: tuple[int, ...] = ()
+    shift_labels: bool = False
+    use_vmap: bool = True
+    output: str | None = None
+    vmap_error: str | None = None
+    vmap_checked: bool = field(default=False, repr=False)
+
+    def __repr__(self) -> str:
+        shape = "x".join(str(d) for d in (self.output_shape or (self.num_outputs,)))
+        seq = (f", tokens={self.num_tokens}{', shift_labels' if self.shift_labels else ''}"
+               if self.is_sequence else "")
+        return (f"Problem(model={type(self.model).__name__}, N={self.batch_size}, outputs={shape}{seq}, "
+                f"loss={self.loss.name}, D={self.num_params:,}, dtype={str(self.dtype).replace('torch.', '')}, "
+                f"device={self.device}, path={self.path!r})")
 
     # -- sizes -------------------------------------------------------------------------------------
     @property
@@ -69,12 +97,55 @@ class Problem:
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params.values())
 
+    @property
+    def is_sequence(self) -> bool:
+        """The model returns one output vector per position (``CURVATURE.md`` section 8)."""
+        return self.loss.positions > 0
+
+    @property
+    def positions(self) -> int:
+        """T: positions per sample (1 for one output vector per sample)."""
+        return self.loss.positions or 1
+
+    @property
+    def classes(self) -> int:
+        """C: outputs per position (``num_outputs`` for one output vector per sample)."""
+        return self.loss.classes if self.is_sequence else self.num_outputs
+
+    @property
+    def num_tokens(self) -> int:
+        """|T|: the batch's tokens that carry loss (N for one output vector per sample)."""
+        if not self.is_sequence:
+            return self.batch_size
+        return int(self.loss.valid_tokens(self.targets).sum())
+
+    @property
+    def path(self) -> str:
+        """Which per-sample differentiation path the engine takes: ``vmap``, or ``autograd (vmap failed: ...)``."""
+        if not self.use_vmap:
+            return "autograd (vmap disabled)"
+        if self.vmap_error is not None:
+            return f"autograd (vmap failed: {self.vmap_error})"
+        return "vmap"
+
+    def note_vmap_failure(self, exc: BaseException | str) -> None:
+        """Record that a vmapped path failed on this model (the engine then uses plain autograd)."""
+        if self.vmap_error is None:
+            self.vmap_error = exc if isinstance(exc, str) else one_line(exc)
+
     # -- evaluation --------------------------------------------------------------------------------
     def forward(self, params: dict[str, Tensor] | None = None, inputs: Tensor | None = None) -> Tensor:
         """Model outputs ``(N, C)`` at ``params`` (default: the problem's) on ``inputs`` (default: batch)."""
         params = self.params if params is None else params
         inputs = self.inputs if inputs is None else inputs
-        return functional_call(self.model, {**self.buffers, **params}, (inputs,))
+        return self.call({**self.buffers, **params}, inputs)
+
+    def call(self, state: dict[str, Tensor], inputs: Tensor) -> Tensor:
+        """The model at ``state`` (parameters and buffers by name) on ``inputs`` ``(n, ...)``: outputs
+        ``(n, num_outputs)``, sequence outputs ``(n, T, C)`` flattened per sample. Every engine path evaluates
+        the model through this method."""
+        out = call_model(self.model, state, inputs, self.output)
+        return out.reshape(out.shape[0], -1) if self.is_sequence else out
 
     def loss_value(self, params: dict[str, Tensor] | None = None) -> Tensor:
         """The batch loss ``L`` (mean over the batch), a scalar tensor."""
@@ -87,7 +158,11 @@ class Problem:
     def gradient(self, params: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The batch gradient ``g = dL/dtheta`` by name."""
         params = self.params if params is None else params
-        return torch.func.grad(self.loss_value)(params)
+        names = list(params)
+        with torch.enable_grad():
+            leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+            grads = torch.autograd.grad(self.loss_value(leaves), [leaves[n] for n in names], allow_unused=True)
+        return {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads, strict=True)}
 
     # -- structure ---------------------------------------------------------------------------------
     def groups(self, mode: str = "all") -> list[ParamGroup]:
@@ -107,8 +182,10 @@ class Problem:
         raise CurvscopeError(f"unknown parameter grouping '{mode}': choose one of {', '.join(GROUP_MODES)}")
 
     def with_batch(self, inputs: Tensor, targets: Tensor, **info: Any) -> Problem:
-        """The same model and loss on another batch (inputs and targets already prepared)."""
-        return replace(self, inputs=inputs, targets=targets, info={**self.info, **info})
+        """The same model and loss on another batch (inputs and targets already prepared, labels shifted where
+        the problem shifts them); sequence losses take that batch's valid-token count."""
+        return replace(self, inputs=inputs, targets=targets, loss=self.loss.for_batch(targets),
+                       info={**self.info, **info})
 
     def batch_from_dataset(self, indices: Tensor) -> Problem:
         """The same model and loss on the dataset samples ``indices``."""
@@ -117,6 +194,8 @@ class Problem:
         x, y = self.dataset
         inputs, targets = _prepare_batch(x[indices], y[indices], self.loss, self.num_outputs, self.device,
                                          self.dtype, "data")
+        if self.shift_labels:
+            targets = _shift_labels(targets)
         return self.with_batch(inputs, targets, batch_indices=indices.tolist())
 
 
@@ -167,7 +246,7 @@ def check_module_modes(model: nn.Module) -> None:
 
 def _prepare_batch(x: Tensor, y: Tensor, loss: Loss, num_outputs: int, device: torch.device,
                    dtype: torch.dtype, source: str) -> tuple[Tensor, Tensor]:
-    inputs = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+    inputs = cast_inputs(x, device, dtype)
     targets = loss.prepare_targets(y, num_outputs, dtype, source).to(device)
     return inputs, targets
 
@@ -175,17 +254,28 @@ def _prepare_batch(x: Tensor, y: Tensor, loss: Loss, num_outputs: int, device: t
 def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | Loss | None = None,
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                  info: dict[str, Any] | None = None, dataset: tuple[Tensor, Tensor] | None = None,
-                 source: str = "data") -> Problem:
+                 source: str = "data", shift_labels: bool = False, use_vmap: bool = True,
+                 output: str | None = None) -> Problem:
     """Build a :class:`Problem` from a model and a batch.
 
     Args:
-        model: any ``nn.Module`` mapping ``inputs`` to outputs ``(N, C)``, in eval mode if it has BatchNorm or
-            Dropout. It is not modified: its parameters are copied to ``device``/``dtype``.
+        model: any ``nn.Module`` mapping ``inputs`` to outputs ``(N, C)``, or to sequence outputs ``(N, T, C)``
+            (more position dims are flattened into T; ``CURVATURE.md`` section 8), in eval mode if it has
+            BatchNorm or Dropout. It is not modified: its parameters are copied to ``device``/``dtype``.
         inputs: ``(N, ...)``; floating inputs are cast to ``dtype``, integer inputs (token ids) kept.
-        targets: class labels ``(N,)`` for ``ce``; ``(N, C)`` floats for ``mse``/``bce``.
+        targets: class labels ``(N,)`` for ``ce``; ``(N, C)`` floats for ``mse``/``bce``. Sequence outputs:
+            token labels ``(N, T)`` for ``ce`` (``-100``: no loss at that position), ``(N, T, C)`` floats for
+            ``mse``/``bce``.
         loss: ``"ce"``, ``"mse"``, ``"bce"``; default ``ce`` for integer targets, ``mse`` for float ones.
         device: ``"auto"`` (default), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         dtype: ``float32`` (default) or ``float64``.
+        shift_labels: causal LM: position t is scored against token t+1 (Hugging Face's convention; ``ce`` on
+            sequence outputs only).
+        output: the attribute or key of a structured output (a Hugging Face ``ModelOutput``, a dict, a tuple
+            index) to analyse; default: the output when it is a tensor, else ``logits``, else element 0. What
+            was chosen is recorded in ``info["output"]``.
+        use_vmap: ``False`` forces the plain-autograd paths (the engine also falls back by itself when ``vmap``
+            cannot trace the model; :attr:`Problem.path` says which ran).
     """
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     check_module_modes(model)
@@ -200,59 +290,127 @@ def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | 
                     for n, p in model.named_parameters() if not p.requires_grad})
     if inputs.shape[0] != targets.shape[0]:
         raise CurvscopeError(f"{source}: {inputs.shape[0]} inputs but {targets.shape[0]} targets")
-    if inputs.is_floating_point() and not torch.isfinite(inputs).all():
+    if nonfinite_inputs(inputs) is not None:
         raise CurvscopeError(f"{source}: inputs contain NaN or Inf")
-    x0 = inputs[:1].to(device=device, dtype=dtype) if inputs.is_floating_point() else inputs[:1].to(device)
+    # probe with two samples: a forward that squeezes its batch dim breaks on one
+    x0 = cast_inputs(inputs[:2], device, dtype)
     with torch.no_grad():
         try:
-            out = functional_call(model, {**buffers, **params}, (x0,))
+            out, chosen = probe_model(model, {**buffers, **params}, x0, output)
+        except CurvscopeError:
+            raise
         except Exception as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CurvscopeError(f"{source}: the model cannot run on inputs of shape "
                                  f"{tuple(inputs.shape[1:])} per sample: {msg}") from exc
-    if not isinstance(out, Tensor) or out.dim() != 2:
+    if not isinstance(out, Tensor) or out.dim() < 2 or out.shape[0] != x0.shape[0]:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise CurvscopeError(f"the model must return outputs of shape (N, C), got {shape} for one sample")
-    num_outputs = out.shape[1]
+        raise CurvscopeError(f"the model must return outputs of shape (N, C) or (N, T, C), got {shape} for "
+                             f"{x0.shape[0]} sample{'s' if x0.shape[0] > 1 else ''}")
+    output_shape = tuple(out.shape[1:])
+    num_outputs = out[0].numel()
+    if out.dim() > 2:
+        loss = loss.sequence(positions=num_outputs // out.shape[-1], classes=out.shape[-1])
+    if shift_labels and not (loss.positions and loss.name == "ce"):
+        raise CurvscopeError("shift_labels needs sequence outputs (N, T, C) and loss 'ce' (a causal LM), got "
+                             f"outputs {tuple(out.shape[1:])} per sample and loss '{loss.name}'")
     inputs, targets = _prepare_batch(inputs, targets, loss, num_outputs, device, dtype, source)
+    if shift_labels:
+        targets = _shift_labels(targets)
+    loss = loss.for_batch(targets)
     return Problem(model=model, params=params, buffers=buffers, inputs=inputs, targets=targets, loss=loss,
-                   device=device, dtype=dtype, num_outputs=num_outputs, info=dict(info or {}),
-                   dataset=dataset)
+                   device=device, dtype=dtype, num_outputs=num_outputs, info={**(info or {}), "output": chosen},
+                   dataset=dataset, output_shape=output_shape, shift_labels=shift_labels, use_vmap=use_vmap,
+                   output=output)
 
 
 def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
                  model: str | None = None, model_kwargs: dict[str, Any] | str | None = None,
                  batch_size: int | None = 128, shuffle: bool = False, seed: int = 0, loss: str | None = None,
-                 device: str | None = "auto", dtype: str | None = "float32", trust_model_code: bool = False
-                 ) -> Problem:
+                 device: str | None = "auto", dtype: str | None = "float32", trust_model_code: bool = False,
+                 output: str | None = None, shift_labels: bool | None = None) -> Problem:
     """Build a :class:`Problem` from files, exactly as the CLI does.
 
     Args:
-        checkpoint: ``.safetensors`` / ``.pt`` / ``.pth`` state dict. Self-describing safetensors checkpoints
-            carry ``curvscope.model``, ``curvscope.model_kwargs`` and ``curvscope.loss`` metadata.
-        data: dataset file with tensors ``x`` and ``y`` (``.safetensors``, ``.npz``, ``.pt``).
+        checkpoint: ``.safetensors`` / ``.pt`` / ``.pth`` state dict, or a Hugging Face directory
+            (``config.json`` + ``model.safetensors`` or a sharded index; needs ``curvscope[hf]``).
+            Self-describing safetensors checkpoints carry ``curvscope.model``, ``curvscope.model_kwargs``,
+            ``curvscope.loss`` (and ``curvscope.shift_labels``) metadata.
+        data: dataset file (``.safetensors``, ``.npz``, ``.pt``) with tensors ``x`` and ``y``, or keyword
+            inputs: without ``x`` every tensor but the targets (``y`` or ``labels``) is passed to the model
+            as a keyword argument under its name (``input_ids``, ``attention_mask``, ...).
         model: a model spec (``path/to/file.py:factory``, ``package.module:factory`` or ``mlp``/``cnn``/
-            ``transformer``); overrides the checkpoint's. Without a checkpoint the factory's own
+            ``transformer``/``char_lm``); overrides the checkpoint's. Without a checkpoint the factory's own
             initialization is used, seeded by ``seed``.
         model_kwargs: factory keyword arguments (dict or JSON string); default: the checkpoint's.
         batch_size: the first ``batch_size`` samples in file order (all when ``None``; capped at the dataset
             size), or a seeded random subset with ``shuffle=True``.
-        loss: ``ce``/``mse``/``bce``; default: the checkpoint's, else by target dtype.
+        loss: ``ce``/``mse``/``bce``; default: the checkpoint's, else the Hugging Face architecture's
+            (``...ForCausalLM``: ``ce`` on next tokens; ``...ForSequenceClassification``/
+            ``...ForTokenClassification``: ``ce``), else by target dtype.
         dtype: the model is built in this dtype before the weights are copied in (a float64 checkpoint
-            stays exact in float64).
+            stays exact in float64; bfloat16/float16 weights are widened exactly).
         trust_model_code: allow the checkpoint's metadata to name a model factory outside curvscope's
             built-ins (importing it runs its code). Without it such a checkpoint is refused; ``model``
             given here is always trusted (you named it).
+        output: the attribute or key of a structured model output to analyse; default: the output itself
+            when it is a tensor, else its ``logits``, else the first element of a tuple.
+        shift_labels: targets ``(N, T)`` are the input tokens and position ``t`` predicts token ``t + 1``
+            (Hugging Face's causal-LM convention); ``None``: the checkpoint's ``curvscope.shift_labels``
+            metadata, else ``True`` for a causal LM architecture, else ``False``.
     """
-    from curvscope.io.checkpoints import apply_state_dict, load_checkpoint
     from curvscope.io.data import load_dataset, select_batch
-    from curvscope.io.spec import build_model, canonical_spec, check_trusted, parse_model_kwargs
+    from curvscope.io.inputs import check_keywords
 
     if data is None:
-        raise CurvscopeError("no data: pass --data FILE (tensors 'x' and 'y')")
+        raise CurvscopeError("no data: pass --data FILE (tensors 'x' and 'y', or keyword inputs and 'y' or "
+                             "'labels')")
     if not 0 <= seed < 2**63:
         raise CurvscopeError(f"seed must be between 0 and 2**63 - 1, got a {len(str(abs(seed)))}-digit number"
                              if abs(seed) >= 2**63 else f"seed must be at least 0, got {seed}")
+    net, info, defaults = _load_model(checkpoint, model, model_kwargs, seed, dtype, trust_model_code)
+    net.eval()
+    dataset = load_dataset(data)
+    check_keywords(net, dataset.x, str(data), dataset.target_name)
+    idx = select_batch(len(dataset), batch_size, shuffle=shuffle, seed=seed)
+    loss_name = loss or defaults["loss"]
+    if loss_name is None:
+        loss_name = default_loss_name(dataset.y)
+    shift = shift_labels if shift_labels is not None else bool(defaults["shift_labels"])
+    info.update({
+        "data": str(Path(data)),
+        "dataset_size": len(dataset),
+        "shuffle": shuffle,
+        "seed": seed,
+        "batch_indices": idx.tolist(),
+        "loss_default": defaults["loss_reason"] if loss is None else f"{loss} (given)",
+        "shift_labels": shift,
+        "output_name": output,
+    })
+    if dataset.target_name != "y":
+        info["targets"] = dataset.target_name
+    return make_problem(net, dataset.x[idx], dataset.y[idx], loss=loss_name, device=device, dtype=dtype,
+                        info=info, dataset=(dataset.x, dataset.y), source=str(data), shift_labels=shift,
+                        output=output)
+
+
+def _load_model(checkpoint: str | os.PathLike | None, model: str | None,
+                model_kwargs: dict[str, Any] | str | None, seed: int, dtype: str | None, trust_model_code: bool
+                ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """The model with its weights in ``dtype``, the provenance for ``info``, and the defaults its files give:
+    ``{"loss": str | None, "shift_labels": bool | None, "loss_reason": str}``."""
+    from curvscope.io.checkpoints import apply_state_dict, load_checkpoint
+    from curvscope.io.hf import is_hf_directory, load_hf_model
+    from curvscope.io.spec import build_model, canonical_spec, check_trusted, parse_model_kwargs
+
+    if checkpoint is not None and is_hf_directory(checkpoint):
+        if model is not None or model_kwargs:
+            raise CurvscopeError(f"{checkpoint}: a Hugging Face directory names its model in config.json; "
+                                 "--model and --model-kwargs cannot be used with it")
+        hf = load_hf_model(checkpoint, resolve_dtype(dtype))
+        info = {"checkpoint": str(checkpoint), "model": f"transformers:{hf.architecture}", "model_kwargs": {},
+                **hf.info}
+        return hf.model, info, {"loss": hf.loss, "shift_labels": hf.shift_labels, "loss_reason": hf.loss_reason}
     ckpt = load_checkpoint(checkpoint) if checkpoint is not None else None
     spec = model or (ckpt.model_spec if ckpt else None)
     if spec is None:
@@ -284,21 +442,11 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.Pat
         for n, p in net.named_parameters():
             if not torch.isfinite(p).all():
                 raise CurvscopeError(f"model '{spec}': initial weights '{n}' contain NaN or Inf")
-    net.eval()
-    dataset = load_dataset(data)
-    idx = select_batch(len(dataset), batch_size, shuffle=shuffle, seed=seed)
-    loss_name = loss or (ckpt.loss if ckpt else None)
-    if loss_name is None:
-        loss_name = default_loss_name(dataset.y)
-    info = {
-        "checkpoint": str(checkpoint) if checkpoint is not None else None,
-        "model": spec,
-        "model_kwargs": kwargs,
-        "data": str(Path(data)),
-        "dataset_size": len(dataset),
-        "shuffle": shuffle,
-        "seed": seed,
-        "batch_indices": idx.tolist(),
-    }
-    return make_problem(net, dataset.x[idx], dataset.y[idx], loss=loss_name, device=device, dtype=dtype,
-                        info=info, dataset=(dataset.x, dataset.y), source=str(data))
+    info = {"checkpoint": str(checkpoint) if checkpoint is not None else None, "model": spec,
+            "model_kwargs": kwargs}
+    loss = ckpt.loss if ckpt else None
+    reason = f"{loss} from the checkpoint's metadata" if loss else "by the targets' dtype (ce for integer labels)"
+    shift = ckpt.shift_labels if ckpt else None
+    if shift is not None:
+        reason += f"; shift_labels {str(shift).lower()} from the checkpoint's metadata"
+    return net, info, {"loss": loss, "shift_labels": shift, "loss_reason": reason}

@@ -488,3 +488,70 @@ def dense_reference(case: str, **kw) -> Dense:
     the problem)."""
     problem = CASES[case](**kw)
     return Dense(problem, per_sample_ggns(problem), ggn_factor(problem), per_sample_gradients(problem))
+
+
+# -- any model, any output shape: dense references without vmap ------------------------------------------------
+
+@dataclass(frozen=True)
+class DenseAny:
+    """Dense references of a problem built without ``vmap`` (plain autograd): the Jacobian ``J`` ``(N, O, D)`` of
+    every sample's O outputs, PyTorch's loss Hessian ``H`` ``(N*O, N*O)`` and gradient ``dL`` ``(N, O)`` with
+    respect to the outputs. ``G = J^T H J``; samples are independent, so ``l_n = N L`` restricted to sample n:
+    ``g_n = N J_n^T dL/df_n`` and ``G_n = N J_n^T H_nn J_n``."""
+
+    J: Tensor
+    H: Tensor
+    dL: Tensor
+
+    @property
+    def factor(self) -> Tensor:
+        """``B`` ``(N*O, D)`` with ``G = B^T B``: the symmetric square root of ``H`` times ``J``."""
+        w, U = torch.linalg.eigh(0.5 * (self.H + self.H.T))
+        w = torch.where(w > torch.finfo(w.dtype).eps * w.max(), w, torch.zeros_like(w))
+        return (U * w.sqrt()) @ U.T @ self.J.reshape(-1, self.J.shape[-1])
+
+    @property
+    def G(self) -> Tensor:
+        B = self.factor
+        return B.T @ B
+
+    @property
+    def gn(self) -> Tensor:
+        return self.J.shape[0] * torch.einsum("nci,nc->ni", self.J, self.dL)
+
+    def eigen(self, rel: float = 1e-10) -> tuple[Tensor, Tensor]:
+        """Nonzero eigenvalues of G, descending, and unit eigenvectors ``(D, R)`` (from ``B B^T``, same nonzero
+        eigenvalues)."""
+        B = self.factor
+        evals, U = nonzero_eigen(B @ B.T, rel)
+        return evals, B.T @ U / evals.sqrt()
+
+    def directions(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-k eigenvalues ``(k,)``, gamma_nk ``(N, k)`` and lambda_nk ``(N, k)`` of the dense GGN."""
+        evals, e = self.eigen()
+        e = e[:, :k]
+        N, O = self.dL.shape
+        Je = torch.einsum("nci,ik->nck", self.J, e)  # (N, O, k)
+        Hnn = self.H.reshape(N, O, N, O)
+        lambdas = N * torch.stack([torch.einsum("ck,cd,dk->k", Je[n], Hnn[n, :, n], Je[n]) for n in range(N)])
+        return evals[:k], self.gn @ e, lambdas
+
+
+def dense_any(problem, batch_loss: Callable[[Tensor], Tensor]) -> DenseAny:
+    """References from PyTorch's own loss: ``batch_loss(raw outputs) -> L`` (e.g. ``nn.CrossEntropyLoss()`` on
+    the flattened logits), its Hessian by ``torch.autograd.functional.hessian``, and the Jacobian of the whole
+    batch's raw outputs by ``torch.autograd.functional.jacobian`` (a loop of backward passes, no ``vmap``)."""
+    params, buffers = problem.params, problem.buffers
+    flat = torch.cat([p.reshape(-1) for p in params.values()])
+
+    def outputs(theta: Tensor) -> Tensor:
+        return functional_call(problem.model, {**buffers, **_unflatten(theta, params)}, (problem.inputs,))
+
+    with torch.no_grad():
+        out = outputs(flat)
+    N, O = out.shape[0], out[0].numel()
+    J = torch.autograd.functional.jacobian(outputs, flat, vectorize=False).reshape(N, O, flat.numel())
+    H = torch.autograd.functional.hessian(batch_loss, out).reshape(N * O, N * O)
+    o = out.clone().requires_grad_(True)
+    dL = torch.autograd.grad(batch_loss(o), o)[0].reshape(N, O)
+    return DenseAny(J, H, dL)

@@ -16,8 +16,9 @@ from torch import nn
 from torch.func import functional_call, hessian, jacfwd, jacrev
 
 from curvscope.cli.common import as_flags
+from curvscope.curvature import generic
 from curvscope.curvature import lr as L
-from curvscope.curvature.lr import reduced, rules
+from curvscope.curvature.lr import rules
 from curvscope.errors import CurvscopeError
 from curvscope.problem import make_problem
 from curvscope.workflows.lr import suggest_lr
@@ -162,9 +163,11 @@ def test_loop_fallback_when_vmap_fails(monkeypatch):
             raise RuntimeError("vmap: unsupported op")
         return refuse
 
-    monkeypatch.setattr(reduced, "vmap", no_vmap)
+    assert problem.path == "vmap"
+    monkeypatch.setattr(generic, "vmap", no_vmap)
     looped = [L.reduced_hessian(problem, direction, groups, c) for c in ("hessian", "ggn")]
     looped.append(L.third_order_diagonal(problem, direction, groups))
+    assert problem.path == "autograd (vmap failed: vmap: unsupported op)"
     for a, b in zip(batched, looped, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 

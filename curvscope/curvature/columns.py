@@ -15,6 +15,10 @@ from torch import Tensor
 
 from curvscope.errors import CurvscopeError
 
+MAX_EXACT_SEQUENCE_COLUMNS = 2**16
+"""Exact curvature of sequence outputs is refused above this many columns (``|tokens| * C``; its Gram alone would
+need 32 GiB): Monte-Carlo columns per token (``mc_samples``) are the tractable choice."""
+
 
 @dataclass
 class Columns:
@@ -24,6 +28,8 @@ class Columns:
         samples: indices into the batch of the curvature samples ``(N_V,)``.
         seeds: ``(N_V, K, C)``: ``seeds[n, k]`` is ``s_nk / sqrt(N_V)``; backpropagating it through sample
             ``samples[n]`` gives column ``v_nk``. Columns are ordered sample-major: ``index = n * K + k``.
+            Sequence outputs: C is ``T*C`` (flattened outputs) and K is ``T_v*C`` (``T_v*M`` with MC), the
+            columns of the valid tokens, block-diagonal over tokens (``CURVATURE.md`` section 8).
         mc_samples: M (0 for the exact square root).
     """
 
@@ -57,6 +63,8 @@ def make_columns(problem, outputs: Tensor | None = None, mc_samples: int = 0, su
     if mc_samples < 0:
         raise CurvscopeError(f"mc_samples must be 0 (exact) or positive, got {mc_samples}")
     samples = torch.arange(N if subsample is None else subsample, device=problem.device)
+    if problem.is_sequence and not mc_samples:
+        _check_exact_size(problem, samples)
     if outputs is None:
         with torch.no_grad():
             outputs = problem.forward()
@@ -69,6 +77,18 @@ def make_columns(problem, outputs: Tensor | None = None, mc_samples: int = 0, su
         S = problem.loss.hessian_sqrt(out, targets)  # (N_V, C, C)
     seeds = S.transpose(1, 2) / math.sqrt(samples.shape[0])  # (N_V, K, C)
     return Columns(samples=samples, seeds=seeds.contiguous(), mc_samples=mc_samples)
+
+
+def _check_exact_size(problem, samples: Tensor) -> None:
+    """Refuse exact sequence curvature whose columns (tokens x classes) would be huge."""
+    valid = problem.loss.valid_tokens(problem.targets[samples])
+    tokens = int(valid.sum(1).max()) if samples.numel() else 0
+    count = samples.numel() * tokens * problem.classes
+    if count > MAX_EXACT_SEQUENCE_COLUMNS:
+        raise CurvscopeError(
+            f"exact curvature needs {count:,} columns ({samples.numel()} sequences x {tokens} tokens x "
+            f"{problem.classes} classes): use mc_samples=1 (Monte-Carlo per token, --mc-samples 1), or fewer "
+            "sequences (subsample)")
 
 
 def gradient_seeds(problem, outputs: Tensor) -> Tensor:

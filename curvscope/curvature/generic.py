@@ -5,20 +5,30 @@ seed (:class:`~curvscope.curvature.columns.Columns`). :func:`per_sample_vjp` mat
 parameters (``vmap`` over samples and seeds of ``vjp``); :func:`contribute` contracts them block pair by block
 pair into the Gram rows of a layout and discards them; :func:`apply_v` multiplies V by coefficient vectors
 without materializing anything (one batched VJP).
+
+Models ``vmap`` cannot trace (data-dependent control flow, ``.item()``, RNN kernels, a forward that depends on the
+batch size...): :func:`vmap_usable` probes the vmapped per-sample path once per problem on two samples, against
+plain autograd; when it fails (or disagrees) the problem records why (``problem.vmap_error``,
+``problem.path``) and every path here runs without ``vmap``: one forward of the batch, and one backward per
+column (``torch.autograd.grad`` with ``is_grads_batched`` where it works, else a loop), with the cotangent of
+column (n, c) nonzero only in sample n's row. The numbers are the same.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, vjp, vmap
+from torch.func import vjp, vmap
+from torch.utils import _pytree
 
 from curvscope.curvature.columns import Columns
 from curvscope.curvature.layout import GramAccumulator, Layout, make_layout
 from curvscope.curvature.memory import ColumnBlock, MemoryPlan
+from curvscope.errors import CurvscopeError
+from curvscope.problem import one_line
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -30,25 +40,210 @@ def _split(problem, names: Sequence[str]) -> tuple[dict[str, Tensor], dict[str, 
     return chosen, {**problem.buffers, **{k: v for k, v in problem.params.items() if k not in chosen}}
 
 
+# -- vmap or plain autograd ------------------------------------------------------------------------------------
+
+COTANGENT_CHUNK = 64
+"""Columns backpropagated at once by the plain-autograd path (``is_grads_batched``)."""
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Errors that falling back cannot help (ours, out of memory, interrupts)."""
+    return isinstance(exc, CurvscopeError | torch.OutOfMemoryError | KeyboardInterrupt)
+
+
+def not_differentiable(exc: BaseException) -> CurvscopeError:
+    return CurvscopeError(f"the model cannot be differentiated with respect to its parameters: {one_line(exc)}")
+
+
+def vmap_usable(problem) -> bool:
+    """Whether the vmapped paths may run on ``problem``. The first call probes the per-sample path on (up to)
+    two samples against plain autograd; a failure or a disagreement is recorded on the problem."""
+    if not problem.use_vmap or problem.vmap_error is not None:
+        return False
+    if not problem.vmap_checked:
+        problem.vmap_checked = True
+        _probe(problem)
+    return problem.vmap_error is None
+
+
+def _probe(problem) -> None:
+    n = min(2, problem.batch_size)
+    idx = torch.arange(n, device=problem.device)
+    g = torch.Generator().manual_seed(0)
+    seeds = torch.randn(n, 1, problem.num_outputs, generator=g, dtype=torch.float64).to(problem.device,
+                                                                                          problem.dtype)
+    names = list(problem.params)
+    try:
+        fast = _vmap_rows(problem, names, idx, seeds)
+    except Exception as exc:
+        if is_fatal(exc):
+            raise
+        problem.note_vmap_failure(exc)
+        return
+    slow = _autograd_rows(problem, names, idx, seeds)
+    err = sum(float(((fast[k] - slow[k]).to(torch.float64) ** 2).sum()) for k in names) ** 0.5
+    ref = sum(float((slow[k].to(torch.float64) ** 2).sum()) for k in names) ** 0.5
+    if err > 10 * torch.finfo(problem.dtype).eps ** 0.5 * ref + torch.finfo(problem.dtype).tiny:
+        problem.note_vmap_failure("its per-sample gradients disagree with plain autograd's (an op vmap gets "
+                                  "wrong, or a forward that depends on the batch)")
+
+
+def map_stacked(problem, fn: Callable, xs):
+    """``vmap(fn)(xs)`` on the fast path, else ``fn`` on each slice of ``xs`` (a tensor or a tree of tensors with
+    a common leading dim), results stacked. A ``vmap`` failure is recorded on the problem."""
+    if vmap_usable(problem):
+        try:
+            return vmap(fn)(xs)
+        except Exception as exc:
+            if is_fatal(exc):
+                raise
+            problem.note_vmap_failure(exc)
+    leaves, spec = _pytree.tree_flatten(xs)
+    results = [fn(_pytree.tree_unflatten([leaf[i] for leaf in leaves], spec)) for i in range(leaves[0].shape[0])]
+    flat = [_pytree.tree_flatten(r) for r in results]
+    return _pytree.tree_unflatten([torch.stack(parts) for parts in zip(*(f[0] for f in flat), strict=True)],
+                                  flat[0][1])
+
+
+def batched_grad(outputs: Tensor, inputs: Sequence[Tensor], cotangents: Callable[[int, int], Tensor] | Tensor,
+                 count: int | None = None) -> list[Tensor]:
+    """``(m, *input.shape)`` for each input: the vector-Jacobian products of ``outputs`` with m cotangents, by
+    plain autograd (``is_grads_batched`` in chunks where it works, else one backward each).
+
+    Args:
+        cotangents: ``(m, *outputs.shape)``, or a function ``(start, stop) -> (stop - start, *outputs.shape)``
+            building them a chunk at a time (then ``count`` = m).
+    """
+    m = cotangents.shape[0] if isinstance(cotangents, Tensor) else int(count)
+    chunk_of = (lambda a, b: cotangents[a:b]) if isinstance(cotangents, Tensor) else cotangents
+    parts: list[list[Tensor]] = [[] for _ in inputs]
+    batched = True
+    for a in range(0, m, COTANGENT_CHUNK):
+        cot = chunk_of(a, min(a + COTANGENT_CHUNK, m))
+        grads = None
+        if batched:
+            try:
+                grads = torch.autograd.grad(outputs, list(inputs), cot, retain_graph=True, allow_unused=True,
+                                            is_grads_batched=True)
+            except Exception as exc:
+                if is_fatal(exc):
+                    raise
+                batched = False
+        if grads is None:
+            rows = [torch.autograd.grad(outputs, list(inputs), c, retain_graph=True, allow_unused=True)
+                    for c in cot]
+            grads = [None if r[0] is None else torch.stack(r) for r in zip(*rows, strict=True)]
+        for i, (x, gr) in enumerate(zip(inputs, grads, strict=True)):
+            parts[i].append(torch.zeros(cot.shape[0], *x.shape, dtype=x.dtype, device=x.device) if gr is None
+                            else gr.detach())
+    if m == 0:
+        return [torch.zeros(0, *x.shape, dtype=x.dtype, device=x.device) for x in inputs]
+    return [torch.cat(p) for p in parts]
+
+
+def batched_vjp(problem, fn: Callable[[dict[str, Tensor]], tuple[Tensor, Any]], primals: dict[str, Tensor],
+                cotangents: Tensor) -> tuple[dict[str, Tensor], Any]:
+    """The vector-Jacobian products of ``fn(primals) = (outputs, aux)`` with ``m`` cotangents
+    ``(m, *outputs.shape)``: name -> ``(m, *primal.shape)``, and ``aux`` (detached). ``vmap`` over ``vjp``'s
+    pullback on the fast path, plain autograd otherwise."""
+    if vmap_usable(problem):
+        try:
+            _out, pullback, aux = vjp(fn, primals, has_aux=True)
+            return vmap(pullback)(cotangents)[0], aux
+        except Exception as exc:
+            if is_fatal(exc):
+                raise
+            problem.note_vmap_failure(exc)
+    try:
+        with torch.enable_grad():
+            leaves = {k: v.detach().requires_grad_(True) for k, v in primals.items()}
+            out, aux = fn(leaves)
+            grads = batched_grad(out, list(leaves.values()), cotangents.to(out.dtype))
+    except Exception as exc:
+        if is_fatal(exc):
+            raise
+        raise not_differentiable(exc) from exc
+    aux = _pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, aux)
+    return dict(zip(leaves, grads, strict=True)), aux
+
+
+def batch_with_partner(problem, sample_idx: Tensor) -> Tensor:
+    """``sample_idx``, plus one other sample when it holds a single one (a forward that squeezes its batch dim
+    breaks on one sample); the extra rows are ignored."""
+    if sample_idx.numel() == 1 and problem.batch_size > 1:
+        other = 1 if int(sample_idx[0]) == 0 else 0
+        return torch.cat([sample_idx, sample_idx.new_tensor([other])])
+    return sample_idx
+
+
 def per_sample_vjp(problem, names: Sequence[str], sample_idx: Tensor, seeds: Tensor) -> dict[str, Tensor]:
     """Rows of V for parameters ``names``: ``J_n^T seeds[n, k]`` for the samples ``sample_idx``.
+
+    ``vmap`` over samples and seeds of ``vjp`` where the model allows it, else plain autograd (module docstring).
 
     Args:
         sample_idx: ``(n,)`` batch indices; seeds: ``(n, K, C)``.
     Returns:
         name -> ``(n, K, *param.shape)``.
     """
+    if vmap_usable(problem):
+        try:
+            return _vmap_rows(problem, names, sample_idx, seeds)
+        except Exception as exc:
+            if is_fatal(exc):
+                raise
+            problem.note_vmap_failure(exc)
+    return _autograd_rows(problem, names, sample_idx, seeds)
+
+
+def _vmap_rows(problem, names: Sequence[str], sample_idx: Tensor, seeds: Tensor) -> dict[str, Tensor]:
     chosen, frozen = _split(problem, names)
-    model = problem.model
 
     def one_sample(x: Tensor, seed: Tensor) -> dict[str, Tensor]:
         def f(p: dict[str, Tensor]) -> Tensor:
-            return functional_call(model, {**frozen, **p}, (x.unsqueeze(0),))[0]
+            return problem.call({**frozen, **p}, x.unsqueeze(0))[0]
 
         _, pullback = vjp(f, chosen)
         return vmap(pullback)(seed)[0]
 
     return vmap(one_sample)(problem.inputs[sample_idx], seeds)
+
+
+def _autograd_rows(problem, names: Sequence[str], sample_idx: Tensor, seeds: Tensor) -> dict[str, Tensor]:
+    """:func:`per_sample_vjp` without ``vmap``: one forward of the samples, one backward per column."""
+    names = list(names)
+    n, K = seeds.shape[:2]
+    idx = batch_with_partner(problem, sample_idx)
+    try:
+        with torch.enable_grad():
+            leaves = {k: problem.params[k].detach().requires_grad_(True) for k in names}
+            _chosen, frozen = _split(problem, names)
+            out = problem.call({**frozen, **leaves}, problem.inputs[idx])
+
+            def cotangents(a: int, b: int) -> Tensor:
+                cot = torch.zeros(b - a, *out.shape, dtype=out.dtype, device=out.device)
+                j = torch.arange(a, b, device=out.device)
+                cot[torch.arange(b - a, device=out.device), j // K] = seeds[j // K, j % K].to(out.dtype)
+                return cot
+
+            grads = batched_grad(out, [leaves[k] for k in names], cotangents, count=n * K)
+    except Exception as exc:
+        if is_fatal(exc):
+            raise
+        raise not_differentiable(exc) from exc
+    return {k: g.reshape(n, K, *problem.params[k].shape) for k, g in zip(names, grads, strict=True)}
+
+
+def per_sample_gradients(problem, names: Sequence[str], sample_idx: Tensor) -> dict[str, Tensor]:
+    """``g_n = d l_n / d theta`` for the samples ``sample_idx`` ``(n,)``: name -> ``(n, *param.shape)``.
+
+    The rows of ``J_n^T dl_n/df_n`` (:func:`per_sample_vjp` with the output gradients as seeds): the loss's
+    per-sample convention, token scale included, whatever the path.
+    """
+    with torch.no_grad():
+        out = problem.forward(inputs=problem.inputs[batch_with_partner(problem, sample_idx)])[:sample_idx.numel()]
+    seeds = problem.loss.output_gradient(out, problem.targets[sample_idx]).unsqueeze(1)
+    return {k: v[:, 0] for k, v in per_sample_vjp(problem, names, sample_idx, seeds).items()}
 
 
 def rows_by_sample_chunks(problem, names: list[str], sample_idx: Tensor, seeds: Tensor, plan: MemoryPlan
@@ -129,10 +324,25 @@ def _apply_v_samples(problem, samples: Tensor, seeds: Tensor, coeff: Tensor, nam
                                device=problem.params[n].device) for n in names}
     cotangents = torch.einsum("nkc,nkj->jnc", seeds, coeff)  # (k, n, C)
     chosen, frozen = _split(problem, names)
-    inputs = problem.inputs[samples]
-
-    def f(p: dict[str, Tensor]) -> Tensor:
-        return functional_call(problem.model, {**frozen, **p}, (inputs,))
-
-    _, pullback = vjp(f, chosen)
-    return vmap(pullback)(cotangents)[0]
+    idx = batch_with_partner(problem, samples)
+    if idx.numel() > samples.numel():
+        cotangents = torch.cat([cotangents, torch.zeros_like(cotangents[:, :1])], dim=1)
+    inputs = problem.inputs[idx]
+    if vmap_usable(problem):
+        try:
+            _, pullback = vjp(lambda p: problem.call({**frozen, **p}, inputs), chosen)
+            return vmap(pullback)(cotangents)[0]
+        except Exception as exc:
+            if is_fatal(exc):
+                raise
+            problem.note_vmap_failure(exc)
+    try:
+        with torch.enable_grad():
+            leaves = {k: v.detach().requires_grad_(True) for k, v in chosen.items()}
+            out = problem.call({**frozen, **leaves}, inputs)
+            grads = batched_grad(out, list(leaves.values()), cotangents.to(out.dtype))
+    except Exception as exc:
+        if is_fatal(exc):
+            raise
+        raise not_differentiable(exc) from exc
+    return dict(zip(leaves, grads, strict=True))

@@ -14,7 +14,8 @@ mode); each layer takes the cheaper (:func:`choose_mode`). All deltas of all suc
 backward: a zero "probe" is added to every layer's output (a forward hook inside ``functional_call``), the
 batched forward is differentiated w.r.t. the probes with ``vjp``, and the pullback is ``vmap``-ed over the
 seeds (samples are independent, so the cotangent whose row n is ``seeds[n, c]`` gives ``delta_nc`` for every
-n at once). Gradient seeds are just extra columns.
+n at once); without ``vmap`` (a model it cannot trace) the same products come from plain autograd
+(``generic.batched_vjp``). Gradient seeds are just extra columns.
 
 A layer is only taken when the rule is provably its gradient: its parameters are not shared, it is called
 exactly once per forward with the batch as its first dimension, and a check on two samples compares the rule
@@ -31,9 +32,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
 
 from curvscope.curvature.columns import Columns
+from curvscope.curvature.generic import batch_with_partner, batched_vjp, is_fatal
 from curvscope.curvature.layout import GramAccumulator, Layout
 from curvscope.curvature.memory import ColumnBlock, MemoryPlan
 
@@ -140,11 +141,23 @@ def _forward(problem, layers: Sequence[GhostLayer], inputs: Tensor, params: dict
 
         handles.append(layer.module.register_forward_hook(hook))
     try:
-        out = functional_call(problem.model, {**problem.buffers, **problem.params, **params}, (inputs,))
+        out = problem.call({**problem.buffers, **problem.params, **params}, inputs)
     finally:
         for h in handles:
             h.remove()
     return out, captured
+
+
+PROBE = "probe:"
+"""Prefix of the probes' names among the differentiated tensors (module names may equal parameter names)."""
+
+
+def _forward_probed(problem, layers: Sequence[GhostLayer], inputs: Tensor, tensors: dict[str, Tensor]
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`_forward` with parameters and probes in one dict (probes named ``PROBE + module name``)."""
+    params = {n: t for n, t in tensors.items() if not n.startswith(PROBE)}
+    probes = {n[len(PROBE):]: t for n, t in tensors.items() if n.startswith(PROBE)}
+    return _forward(problem, layers, inputs, params, probes)
 
 
 def _structure(problem, layers: list[GhostLayer], inputs: Tensor) -> list[GhostLayer]:
@@ -184,15 +197,16 @@ def _per_sample_check(problem, layers: list[GhostLayer], inputs: Tensor) -> list
         return layers
     b = inputs.shape[0]
     params = {n: problem.params[n] for layer in layers for n in layer.names}
-    probes = {layer.module_name: torch.zeros(b, *layer.out_shape, dtype=problem.dtype, device=problem.device)
-              for layer in layers}
-    out, pullback, captured = vjp(lambda p, q: _forward(problem, layers, inputs, p, q), params, probes,
-                                  has_aux=True)
+    probes = {PROBE + layer.module_name: torch.zeros(b, *layer.out_shape, dtype=problem.dtype,
+                                                     device=problem.device) for layer in layers}
     g = torch.Generator().manual_seed(0)
-    cot = torch.zeros(b, *out.shape, dtype=out.dtype)
+    cot = torch.zeros(b, b, problem.num_outputs, dtype=problem.dtype)
     for n in range(b):
-        cot[n, n] = torch.randn(out.shape[1:], generator=g, dtype=torch.float64)
-    grads, deltas = vmap(pullback)(cot.to(out.device))  # one sample's gradient per cotangent
+        cot[n, n] = torch.randn(problem.num_outputs, generator=g, dtype=torch.float64)
+    vjps, captured = batched_vjp(problem, lambda pq: _forward_probed(problem, layers, inputs, pq),
+                                 {**params, **probes}, cot.to(problem.device))  # one sample's gradient each
+    grads = {n: vjps[n] for n in params}
+    deltas = {layer.module_name: vjps[PROBE + layer.module_name] for layer in layers}
     tol = 10 * torch.finfo(problem.dtype).eps ** 0.5
     kept = []
     for layer in layers:
@@ -264,20 +278,24 @@ def _block_factors(problem, layers: Sequence[GhostLayer], block: ColumnBlock) ->
     """Per layer, what the contraction needs for the columns of ``block`` (b samples, k seeds each):
     ``bias`` ``(b*k, d_out)``; ``weight`` ``(b*k, d_out*d_in)`` (materialize) or ``a`` ``(b, T, d_in)`` and
     ``delta`` ``(b, k, T, d_out)`` (ghost)."""
-    inputs = problem.inputs[block.samples]
     b, k = block.seeds.shape[:2]
-    probes = {layer.module_name: torch.zeros(b, *layer.out_shape, dtype=problem.dtype, device=problem.device)
-              for layer in layers}
-    _out, pullback, captured = vjp(lambda q: _forward(problem, layers, inputs, {}, q), probes, has_aux=True)
-    deltas = vmap(pullback)(block.seeds.transpose(0, 1))[0]  # name -> (k, b, *out_shape)
+    idx = batch_with_partner(problem, block.samples)  # the partner's rows are dropped
+    inputs = problem.inputs[idx]
+    seeds = block.seeds.transpose(0, 1)  # (k, b, C)
+    if idx.numel() > b:
+        seeds = torch.cat([seeds, torch.zeros_like(seeds[:, :1])], dim=1)
+    probes = {PROBE + layer.module_name: torch.zeros(idx.numel(), *layer.out_shape, dtype=problem.dtype,
+                                                     device=problem.device) for layer in layers}
+    deltas, captured = batched_vjp(problem, lambda q: _forward_probed(problem, layers, inputs, q), probes, seeds)
     factors = {}
     for layer in layers:
-        d = layer.positions_of_output(deltas.pop(layer.module_name), 2).transpose(0, 1)  # (b, k, T, d_out)
+        d = deltas.pop(PROBE + layer.module_name)[:, :b]  # (k, b, *out_shape)
+        d = layer.positions_of_output(d, 2).transpose(0, 1)  # (b, k, T, d_out)
         f: dict[str, Tensor] = {}
         if layer.bias:
             f["bias"] = d.sum(2).reshape(b * k, -1)
         if layer.weight:
-            a = layer.positions_of_input(captured[layer.module_name].detach())  # (b, T, d_in)
+            a = layer.positions_of_input(captured[layer.module_name][:b].detach())  # (b, T, d_in)
             if layer.mode == "materialize":
                 f["weight"] = torch.einsum("bkto,bti->bkoi", d, a).reshape(b * k, -1)
             else:
@@ -326,7 +344,12 @@ def contribute(problem, names: Sequence[str], columns: Columns, grad_seeds: Tens
         raise ValueError(f"force_mode must be one of {MODES}, got {force_mode!r}")
     names = [n for n in names if acc.wanted(n)]
     with layout.stage():
-        layers = select_layers(problem, names, columns, grad_seeds, plan, force_mode)
+        try:
+            layers = select_layers(problem, names, columns, grad_seeds, plan, force_mode)
+        except Exception as exc:  # a model the rules cannot follow: the generic path handles (or refuses) it
+            if is_fatal(exc):
+                raise
+            layers = []
     if not layers:
         return set()
     num_g = None if grad_seeds is None else problem.batch_size

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, jvp
+from torch.func import jvp
 
-from curvscope.curvature.generic import apply_v
+from curvscope.curvature.generic import apply_v, is_fatal, not_differentiable
 from curvscope.curvature.layout import make_layout
 from curvscope.errors import CurvscopeError
 from curvscope.progress import Progress, stage
@@ -248,6 +248,33 @@ def newton_step(problem, result, damping: float | str = BOOTSTRAP, blocks: Seque
         step_norm=float(sum((t.to(torch.float64) ** 2).sum() for t in step.values()) ** 0.5))
 
 
+def outputs_jvp(problem, inputs: Tensor, tangent: dict[str, Tensor]) -> Tensor:
+    """``J d`` ``(n, C)``: the outputs' directional derivative along ``tangent`` on ``inputs``, by forward mode, or
+    by two reverse passes where forward mode is not available for the model."""
+    def f(p: dict[str, Tensor]) -> Tensor:
+        return problem.call({**problem.buffers, **p}, inputs)
+
+    try:
+        with torch.no_grad():
+            return jvp(f, (dict(problem.params),), (tangent,))[1]
+    except Exception as exc:
+        if is_fatal(exc):
+            raise
+    try:
+        with torch.enable_grad():
+            leaves = {n: p.detach().requires_grad_(True) for n, p in problem.params.items()}
+            out = f(leaves)
+            w = torch.zeros_like(out, requires_grad=True)
+            vjps = torch.autograd.grad(out, list(leaves.values()), w, create_graph=True, allow_unused=True)
+            pairs = [(v, tangent[n]) for v, n in zip(vjps, leaves, strict=True) if v is not None]
+            jd = torch.autograd.grad([v for v, _ in pairs], w, [t for _, t in pairs], allow_unused=True)[0]
+    except Exception as exc:
+        if is_fatal(exc):
+            raise
+        raise not_differentiable(exc) from exc
+    return torch.zeros_like(out).detach() if jd is None else jd.detach()
+
+
 def quadratic_decrease(problem, columns, step: dict[str, Tensor], process_group: ProcessGroup | None = None
                        ) -> float:
     """``-(g^T d + 1/2 d^T G d)``: the decrease the quadratic model with the GGN of ``columns`` predicts for ``d``.
@@ -265,11 +292,7 @@ def quadratic_decrease(problem, columns, step: dict[str, Tensor], process_group:
         if samples.numel():
             inputs = problem.inputs[samples]
 
-            def f(p: dict[str, Tensor]) -> Tensor:
-                return functional_call(problem.model, {**problem.buffers, **p}, (inputs,))
-
-            with torch.no_grad():
-                _, jd = jvp(f, (dict(problem.params),), ({n: step[n] for n in problem.params},))  # (n, C)
+            jd = outputs_jvp(problem, inputs, {n: step[n] for n in problem.params})  # (n, C)
             vtd = torch.einsum("nkc,nc->nk", seeds.to(torch.float64), jd.to(torch.float64))
             vtd_sq = (vtd**2).sum()
     vtd_sq = layout.all_reduce_sum({"s": vtd_sq.reshape(1)})["s"][0]

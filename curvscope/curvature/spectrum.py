@@ -105,7 +105,9 @@ class SpectrumResult:
 
     ``groups`` follows the requested grouping; with ``include_total=True`` and a grouping other than ``all``,
     ``groups[0]`` is the whole model. ``columns`` remembers which vectors built V, so that eigenvectors and
-    Newton steps can be formed later without recomputing the Gram.
+    Newton steps can be formed later without recomputing the Gram. ``path`` says how per-sample quantities were
+    differentiated: ``vmap``, or ``autograd (vmap failed: <reason>)`` for a model ``vmap`` cannot trace
+    (``problem.path``; the numbers are the same).
     """
 
     groups: list[GroupSpectrum]
@@ -116,6 +118,7 @@ class SpectrumResult:
     mc_samples: int = 0
     subsample: int | None = None
     extras: dict = field(default_factory=dict)
+    path: str = "vmap"
 
     @property
     def num_columns(self) -> int:
@@ -263,7 +266,8 @@ def compute_spectrum(problem, groups: str = "all", mc_samples: int = 0, subsampl
     results = [layout.broadcast(mine.pop(i, None), owner) for i, owner in enumerate(owners)]
     report(len(blocks), len(blocks))
     return SpectrumResult(groups=results, loss_value=loss_value, gradient_norm=sum(grad_sq.values()) ** 0.5,
-                          columns=columns, grouping=groups, mc_samples=mc_samples, subsample=subsample)
+                          columns=columns, grouping=groups, mc_samples=mc_samples, subsample=subsample,
+                          path=problem.path)
 
 
 def _group_spectrum(problem, gg: GroupGram, evals: Tensor, evecs: Tensor | None, reference: float, top_k: int | None,

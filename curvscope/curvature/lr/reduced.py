@@ -15,8 +15,9 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vmap
+from torch.func import grad, jvp
 
+from curvscope.curvature.generic import map_stacked
 from curvscope.errors import CurvscopeError
 from curvscope.problem import ParamGroup, Problem
 
@@ -42,19 +43,13 @@ def group_tangents(direction: dict[str, Tensor], groups: list[ParamGroup]) -> di
     return out
 
 
-def _batched(fn: Callable[[dict[str, Tensor]], object], tangents: dict[str, Tensor]):
+def _batched(problem: Problem, fn: Callable[[dict[str, Tensor]], object], tangents: dict[str, Tensor]):
     """``fn`` applied to each of the S stacked tangents at once (``vmap``).
 
-    One by one when the model does something ``vmap`` does not support.
+    One by one when the model does something ``vmap`` does not support (recorded on the problem:
+    ``problem.path``).
     """
-    try:
-        return vmap(fn)(tangents)
-    except (RuntimeError, NotImplementedError):
-        S = next(iter(tangents.values())).shape[0]
-        results = [fn({n: t[s] for n, t in tangents.items()}) for s in range(S)]
-        if isinstance(results[0], dict):
-            return {n: torch.stack([r[n] for r in results]) for n in results[0]}
-        return torch.stack(results)
+    return map_stacked(problem, fn, tangents)
 
 
 def _pairwise(a: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
@@ -100,12 +95,12 @@ def reduced_hessian(problem: Problem, direction: dict[str, Tensor], groups: list
         def hvp(u: dict[str, Tensor]) -> dict[str, Tensor]:
             return jvp(gradient_fn, (problem.params,), (u,))[1]
 
-        h_bar = _pairwise(U, _batched(hvp, U))
+        h_bar = _pairwise(U, _batched(problem, hvp, U))
     else:
         def jvp_outputs(u: dict[str, Tensor]) -> Tensor:
             return jvp(problem.forward, (problem.params,), (u,))[1]
 
-        JU = _batched(jvp_outputs, U)  # (S, N, C)
+        JU = _batched(problem, jvp_outputs, U)  # (S, N, C)
         with torch.no_grad():
             outputs = problem.forward()
         H = problem.loss.hessian(outputs, problem.targets)  # (N, C, C)
@@ -134,7 +129,7 @@ def third_order_diagonal(problem: Problem, direction: dict[str, Tensor], groups:
 
         return -jvp(d2, (problem.params,), (u,))[1]
 
-    return _batched(third, U).detach()
+    return _batched(problem, third, U).detach()
 
 
 def step_params(params: dict[str, Tensor], direction: dict[str, Tensor], groups: list[ParamGroup],

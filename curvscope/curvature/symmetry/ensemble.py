@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad
 
+from curvscope.curvature.generic import map_stacked
 from curvscope.curvature.symmetry.factors import Factors, single_gradient_factors
 from curvscope.curvature.symmetry.groups import Structure
 from curvscope.errors import CurvscopeError, OptionError, one_of
@@ -131,16 +132,17 @@ def stack_members(members: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 def ensemble_gradients(problem, stacked: dict[str, Tensor], names: Sequence[str]) -> tuple[dict[str, Tensor], Tensor]:
     """Full-batch gradients of a stack of models, for parameters ``names``: name -> ``(K, *shape)``, and the
-    ``(K,)`` losses. One ``vmap`` over ``grad`` of the functional loss."""
+    ``(K,)`` losses. One ``vmap`` over ``grad`` of the functional loss (a loop over the models where ``vmap``
+    cannot trace the model)."""
     chosen = {n: stacked[n] for n in names}
     others = {n: v for n, v in stacked.items() if n not in chosen}
 
     def loss(p: dict[str, Tensor], o: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        out = functional_call(problem.model, {**problem.buffers, **o, **p}, (problem.inputs,))
+        out = problem.call({**problem.buffers, **o, **p}, problem.inputs)
         value = problem.loss(out, problem.targets)
         return value, value.detach()
 
-    grads, values = vmap(grad(loss, has_aux=True))(chosen, others)
+    grads, values = map_stacked(problem, lambda po: grad(loss, has_aux=True)(*po), (chosen, others))
     return grads, values
 
 

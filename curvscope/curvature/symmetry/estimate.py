@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, grad, vmap
 
+from curvscope.curvature.generic import per_sample_gradients as per_sample_gradients_of
 from curvscope.curvature.symmetry.chain import find_chain, parse_layers
 from curvscope.curvature.symmetry.coordinates import flatten
 from curvscope.curvature.symmetry.factors import (
@@ -53,6 +53,7 @@ class FactorsResult:
         structure_error: ``per_sample`` (and ``ggn``): relative Frobenius error of the projection, or ``None``
             when the model is too large for the check.
         notes: plain-text remarks for the report (skipped checks, symmetry assumptions).
+        path: the per-sample differentiation path that ran (``problem.path``: ``vmap`` or ``autograd (...)``).
     """
 
     structure: Structure
@@ -62,20 +63,14 @@ class FactorsResult:
     gradient: dict[str, Tensor]
     structure_error: dict[str, float | None] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    path: str = "vmap"
 
 
 def per_sample_gradients(problem, names: Sequence[str], start: int, stop: int) -> dict[str, Tensor]:
     """g_n = grad of l_n for samples ``start..stop`` of the batch, for parameters ``names``:
     name -> ``(stop - start, *shape)``."""
-    chosen = {n: problem.params[n] for n in names}
-    frozen = {**problem.buffers, **{n: p for n, p in problem.params.items() if n not in chosen}}
-
-    def loss_one(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        out = functional_call(problem.model, {**frozen, **p}, (x.unsqueeze(0),))
-        return problem.loss.per_sample(out, y.unsqueeze(0)).sum()
-
-    return vmap(grad(loss_one), in_dims=(None, 0, 0))(chosen, problem.inputs[start:stop],
-                                                       problem.targets[start:stop])
+    idx = torch.arange(start, stop, device=problem.device)
+    return per_sample_gradients_of(problem, names, idx)
 
 
 def _chunks(total: int, size: int):
@@ -149,7 +144,7 @@ def compute_factors(problem, symmetry: str = "orthogonal", source: str = "batch"
                 errors["ggn"] = None
                 notes.append(f"GGN structure check skipped: {count} columns x {D} parameters is above "
                              f"{CHECK_CAP:,} numbers")
-    return FactorsResult(structure, factors, source, count, g, errors, notes)
+    return FactorsResult(structure, factors, source, count, g, errors, notes, path=problem.path)
 
 
 def _gram_frobenius_sq(V: Tensor) -> float:

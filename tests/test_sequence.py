@@ -1,0 +1,222 @@
+"""Sequence outputs (CURVATURE.md section 8): per-token losses, causal-LM label shifting, padding, against dense
+references from PyTorch's own losses and plain-autograd Jacobians (no vmap)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from curvscope import CurvscopeError, make_problem
+from curvscope.curvature.columns import make_columns
+from curvscope.curvature.lr import reduced_hessian
+from curvscope.curvature.spectrum import compute_spectrum
+from tests.helpers import dense_any
+
+V, T, N = 7, 5, 3  # vocabulary (classes), positions, sequences
+
+
+class TinyLM(nn.Module):
+    """Embedding, a causal average over positions, a Linear on (N, T, d), tanh, the output Linear."""
+
+    def __init__(self, vocab: int = V, d: int = 6, out: int | None = None) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+        self.head = nn.Linear(d, out or vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens)
+        t = h.shape[1]
+        causal = torch.tril(torch.ones(t, t, dtype=h.dtype)) / torch.arange(1, t + 1, dtype=h.dtype)[:, None]
+        return self.head(torch.tanh(self.mix(causal @ h)))
+
+
+class TinyRegressor(nn.Module):
+    """(N, T, d) floats -> (N, T, C) regression outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def lm_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(V, (N, T), generator=g)
+    labels = tokens.clone()
+    labels[2, 3:] = -100  # padding at the end of the last sequence
+    labels[0, 0] = -100  # a prompt token
+    return tokens, labels
+
+
+def lm_problem(shift: bool = True, **kw):
+    torch.manual_seed(0)
+    tokens, labels = lm_data()
+    return make_problem(TinyLM(), tokens, labels, loss="ce", dtype=torch.float64, shift_labels=shift, **kw), labels
+
+
+def hf_loss(labels: torch.Tensor, shift: bool):
+    """Hugging Face's causal-LM loss: logits[:, :-1] against labels[:, 1:] (or no shift), ignore_index -100."""
+    ce = nn.CrossEntropyLoss(ignore_index=-100)
+    if shift:
+        return lambda out: ce(out[:, :-1].reshape(-1, out.shape[-1]), labels[:, 1:].reshape(-1))
+    return lambda out: ce(out.reshape(-1, out.shape[-1]), labels.reshape(-1))
+
+
+def assert_matches_dense(problem, batch_loss, k: int = 8) -> None:
+    dense = dense_any(problem, batch_loss)
+    ref_evals, _ = dense.eigen()
+    result = compute_spectrum(problem)
+    g = result.groups[0]
+    assert g.rank == ref_evals.numel()
+    torch.testing.assert_close(g.eigenvalues, ref_evals, rtol=1e-6, atol=1e-12 * float(ref_evals[0]))
+    assert g.trace == pytest.approx(float((dense.factor**2).sum()), rel=1e-8)
+    evals, gamma, lambdas = dense.directions(k)
+    d = g.directions
+    torch.testing.assert_close(d.lambdas[:, :k], lambdas, rtol=1e-6, atol=1e-9 * float(evals[0]))
+    torch.testing.assert_close(d.gamma[:, :k].abs(), gamma.abs(), rtol=1e-6, atol=1e-9)
+    assert d.lambda_consistency < 1e-8
+    assert result.loss_value == pytest.approx(float(batch_loss(problem.forward().reshape(
+        problem.batch_size, *problem.output_shape))), rel=1e-12)
+    return result
+
+
+def test_causal_lm_loss_is_hugging_faces():
+    problem, labels = lm_problem()
+    out = problem.forward().reshape(N, T, V)
+    torch.testing.assert_close(problem.loss_value(), hf_loss(labels, True)(out))
+    assert problem.is_sequence and (problem.positions, problem.classes, problem.num_outputs) == (T, V, T * V)
+    assert problem.num_tokens == int((labels[:, 1:] != -100).sum())
+    # per-sample losses: the batch's token count normalizes every chunk
+    full = problem.per_sample_loss()
+    assert float(full.mean()) == pytest.approx(float(problem.loss_value()), rel=1e-14)
+    chunk = problem.loss.per_sample(problem.forward(inputs=problem.inputs[1:2]), problem.targets[1:2])
+    torch.testing.assert_close(chunk, full[1:2])
+    assert "tokens=" in repr(problem) and "tensor(" not in repr(problem)
+
+
+def test_causal_lm_spectrum_against_dense():
+    problem, labels = lm_problem()
+    result = assert_matches_dense(problem, hf_loss(labels, True))
+    # padded tokens are left out: the columns are tokens x classes of the longest sequence
+    valid = (labels[:, 1:] != -100).sum(1)
+    assert result.num_columns == N * int(valid.max()) * V
+    assert result.path == "vmap"
+
+
+def test_token_classifier_without_shift_against_dense():
+    torch.manual_seed(1)
+    tokens, labels = lm_data(1)
+    model = TinyLM(out=4)
+    labels = labels % 4 * (labels >= 0) + -100 * (labels < 0)
+    problem = make_problem(model, tokens, labels, loss="ce", dtype=torch.float64)
+    assert_matches_dense(problem, hf_loss(labels, False))
+
+
+def test_mse_on_sequences_against_dense():
+    torch.manual_seed(2)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(N, T, 4, generator=g), torch.randn(N, T, 3, generator=g)
+    problem = make_problem(TinyRegressor(), x, y, loss="mse", dtype=torch.float64)
+    torch.testing.assert_close(problem.loss_value(), nn.MSELoss()(problem.forward().reshape(N, T, 3), y.double()))
+    assert_matches_dense(problem, lambda out: nn.MSELoss()(out, y.double()))
+
+
+def test_lr_ggn_h_bar_of_a_sequence_model():
+    problem, labels = lm_problem()
+    dense = dense_any(problem, hf_loss(labels, True))
+    groups = problem.groups("layer")
+    direction = problem.gradient()
+    h_bar = reduced_hessian(problem, direction, groups, "ggn")
+    flat = torch.cat([direction[n].reshape(-1) for n in problem.params])
+    sizes = [problem.params[n].numel() for n in problem.params]
+    owner = torch.cat([torch.full((s,), i) for i, s in enumerate(sizes)])
+    names = list(problem.params)
+    U = torch.stack([flat * torch.tensor([names[int(o)] in grp.param_names for o in owner]) for grp in groups])
+    torch.testing.assert_close(h_bar, U @ dense.G @ U.T, rtol=1e-8, atol=1e-14)
+
+
+def test_monte_carlo_per_token_approaches_the_exact_trace():
+    problem, _labels = lm_problem()
+    exact = compute_spectrum(problem, directional=False).groups[0].trace
+    traces = [compute_spectrum(problem, mc_samples=1, seed=s, directional=False) for s in range(60)]
+    valid = int(problem.loss.valid_tokens(problem.targets).sum(1).max())
+    assert traces[0].num_columns == N * valid  # one column per token
+    mean = sum(r.groups[0].trace for r in traces) / len(traces)
+    assert mean == pytest.approx(exact, rel=0.1)
+
+
+def test_extra_batch_uses_its_own_token_count():
+    problem, labels = lm_problem()
+    tokens = problem.inputs
+    other = problem.with_batch(tokens[:2], problem.targets[:2])
+    out = other.forward().reshape(2, T, V)
+    torch.testing.assert_close(other.loss_value(), hf_loss(labels[:2], True)(out))
+    assert other.loss.token_scale == pytest.approx(2 / other.num_tokens)
+
+
+def test_batch_from_dataset_shifts_labels():
+    torch.manual_seed(0)
+    tokens, labels = lm_data()
+    problem = make_problem(TinyLM(), tokens, labels, loss="ce", dtype=torch.float64, shift_labels=True,
+                           dataset=(tokens, labels))
+    other = problem.batch_from_dataset(torch.tensor([2, 0]))
+    out = other.forward().reshape(2, T, V)
+    torch.testing.assert_close(other.loss_value(), hf_loss(labels[[2, 0]], True)(out))
+
+
+def test_huge_exact_sequence_curvature_is_refused_with_advice():
+    torch.manual_seed(0)
+    tokens = torch.randint(300, (4, 64))
+    problem = make_problem(TinyLM(vocab=300), tokens, tokens, loss="ce", shift_labels=True)
+    with pytest.raises(CurvscopeError, match=r"exact curvature needs 75,600 columns \(4 sequences x 63 tokens x "
+                                             r"300 classes\): use mc_samples=1"):
+        make_columns(problem)
+    assert make_columns(problem, mc_samples=1).num_columns == 4 * 63
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    (dict(loss="mse", shift_labels=True), "shift_labels needs"),
+    (dict(loss="ce", labels=torch.full((N, T), -100)), "no token of the batch carries loss"),
+    (dict(loss="ce", labels=torch.full((N, T), V)), r"token labels must lie in \[0, 7\)"),
+    (dict(loss="ce", labels=torch.zeros(N, T + 1, dtype=torch.long)), "one label per position"),
+])
+def test_bad_sequence_targets_are_clean_errors(kw, match):
+    tokens, labels = lm_data()
+    labels = kw.pop("labels", labels)
+    if kw["loss"] == "mse":
+        labels = torch.zeros(N, T, V)
+    with pytest.raises(CurvscopeError, match=match):
+        make_problem(TinyLM(), tokens, labels, **kw)
+
+
+class Logits(nn.Module):
+    """A wrapper mapping token ids to a Hugging Face model's ``.logits``."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids).logits
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_gpt2_from_transformers_matches_dense(attn):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=20, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0, attn_implementation=attn)
+    lm = transformers.GPT2LMHeadModel(config).eval()
+    tokens = torch.randint(20, (2, 4), generator=torch.Generator().manual_seed(0))
+    labels = tokens.clone()
+    labels[1, 3] = -100
+    problem = make_problem(Logits(lm), tokens, labels, loss="ce", dtype=torch.float64, shift_labels=True)
+    with torch.no_grad():  # Hugging Face's own loss, which shifts the labels itself (in float32)
+        hf = float(lm.double()(input_ids=tokens, labels=labels).loss)
+    assert float(problem.loss_value()) == pytest.approx(hf, rel=1e-5)
+    assert_matches_dense(problem, hf_loss(labels, True), k=4)
