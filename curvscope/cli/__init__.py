@@ -12,8 +12,13 @@ from typing import Any
 
 def _load_app():
     from curvscope.cli import check, factors, info, lr, show, spectrum  # noqa: F401  (each registers itself)
+    from curvscope.cli.common import one_line_paragraphs
     from curvscope.cli.root import app
 
+    for command in app.registered_commands:  # help text flows to the terminal's width, not the source's lines
+        doc = command.help or (command.callback.__doc__ if command.callback else None)
+        if doc:
+            command.help = one_line_paragraphs(doc)
     return app
 
 

@@ -8,7 +8,6 @@ module maps the flags and prints the verdict.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -40,6 +39,7 @@ from curvscope.cli.root import app
 from curvscope.errors import CurvscopeError
 from curvscope.io.atomic import check_directory, check_writable
 from curvscope.report.check_output import (
+    annotate,
     check_table,
     github_annotation,
     github_annotations,
@@ -142,7 +142,7 @@ def check(
                dtype, trust_model_code)
     except CurvscopeError as exc:
         if in_github_actions():
-            _annotate([github_annotation(" ".join(str(exc).split()), title="curvscope check: bad input")],
+            annotate([github_annotation(" ".join(str(exc).split()), title="curvscope check: bad input")],
                       json_output)
         raise
 
@@ -156,14 +156,14 @@ def _check(ctx, target, rule_texts, config_path, baseline_path, increases, decre
     given = {name for name in ("data", "out_dir", *PROBLEM_OPTIONS) if _explicit(ctx, name)}
     # 1. everything that can be wrong before computing anything
     plan = prepare_check(target, rule_texts, config_path, baseline_path, increases, decreases, given)
+    if junit is not None:
+        check_writable(junit, "--junit")
     load = None
     if plan.computes:
         values = problem_values(plan, given, {"model": model, "model_kwargs": model_kwargs, "batch_size":
                                               batch_size, "shuffle": shuffle, "seed": seed, "loss": loss,
                                               "device": device, "dtype": dtype}, trust_model_code)
         check_directory(out_dir, "--out")
-        if junit is not None:
-            check_writable(junit, "--junit")
 
         def load():
             return build_problem(plan.target, data, values["model"], values["model_kwargs"],
@@ -175,7 +175,7 @@ def _check(ctx, target, rule_texts, config_path, baseline_path, increases, decre
     if outcome.computed and not json_output:
         console.print(f"report: {escape(str(outcome.report_path))} (computed: {', '.join(outcome.computed)})")
     for warning in outcome.warnings:
-        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
+        warn(warning)
     if junit is not None:
         write_junit(junit, outcome.results, report=str(outcome.report_path), seconds=outcome.seconds)
     table = check_table(outcome.results, outcome.report_path)
@@ -188,7 +188,7 @@ def _check(ctx, target, rule_texts, config_path, baseline_path, increases, decre
     else:
         out.print(table)
     if outcome.failed and in_github_actions():
-        _annotate(github_annotations(outcome.results), json_output)
+        annotate(github_annotations(outcome.results), json_output)
     if outcome.failed:
         raise typer.Exit(EXIT_FAILED)
 
@@ -198,9 +198,3 @@ def _explicit(ctx: typer.Context, name: str) -> bool:
     source = ctx.get_parameter_source(name)
     return source is not None and getattr(source, "name", "") not in ("DEFAULT", "DEFAULT_MAP")
 
-
-def _annotate(lines: list[str], json_output: bool) -> None:
-    """Workflow commands: GitHub reads them from stdout and stderr; keep stdout pure JSON under --json."""
-    stream = sys.stderr if json_output else sys.stdout
-    for line in lines:
-        print(line, file=stream, flush=True)

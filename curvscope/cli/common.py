@@ -1,4 +1,5 @@
-"""Options shared by every command that loads a model and a batch, and the error handling of all commands."""
+"""What every command shares: the consoles, loading the Problem, error handling and exit codes, the progress
+presenter, flag names for option errors, help-text flow and signals."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import os
 import traceback
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -20,7 +20,7 @@ from curvscope import __version__
 from curvscope.errors import CurvscopeError
 
 if TYPE_CHECKING:
-    from curvscope.progress import Progress
+    pass
 
 console = Console(stderr=True, highlight=False)
 """Progress, errors and diagnostics go to stderr; stdout is reserved for machine-readable output."""
@@ -29,50 +29,21 @@ out = Console(highlight=False)
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3
 
-PROBLEM_HELP = "Model and data"
-
-CheckpointArg = Annotated[Optional[Path], typer.Argument(
-    help="Checkpoint: a .safetensors state dict (self-describing ones name their model) or a .pt/.pth "
-         "state dict (loaded with weights_only=True). Leave out to use --model's own initialization.",
-    show_default=False)]
-DataOpt = Annotated[Optional[Path], typer.Option(
-    "--data", "-d",
-    help="Dataset file with tensors 'x' (inputs) and 'y' (targets): .safetensors, .npz or .pt.",
-    rich_help_panel=PROBLEM_HELP, show_default=False)]
-ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m",
-    help="Model factory: 'path/to/file.py:factory', 'package.module:factory' or a built-in (mlp, cnn, "
-         "transformer). Overrides the checkpoint's metadata.",
-    rich_help_panel=PROBLEM_HELP, show_default=False)]
-ModelKwargsOpt = Annotated[Optional[str], typer.Option(
-    "--model-kwargs", help="JSON object of keyword arguments for the factory, e.g. '{\"hidden\": [32, 32]}'.",
-    rich_help_panel=PROBLEM_HELP, show_default=False)]
-BatchSizeOpt = Annotated[int, typer.Option(
-    "--batch-size", "-n", min=1,
-    help="Number of samples in the batch: the first N in file order (capped at the dataset size).",
-    rich_help_panel=PROBLEM_HELP)]
-ShuffleOpt = Annotated[bool, typer.Option(
-    "--shuffle/--no-shuffle", help="Take a random batch (seeded by --seed) instead of the first N samples.",
-    rich_help_panel=PROBLEM_HELP)]
-SeedOpt = Annotated[int, typer.Option(
-    "--seed", help="Seed for --shuffle, Monte-Carlo sampling and --model initialization.",
-    rich_help_panel=PROBLEM_HELP)]
-LossOpt = Annotated[Optional[str], typer.Option(
-    "--loss",
-    help="Loss: ce, mse or bce. Default: the checkpoint's, else ce for integer targets, mse for float.",
-    rich_help_panel=PROBLEM_HELP, show_default=False)]
-DeviceOpt = Annotated[str, typer.Option(
-    "--device", help="auto (cuda when available), cpu, cuda or cuda:N.", rich_help_panel=PROBLEM_HELP)]
-DtypeOpt = Annotated[str, typer.Option(
-    "--dtype", help="Computation dtype: float32 or float64 (eigen-decompositions always run in float64).",
-    rich_help_panel=PROBLEM_HELP)]
-TrustOpt = Annotated[bool, typer.Option(
-    "--trust-model-code", help="Let the checkpoint's metadata (or a config's [problem] model) name a model "
-    "factory outside curvscope's built-ins. Importing it runs its code: only for files you trust. Without "
-    "it such a checkpoint is refused; --model SPEC is always trusted (you named it).",
-    rich_help_panel=PROBLEM_HELP)]
-DebugOpt = Annotated[bool, typer.Option(
-    "--debug", help="Show the full traceback on errors.", rich_help_panel="Output")]
+from curvscope.cli.options import (  # noqa: E402,F401  (re-exported: every command imports them from here)
+    PROBLEM_HELP,
+    BatchSizeOpt,
+    CheckpointArg,
+    DataOpt,
+    DebugOpt,
+    DeviceOpt,
+    DtypeOpt,
+    LossOpt,
+    ModelKwargsOpt,
+    ModelOpt,
+    SeedOpt,
+    ShuffleOpt,
+    TrustOpt,
+)
 
 
 def build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device, dtype,
@@ -134,6 +105,13 @@ def _one_line(text: str) -> str:
     return escape(" ".join(part.strip() for part in text.strip().splitlines() if part.strip()))
 
 
+def progress_bars(quiet: bool = False):
+    """A context manager yielding the rich presenter of the progress protocol (see :mod:`curvscope.cli.progress`)."""
+    from curvscope.cli.progress import bars
+
+    return bars(console, quiet)
+
+
 def warn(message: str) -> None:
     """A one-line warning on stderr."""
     console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
@@ -144,57 +122,6 @@ def quiet_output(quiet: bool = True) -> None:
     than 0 of a distributed run are quiet; rank 0 prints for all of them."""
     console.quiet = quiet
     out.quiet = quiet
-
-
-# -- the presenter of the engine's progress protocol ------------------------------------------------------
-
-STAGE_LABELS = {
-    "gram": "Gram matrix (parameter tensors)",
-    "eigen": "eigendecomposition (groups)",
-    "directions": "directional derivatives",
-    "newton": "damped Newton step",
-    "lr": "learning rates",
-    "per-sample": "per-sample gradients",
-    "ensemble": "ensemble of models",
-    "symo": "SymO line search",
-    "lanczos": "Lanczos",
-    "trace": "trace (Hutch++)",
-    "density": "spectral density",
-    "plots": "plots",
-    "write": "writing files",
-}
-"""Labels of the engine's progress stages (a stage not listed shows its own key)."""
-
-
-@contextlib.contextmanager
-def progress_bars(quiet: bool = False) -> Iterator[Progress]:
-    """A :class:`~curvscope.progress.Progress` drawing one rich bar per stage on stderr (a spinner when the
-    stage's total is unknown); transient: the bars vanish when the block ends."""
-    from curvscope.progress import silent
-
-    if quiet or console.quiet:
-        yield silent
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    tasks: dict[str, Any] = {}
-    bar = Progress(SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), console=console, transient=True)
-
-    def update(stage: str, done: int, total: int | None) -> None:
-        if not tasks:
-            bar.start()  # only once there is something to show: no blank line from a run without stages
-        label = escape(STAGE_LABELS.get(stage, stage))
-        size = None if total is None else max(total, 1)
-        if stage not in tasks:
-            tasks[stage] = bar.add_task(label, total=size)
-        bar.update(tasks[stage], completed=done, total=size)
-
-    try:
-        yield update
-    finally:
-        if tasks:
-            bar.stop()
 
 
 # -- options: flags in, the engine's words mapped back to flags ---------------------------------------------

@@ -131,3 +131,13 @@ def check_table(results: list[RuleResult], report_path: Path) -> Table:
         result = "[green]pass[/green]" if r.passed else f"[bold red]FAIL[/bold red] {escape(r.reason)}"
         table.add_row(escape(r.rule), escape(value), escape(threshold), result)
     return table
+
+
+def annotate(lines: list[str], json_output: bool) -> None:
+    """Print GitHub workflow commands: GitHub reads them from stdout and stderr; stdout stays pure JSON under
+    ``--json``."""
+    import sys
+
+    stream = sys.stderr if json_output else sys.stdout
+    for line in lines:
+        print(line, file=stream, flush=True)
