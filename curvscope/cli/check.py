@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
@@ -25,7 +24,9 @@ from curvscope.cli.common import (
     LossOpt,
     ModelKwargsOpt,
     ModelOpt,
+    OutputOpt,
     SeedOpt,
+    ShiftLabelsOpt,
     ShuffleOpt,
     TrustOpt,
     build_problem,
@@ -34,6 +35,17 @@ from curvscope.cli.common import (
     out,
     progress_bars,
     warn,
+)
+from curvscope.cli.options import (
+    BaselineOpt,
+    ConfigOpt,
+    JsonOpt,
+    JunitOpt,
+    MaxDecreaseOpt,
+    MaxIncreaseOpt,
+    OutDirOpt,
+    RuleOpt,
+    TargetArg,
 )
 from curvscope.cli.root import app
 from curvscope.errors import CurvscopeError
@@ -48,44 +60,6 @@ from curvscope.report.check_output import (
     write_junit,
 )
 from curvscope.workflows.check import PROBLEM_OPTIONS
-
-CHECK_HELP = "Rules and baselines"
-OUTPUT_HELP = "Output"
-
-TargetArg = Annotated[Path, typer.Argument(
-    help="A report to check (a .json file written by spectrum / lr-suggest / factors, or their output "
-         "directory), or a checkpoint: then check computes the report first (needs --data; options from "
-         "--config).", show_default=False)]
-RuleOpt = Annotated[Optional[list[str]], typer.Option(
-    "--rule", "-r", help="A rule 'PATH OP NUMBER' (OP: < <= > >= == !=), e.g. 'groups[0].lambda_max <= 50' "
-    "or 'groups[*].rank >= 10' ([*]: every element must pass). Repeatable; quote it in the shell.",
-    rich_help_panel=CHECK_HELP, show_default=False)]
-ConfigOpt = Annotated[Optional[Path], typer.Option(
-    "--config", "-c", help="TOML file with rules = [...], a \\[baseline] table and the options of the "
-    "computations (\\[problem], \\[spectrum], \\[lr], \\[factors]). See docs/ci.md.",
-    rich_help_panel=CHECK_HELP, show_default=False)]
-BaselineOpt = Annotated[Optional[Path], typer.Option(
-    "--baseline", help="An older report to compare with (--max-increase / --max-decrease). Overrides the "
-    "config's \\[baseline] report.", rich_help_panel=CHECK_HELP, show_default=False)]
-MaxIncreaseOpt = Annotated[Optional[list[str]], typer.Option(
-    "--max-increase", help="PATH=AMOUNT: fail when the value rose by more than AMOUNT over the baseline: a "
-    "percentage of the baseline value ('groups[0].lambda_max=20%') or an absolute amount "
-    "('loss_value=0.05'). Repeatable.", rich_help_panel=CHECK_HELP, show_default=False)]
-MaxDecreaseOpt = Annotated[Optional[list[str]], typer.Option(
-    "--max-decrease", help="PATH=AMOUNT: fail when the value fell by more than AMOUNT below the baseline "
-    "(percentage or absolute, as --max-increase). Repeatable.",
-    rich_help_panel=CHECK_HELP, show_default=False)]
-JunitOpt = Annotated[Optional[Path], typer.Option(
-    "--junit", help="Also write JUnit XML to this file: one testcase per rule, failures with value and "
-    "threshold (written atomically; not written on bad input).",
-    rich_help_panel=OUTPUT_HELP, show_default=False)]
-JsonOpt = Annotated[bool, typer.Option(
-    "--json", help="Print a JSON summary on stdout instead of the table (the table goes to stderr).",
-    rich_help_panel=OUTPUT_HELP)]
-OutDirOpt = Annotated[Path, typer.Option(
-    "--out", "-o", help="Output directory when TARGET is a checkpoint: DIR/report.json and what the "
-    "computations write beside it (a report of the same problem there is merged, not replaced).",
-    rich_help_panel=OUTPUT_HELP)]
 
 
 @app.command("check")
@@ -111,6 +85,8 @@ def check(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     trust_model_code: TrustOpt = False,
+    output: OutputOpt = None,
+    shift_labels: ShiftLabelsOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Gate a checkpoint in CI: evaluate rules on a report, compare with a baseline, exit 0 / 1 / 2.
@@ -139,7 +115,7 @@ def check(
     try:
         _check(ctx, target, rule or [], config, baseline, max_increase or [], max_decrease or [], junit,
                json_output, out_dir, data, model, model_kwargs, batch_size, shuffle, seed, loss, device,
-               dtype, trust_model_code)
+               dtype, trust_model_code, output, shift_labels)
     except CurvscopeError as exc:
         if in_github_actions():
             annotate([github_annotation(" ".join(str(exc).split()), title="curvscope check: bad input")],
@@ -149,7 +125,7 @@ def check(
 
 def _check(ctx, target, rule_texts, config_path, baseline_path, increases, decreases, junit, json_output,
            out_dir, data, model, model_kwargs, batch_size, shuffle, seed, loss, device, dtype,
-           trust_model_code) -> None:
+           trust_model_code, output, shift_labels) -> None:
     from curvscope.workflows.check import prepare_check, problem_values, run_check
 
     started = time.perf_counter()
@@ -162,13 +138,15 @@ def _check(ctx, target, rule_texts, config_path, baseline_path, increases, decre
     if plan.computes:
         values = problem_values(plan, given, {"model": model, "model_kwargs": model_kwargs, "batch_size":
                                               batch_size, "shuffle": shuffle, "seed": seed, "loss": loss,
-                                              "device": device, "dtype": dtype}, trust_model_code)
+                                              "device": device, "dtype": dtype, "output": output,
+                                              "shift_labels": shift_labels}, trust_model_code)
         check_directory(out_dir, "--out")
 
         def load():
             return build_problem(plan.target, data, values["model"], values["model_kwargs"],
                                  values["batch_size"], values["shuffle"], values["seed"], values["loss"],
-                                 values["device"], values["dtype"], trust_model_code)
+                                 values["device"], values["dtype"], trust_model_code, values["output"],
+                                 values["shift_labels"])
     # 2. the report: read it, or compute it from the checkpoint; 3. the verdict
     with progress_bars(json_output) as progress:
         outcome = run_check(plan, out_dir, load, progress, started, warn)

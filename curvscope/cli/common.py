@@ -40,21 +40,24 @@ from curvscope.cli.options import (  # noqa: E402,F401  (re-exported: every comm
     LossOpt,
     ModelKwargsOpt,
     ModelOpt,
+    OutputOpt,
     SeedOpt,
+    ShiftLabelsOpt,
     ShuffleOpt,
     TrustOpt,
 )
 
 
 def build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device, dtype,
-                  trust_model_code: bool = False):
+                  trust_model_code: bool = False, output: str | None = None, shift_labels: bool | None = None):
     """The CLI's one way to load a Problem (with a spinner while files load)."""
     with console.status("Loading model and data..."):
         from curvscope.problem import load_problem
 
         return load_problem(checkpoint=checkpoint, data=data, model=model, model_kwargs=model_kwargs,
                             batch_size=batch_size, shuffle=shuffle, seed=seed, loss=loss, device=device,
-                            dtype=dtype, trust_model_code=trust_model_code)
+                            dtype=dtype, trust_model_code=trust_model_code, output=output,
+                            shift_labels=shift_labels)
 
 
 def _debug_requested(kwargs) -> bool:

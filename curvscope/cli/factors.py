@@ -21,7 +21,9 @@ from curvscope.cli.common import (
     LossOpt,
     ModelKwargsOpt,
     ModelOpt,
+    OutputOpt,
     SeedOpt,
+    ShiftLabelsOpt,
     ShuffleOpt,
     TrustOpt,
     as_flags,
@@ -53,6 +55,8 @@ def factors(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     trust_model_code: TrustOpt = False,
+    output: OutputOpt = None,
+    shift_labels: ShiftLabelsOpt = None,
     symmetry: Annotated[str, typer.Option(
         "--symmetry", help="Weight-space symmetry group of the hidden units: auto (the largest group the "
         "chain's activations allow, said in the summary: orthogonal for linear chains, signed-permutation for "
@@ -131,7 +135,7 @@ def factors(
     with as_flags():
         options.validate()  # bad options fail before the files load
     problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device, dtype,
-                            trust_model_code)
+                            trust_model_code, output, shift_labels)
     with as_flags(), progress_bars() as progress:  # claims the outputs, runs, writes everything together
         report = run_and_write(problem, out_dir, {"factors": options}, progress, option="--out",
                                warn=warn)

@@ -15,7 +15,9 @@ from curvscope.cli.common import (
     LossOpt,
     ModelKwargsOpt,
     ModelOpt,
+    OutputOpt,
     SeedOpt,
+    ShiftLabelsOpt,
     ShuffleOpt,
     TrustOpt,
     build_problem,
@@ -39,6 +41,8 @@ def info(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     trust_model_code: TrustOpt = False,
+    output: OutputOpt = None,
+    shift_labels: ShiftLabelsOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Show the model's layers and parameter counts, the data, the loss and the batch loss.
@@ -50,7 +54,7 @@ def info(
     [bold]curvscope info sample_models/mlp-digits.safetensors --data sample_models/digits.safetensors[/bold]
     """
     problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device,
-                            dtype, trust_model_code)
+                            dtype, trust_model_code, output, shift_labels)
     summary = describe(problem)
 
     layers = Table(title="Layers with trainable parameters", title_justify="left")
@@ -85,8 +89,10 @@ def describe(problem) -> dict:
     with torch.no_grad():
         outputs = problem.forward()
         loss_value = float(problem.loss(outputs, problem.targets))
+    from curvscope.io.inputs import describe_inputs
+
     info = problem.info
-    x_shape = tuple(problem.dataset[0].shape) if problem.dataset is not None else tuple(problem.inputs.shape)
+    x_desc = describe_inputs(problem.dataset[0] if problem.dataset is not None else problem.inputs)
     y_shape = tuple(problem.dataset[1].shape) if problem.dataset is not None else tuple(problem.targets.shape)
     n = problem.batch_size
     which = ("a random subset (seed {})".format(info.get("seed")) if info.get("shuffle")
@@ -95,15 +101,28 @@ def describe(problem) -> dict:
         "checkpoint": str(info.get("checkpoint") or "none (factory initialization)"),
         "model": str(info.get("model")),
         "parameters (D)": f"{problem.num_params:,}",
-        "outputs (C)": str(problem.num_outputs),
+        "outputs (C)": (f"{problem.positions} positions x {problem.classes} classes" if problem.is_sequence
+                        else str(problem.num_outputs)),
+        "model output": str(info.get("output") or "the output tensor"),
         "data": str(info.get("data")),
-        "dataset": f"x {x_shape}, y {y_shape}",
+        "dataset": f"inputs {x_desc}; targets {y_shape}",
         "batch": f"{n} samples: {which}",
-        "loss": problem.loss.name,
+        "loss": problem.loss.name + (f" per token ({int(problem.loss.valid_tokens(problem.targets).sum()):,} "
+                                     "valid tokens, -100 ignored)" if problem.is_sequence else "")
+        + (", labels shifted (position t scores token t+1)" if getattr(problem, "shift_labels", False) else "")
+        + (f" [{info['loss_default']}]" if info.get("loss_default") else ""),
         "batch loss": f"{loss_value:.6g}",
     }
+    if info.get("architecture"):
+        facts["architecture"] = f"{info['architecture']} (transformers {info.get('transformers', '?')})"
     if problem.loss.name == "ce":
-        acc = float((outputs.argmax(dim=-1) == problem.targets).float().mean())
-        facts["batch accuracy"] = f"{acc:.2%}"
+        if problem.is_sequence:
+            predicted = outputs.reshape(n, problem.positions, problem.classes).argmax(dim=-1)
+            valid = problem.loss.valid_tokens(problem.targets)
+            acc = float((predicted == problem.targets)[valid].float().mean()) if bool(valid.any()) else float("nan")
+            facts["batch accuracy"] = f"{acc:.2%} of valid tokens"
+        else:
+            acc = float((outputs.argmax(dim=-1) == problem.targets).float().mean())
+            facts["batch accuracy"] = f"{acc:.2%}"
     facts["device / dtype"] = f"{problem.device} / {str(problem.dtype).replace('torch.', '')}"
     return {"layers": layers, "facts": facts, "loss_value": loss_value}

@@ -22,7 +22,9 @@ from curvscope.cli.common import (
     LossOpt,
     ModelKwargsOpt,
     ModelOpt,
+    OutputOpt,
     SeedOpt,
+    ShiftLabelsOpt,
     ShuffleOpt,
     TrustOpt,
     as_flags,
@@ -77,6 +79,8 @@ def lr_suggest(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     trust_model_code: TrustOpt = False,
+    output: OutputOpt = None,
+    shift_labels: ShiftLabelsOpt = None,
     partition: Annotated[str, typer.Option(
         "--partition", "-p", help="Parameter groups, one rate each: layer (one per module with parameters), "
         "tensor (one per parameter tensor) or all (a single rate).", rich_help_panel=LR_HELP)] = "layer",
@@ -126,7 +130,7 @@ def lr_suggest(
         options.validate()  # bad options fail before the files load
         one_of("emit", emit, EMITS)
     problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device, dtype,
-                            trust_model_code)
+                            trust_model_code, output, shift_labels)
     writer = ReportWriter(out_dir, problem, "--out", warn)
     with progress_bars() as progress, as_flags():
         result = run_lr(problem, options, progress)

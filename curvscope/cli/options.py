@@ -52,5 +52,54 @@ TrustOpt = Annotated[bool, typer.Option(
     "factory outside curvscope's built-ins. Importing it runs its code: only for files you trust. Without "
     "it such a checkpoint is refused; --model SPEC is always trusted (you named it).",
     rich_help_panel=PROBLEM_HELP)]
+OutputOpt = Annotated[Optional[str], typer.Option(
+    "--output", help="Which output of a structured model output (a Hugging Face ModelOutput, a dict or a tuple) "
+    "is scored: an attribute or key name, or an index. Default: the output itself when it is a tensor, else "
+    "its 'logits', else its first element. `curvscope info` says what was chosen.",
+    rich_help_panel=PROBLEM_HELP, show_default=False)]
+ShiftLabelsOpt = Annotated[Optional[bool], typer.Option(
+    "--shift-labels/--no-shift-labels", help="Causal language models: score position t against token t+1 "
+    "(logits[:, :-1] against labels[:, 1:], as Hugging Face does). Default: the checkpoint's metadata or the "
+    "architecture (on for ...ForCausalLM), else off.", rich_help_panel=PROBLEM_HELP, show_default=False)]
 DebugOpt = Annotated[bool, typer.Option(
     "--debug", help="Show the full traceback on errors.", rich_help_panel="Output")]
+
+# -- curvscope check ---------------------------------------------------------------------------------------
+
+CHECK_HELP = "Rules and baselines"
+OUTPUT_HELP = "Output"
+
+TargetArg = Annotated[Path, typer.Argument(
+    help="A report to check (a .json file written by spectrum / lr-suggest / factors, or their output "
+         "directory), or a checkpoint: then check computes the report first (needs --data; options from "
+         "--config).", show_default=False)]
+RuleOpt = Annotated[Optional[list[str]], typer.Option(
+    "--rule", "-r", help="A rule 'PATH OP NUMBER' (OP: < <= > >= == !=), e.g. 'groups[0].lambda_max <= 50' "
+    "or 'groups[*].rank >= 10' ([*]: every element must pass). Repeatable; quote it in the shell.",
+    rich_help_panel=CHECK_HELP, show_default=False)]
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", "-c", help="TOML file with rules = [...], a \\[baseline] table and the options of the "
+    "computations (\\[problem], \\[spectrum], \\[lr], \\[factors]). See docs/ci.md.",
+    rich_help_panel=CHECK_HELP, show_default=False)]
+BaselineOpt = Annotated[Optional[Path], typer.Option(
+    "--baseline", help="An older report to compare with (--max-increase / --max-decrease). Overrides the "
+    "config's \\[baseline] report.", rich_help_panel=CHECK_HELP, show_default=False)]
+MaxIncreaseOpt = Annotated[Optional[list[str]], typer.Option(
+    "--max-increase", help="PATH=AMOUNT: fail when the value rose by more than AMOUNT over the baseline: a "
+    "percentage of the baseline value ('groups[0].lambda_max=20%') or an absolute amount "
+    "('loss_value=0.05'). Repeatable.", rich_help_panel=CHECK_HELP, show_default=False)]
+MaxDecreaseOpt = Annotated[Optional[list[str]], typer.Option(
+    "--max-decrease", help="PATH=AMOUNT: fail when the value fell by more than AMOUNT below the baseline "
+    "(percentage or absolute, as --max-increase). Repeatable.",
+    rich_help_panel=CHECK_HELP, show_default=False)]
+JunitOpt = Annotated[Optional[Path], typer.Option(
+    "--junit", help="Also write JUnit XML to this file: one testcase per rule, failures with value and "
+    "threshold (written atomically; not written on bad input).",
+    rich_help_panel=OUTPUT_HELP, show_default=False)]
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", help="Print a JSON summary on stdout instead of the table (the table goes to stderr).",
+    rich_help_panel=OUTPUT_HELP)]
+OutDirOpt = Annotated[Path, typer.Option(
+    "--out", "-o", help="Output directory when TARGET is a checkpoint: DIR/report.json and what the "
+    "computations write beside it (a report of the same problem there is merged, not replaced).",
+    rich_help_panel=OUTPUT_HELP)]

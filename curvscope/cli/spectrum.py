@@ -21,7 +21,9 @@ from curvscope.cli.common import (
     LossOpt,
     ModelKwargsOpt,
     ModelOpt,
+    OutputOpt,
     SeedOpt,
+    ShiftLabelsOpt,
     ShuffleOpt,
     TrustOpt,
     as_flags,
@@ -54,6 +56,8 @@ def spectrum(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "float32",
     trust_model_code: TrustOpt = False,
+    output: OutputOpt = None,
+    shift_labels: ShiftLabelsOpt = None,
     groups: Annotated[str, typer.Option(
         "--groups", "-g", help="Parameter groups: all (the full GGN), layer (block-diagonal, one block per module "
         "with parameters) or tensor (one block per parameter tensor). With layer/tensor the whole model is "
@@ -146,7 +150,7 @@ def spectrum(
         options.validate()  # bad options fail before the files load
     if launch is None:
         problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device,
-                                dtype, trust_model_code)
+                                dtype, trust_model_code, output, shift_labels)
         report = _run(problem, options, out_dir, None, True)
     else:
         try:
@@ -158,7 +162,7 @@ def spectrum(
             comm = distributed.Comm.create(distributed.init_from_env(launch, rank_device), rank_device)
             with comm.stage():  # a file missing on one node ends every rank with that message
                 problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss,
-                                        str(rank_device), dtype, trust_model_code)
+                                        str(rank_device), dtype, trust_model_code, output, shift_labels)
             report = _run(problem, options, out_dir, comm, launch.primary)
         finally:
             distributed.shutdown()

@@ -33,7 +33,7 @@ ENGINES = ("spectrum", "factors", "lr")
 """Computations config mode can run, in the order it runs them (each merges into the same report)."""
 TOP_LEVEL = ("rules", "problem", "baseline", *ENGINES)
 PROBLEM_KEYS = {"batch_size": int, "shuffle": bool, "seed": int, "loss": str, "device": str, "dtype": str,
-                "model": str, "model_kwargs": (dict, str)}
+                "model": str, "model_kwargs": (dict, str), "output": str, "shift_labels": bool}
 BASELINE_KEYS = ("report", "max_increase", "max_decrease")
 
 

@@ -44,6 +44,10 @@ def problem_section(problem) -> dict[str, Any]:
         "device": str(problem.device),
         "dtype": str(problem.dtype).replace("torch.", ""),
         "seed": info.get("seed"),
+        "output": info.get("output"),
+        "positions": getattr(problem, "positions", 1),
+        "shift_labels": bool(getattr(problem, "shift_labels", False)),
+        "architecture": info.get("architecture"),
     }
 
 

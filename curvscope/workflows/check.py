@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from curvscope.progress import Progress
     from curvscope.workflows.options import Options
 
-PROBLEM_OPTIONS = ("model", "model_kwargs", "batch_size", "shuffle", "seed", "loss", "device", "dtype")
+PROBLEM_OPTIONS = ("model", "model_kwargs", "batch_size", "shuffle", "seed", "loss", "device", "dtype", "output",
+                   "shift_labels")
 """Options of the problem a ``[problem]`` table may set (command-line values win)."""
 
 
