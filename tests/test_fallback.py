@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import dense_any
 from torch import nn
 
 from curvscope import CurvscopeError, make_problem
@@ -12,7 +13,6 @@ from curvscope.curvature.lr import reduced_hessian, third_order_diagonal
 from curvscope.curvature.newton import newton_step
 from curvscope.curvature.spectrum import compute_spectrum, eigenvectors
 from curvscope.curvature.symmetry import compute_factors
-from tests.helpers import dense_any
 
 N, C = 5, 3
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import dense_any
 from torch import nn
 
 from curvscope import CurvscopeError, make_problem
 from curvscope.curvature.columns import make_columns
 from curvscope.curvature.lr import reduced_hessian
 from curvscope.curvature.spectrum import compute_spectrum
-from tests.helpers import dense_any
 
 V, T, N = 7, 5, 3  # vocabulary (classes), positions, sequences
 
@@ -220,3 +220,48 @@ def test_gpt2_from_transformers_matches_dense(attn):
         hf = float(lm.double()(input_ids=tokens, labels=labels).loss)
     assert float(problem.loss_value()) == pytest.approx(hf, rel=1e-5)
     assert_matches_dense(problem, hf_loss(labels, True), k=4)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "materialize", None])
+def test_linear_layers_on_token_activations_take_the_ghost_rule(mode):
+    """The Linear layers of a (wide) LM see (N, T, d) activations: the rule with T positions handles them (auto:
+    the ghost products for the wide projection) and agrees with the generic path, gradients included."""
+    from curvscope.curvature import ghost
+    from curvscope.curvature.columns import gradient_seeds
+    from curvscope.curvature.gram import compute_gram
+    from curvscope.curvature.memory import MemoryPlan
+
+    torch.manual_seed(3)
+    tokens, labels = lm_data(3)
+    model = TinyLM(d=48)
+    problem = make_problem(model, tokens, labels, loss="ce", dtype=torch.float64, shift_labels=True)
+    plan = MemoryPlan(budget=2**30)
+    columns = make_columns(problem)
+    layers = ghost.select_layers(problem, list(problem.params), columns, gradient_seeds(problem, problem.forward()),
+                                 plan, force_mode=mode)
+    assert {(layer.module_name, layer.positions) for layer in layers} == {("mix", T), ("head", T)}
+    if mode is None:
+        assert {layer.module_name: layer.mode for layer in layers}["mix"] == "ghost"
+    groups = [(g.name, g.param_names) for g in problem.groups("layer")]
+    generic_grams = compute_gram(problem, groups, with_gradients=True, ghost=False, plan=plan)[0]
+    layout_grams = _ghost_grams(problem, groups, plan, mode)
+    for a, b in zip(generic_grams, layout_grams, strict=True):
+        for x, y in ((a.vv, b.vv), (a.vg, b.vg), (a.gg, b.gg)):
+            torch.testing.assert_close(y, x, rtol=0, atol=1e-10 * float(x.abs().max()))
+
+
+def _ghost_grams(problem, groups, plan, mode):
+    from curvscope.curvature import generic, ghost
+    from curvscope.curvature.columns import gradient_seeds
+    from curvscope.curvature.layout import make_layout
+
+    layout = make_layout(problem)
+    outputs = layout.outputs(problem)
+    columns = make_columns(problem, outputs)
+    grad_seeds = gradient_seeds(problem, outputs)
+    acc = layout.accumulator(groups, columns, problem.batch_size)
+    names = [n for n in problem.params if acc.wanted(n)]
+    handled = ghost.contribute(problem, names, columns, grad_seeds, acc, plan, layout, force_mode=mode)
+    assert handled == {"mix.weight", "mix.bias", "head.weight", "head.bias"}
+    generic.contribute(problem, [n for n in names if n not in handled], columns, grad_seeds, acc, plan, layout)
+    return acc.groups

@@ -226,10 +226,11 @@ def _per_sample_check(problem, layers: list[GhostLayer], inputs: Tensor) -> list
 
 # -- cost model -------------------------------------------------------------------------------------------
 
-# Multiply-adds of the T > 1 ghost contractions (batched einsums over small dims) run about this many times
-# slower than those of the one large matrix product of the materialized mode (measured on CPU, float32: with
-# N = 128, k = 11, d = 64, ghost wins at T = 2 and loses at T = 4 although it needs 4x and 11x fewer).
-GHOST_EINSUM_PENALTY = 20
+# Multiply-adds of the T > 1 ghost contractions (one matmul of the inputs, then two batched matmuls) run about
+# this many times slower than those of the one large matrix product of the materialized mode (measured on CPU,
+# float32, one thread, N = 8..32, T = 2..32, k = 8..20, d = 64..256: 1.2x to 3.9x). The einsum form it replaced
+# needed 20.
+GHOST_BMM_PENALTY = 4
 
 
 def choose_mode(layer: GhostLayer, num_samples: int, num_columns: int, plan: MemoryPlan, element_size: int
@@ -239,14 +240,15 @@ def choose_mode(layer: GhostLayer, num_samples: int, num_columns: int, plan: Mem
     With N samples, P = total columns, k = P / N columns per sample: materialize costs
     ``P T d_in d_out + P^2 d_in d_out``; ghost ``N^2 d_in + P^2 d_out`` for T = 1, else
     ``N^2 T^2 d_in + N P T^2 d_out + P^2 T d_out`` (``a a^T`` first, then one side's deltas, then the
-    other's), weighted by ``GHOST_EINSUM_PENALTY``: in practice T > 1 takes the ghost mode only for small T
-    and wide layers, as section 3's ``T^2 < d_in d_out / (d_in + d_out)`` says. A mode whose kept factors do
-    not fit the budget while the other's do yields to the other (wide layers with long sequences: ghost).
+    other's), weighted by ``GHOST_BMM_PENALTY``: T > 1 takes the ghost mode for wide layers and short
+    sequences, as section 3's ``T^2 < d_in d_out / (d_in + d_out)`` says (a transformer's projections). A
+    mode whose kept factors do not fit the budget while the other's do yields to the other (wide layers with
+    long sequences: ghost).
     """
     N, P, T, di, do = num_samples, num_columns, layer.positions, layer.d_in, layer.d_out
     materialize = P * T * di * do + P * P * di * do
     ghost = (N * N * di + P * P * do if T == 1
-             else GHOST_EINSUM_PENALTY * (N * N * T * T * di + N * P * T * T * do + P * P * T * do))
+             else GHOST_BMM_PENALTY * (N * N * T * T * di + N * P * T * T * do + P * P * T * do))
     mode = "ghost" if ghost < materialize else "materialize"
     fits = {"materialize": P * di * do * element_size <= plan.limit,
             "ghost": (P * T * do + N * T * di) * element_size <= plan.limit}
@@ -314,18 +316,27 @@ def _ghost_weight_gram_t1(ai: Tensor, aj: Tensor, delta_gram: Tensor) -> Tensor:
 
 
 def _ghost_weight_gram(fi: dict[str, Tensor], fj: dict[str, Tensor], plan: MemoryPlan) -> Tensor:
-    """``sum_{t,s} (a_nt . a_ms)(delta_nct . delta_mds)`` ``(b_i*k_i, b_j*k_j)`` from the ghost factors."""
+    """``sum_{t,s} (a_nt . a_ms)(delta_nct . delta_mds)`` ``(b_i*k_i, b_j*k_j)`` from the ghost factors.
+
+    In matrix products, per sub-block of p x q samples: the input Gram ``A = a_i a_j^T`` ``(p*T, q*T)`` (one
+    matmul), ``R[m] = A[:, m] delta_j[m]`` ``(p*T, k_j*d_out)`` (one bmm over the q samples), then
+    ``out[n] = delta_i[n] R[n]^T`` ``(k_i, q*k_j)`` (one bmm over the p samples)."""
     ai, di, aj, dj = fi["a"], fi["delta"], fj["a"], fj["delta"]
     (bi, ki, T, do), (bj, kj) = di.shape, dj.shape[:2]
     if T == 1:
         return _ghost_weight_gram_t1(ai[:, 0], aj[:, 0], di.reshape(bi * ki, do) @ dj.reshape(bj * kj, do).T)
     out = torch.empty(bi, ki, bj, kj, dtype=di.dtype, device=di.device)
     s = plan.pair_samples(T * (T + kj * do) * di.element_size())
-    for p in range(0, bi, s):
-        for q in range(0, bj, s):
-            A = torch.einsum("ptx,qsx->ptqs", ai[p:p + s], aj[q:q + s])
-            right = torch.einsum("ptqs,qdse->ptqde", A, dj[q:q + s])  # (p, T, q, kj, d_out)
-            out[p:p + s, :, q:q + s] = torch.einsum("pcte,ptqde->pcqd", di[p:p + s], right)
+    for p0 in range(0, bi, s):
+        for q0 in range(0, bj, s):
+            a_p, a_q, d_p, d_q = ai[p0:p0 + s], aj[q0:q0 + s], di[p0:p0 + s], dj[q0:q0 + s]
+            P, Q = a_p.shape[0], a_q.shape[0]
+            A = a_p.reshape(P * T, -1) @ a_q.reshape(Q * T, -1).T  # (P*T, Q*T)
+            A = A.reshape(P, T, Q, T).permute(2, 0, 1, 3).reshape(Q, P * T, T)
+            right = torch.bmm(A, d_q.permute(0, 2, 1, 3).reshape(Q, T, kj * do))  # (Q, P*T, kj*d_out)
+            right = right.reshape(Q, P, T, kj, do).permute(1, 0, 3, 2, 4).reshape(P, Q * kj, T * do)
+            left = d_p.reshape(P, ki, T * do)
+            out[p0:p0 + P, :, q0:q0 + Q] = torch.bmm(left, right.transpose(1, 2)).reshape(P, ki, Q, kj)
     return out.reshape(bi * ki, bj * kj)
 
 
