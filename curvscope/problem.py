@@ -24,13 +24,13 @@ from curvscope.losses import Loss, default_loss_name, get_loss
 from curvscope.losses import shift_labels as _shift_labels
 
 GROUP_MODES = ("all", "layer", "tensor")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def one_line(exc: BaseException) -> str:
     """An exception as one short line: its message's first line, or its type."""
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
