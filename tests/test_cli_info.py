@@ -29,13 +29,13 @@ def make():
 def not_a_module():
     return "a string"
 
-class OnlyOneSample(nn.Module):
+class OnlyOneSample(nn.Module):  # passes the 2-sample probe, breaks on the whole batch
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(4, 3)
 
     def forward(self, x):
-        if x.shape[0] > 1:
+        if x.shape[0] > 2:
             raise RuntimeError("this model has a bug for batches")
         return self.lin(x)
 """

@@ -126,3 +126,31 @@ def test_help_lists_the_options():
     for option in ("--groups", "--mc-samples", "--subsample", "--top-k", "--no-directions", "--eigenvectors",
                    "--newton-step", "--damping", "--max-memory", "--no-ghost", "--out", "--no-plots", "--debug"):
         assert option in result.stdout, option
+
+
+def test_models_vmap_cannot_trace_run_and_say_which_path(tmp_path):
+    import json
+
+    from conftest import write_data
+
+    model = tmp_path / "branchy.py"
+    model.write_text(  # a Python branch on a tensor value and an .item() call: vmap cannot trace either
+        "import torch.nn as nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Linear(3, 5)\n"
+        "        self.head = nn.Linear(5, 4)\n"
+        "    def forward(self, x):\n"
+        "        h = self.body(x).tanh()\n"
+        "        if h.abs().max().item() > 100.0:\n"
+        "            h = h / 2\n"
+        "        return self.head(h)\n")
+    g = torch.Generator().manual_seed(0)
+    data = write_data(tmp_path / "d.safetensors", torch.randn(6, 3, generator=g), torch.arange(6) % 4)
+    out = tmp_path / "out"
+    result = invoke("spectrum", "--model", f"{model}:Net", "--data", data, "-o", out, "--no-plots", "--no-ghost")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["path"].startswith("autograd"), report["path"]
+    assert "per-sample path" in result.stdout and report["groups"][0]["rank"] > 0

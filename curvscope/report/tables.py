@@ -90,6 +90,9 @@ def facts_table(report: dict[str, Any], out_dir: str | None = None, top_k: int =
         hint = "; --dtype float64 resolves ~1e9x smaller ones" if precision == "float32" else ""
         table.add_row("precision floor", f"{fmt(first['eigenvalue_floor'])} ({precision}): smaller eigenvalues "
                       f"count as zero in rank and SNR shares{hint}")
+    path = report.get("path")
+    if path and path != "vmap" and report.get("method") != "lanczos":
+        table.add_row("per-sample path", f"{path}: slower than vmap, same numbers")
     newton = report.get("newton")
     if newton:
         damping = newton.get("damping")

@@ -127,8 +127,15 @@ class SpectrumOptions(Options):
         return budget
 
     def gram_bytes(self, problem: Problem) -> tuple[int, int]:
-        """``(columns, bytes)`` of the float64 Gram matrix this problem and these options need."""
-        columns = (self.subsample or problem.batch_size) * (self.mc_samples or problem.num_outputs)
+        """``(columns, bytes)`` of the float64 Gram matrix this problem and these options need: N·C exact,
+        N·M Monte-Carlo; for sequences N·T_v·C and N·T_v·M (T_v: the most valid tokens of one sequence)."""
+        samples = self.subsample or problem.batch_size
+        per_sample = self.mc_samples or problem.classes if problem.is_sequence else \
+            self.mc_samples or problem.num_outputs
+        if problem.is_sequence:
+            valid = problem.loss.valid_tokens(problem.targets[:samples])
+            per_sample *= max(int(valid.sum(dim=1).max()) if valid.numel() else 1, 1)
+        columns = samples * per_sample
         return columns, 8 * columns**2
 
     def resolved_method(self, problem: Problem) -> tuple[str, str | None]:
@@ -262,7 +269,8 @@ def _run_gram(problem: Problem, options: SpectrumOptions, seed: int, progress: P
         run.fields = sr.spectrum_fields(result, problem.batch_size, directional=options.directions,
                                         dtype=problem.dtype)
         # replaces stale sections when merging into an older report of this problem
-        run.fields.update(curvature="ggn", method="gram", comparison=None, landscape=None)
+        run.fields.update(curvature="ggn", method="gram", comparison=None, landscape=None,
+                          path=getattr(result, "path", "vmap"))
         run.fields["newton"] = None if run.step is None else sr.newton_fields(run.step, options.newton_step)
     return run
 
@@ -287,6 +295,7 @@ def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress
     run.fields = mr.matfree_fields(result, problem.batch_size)
     run.fields["comparison"] = None
     run.fields["landscape"] = None
+    run.fields["path"] = "autograd (double backward)"
     if not result.converged:
         run.notes.append(f"Lanczos did not reach the tolerance {options.tol:g} for every eigenvalue: raise top_k's "
                          "steps or the tolerance; residuals are in the report")
