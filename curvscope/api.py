@@ -22,7 +22,7 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Tensor | None = None
     The same computation as ``curvscope spectrum`` (without the files): the nonzero eigenvalues of the
     generalized Gauss-Newton matrix ``G = (1/N) sum_n J_n^T H_n J_n`` via its Gram matrix, and along the top-k
     eigenvectors ``e_k`` the per-sample gradients ``gamma_nk = e_k^T g_n`` and curvatures
-    ``lambda_nk = e_k^T G_n e_k`` with their signal-to-noise ratios (ViViT; conventions in ``CURVATURE.md``).
+    ``lambda_nk = e_k^T G_n e_k`` with their signal-to-noise ratios (ViViT; conventions in ``docs/conventions.md``).
 
     Args:
         model_or_problem: an ``nn.Module`` (in eval mode if it has BatchNorm/Dropout; not modified) together

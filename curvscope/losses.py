@@ -1,6 +1,6 @@
 """Losses exactly as PyTorch's ``reduction="mean"`` losses, with per-sample values and Hessian square roots.
 
-Conventions (``CURVATURE.md`` section 1): the batch loss is ``L = (1/N) sum_n l_n``; ``H_n`` is the Hessian
+Conventions (``docs/conventions.md`` §1): the batch loss is ``L = (1/N) sum_n l_n``; ``H_n`` is the Hessian
 of the per-sample loss ``l_n`` with respect to the model output ``f_n`` (C entries), and a square root
 ``S_n`` satisfies ``H_n = S_n S_n^T``.
 
@@ -12,7 +12,7 @@ mse     (1/C) ||f_n - y_n||^2           (2/C) I                           sqrt(2
 bce     (1/C) sum_c bce(f_nc, y_nc)     diag(s(1-s)) / C                  diag(sqrt(s(1-s)/C))
 ======  ==============================  ================================  ===============================
 
-Sequence outputs (``CURVATURE.md`` section 8): a loss with ``positions = T`` and ``classes = C`` takes outputs
+Sequence outputs (``docs/conventions.md`` §8): a loss with ``positions = T`` and ``classes = C`` takes outputs
 flattened to ``(N, T*C)`` (the Problem flattens ``(N, T, C)``) and targets ``(N, T)`` (``ce``, ``-100`` marks a
 token without loss) or ``(N, T, C)`` (``mse``/``bce``). The loss is PyTorch's mean over the valid tokens, and a
 sample stays a sequence: ``l_n = (N/|T|) sum_{t valid} l_nt`` with ``|T|`` the valid tokens of the *whole batch*

@@ -55,7 +55,7 @@ class Problem:
         dataset: the whole dataset ``(x, y)`` the batch came from, when known (for extra batches).
         output_shape: the model's raw output shape for one sample: ``(C,)``, or ``(T, C)`` / ``(T1, T2, C)`` for
             sequence outputs, which :meth:`forward` flattens to ``num_outputs = T*C`` per sample
-            (``CURVATURE.md`` section 8; ``positions``, ``classes``).
+            (``docs/conventions.md`` §8; ``positions``, ``classes``).
         shift_labels: the targets were shifted for a causal LM (position t scored against token t+1).
         use_vmap: try the vmapped per-sample paths (``False``: plain autograd everywhere).
         vmap_error: why ``vmap`` failed on this model (set by the engine when it fell back), else ``None``;
@@ -99,7 +99,7 @@ class Problem:
 
     @property
     def is_sequence(self) -> bool:
-        """The model returns one output vector per position (``CURVATURE.md`` section 8)."""
+        """The model returns one output vector per position (``docs/conventions.md`` §8)."""
         return self.loss.positions > 0
 
     @property
@@ -260,7 +260,7 @@ def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | 
 
     Args:
         model: any ``nn.Module`` mapping ``inputs`` to outputs ``(N, C)``, or to sequence outputs ``(N, T, C)``
-            (more position dims are flattened into T; ``CURVATURE.md`` section 8), in eval mode if it has
+            (more position dims are flattened into T; ``docs/conventions.md`` §8), in eval mode if it has
             BatchNorm or Dropout. It is not modified: its parameters are copied to ``device``/``dtype``.
         inputs: ``(N, ...)``; floating inputs are cast to ``dtype``, integer inputs (token ids) kept.
         targets: class labels ``(N,)`` for ``ce``; ``(N, C)`` floats for ``mse``/``bce``. Sequence outputs:

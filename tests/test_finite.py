@@ -59,3 +59,17 @@ def test_check_finite_names_the_stage():
     check_finite("x", a=torch.ones(3), b=1.0, c=None)
     with pytest.raises(CurvscopeError, match=r"the Gram of fc1 is not finite: ev \(2 of 3\)"):
         check_finite("the Gram of fc1", ev=torch.tensor([1.0, float("nan"), float("inf")]))
+
+
+def test_lr_suggest_and_factors_refuse_overflow_too(tmp_path, tiny_data):
+    model = tiny_mlp()
+    with torch.no_grad():
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        linears[-1].weight.fill_(3e38)  # Inf logits
+    ckpt = tmp_path / "big.safetensors"
+    save_checkpoint(ckpt, model, model_spec="curvscope.models:mlp", model_kwargs=TINY_KWARGS, loss="ce")
+    data = write_data(tmp_path / "d.safetensors", *tiny_data)
+    for command in ("lr-suggest", "factors"):
+        out = tmp_path / command
+        assert_clean_error(invoke(command, ckpt, "--data", data, "-o", out), "overflow")
+        assert not out.exists()

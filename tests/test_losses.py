@@ -1,4 +1,4 @@
-"""Losses against PyTorch's own losses and autograd (CURVATURE.md section 1), on tiny float64 batches."""
+"""Losses against PyTorch's own losses and autograd (docs/conventions.md §1), on tiny float64 batches."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_hessian_and_its_square_root_equal_autograd(name):
 
 
 def test_hessians_match_curvature_md_closed_forms():
-    """The table of CURVATURE.md section 1, written out independently."""
+    """The table of docs/conventions.md §1, written out independently."""
     outputs, _ = batch("ce")
     p = outputs.softmax(-1)
     s = torch.sigmoid(outputs)

@@ -41,9 +41,9 @@ def indefinite(n: int = 200, seed: int = 0):
 
 
 def recorder():
-    """A list and a ``progress(done, total)`` callback that appends to it."""
+    """A list and a ``progress(stage, done, total)`` callback that appends ``(done, total)`` to it."""
     calls: list[tuple[int, int]] = []
-    return calls, lambda done, total: calls.append((done, total))
+    return calls, lambda _stage, done, total: calls.append((done, total))
 
 
 class Counting:
@@ -205,7 +205,7 @@ def test_extreme_eigenpairs_progress_and_float32():
     a, _, _ = indefinite(100)
     calls = []
     op = Counting(a, dtype=torch.float32)
-    res = extreme_eigenpairs(op, 100, 1, tol=1e-4, dtype=torch.float32, progress=lambda d, t: calls.append((d, t)))
+    res = extreme_eigenpairs(op, 100, 1, tol=1e-4, dtype=torch.float32, progress=lambda _s, d, t: calls.append((d, t)))
     assert res.top.dtype == torch.float32 and res.converged
     assert float(res.top[0]) == pytest.approx(20.0, rel=1e-4)
     assert float(res.bottom[0]) == pytest.approx(-8.0, rel=1e-4)
@@ -325,7 +325,7 @@ def test_density_integrates_to_one_and_places_mass():
     a, _ = with_spectrum(evals, seed=14)
     op = Counting(a)
     calls = []
-    d = spectral_density(op, 100, num_vectors=16, steps=30, progress=lambda done, tot: calls.append((done, tot)))
+    d = spectral_density(op, 100, num_vectors=16, steps=30, progress=lambda _s, done, tot: calls.append((done, tot)))
     assert d.grid.shape == d.values.shape == (400,) and d.nodes.shape == d.weights.shape == (16, 30)
     assert d.matvecs == op.calls == 16 * 30 and calls[-1] == (480, 480)
     assert float(torch.trapezoid(d.values, d.grid)) == pytest.approx(1.0, abs=1e-3)

@@ -1,4 +1,4 @@
-"""Sequence outputs (CURVATURE.md section 8): per-token losses, causal-LM label shifting, padding, against dense
+"""Sequence outputs (docs/conventions.md §8): per-token losses, causal-LM label shifting, padding, against dense
 references from PyTorch's own losses and plain-autograd Jacobians (no vmap)."""
 
 from __future__ import annotations

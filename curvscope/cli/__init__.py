@@ -35,6 +35,8 @@ def main() -> None:
         install_signal_handlers()
         app()
     except KeyboardInterrupt as exc:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         terminated = type(exc).__name__ == "Terminated" or isinstance(exc, _EarlyTerminate)
         sys.stderr.write("terminated (SIGTERM)\n" if terminated else "interrupted\n")
         sys.exit(143 if terminated else 130)

@@ -83,9 +83,11 @@ def handle_errors(fn):
             console.print(f"[bold red]error:[/bold red] {_one_line(str(exc))}", soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except Terminated:
+            _ignore_signals()
             console.print("[bold red]terminated[/bold red] (SIGTERM): no output was written or changed")
             raise typer.Exit(143) from None
         except KeyboardInterrupt:
+            _ignore_signals()
             console.print("[bold red]interrupted[/bold red]: no output was written or changed")
             raise typer.Exit(130) from None
         except MemoryError:
@@ -101,6 +103,16 @@ def handle_errors(fn):
             raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper
+
+
+def _ignore_signals() -> None:
+    """We are exiting on a signal: a second SIGINT/SIGTERM (a pending one, or an impatient user) must not turn
+    the one-line exit into a traceback or a death by signal."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _one_line(text: str) -> str:

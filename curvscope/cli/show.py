@@ -55,11 +55,13 @@ def _print_sections(doc: dict[str, Any], path: Path) -> list[str]:
             out.print(table)
         shown.append("spectrum")
     if doc.get("lr"):
-        from curvscope.report.lr_report import rates_tables, truth_table
+        from curvscope.report.lr_report import notes, rates_tables, truth_table
 
         for table in rates_tables(doc["lr"], out.width):
             out.print(table)
         out.print(truth_table(doc["lr"]))
+        for line in notes(doc["lr"]):
+            out.print(line, soft_wrap=True)
         shown.append("lr")
     if doc.get("factors"):
         from curvscope.report.factors_report import factors_tables

@@ -29,7 +29,7 @@ class Columns:
         seeds: ``(N_V, K, C)``: ``seeds[n, k]`` is ``s_nk / sqrt(N_V)``; backpropagating it through sample
             ``samples[n]`` gives column ``v_nk``. Columns are ordered sample-major: ``index = n * K + k``.
             Sequence outputs: C is ``T*C`` (flattened outputs) and K is ``T_v*C`` (``T_v*M`` with MC), the
-            columns of the valid tokens, block-diagonal over tokens (``CURVATURE.md`` section 8).
+            columns of the valid tokens, block-diagonal over tokens (``docs/conventions.md`` §8).
         mc_samples: M (0 for the exact square root).
     """
 

@@ -181,7 +181,7 @@ class _Stage:
     def group(self, i: int):
         offset, total = sum(self.totals[:i]), sum(self.totals)
 
-        def report(done: int, _total: int) -> None:
+        def report(_stage: str, done: int, _total: int) -> None:
             self.progress(self.name, offset + min(done, self.totals[i]), total)
 
         return report
@@ -272,7 +272,7 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
             total = density_vectors * min(density_steps, op.dim)
             density = spectral_density(op.matvec, op.dim, num_vectors=density_vectors, steps=density_steps,
                                        generator=_generator(seed, i, _DENSITY),
-                                       progress=lambda done, tot: progress("density", done, tot), **kw)
+                                       progress=progress, **kw)
             progress("density", total, total)
         hessian = curvature == "hessian"
         results.append(MatfreeGroup(

@@ -1,4 +1,4 @@
-"""Matrix-free estimators on any symmetric linear operator (``CURVATURE.md`` section 9).
+"""Matrix-free estimators on any symmetric linear operator (``docs/conventions.md`` section 9).
 
 The operator is a function ``matvec(v) -> A v`` on flat vectors of length ``dim``: a Hessian-vector product by
 double backward, a GGN-vector product, or a dense matrix in tests. Nothing here knows about models.
@@ -17,7 +17,8 @@ Conventions shared by every function:
   the generator's device and then moved to ``device``, so a seed gives the same vectors on every device.
 - Vectors live in ``dtype`` (default float64) on ``device`` (default CPU). The small ``m x m`` tridiagonal
   eigenproblems are solved on the CPU in float64; their results are returned in ``dtype`` on ``device``.
-- ``progress(done, total)``, when given, is called as work advances; ``done`` ends equal to ``total``.
+- ``progress(stage, done, total)`` (the protocol of :mod:`curvscope.progress`), when given, is called as work
+  advances, with stage ``"lanczos"``, ``"trace"`` or ``"density"``; ``done`` ends equal to ``total``.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ import torch
 from torch import Tensor
 
 from curvscope.errors import CurvscopeError
+from curvscope.progress import Progress
 
 MatVec = Callable[[Tensor], Tensor]
-Progress = Callable[[int, int], None]
 
 WHICH = ("both", "largest", "smallest")
 DISTRIBUTIONS = ("rademacher", "gaussian")
@@ -67,9 +68,9 @@ def _gaussian(dim: int, generator: torch.Generator, dtype: torch.dtype, device: 
     return torch.randn(dim, generator=generator, device=generator.device, dtype=dtype).to(device)
 
 
-def _tick(progress: Progress | None, done: int, total: int) -> None:
+def _tick(progress: Progress | None, stage: str, done: int, total: int) -> None:
     if progress is not None:
-        progress(done, total)
+        progress(stage, done, total)
 
 
 def _unit(v: Tensor) -> Tensor:
@@ -272,9 +273,9 @@ def lanczos(matvec: MatVec, dim: int, steps: int, *, start: Tensor | None = None
                      reorthogonalize=reorthogonalize, keep_basis=keep_basis)
     while krylov.m < steps and not krylov.invariant:
         krylov.step()
-        _tick(progress, krylov.m, steps)
+        _tick(progress, "lanczos", krylov.m, steps)
     if krylov.m < steps:
-        _tick(progress, steps, steps)
+        _tick(progress, "lanczos", steps, steps)
     return krylov.run(keep_basis)
 
 
@@ -430,7 +431,7 @@ def extreme_eigenpairs(matvec: MatVec, dim: int, k: int, *, which: str = "both",
     while True:
         if not at_end:
             krylov.step()
-            _tick(progress, krylov.m, cap)
+            _tick(progress, "lanczos", krylov.m, cap)
             at_end = krylov.m >= cap
         ritz = _Ritz.of(krylov, k, which)
         if _should_check(krylov, ritz, k, tol, at_end, due=krylov.m - last_check >= check_every):
@@ -513,7 +514,7 @@ def exact_trace(matvec: MatVec, dim: int, *, dtype: torch.dtype = torch.float64,
         e = torch.zeros(dim, dtype=dtype, device=device)
         e[i] = 1.0
         total += float(_apply(matvec, e)[i])
-        _tick(progress, i + 1, dim)
+        _tick(progress, "trace", i + 1, dim)
     return TraceEstimate(trace=total, stderr=0.0, matvecs=dim, method="exact")
 
 
@@ -542,7 +543,7 @@ def hutchinson(matvec: MatVec, dim: int, num_matvecs: int, *, generator: torch.G
     for i in range(num_matvecs):
         z = _rademacher(dim, gen, dtype, device)
         samples.append(float(z @ _apply(matvec, z)))
-        _tick(progress, i + 1, num_matvecs)
+        _tick(progress, "trace", i + 1, num_matvecs)
     trace, stderr = _mean_and_stderr(samples)
     return TraceEstimate(trace=trace, stderr=stderr, matvecs=num_matvecs, method="hutchinson")
 
@@ -580,19 +581,19 @@ def hutchpp(matvec: MatVec, dim: int, num_matvecs: int, *, generator: torch.Gene
     sketch = torch.empty(dim, s, dtype=dtype, device=device)
     for i in range(s):
         sketch[:, i] = _apply(matvec, _rademacher(dim, gen, dtype, device))
-        _tick(progress, i + 1, total)
+        _tick(progress, "trace", i + 1, total)
     q, _ = torch.linalg.qr(sketch)
     del sketch
     low_rank = 0.0
     for i in range(s):
         low_rank += float(q[:, i] @ _apply(matvec, q[:, i].contiguous()))
-        _tick(progress, s + i + 1, total)
+        _tick(progress, "trace", s + i + 1, total)
     samples = []
     for i in range(total - 2 * s):
         z = _rademacher(dim, gen, dtype, device)
         z = z - q @ (q.T @ z)
         samples.append(float(z @ _apply(matvec, z)))
-        _tick(progress, 2 * s + i + 1, total)
+        _tick(progress, "trace", 2 * s + i + 1, total)
     rest, stderr = _mean_and_stderr(samples)
     return TraceEstimate(trace=low_rank + rest, stderr=stderr, matvecs=total, method="hutch++")
 
@@ -722,9 +723,9 @@ def spectral_density(matvec: MatVec, dim: int, *, num_vectors: int = 8, steps: i
                          keep_basis=False)
         while krylov.m < steps and not krylov.invariant:
             krylov.step()
-            _tick(progress, v * steps + krylov.m, num_vectors * steps)
+            _tick(progress, "density", v * steps + krylov.m, num_vectors * steps)
         if krylov.m < steps:
-            _tick(progress, (v + 1) * steps, num_vectors * steps)
+            _tick(progress, "density", (v + 1) * steps, num_vectors * steps)
         theta, tau = _quadrature(krylov, steps)
         nodes.append(theta)
         weights.append(tau)

@@ -9,6 +9,7 @@ decomposed on process ``i mod R``, and the per-group results are broadcast.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -42,7 +43,9 @@ class Directions:
             ``nan`` with a single sample.
         gradient_overlap: ``(K,)``: gamma_k^2 / ||g||^2, the share of the batch gradient along e_k.
         flat_overlap: 1 - sum_k gradient_overlap_k (the gradient share outside the top-k directions).
-        lambda_consistency: max_k |lambda_mean_k - eigenvalue_k| / eigenvalue_k (should be ~1e-6 or less).
+        lambda_consistency: max_k |lambda_mean_k - eigenvalue_k| / lambda_max (rounding: ~1e-6 in float32,
+            ~1e-13 in float64; relative to lambda_max, not to each eigenvalue, so that near-null directions do not
+            raise a false alarm).
     """
 
     gamma: Tensor
@@ -163,7 +166,10 @@ def numerical_rank(evals: Tensor, size: int, build_dtype: torch.dtype, reference
     """
     if evals.numel() == 0:
         return 0
-    lam_max = max(float(evals[0]), reference)
+    if not bool(torch.isfinite(evals).all()) or not math.isfinite(reference):
+        raise CurvscopeError("the curvature is not finite: eigenvalues contain NaN or Inf (the model overflows "
+                             "at this checkpoint; try float64, or check the weights and inputs)")
+    lam_max = max(float(evals.max()), reference)
     if lam_max <= 0:
         return 0
     return int((evals > lam_max * size * torch.finfo(build_dtype).eps).sum())
@@ -187,7 +193,8 @@ def directional_quantities(gg: GroupGram, evals: Tensor, evecs: Tensor, columns:
         gamma=gamma, lambdas=lambdas, gamma_mean=gamma_mean, lambda_mean=lambda_mean,
         gamma_snr=snr(gamma), lambda_snr=snr(lambdas), gradient_overlap=overlap,
         flat_overlap=float(1.0 - overlap.sum()) if gradient_sq > 0 else 0.0,
-        lambda_consistency=float(((lambda_mean - evals).abs() / evals).max()) if evals.numel() else 0.0,
+        # relative to lambda_max: near-null directions carry rounding of the size of the largest eigenvalue
+        lambda_consistency=float(((lambda_mean - evals).abs() / evals.max()).max()) if evals.numel() else 0.0,
     )
 
 

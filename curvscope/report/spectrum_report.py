@@ -127,8 +127,9 @@ def newton_warnings(step) -> list[str]:
     warnings = []
     if float(step.realized_decrease) < 0:
         warnings.append(f"the step raises the batch loss (predicted decrease {float(step.predicted_decrease):.3g}, "
-                        f"realized {float(step.realized_decrease):.3g}): do not take it; use bootstrap damping or a "
-                        "larger constant damping")
+                        f"realized {float(step.realized_decrease):.3g}): do not take it"
+                        + ("; a larger constant damping shortens it" if step.damping == "bootstrap" else
+                           "; use bootstrap damping or a larger constant damping"))
     if float(step.predicted_decrease) > float(step.loss_before) > 0:
         warnings.append(f"the predicted decrease {float(step.predicted_decrease):.3g} exceeds the loss itself "
                         f"({float(step.loss_before):.3g}): the quadratic model does not hold that far")

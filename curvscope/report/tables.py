@@ -77,8 +77,9 @@ def facts_table(report: dict[str, Any], out_dir: str | None = None, top_k: int =
     table.add_row("loss", fmt(report.get("loss_value"), 6))
     table.add_row("gradient norm", fmt(report.get("gradient_norm"), 4))
     for g in report.get("groups", [])[:1]:
-        top = " ".join(fmt(v) for v in (g.get("eigenvalues") or [])[:top_k]) or "-"
-        table.add_row(f"top-{top_k} eigenvalues", f"{top} ({g['name']})")
+        shown = (g.get("eigenvalues") or [])[:top_k]
+        top = " ".join(fmt(v) for v in shown) or "-"
+        table.add_row(f"top-{len(shown)} eigenvalues" if shown else "eigenvalues", f"{top} ({g['name']})")
         d = g.get("directions") or {}
         if d.get("flat_overlap") is not None:
             flat = d["flat_overlap"]

@@ -25,11 +25,13 @@ if TYPE_CHECKING:
 
 
 COMMAND_FILES = {
-    "spectrum": ("spectrum.png", "directions.png", "layers.png", "landscape.png", "directions.safetensors"),
-    "lr-suggest": ("lr.png",),
-    "factors": ("factors.png", "factors.safetensors"),
+    "spectrum": ("spectrum_plot", "directions_plot", "layers_plot", "landscape_plot", "directions", "eigenvectors",
+                 "newton_step"),
+    "lr-suggest": ("lr_plot",),
+    "factors": ("factors", "factors_plot", "symo_step"),
 }
-"""The files each command writes into the output directory (a rerun that skips one removes the old copy)."""
+"""The ``files`` keys each command writes (a rerun of the command replaces all of them: one it no longer
+writes is dropped from the report, and removed when it lies in the output directory)."""
 
 
 def _real(path: str | os.PathLike) -> Path:
@@ -73,6 +75,7 @@ class ReportWriter:
                  warn: Callable[[str], None] | None = None) -> None:
         self.out_dir = check_directory(out_dir, option)
         self.warn = warn or (lambda _message: None)
+        existing_report(self.out_dir / REPORT_NAME)  # a file there that is not a report: refused before any work
         self.problem = problem
         self.option = option
         self.outputs = Outputs()
@@ -94,7 +97,9 @@ class ReportWriter:
 
     def claim_option(self, path: str | os.PathLike, field: str) -> Path:
         """:meth:`claim` for the output path of an options field: a refusal is an
-        :class:`~curvscope.errors.OptionError` of ``field`` (the CLI names the flag)."""
+        :class:`~curvscope.errors.OptionError` of ``field`` (the CLI names the flags)."""
+        import re
+
         from curvscope.errors import OptionError
 
         try:
@@ -103,7 +108,11 @@ class ReportWriter:
             raise
         except CurvscopeError as exc:
             text = str(exc)
-            raise OptionError(field, text[len(field) + 1:] if text.startswith(field + " ") else text) from None
+            text = text[len(field) + 1:] if text.startswith(field + " ") else text
+            flags = re.sub(r"the same file as (\w+)", lambda m: "the same file as " + (
+                "--" + m.group(1).replace("_", "-") if m.group(1) != self.option.strip("-") else self.option
+                if self.option.startswith("--") else m.group(1)), text)
+            raise OptionError(field, text, flags) from None
 
     def section(self, command: str, fields: dict[str, Any]) -> None:
         """Add the report fields of ``command`` (top-level keys; later sections win on a clash)."""
@@ -148,9 +157,16 @@ class ReportWriter:
         report["files"] = dict(sorted(self.files.items()))
         old = existing_report(self.report_path)
         merged = merge_into_existing(self.report_path, report)
+        replaced = merged is report
+        stale = self._stale(old, replaced)
+        if old is not None and not replaced:  # the files of the other commands' sections stay listed
+            owned = {k for c in self.commands for k in COMMAND_FILES.get(c, ())}
+            kept = {k: v for k, v in (old.get("files") or {}).items()
+                    if k not in owned and k not in self.files and Path(v) not in stale}
+            merged["files"] = dict(sorted({**kept, **self.files}.items()))
         text = json.dumps(merged, indent=2, allow_nan=False) + "\n"
         self.outputs.add_text(self.report_path, text, self.option)
-        for path in self._stale(old, merged is report):
+        for path in stale:
             self.outputs.remove(path)
         if old is not None and merged is report and old.get("problem") != report.get("problem"):
             self.warn(f"{self.report_path} held a report of another problem ({_differences(old, report)}): "
@@ -159,18 +175,26 @@ class ReportWriter:
         return merged
 
     def _stale(self, old: dict[str, Any] | None, replaced: bool) -> list[Path]:
-        """Files of the previous report in ``out_dir`` that this run supersedes without writing them again."""
+        """Files of the previous report in ``out_dir`` that this run supersedes without writing them again:
+        all of them when the report is replaced, else those of the commands run again."""
         if old is None:
             return []
-        listed = [Path(p) for p in _listed_files(old)]
+        owned = {k for c in self.commands for k in COMMAND_FILES.get(c, ())}
+        listed = [(k, Path(v)) for k, v in (old.get("files") or {}).items() if isinstance(v, str)]
+        listed += [("", Path(v)) for v in _listed_files({k: v for k, v in old.items() if k != "files"})]
         written = {_real(p) for p in self.outputs.paths}
-        names = set() if replaced else {n for c in self.commands for n in COMMAND_FILES.get(c, ())}
         stale = []
-        for path in listed:
-            inside = _real(path).parent == _real(self.out_dir)
-            if inside and _real(path) not in written and path.is_file() and (replaced or path.name in names):
+        for key, path in listed:
+            if _real(path).parent != _real(self.out_dir) or _real(path) in written or not path.is_file():
+                continue
+            if replaced or key in owned or (not key and path.name in self._section_names()):
                 stale.append(path)
-        return stale
+        return list(dict.fromkeys(stale))
+
+    def _section_names(self) -> set[str]:
+        """File names the re-run sections list inside themselves (lr.plot, factors.files)."""
+        return {"lr.png"} if "lr-suggest" in self.commands else \
+            {"factors.png", "factors.safetensors"} if "factors" in self.commands else set()
 
 
 def redraw(report: dict[str, Any], out_dir: str | os.PathLike, progress: Progress | None = None) -> list[Path]:

@@ -155,6 +155,7 @@ def run_factors(problem: Problem, options: FactorsOptions | None = None, progres
                 ) -> FactorsRun:
     """Compute the factors of ``problem``, the ensemble ground truth and the SymO step as ``options`` ask (no
     files). ``progress`` gets stages ``per-sample``, ``ensemble`` and ``symo`` (:mod:`curvscope.progress`)."""
+    from curvscope.curvature.finite import check_finite, check_outputs
     from curvscope.curvature.symmetry.ensemble import ensemble_factors
     from curvscope.curvature.symmetry.estimate import compute_factors
     from curvscope.curvature.symmetry.symo import symo_step
@@ -163,12 +164,14 @@ def run_factors(problem: Problem, options: FactorsOptions | None = None, progres
     options = options or FactorsOptions()
     options.validate()
     options.check_problem(problem)
+    check_outputs(problem)
     paths = options.checkpoints()
     seed = options.seed if options.seed is not None else int(problem.info.get("seed") or 0)
     symmetry, choice = resolve_symmetry(problem, options)
     result = compute_factors(problem, symmetry=symmetry, source=options.source, layers=options.layers,
                              mc_samples=options.mc_samples, subsample=options.subsample, seed=seed,
                              structure_check=options.structure_check, progress=progress)
+    check_finite("the symmetry factors", **{n.replace(".", "_"): t for n, t in result.factors.blocks().items()})
     ensemble = None
     if options.ensemble or paths:
         ensemble = ensemble_factors(problem, result.structure, models=options.ensemble, init=options.init,

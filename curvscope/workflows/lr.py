@@ -134,8 +134,11 @@ def run_lr(problem: Problem, options: LrOptions | None = None, progress: Progres
     Raises:
         OptionError: a bad option, or more samples asked for than the dataset has.
     """
+    from curvscope.curvature.finite import check_finite, check_outputs
+
     options = LrOptions() if options is None else options
     options.validate()
+    check_outputs(problem)
     groups = problem.groups(options.partition)
     others, held = draw_batches(problem, options.batches, options.holdout)
     results = []
@@ -145,9 +148,12 @@ def run_lr(problem: Problem, options: LrOptions | None = None, progress: Progres
                 progress(stage, None if total is None else b * total + done,
                          None if total is None else options.batches * total)
 
+        if b:
+            check_outputs(batch_problem)
         results.append(analyse_batch(batch_problem, groups, options.partition, options.curvature,
                                      options.direction, options.ridge, options.cubic, options.cubic_weight,
                                      options.stability, held, report))
+        check_finite(f"the reduced curvature of batch {b + 1}", g_hat=results[-1].g_hat, h_bar=results[-1].h_bar)
     return LRResult(partition=options.partition, curvature=options.curvature, direction=options.direction,
                     ridge=options.ridge, groups=groups,
                     num_params=[sum(problem.params[n].numel() for n in g.param_names) for g in groups],

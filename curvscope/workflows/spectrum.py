@@ -100,6 +100,9 @@ class SpectrumOptions(Options):
         at_least("density_vectors", self.density_vectors, 0)
         self.parsed_damping()
         self.parsed_memory()
+        if self.subsample is not None and (self.curvature == "hessian" or self.method == "lanczos"):
+            raise OptionError("subsample", "applies to the Gram method only (Lanczos uses the whole batch)",
+                              "applies to the Gram method only (Lanczos uses the whole batch)")
         if self.mc_samples and (self.curvature == "hessian" or self.method == "lanczos"):
             raise OptionError("mc_samples", "applies to the Gram method only (Lanczos uses the exact curvature)",
                               "applies to the Gram method only (Lanczos uses the exact curvature)")
@@ -297,8 +300,8 @@ def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress
     run.fields["landscape"] = None
     run.fields["path"] = "autograd (double backward)"
     if not result.converged:
-        run.notes.append(f"Lanczos did not reach the tolerance {options.tol:g} for every eigenvalue: raise top_k's "
-                         "steps or the tolerance; residuals are in the report")
+        run.notes.append(f"Lanczos did not reach the tolerance {options.tol:g} for every eigenvalue (residuals are in "
+                         "the report): loosen the tolerance or ask for fewer eigenvalues (top_k)")
     if options.curvature == "hessian":  # how much of the curvature the GGN captures
         ggn = _ggn_beside(problem, options, seed, progress, matfree)
         run.fields["comparison"] = mr.comparison_fields(run.fields["groups"][0], ggn)

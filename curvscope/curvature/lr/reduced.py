@@ -11,6 +11,7 @@ with ``H`` the Hessian (S batched Hessian-vector products) or the GGN (S batched
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -105,7 +106,37 @@ def reduced_hessian(problem: Problem, direction: dict[str, Tensor], groups: list
             outputs = problem.forward()
         H = problem.loss.hessian(outputs, problem.targets)  # (N, C, C)
         h_bar = torch.einsum("snc,ncd,tnd->st", JU, H, JU) / problem.batch_size
+    from curvscope.curvature.finite import check_finite
+
+    check_finite(f"the reduced {curvature} H_bar", h_bar=h_bar.detach())
+    check_symmetric(h_bar.detach(), curvature)
     return ((h_bar + h_bar.T) / 2).detach()
+
+
+class SelfCheckError(RuntimeError):
+    """A computed quantity failed a built-in consistency check (a bug, or an autograd transform that is wrong
+    for this model): an internal error, never silently repaired."""
+
+
+def check_symmetric(h_bar: Tensor, curvature: str) -> float:
+    """The relative asymmetry ``max|A - A^T| / max|A|`` of ``H_bar``, checked before it is symmetrized.
+
+    Rounding of the products leaves an asymmetry of order eps; a wrong Hessian-vector product (as
+    ``torch.func.hessian`` is through LayerNorm + GELU in torch 2.14) leaves a large one.
+
+    Raises:
+        SelfCheckError: the asymmetry exceeds ``sqrt(eps(dtype))`` (3.5e-4 in float32, 1.5e-8 in float64).
+    """
+    scale = float(h_bar.abs().max()) if h_bar.numel() else 0.0
+    if scale == 0.0 or not math.isfinite(scale):
+        return 0.0
+    asymmetry = float((h_bar - h_bar.T).abs().max()) / scale
+    tolerance = math.sqrt(torch.finfo(h_bar.dtype).eps)
+    if asymmetry > tolerance:
+        raise SelfCheckError(f"self-check failed: the reduced {curvature} H_bar is asymmetric beyond rounding "
+                             f"(relative {asymmetry:.2e} > {tolerance:.1e}); its {curvature}-vector products are "
+                             "wrong for this model, so no rates are reported")
+    return asymmetry
 
 
 def third_order_diagonal(problem: Problem, direction: dict[str, Tensor], groups: list[ParamGroup]) -> Tensor:
