@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -16,20 +17,7 @@ from rich.markup import escape
 
 from curvscope.cli.common import (
     EXIT_FAILED,
-    BatchSizeOpt,
-    DataOpt,
     DebugOpt,
-    DeviceOpt,
-    DtypeOpt,
-    LossOpt,
-    ModelKwargsOpt,
-    ModelOpt,
-    OutputOpt,
-    SeedOpt,
-    ShiftLabelsOpt,
-    ShuffleOpt,
-    TrustOpt,
-    build_problem,
     console,
     handle_errors,
     out,
@@ -44,8 +32,10 @@ from curvscope.cli.options import (
     MaxDecreaseOpt,
     MaxIncreaseOpt,
     OutDirOpt,
+    ProblemArgs,
     RuleOpt,
     TargetArg,
+    problem_options,
 )
 from curvscope.cli.root import app
 from curvscope.errors import CurvscopeError
@@ -64,7 +54,9 @@ from curvscope.workflows.check import PROBLEM_OPTIONS
 
 @app.command("check")
 @handle_errors
+@problem_options(checkpoint=False)
 def check(
+    args: ProblemArgs,
     ctx: typer.Context,
     target: TargetArg,
     rule: RuleOpt = None,
@@ -75,18 +67,6 @@ def check(
     junit: JunitOpt = None,
     json_output: JsonOpt = False,
     out_dir: OutDirOpt = Path("curvscope-out"),
-    data: DataOpt = None,
-    model: ModelOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    batch_size: BatchSizeOpt = 128,
-    shuffle: ShuffleOpt = False,
-    seed: SeedOpt = 0,
-    loss: LossOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-    trust_model_code: TrustOpt = False,
-    output: OutputOpt = None,
-    shift_labels: ShiftLabelsOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Gate a checkpoint in CI: evaluate rules on a report, compare with a baseline, exit 0 / 1 / 2.
@@ -114,8 +94,7 @@ def check(
     """
     try:
         _check(ctx, target, rule or [], config, baseline, max_increase or [], max_decrease or [], junit,
-               json_output, out_dir, data, model, model_kwargs, batch_size, shuffle, seed, loss, device,
-               dtype, trust_model_code, output, shift_labels)
+               json_output, out_dir, args)
     except CurvscopeError as exc:
         if in_github_actions():
             annotate([github_annotation(" ".join(str(exc).split()), title="curvscope check: bad input")],
@@ -124,8 +103,7 @@ def check(
 
 
 def _check(ctx, target, rule_texts, config_path, baseline_path, increases, decreases, junit, json_output,
-           out_dir, data, model, model_kwargs, batch_size, shuffle, seed, loss, device, dtype,
-           trust_model_code, output, shift_labels) -> None:
+           out_dir, args: ProblemArgs) -> None:
     from curvscope.workflows.check import prepare_check, problem_values, run_check
 
     started = time.perf_counter()
@@ -136,17 +114,11 @@ def _check(ctx, target, rule_texts, config_path, baseline_path, increases, decre
         check_writable(junit, "--junit")
     load = None
     if plan.computes:
-        values = problem_values(plan, given, {"model": model, "model_kwargs": model_kwargs, "batch_size":
-                                              batch_size, "shuffle": shuffle, "seed": seed, "loss": loss,
-                                              "device": device, "dtype": dtype, "output": output,
-                                              "shift_labels": shift_labels}, trust_model_code)
+        values = problem_values(plan, given, {k: getattr(args, k) for k in PROBLEM_OPTIONS}, args.trust_model_code)
         check_directory(out_dir, "--out")
 
         def load():
-            return build_problem(plan.target, data, values["model"], values["model_kwargs"],
-                                 values["batch_size"], values["shuffle"], values["seed"], values["loss"],
-                                 values["device"], values["dtype"], trust_model_code, values["output"],
-                                 values["shift_labels"])
+            return replace(args, checkpoint=plan.target, **values).load()
     # 2. the report: read it, or compute it from the checkpoint; 3. the verdict
     with progress_bars(json_output) as progress:
         outcome = run_check(plan, out_dir, load, progress, started, warn)

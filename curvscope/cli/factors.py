@@ -12,28 +12,15 @@ from typing import Annotated, Optional
 import typer
 
 from curvscope.cli.common import (
-    BatchSizeOpt,
-    CheckpointArg,
-    DataOpt,
     DebugOpt,
-    DeviceOpt,
-    DtypeOpt,
-    LossOpt,
-    ModelKwargsOpt,
-    ModelOpt,
-    OutputOpt,
-    SeedOpt,
-    ShiftLabelsOpt,
-    ShuffleOpt,
-    TrustOpt,
     as_flags,
-    build_problem,
     handle_errors,
     one_line_paragraphs,
     out,
     progress_bars,
     warn,
 )
+from curvscope.cli.options import ProblemArgs, problem_options
 from curvscope.cli.root import app
 
 FACTORS_HELP = "Factors"
@@ -43,20 +30,9 @@ FILES_HELP = "Output"
 
 @app.command("factors")
 @handle_errors
+@problem_options()
 def factors(
-    checkpoint: CheckpointArg = None,
-    data: DataOpt = None,
-    model: ModelOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    batch_size: BatchSizeOpt = 128,
-    shuffle: ShuffleOpt = False,
-    seed: SeedOpt = 0,
-    loss: LossOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-    trust_model_code: TrustOpt = False,
-    output: OutputOpt = None,
-    shift_labels: ShiftLabelsOpt = None,
+    args: ProblemArgs,
     symmetry: Annotated[str, typer.Option(
         "--symmetry", help="Weight-space symmetry group of the hidden units: auto (the largest group the "
         "chain's activations allow, said in the summary: orthogonal for linear chains, signed-permutation for "
@@ -131,11 +107,10 @@ def factors(
     options = FactorsOptions(symmetry=symmetry, source=source, layers=layers, mc_samples=mc_samples,
                              subsample=subsample, structure_check=structure_check, ensemble=ensemble,
                              ensemble_checkpoints=ensemble_checkpoints, init=init, ensemble_chunk=ensemble_chunk,
-                             symo_step=symo_step, eps=eps, plots=plots, seed=seed)
+                             symo_step=symo_step, eps=eps, plots=plots, seed=args.seed)
     with as_flags():
         options.validate()  # bad options fail before the files load
-    problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device, dtype,
-                            trust_model_code, output, shift_labels)
+    problem = args.load()
     with as_flags(), progress_bars() as progress:  # claims the outputs, runs, writes everything together
         report = run_and_write(problem, out_dir, {"factors": options}, progress, option="--out",
                                warn=warn)

@@ -6,43 +6,19 @@ import torch
 from rich.table import Table
 
 from curvscope.cli.common import (
-    BatchSizeOpt,
-    CheckpointArg,
-    DataOpt,
     DebugOpt,
-    DeviceOpt,
-    DtypeOpt,
-    LossOpt,
-    ModelKwargsOpt,
-    ModelOpt,
-    OutputOpt,
-    SeedOpt,
-    ShiftLabelsOpt,
-    ShuffleOpt,
-    TrustOpt,
-    build_problem,
     handle_errors,
     out,
 )
+from curvscope.cli.options import ProblemArgs, problem_options
 from curvscope.cli.root import app
 
 
 @app.command("info")
 @handle_errors
+@problem_options()
 def info(
-    checkpoint: CheckpointArg = None,
-    data: DataOpt = None,
-    model: ModelOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    batch_size: BatchSizeOpt = 128,
-    shuffle: ShuffleOpt = False,
-    seed: SeedOpt = 0,
-    loss: LossOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-    trust_model_code: TrustOpt = False,
-    output: OutputOpt = None,
-    shift_labels: ShiftLabelsOpt = None,
+    args: ProblemArgs,
     debug: DebugOpt = False,
 ) -> None:
     """Show the model's layers and parameter counts, the data, the loss and the batch loss.
@@ -53,8 +29,7 @@ def info(
     Example:
     [bold]curvscope info sample_models/mlp-digits.safetensors --data sample_models/digits.safetensors[/bold]
     """
-    problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device,
-                            dtype, trust_model_code, output, shift_labels)
+    problem = args.load()
     summary = describe(problem)
 
     layers = Table(title="Layers with trainable parameters", title_justify="left")

@@ -13,22 +13,8 @@ import typer
 from rich.markup import escape
 
 from curvscope.cli.common import (
-    BatchSizeOpt,
-    CheckpointArg,
-    DataOpt,
     DebugOpt,
-    DeviceOpt,
-    DtypeOpt,
-    LossOpt,
-    ModelKwargsOpt,
-    ModelOpt,
-    OutputOpt,
-    SeedOpt,
-    ShiftLabelsOpt,
-    ShuffleOpt,
-    TrustOpt,
     as_flags,
-    build_problem,
     console,
     handle_errors,
     one_line_paragraphs,
@@ -36,6 +22,7 @@ from curvscope.cli.common import (
     progress_bars,
     warn,
 )
+from curvscope.cli.options import ProblemArgs, problem_options
 from curvscope.cli.root import app
 
 LR_HELP = "Learning rates"
@@ -67,20 +54,9 @@ Example: [bold]curvscope lr-suggest sample_models/mlp-digits.safetensors --data 
 
 @app.command("lr-suggest", help=one_line_paragraphs(HELP))
 @handle_errors
+@problem_options()
 def lr_suggest(
-    checkpoint: CheckpointArg = None,
-    data: DataOpt = None,
-    model: ModelOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    batch_size: BatchSizeOpt = 128,
-    shuffle: ShuffleOpt = False,
-    seed: SeedOpt = 0,
-    loss: LossOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-    trust_model_code: TrustOpt = False,
-    output: OutputOpt = None,
-    shift_labels: ShiftLabelsOpt = None,
+    args: ProblemArgs,
     partition: Annotated[str, typer.Option(
         "--partition", "-p", help="Parameter groups, one rate each: layer (one per module with parameters), "
         "tensor (one per parameter tensor) or all (a single rate).", rich_help_panel=LR_HELP)] = "layer",
@@ -129,8 +105,7 @@ def lr_suggest(
     with as_flags():
         options.validate()  # bad options fail before the files load
         one_of("emit", emit, EMITS)
-    problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device, dtype,
-                            trust_model_code, output, shift_labels)
+    problem = args.load()
     writer = ReportWriter(out_dir, problem, "--out", warn)
     with progress_bars() as progress, as_flags():
         result = run_lr(problem, options, progress)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -103,3 +106,77 @@ OutDirOpt = Annotated[Path, typer.Option(
     "--out", "-o", help="Output directory when TARGET is a checkpoint: DIR/report.json and what the "
     "computations write beside it (a report of the same problem there is merged, not replaced).",
     rich_help_panel=OUTPUT_HELP)]
+
+
+# -- the shared problem options, declared once ---------------------------------------------------------------
+
+PROBLEM_PARAMS = (
+    ("checkpoint", CheckpointArg, None),
+    ("data", DataOpt, None),
+    ("model", ModelOpt, None),
+    ("model_kwargs", ModelKwargsOpt, None),
+    ("batch_size", BatchSizeOpt, 128),
+    ("shuffle", ShuffleOpt, False),
+    ("seed", SeedOpt, 0),
+    ("loss", LossOpt, None),
+    ("device", DeviceOpt, "auto"),
+    ("dtype", DtypeOpt, "float32"),
+    ("trust_model_code", TrustOpt, False),
+    ("output", OutputOpt, None),
+    ("shift_labels", ShiftLabelsOpt, None),
+)
+"""The options of every command that loads a model and a batch: (name, typer annotation, default)."""
+
+
+@dataclass
+class ProblemArgs:
+    """The values of the shared problem options, as one object (see :func:`problem_options`)."""
+
+    checkpoint: Path | None = None
+    data: Path | None = None
+    model: str | None = None
+    model_kwargs: str | None = None
+    batch_size: int = 128
+    shuffle: bool = False
+    seed: int = 0
+    loss: str | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    trust_model_code: bool = False
+    output: str | None = None
+    shift_labels: bool | None = None
+
+    def load(self, **overrides):
+        """The Problem these options describe (``overrides`` replace values, e.g. a rank's ``device``)."""
+        from curvscope.cli.common import build_problem
+
+        v = {**self.__dict__, **overrides}
+        return build_problem(v["checkpoint"], v["data"], v["model"], v["model_kwargs"], v["batch_size"],
+                             v["shuffle"], v["seed"], v["loss"], v["device"], v["dtype"], v["trust_model_code"],
+                             v["output"], v["shift_labels"])
+
+
+def problem_options(checkpoint: bool = True):
+    """Decorator: the command gets every shared problem option (declared once, in :data:`PROBLEM_PARAMS`) and
+    receives their values as one ``args: ProblemArgs`` argument. ``checkpoint=False`` leaves out the
+    CHECKPOINT argument (``check`` names its own TARGET)."""
+
+    def decorate(fn):
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "args"]
+        shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+                  for name, annotation, default in PROBLEM_PARAMS if checkpoint or name != "checkpoint"]
+        arguments = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        first = [p for p in shared if p.name == "checkpoint"]
+        params = [*first, *arguments, *[p for p in shared if p.name != "checkpoint"]]
+        names = {name for name, _, _ in PROBLEM_PARAMS}
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs):
+            values = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+            return fn(args=ProblemArgs(**values), **kwargs)
+
+        wrapper.__signature__ = inspect.Signature(params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+
+    return decorate

@@ -12,28 +12,15 @@ from typing import Annotated, Optional
 import typer
 
 from curvscope.cli.common import (
-    BatchSizeOpt,
-    CheckpointArg,
-    DataOpt,
     DebugOpt,
-    DeviceOpt,
-    DtypeOpt,
-    LossOpt,
-    ModelKwargsOpt,
-    ModelOpt,
-    OutputOpt,
-    SeedOpt,
-    ShiftLabelsOpt,
-    ShuffleOpt,
-    TrustOpt,
     as_flags,
-    build_problem,
     handle_errors,
     out,
     progress_bars,
     quiet_output,
     warn,
 )
+from curvscope.cli.options import ProblemArgs, problem_options
 from curvscope.cli.root import app
 from curvscope.errors import CurvscopeError
 
@@ -44,20 +31,9 @@ FLAGS = {"out_dir": "--out", "directions": "--directions", "plots": "--plots", "
 
 @app.command("spectrum")
 @handle_errors
+@problem_options()
 def spectrum(
-    checkpoint: CheckpointArg = None,
-    data: DataOpt = None,
-    model: ModelOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    batch_size: BatchSizeOpt = 128,
-    shuffle: ShuffleOpt = False,
-    seed: SeedOpt = 0,
-    loss: LossOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
-    trust_model_code: TrustOpt = False,
-    output: OutputOpt = None,
-    shift_labels: ShiftLabelsOpt = None,
+    args: ProblemArgs,
     groups: Annotated[str, typer.Option(
         "--groups", "-g", help="Parameter groups: all (the full GGN), layer (block-diagonal, one block per module "
         "with parameters) or tensor (one block per parameter tensor). With layer/tensor the whole model is "
@@ -139,7 +115,7 @@ def spectrum(
 
     options = SpectrumOptions(groups=groups, mc_samples=mc_samples, subsample=subsample, top_k=top_k,
                               directions=directions, eigenvectors=eigenvectors, newton_step=newton_step,
-                              damping=damping, max_memory=max_memory, ghost=ghost, plots=plots, seed=seed,
+                              damping=damping, max_memory=max_memory, ghost=ghost, plots=plots, seed=args.seed,
                               curvature=curvature, method=method, tol=tol, trace_samples=trace_samples,
                               density_vectors=density_vectors, landscape=landscape)
     launch = distributed.torchrun_env()  # launched by torchrun with several processes: run distributed
@@ -149,20 +125,18 @@ def spectrum(
     with as_flags(FLAGS):
         options.validate()  # bad options fail before the files load
     if launch is None:
-        problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device,
-                                dtype, trust_model_code, output, shift_labels)
+        problem = args.load()
         report = _run(problem, options, out_dir, None, True)
     else:
         try:
-            rank_device = distributed.launch_device(launch, device)
+            rank_device = distributed.launch_device(launch, args.device)
         except distributed.LocalRankError as exc:  # too few GPUs on this rank's node: only this rank can say so
             quiet_output(False)
             raise CurvscopeError(f"rank {launch.rank}: {exc}") from exc
         try:
             comm = distributed.Comm.create(distributed.init_from_env(launch, rank_device), rank_device)
             with comm.stage():  # a file missing on one node ends every rank with that message
-                problem = build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss,
-                                        str(rank_device), dtype, trust_model_code, output, shift_labels)
+                problem = args.load(device=str(rank_device))
             report = _run(problem, options, out_dir, comm, launch.primary)
         finally:
             distributed.shutdown()

@@ -328,21 +328,5 @@ def _apply_v_samples(problem, samples: Tensor, seeds: Tensor, coeff: Tensor, nam
     if idx.numel() > samples.numel():
         cotangents = torch.cat([cotangents, torch.zeros_like(cotangents[:, :1])], dim=1)
     inputs = problem.inputs[idx]
-    if vmap_usable(problem):
-        try:
-            _, pullback = vjp(lambda p: problem.call({**frozen, **p}, inputs), chosen)
-            return vmap(pullback)(cotangents)[0]
-        except Exception as exc:
-            if is_fatal(exc):
-                raise
-            problem.note_vmap_failure(exc)
-    try:
-        with torch.enable_grad():
-            leaves = {k: v.detach().requires_grad_(True) for k, v in chosen.items()}
-            out = problem.call({**frozen, **leaves}, inputs)
-            grads = batched_grad(out, list(leaves.values()), cotangents.to(out.dtype))
-    except Exception as exc:
-        if is_fatal(exc):
-            raise
-        raise not_differentiable(exc) from exc
-    return dict(zip(leaves, grads, strict=True))
+    grads, _ = batched_vjp(problem, lambda p: (problem.call({**frozen, **p}, inputs), None), chosen, cotangents)
+    return grads
