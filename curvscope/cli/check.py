@@ -17,7 +17,6 @@ from rich.markup import escape
 
 from curvscope.cli.common import (
     EXIT_FAILED,
-    DebugOpt,
     console,
     handle_errors,
     out,
@@ -27,6 +26,7 @@ from curvscope.cli.common import (
 from curvscope.cli.options import (
     BaselineOpt,
     ConfigOpt,
+    DebugOpt,
     JsonOpt,
     JunitOpt,
     MaxDecreaseOpt,

@@ -29,23 +29,6 @@ out = Console(highlight=False)
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3
 
-from curvscope.cli.options import (  # noqa: E402,F401  (re-exported: every command imports them from here)
-    PROBLEM_HELP,
-    BatchSizeOpt,
-    CheckpointArg,
-    DataOpt,
-    DebugOpt,
-    DeviceOpt,
-    DtypeOpt,
-    LossOpt,
-    ModelKwargsOpt,
-    ModelOpt,
-    OutputOpt,
-    SeedOpt,
-    ShiftLabelsOpt,
-    ShuffleOpt,
-    TrustOpt,
-)
 
 
 def build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device, dtype,

@@ -12,7 +12,6 @@ from typing import Annotated, Optional
 import typer
 
 from curvscope.cli.common import (
-    DebugOpt,
     as_flags,
     handle_errors,
     one_line_paragraphs,
@@ -20,7 +19,7 @@ from curvscope.cli.common import (
     progress_bars,
     warn,
 )
-from curvscope.cli.options import ProblemArgs, problem_options
+from curvscope.cli.options import DebugOpt, ProblemArgs, problem_options
 from curvscope.cli.root import app
 
 FACTORS_HELP = "Factors"

@@ -6,11 +6,10 @@ import torch
 from rich.table import Table
 
 from curvscope.cli.common import (
-    DebugOpt,
     handle_errors,
     out,
 )
-from curvscope.cli.options import ProblemArgs, problem_options
+from curvscope.cli.options import DebugOpt, ProblemArgs, problem_options
 from curvscope.cli.root import app
 
 

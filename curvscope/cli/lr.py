@@ -13,7 +13,6 @@ import typer
 from rich.markup import escape
 
 from curvscope.cli.common import (
-    DebugOpt,
     as_flags,
     console,
     handle_errors,
@@ -22,7 +21,7 @@ from curvscope.cli.common import (
     progress_bars,
     warn,
 )
-from curvscope.cli.options import ProblemArgs, problem_options
+from curvscope.cli.options import DebugOpt, ProblemArgs, problem_options
 from curvscope.cli.root import app
 
 LR_HELP = "Learning rates"

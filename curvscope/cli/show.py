@@ -7,7 +7,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from curvscope.cli.common import DebugOpt, console, handle_errors, out, progress_bars
+from curvscope.cli.common import console, handle_errors, out, progress_bars
+from curvscope.cli.options import DebugOpt
 from curvscope.cli.root import app
 from curvscope.errors import CurvscopeError
 

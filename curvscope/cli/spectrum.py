@@ -12,7 +12,6 @@ from typing import Annotated, Optional
 import typer
 
 from curvscope.cli.common import (
-    DebugOpt,
     as_flags,
     handle_errors,
     out,
@@ -20,7 +19,7 @@ from curvscope.cli.common import (
     quiet_output,
     warn,
 )
-from curvscope.cli.options import ProblemArgs, problem_options
+from curvscope.cli.options import DebugOpt, ProblemArgs, problem_options
 from curvscope.cli.root import app
 from curvscope.errors import CurvscopeError
 
