@@ -169,11 +169,16 @@ class _Krylov:
         return self.basis[j if self.full_basis else j % 2]
 
     def _orthogonalize(self, w: Tensor, rows: int) -> tuple[Tensor, float]:
-        """Twice classical Gram-Schmidt of ``w`` against the first ``rows`` basis vectors; returns the new ``w``
-        and the sum of its two coefficients on the last of them."""
+        """Classical Gram-Schmidt of ``w`` against the first ``rows`` basis vectors, repeated once when the
+        first pass cancelled more than ``1 - 1/sqrt(2)`` of ``w``'s norm (Kahan's "twice is enough": without
+        such cancellation one pass is orthogonal to working precision); returns the new ``w`` and the sum of
+        its coefficients on the last basis vector."""
         basis = self.basis[:rows]
+        before = float(torch.linalg.vector_norm(w))
         h1 = basis @ w
         w = w - h1 @ basis
+        if float(torch.linalg.vector_norm(w)) > before / math.sqrt(2.0):
+            return w, float(h1[-1])
         h2 = basis @ w
         return w - h2 @ basis, float(h1[-1] + h2[-1])
 
