@@ -81,6 +81,7 @@ def describe(problem) -> dict:
         "data": str(info.get("data")),
         "dataset": f"inputs {x_desc}; targets {y_shape}",
         "batch": f"{n} samples: {which}",
+        "batch indices": _indices(info.get("batch_indices")),
         "loss": problem.loss.name + (f" per token ({int(problem.loss.valid_tokens(problem.targets).sum()):,} "
                                      "valid tokens, -100 ignored)" if problem.is_sequence else "")
         + (", labels shifted (position t scores token t+1)" if getattr(problem, "shift_labels", False) else "")
@@ -100,3 +101,13 @@ def describe(problem) -> dict:
             facts["batch accuracy"] = f"{acc:.2%}"
     facts["device / dtype"] = f"{problem.device} / {str(problem.dtype).replace('torch.', '')}"
     return {"layers": layers, "facts": facts, "loss_value": loss_value}
+
+
+def _indices(indices: list[int] | None, shown: int = 8) -> str:
+    """The batch's dataset rows, abbreviated (all of them are in every report's ``problem.batch_indices``)."""
+    if not indices:
+        return "-"
+    if indices == list(range(indices[0], indices[0] + len(indices))):
+        return f"{indices[0]}..{indices[-1]} (consecutive)"
+    head = ", ".join(str(i) for i in indices[:shown])
+    return head + (f", ... ({len(indices)} in all)" if len(indices) > shown else "")
