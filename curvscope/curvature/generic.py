@@ -52,6 +52,7 @@ def is_fatal(exc: BaseException) -> bool:
 
 
 def not_differentiable(exc: BaseException) -> CurvscopeError:
+    """The :class:`CurvscopeError` that reports ``exc``, raised when autograd cannot differentiate the model."""
     return CurvscopeError(f"the model cannot be differentiated with respect to its parameters: {one_line(exc)}")
 
 
@@ -111,8 +112,12 @@ def batched_grad(outputs: Tensor, inputs: Sequence[Tensor], cotangents: Callable
     plain autograd (``is_grads_batched`` in chunks where it works, else one backward each).
 
     Args:
+        outputs: the tensor to differentiate, with a graph back to ``inputs``.
+        inputs: the tensors to differentiate with respect to (an input ``outputs`` does not depend on gets
+            zeros).
         cotangents: ``(m, *outputs.shape)``, or a function ``(start, stop) -> (stop - start, *outputs.shape)``
             building them a chunk at a time (then ``count`` = m).
+        count: m, when ``cotangents`` is a function (ignored for a tensor).
     """
     m = cotangents.shape[0] if isinstance(cotangents, Tensor) else int(count)
     chunk_of = (lambda a, b: cotangents[a:b]) if isinstance(cotangents, Tensor) else cotangents
@@ -142,11 +147,13 @@ def batched_grad(outputs: Tensor, inputs: Sequence[Tensor], cotangents: Callable
 
 
 def batched_vjp(problem, fn: Callable[[dict[str, Tensor]], tuple[Tensor, Any]], primals: dict[str, Tensor],
-                cotangents: Tensor) -> tuple[dict[str, Tensor], Any]:
+                cotangents: Tensor, few: bool = False) -> tuple[dict[str, Tensor], Any]:
     """The vector-Jacobian products of ``fn(primals) = (outputs, aux)`` with ``m`` cotangents
     ``(m, *outputs.shape)``: name -> ``(m, *primal.shape)``, and ``aux`` (detached). ``vmap`` over ``vjp``'s
-    pullback on the fast path, plain autograd otherwise."""
-    if vmap_usable(problem):
+    pullback on the fast path, plain autograd otherwise; ``few``: plain autograd's batched backward right away
+    (it starts faster than ``torch.func`` and needs no vmap probe: a handful of cotangents, or the ghost rules'
+    backward of the seeds to layer outputs)."""
+    if not few and vmap_usable(problem):
         try:
             _out, pullback, aux = vjp(fn, primals, has_aux=True)
             return vmap(pullback)(cotangents)[0], aux
@@ -182,7 +189,11 @@ def per_sample_vjp(problem, names: Sequence[str], sample_idx: Tensor, seeds: Ten
     ``vmap`` over samples and seeds of ``vjp`` where the model allows it, else plain autograd (module docstring).
 
     Args:
-        sample_idx: ``(n,)`` batch indices; seeds: ``(n, K, C)``.
+        problem: the :class:`~curvscope.problem.Problem`.
+        names: the parameters to differentiate (the others are held fixed).
+        sample_idx: ``(n,)`` batch indices.
+        seeds: ``(n, K, C)`` output cotangents, ``K`` per sample.
+
     Returns:
         name -> ``(n, K, *param.shape)``.
     """
@@ -269,7 +280,14 @@ def contribute(problem, names: list[str], columns: Columns, grad_seeds: Tensor |
     never refused. Chunks are sized for the columns the layout holds at once.
 
     Args:
-        grad_seeds: ``(N, 1, C)`` or ``None``; advance: called with the number of parameter tensors finished.
+        problem: the :class:`~curvscope.problem.Problem`.
+        names: the parameters whose rows are materialized here.
+        columns: the columns of V.
+        grad_seeds: ``(N, 1, C)`` seeds of the per-sample gradients (the rows of G), or ``None``.
+        acc: the accumulator the contracted blocks are added to (each parameter to the groups it belongs to).
+        plan: the memory plan that sizes the parameter chunks and column blocks.
+        layout: which column blocks this process computes and contracts (single process or sharded).
+        advance: called with the number of parameter tensors finished (progress), or ``None``.
     """
     num_g = None if grad_seeds is None else grad_seeds.shape[0]
     held_rows = layout.held_columns(columns, num_g)

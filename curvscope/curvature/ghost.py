@@ -69,6 +69,7 @@ class GhostLayer:
 
     @property
     def is_conv(self) -> bool:
+        """The layer is a convolution (``nn.Conv1d``/``nn.Conv2d``), not a Linear."""
         return isinstance(self.module, nn.Conv1d | nn.Conv2d)
 
     def positions_of_input(self, x: Tensor) -> Tensor:
@@ -204,7 +205,7 @@ def _per_sample_check(problem, layers: list[GhostLayer], inputs: Tensor) -> list
     for n in range(b):
         cot[n, n] = torch.randn(problem.num_outputs, generator=g, dtype=torch.float64)
     vjps, captured = batched_vjp(problem, lambda pq: _forward_probed(problem, layers, inputs, pq),
-                                 {**params, **probes}, cot.to(problem.device))  # one sample's gradient each
+                                 {**params, **probes}, cot.to(problem.device), few=True)  # a sample's each
     grads = {n: vjps[n] for n in params}
     deltas = {layer.module_name: vjps[PROBE + layer.module_name] for layer in layers}
     tol = 10 * torch.finfo(problem.dtype).eps ** 0.5
@@ -288,7 +289,8 @@ def _block_factors(problem, layers: Sequence[GhostLayer], block: ColumnBlock) ->
         seeds = torch.cat([seeds, torch.zeros_like(seeds[:, :1])], dim=1)
     probes = {PROBE + layer.module_name: torch.zeros(idx.numel(), *layer.out_shape, dtype=problem.dtype,
                                                      device=problem.device) for layer in layers}
-    deltas, captured = batched_vjp(problem, lambda q: _forward_probed(problem, layers, inputs, q), probes, seeds)
+    deltas, captured = batched_vjp(problem, lambda q: _forward_probed(problem, layers, inputs, q), probes, seeds,
+                                   few=True)  # autograd's batched backward: no torch.func start-up
     factors = {}
     for layer in layers:
         d = deltas.pop(PROBE + layer.module_name)[:, :b]  # (k, b, *out_shape)
@@ -345,7 +347,12 @@ def contribute(problem, names: Sequence[str], columns: Columns, grad_seeds: Tens
     """Add the contributions of the parameters with a fast rule to ``acc``; return the names handled.
 
     Args:
-        names: parameters wanted (the others are never touched); grad_seeds: ``(N, 1, C)`` or ``None``.
+        problem: the :class:`~curvscope.problem.Problem`.
+        names: parameters wanted (the others are never touched).
+        columns: the columns of V.
+        grad_seeds: ``(N, 1, C)`` seeds of the per-sample gradients (the rows of G), or ``None``.
+        acc: the accumulator the contracted blocks are added to; parameters it does not want are skipped.
+        plan: the memory plan that sizes the column blocks and sample pairs.
         layout: where the columns are (collective for a sharded layout: factors of this rank's columns are
             contracted with every rank's, into ``acc``'s block rows). Layers and modes are chosen from the whole
             batch either way.
