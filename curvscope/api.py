@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -12,11 +12,15 @@ from curvscope.curvature.spectrum import SpectrumResult, compute_spectrum
 from curvscope.errors import CurvscopeError
 from curvscope.problem import Problem, make_problem
 
+if TYPE_CHECKING:
+    from curvscope.curvature.hessian import MatfreeResult
+
 
 def spectrum(model_or_problem: nn.Module | Problem, inputs: Tensor | None = None, targets: Tensor | None = None,
              loss: str = "ce", groups: str = "all", mc_samples: int = 0, subsample: int | None = None,
              top_k: int | None = None, directional: bool = True, device: str | torch.device | None = None,
-             dtype: str | torch.dtype | None = None, process_group: Any = None, **kw: Any) -> SpectrumResult:
+             dtype: str | torch.dtype | None = None, process_group: Any = None, curvature: str = "ggn",
+             method: str = "gram", **kw: Any) -> SpectrumResult | MatfreeResult:
     """Exact GGN eigenspectrum of one batch, with per-sample directional derivatives and their noise.
 
     The same computation as ``curvscope spectrum`` (without the files): the nonzero eigenvalues of the
@@ -35,13 +39,22 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Tensor | None = None
         subsample: curvature from the first ``subsample`` samples only.
         top_k: directional quantities for the top-k nonzero directions (default: all nonzero, at most 1000).
         directional: ``False`` for eigenvalues only.
-        device, dtype: ``"cpu"``/``"cuda"``; ``torch.float64`` for reference-quality numbers.
+        inputs: the batch inputs ``(N, ...)`` that go with a model (``None`` with a Problem).
+        targets: the batch targets that go with a model (``None`` with a Problem).
+        device: ``"cpu"``/``"cuda"`` (default: ``cuda`` when available), with a model only.
+        dtype: ``torch.float32`` (default) or ``torch.float64`` for reference-quality numbers, with a model only.
         process_group: an initialized ``torch.distributed`` group (e.g. ``torch.distributed.group.WORLD`` under
             ``torchrun``): the call is then collective. Every rank passes the *same full* batch (model, inputs,
             targets, or the same Problem) and the same arguments; rank r computes its contiguous slice of the
             samples, and every rank returns the same result, equal to the single-process one up to rounding.
             NCCL needs a CUDA problem on ``cuda:LOCAL_RANK`` (call ``torch.cuda.set_device`` first); gloo works
             on CPUs. See ``docs/distributed.md``.
+        curvature: ``"ggn"``, or ``"hessian"``: the loss Hessian, matrix-free (implies ``method="lanczos"``).
+        method: ``"gram"`` (exact, every eigenvalue) or ``"lanczos"``: the ``top_k`` (default 10) extreme
+            eigenvalues with residuals, a Hutch++ trace and an SLQ density per
+            :func:`~curvscope.curvature.hessian.compute_matfree_spectrum`, which then gets ``**kw`` (``tol``,
+            ``trace_matvecs``, ``density_vectors``, ``eigenvectors``, ``seed``, ``progress``, ...) and
+            returns a :class:`~curvscope.curvature.hessian.MatfreeResult`.
         **kw: passed on to :func:`~curvscope.curvature.spectrum.compute_spectrum`: ``include_total`` (with
             ``groups != "all"``, the whole model as ``groups[0]``), ``seed``, ``ghost``, ``max_memory`` (bytes
             or ``"4GiB"``), ``progress``.
@@ -97,6 +110,15 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Tensor | None = None
         problem = make_problem(model_or_problem, inputs, targets, loss=loss, device=device, dtype=dtype)
     else:
         raise CurvscopeError(f"spectrum: expected an nn.Module or a Problem, got {type(model_or_problem).__name__}")
+    if curvature not in ("ggn", "hessian") or method not in ("gram", "lanczos"):
+        raise CurvscopeError(f"curvature '{curvature}' / method '{method}': choose ggn or hessian, gram or lanczos")
+    if curvature == "hessian" or method == "lanczos":
+        from curvscope.curvature.hessian import compute_matfree_spectrum
+
+        if mc_samples or subsample is not None or process_group is not None:
+            raise CurvscopeError("mc_samples, subsample and process_group apply to the Gram method only")
+        kw.pop("max_memory", None)
+        return compute_matfree_spectrum(problem, curvature=curvature, groups=groups, top_k=top_k or 10, **kw)
     if "max_memory" in kw:
         kw["max_memory"] = parse_memory(kw["max_memory"])
     return compute_spectrum(problem, groups=groups, mc_samples=mc_samples, subsample=subsample, top_k=top_k,

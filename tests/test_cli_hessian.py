@@ -95,3 +95,17 @@ def test_option_conflicts_exit_2(tmp_path, tiny_files):
         result = invoke("spectrum", ckpt, "--data", data, "-o", tmp_path / "o", *args)
         assert result.exit_code == 2 and needle in result.stderr, (args, result.stderr)
     assert not (tmp_path / "o").exists()
+
+
+def test_python_api_spectrum_with_curvature_hessian(tiny_files):
+    import curvscope
+
+    ckpt, data, _ = tiny_files
+    problem = load_problem(ckpt, data, dtype="float64")
+    res = curvscope.spectrum(problem, curvature="hessian", top_k=2, trace_matvecs=100)
+    dense = torch.linalg.eigvalsh(_dense_hessian(ckpt, data))
+    assert torch.allclose(res.groups[0].top, dense.flip(0)[:2], rtol=1e-6, atol=1e-9)
+    assert torch.allclose(res.groups[0].bottom, dense[:2], rtol=1e-6, atol=1e-9)
+    ggn = curvscope.spectrum(problem, method="lanczos", top_k=2)
+    gram = curvscope.spectrum(problem, directional=False)
+    assert torch.allclose(ggn.groups[0].top, gram.groups[0].eigenvalues[:2], rtol=1e-6)
