@@ -27,6 +27,7 @@ from curvscope.curvature.generic import apply_v, is_fatal, not_differentiable
 from curvscope.curvature.layout import make_layout
 from curvscope.errors import CurvscopeError
 from curvscope.progress import Progress, stage
+from curvscope.reprs import compact_repr
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -55,6 +56,8 @@ class NewtonStep:
         realized_decrease: ``L(theta) - L(theta + d)``, re-evaluated on the batch.
     """
 
+    __repr__ = compact_repr
+
     step: dict[str, Tensor]
     damping: float | str
     blocks: list[str]
@@ -70,10 +73,12 @@ class NewtonStep:
 
     @property
     def num_directions(self) -> int:
+        """The number of directions summed over the blocks (skipped ones included)."""
         return sum(int(c.numel()) for c in self.coefficients)
 
     @property
     def num_skipped(self) -> int:
+        """The number of directions bootstrap skipped (infinite damping: no step along them)."""
         return sum(int(torch.isinf(d).sum()) for d in self.deltas)
 
 
@@ -132,8 +137,13 @@ def bootstrap_damping(gamma: Tensor, lambdas: Tensor, grid: Tensor | None = None
     ``bootstrap_indices(N_V, B)`` resamples the ``lambdas`` rows independently. The same draws serve every direction.
 
     Args:
-        gamma: ``(N, K)`` per-sample directional derivatives; lambdas: ``(N_V, K)`` per-sample curvatures.
+        gamma: ``(N, K)`` per-sample directional derivatives.
+        lambdas: ``(N_V, K)`` per-sample curvatures.
         grid: ``(J,)`` candidate dampings (default :func:`damping_grid` of the mean curvatures).
+        num_resamples: B, the number of bootstrap resamples.
+        percentile: the percentile of the resampled reductions that is maximized (0 to 100).
+        seed: seeds the resampling.
+
     Returns:
         ``(K,)`` float64 dampings.
     """
@@ -190,7 +200,12 @@ def newton_step(problem, result, damping: float | str = BOOTSTRAP, blocks: Seque
     :func:`default_blocks`), with its predicted and realized loss decrease.
 
     Args:
+        problem: the :class:`~curvscope.problem.Problem` the spectrum was computed on.
+        result: its :class:`SpectrumResult`, with directional quantities (and the columns it used).
         damping: a constant ``delta >= 0`` or ``"bootstrap"`` (:func:`bootstrap_damping`, seeded by ``seed``).
+        blocks: indices into ``result.groups`` of disjoint groups (default :func:`default_blocks`).
+        num_resamples: bootstrap resamples (with ``damping="bootstrap"``).
+        seed: seeds the bootstrap.
         grid: bootstrap candidates (default: :func:`damping_grid` of each block's eigenvalues).
         process_group: collective over an initialized ``torch.distributed`` group, with the same problem and
             result on every rank (as ``compute_spectrum(..., process_group=)`` returns): the multiplications

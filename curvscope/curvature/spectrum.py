@@ -24,6 +24,7 @@ from curvscope.curvature.memory import MemoryPlan
 from curvscope.errors import CurvscopeError
 from curvscope.problem import GROUP_MODES
 from curvscope.progress import Progress, stage
+from curvscope.reprs import compact_repr
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -48,6 +49,8 @@ class Directions:
             raise a false alarm).
     """
 
+    __repr__ = compact_repr
+
     gamma: Tensor
     lambdas: Tensor
     gamma_mean: Tensor
@@ -70,6 +73,8 @@ class GroupSpectrum:
         gradient_norm: ||g_P||, the batch gradient restricted to the group.
     """
 
+    __repr__ = compact_repr
+
     name: str
     param_names: tuple[str, ...]
     num_params: int
@@ -82,6 +87,7 @@ class GroupSpectrum:
 
     @property
     def lambda_max(self) -> float:
+        """The largest eigenvalue of the block (0.0 when its GGN is zero)."""
         return float(self.eigenvalues[0]) if self.rank else 0.0
 
     @property
@@ -99,6 +105,7 @@ class GroupSpectrum:
 
     @property
     def top_k(self) -> int:
+        """k: the number of top directions whose Gram eigenvectors were kept (0 without them)."""
         return 0 if self.gram_eigenvectors is None else self.gram_eigenvectors.shape[1]
 
 
@@ -113,6 +120,8 @@ class SpectrumResult:
     (``problem.path``; the numbers are the same).
     """
 
+    __repr__ = compact_repr
+
     groups: list[GroupSpectrum]
     loss_value: float
     gradient_norm: float
@@ -125,9 +134,15 @@ class SpectrumResult:
 
     @property
     def num_columns(self) -> int:
+        """``N_V * K``: the number of columns of V (the size of each Gram)."""
         return self.columns.num_columns
 
     def group(self, name: str) -> GroupSpectrum:
+        """The group called ``name``.
+
+        Raises:
+            KeyError: no group has that name.
+        """
         for g in self.groups:
             if g.name == name:
                 return g
@@ -160,6 +175,8 @@ def numerical_rank(evals: Tensor, size: int, build_dtype: torch.dtype, reference
 
     Args:
         evals: descending eigenvalues of a Gram of ``size`` rows, built in ``build_dtype``.
+        size: the number of rows of the Gram (``NK`` in the threshold).
+        build_dtype: the dtype the Gram was accumulated in (its ``eps`` sets the threshold).
         reference: for a block of a larger GGN, the whole model's largest eigenvalue: the threshold uses the
             larger of the two, so that a block whose true GGN is zero (e.g. attention key biases) gets rank 0,
             not a rank of rounding noise.
@@ -180,7 +197,10 @@ def directional_quantities(gg: GroupGram, evals: Tensor, evecs: Tensor, columns:
     """gamma_nk, lambda_nk, their means, SNRs and gradient overlaps for the given top eigenpairs.
 
     Args:
-        evals: ``(K,)`` positive eigenvalues; evecs: ``(N_V*Kc, K)`` Gram eigenvectors.
+        gg: the group's Gram blocks; ``vv`` and ``vg`` are used.
+        evals: ``(K,)`` positive eigenvalues.
+        evecs: ``(N_V*Kc, K)`` Gram eigenvectors.
+        columns: the columns of V the Gram was built from (``N_V`` samples, ``Kc`` seeds each).
         gradient_sq: ``||g_P||^2``.
     """
     sqrt_l = evals.sqrt()
@@ -216,6 +236,7 @@ def compute_spectrum(problem, groups: str = "all", mc_samples: int = 0, subsampl
     """Exact (or MC / sub-sampled) GGN eigenspectrum of ``problem``'s batch, per parameter group.
 
     Args:
+        problem: the :class:`~curvscope.problem.Problem`.
         groups: ``all`` (the full GGN), ``layer`` (one block per module with parameters) or ``tensor``.
         mc_samples: 0 for the exact loss-Hessian square root, M > 0 for M Monte-Carlo columns per sample.
         subsample: build the curvature from the first ``subsample`` samples of the batch only.
@@ -224,6 +245,7 @@ def compute_spectrum(problem, groups: str = "all", mc_samples: int = 0, subsampl
         eigenvectors: keep the top-k Gram eigenvectors (for :func:`eigenvectors` and Newton steps). Default:
             as ``directional``. Without them only eigenvalues are computed, which is 2-3x cheaper.
         include_total: with ``groups != "all"``, also return the whole model as ``groups[0]``.
+        seed: seeds the Monte-Carlo columns.
         ghost: use the fast per-layer rules where they are cheaper.
         max_memory: byte budget for materialized rows of V (default: a safe share of free memory).
         progress: :class:`~curvscope.progress.Progress`; stages ``"gram"`` (parameter tensors) and ``"eigen"``

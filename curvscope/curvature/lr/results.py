@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from curvscope.problem import ParamGroup
+from curvscope.reprs import compact_repr
 
 
 @dataclass
@@ -22,6 +23,8 @@ class StepCheck:
         realized_holdout: the same on the holdout (None without one).
         predicted_cubic: the decrease the cubic-regularized model predicts (None without order 3).
     """
+
+    __repr__ = compact_repr
 
     rates: Tensor
     predicted: float
@@ -48,6 +51,8 @@ class BatchRates:
             ``lr_cubic``: ``cubic_eta`` where positive, ``nan`` elsewhere.
         steps: rate-set name -> :class:`StepCheck`.
     """
+
+    __repr__ = compact_repr
 
     batch_indices: list[int] | None
     loss_before: float
@@ -85,6 +90,8 @@ class RateStats:
         count: per group, how many batches gave a finite rate.
     """
 
+    __repr__ = compact_repr
+
     mean: Tensor
     std: Tensor
     noisy: list[bool]
@@ -94,6 +101,8 @@ class RateStats:
 @dataclass
 class LRResult:
     """Per-group learning rates: the main batch (the problem's own) first, then the other batches."""
+
+    __repr__ = compact_repr
 
     partition: str
     curvature: str

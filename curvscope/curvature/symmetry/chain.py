@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from curvscope.errors import CurvscopeError, OptionError
+from curvscope.reprs import compact_repr
 
 # Elementwise activations, by the largest hidden-unit symmetry group they allow.
 LINEAR_ACTIVATIONS = (nn.Identity, nn.Dropout, nn.AlphaDropout)
@@ -41,6 +42,8 @@ class ChainTensor:
         shape: the tensor's shape: ``(d_l, d_{l-1})`` for W_l, ``(d_l,)`` for b_l.
     """
 
+    __repr__ = compact_repr
+
     name: str
     short: str
     layer: int
@@ -50,10 +53,12 @@ class ChainTensor:
 
     @property
     def hidden_labels(self) -> frozenset[int]:
+        """The hidden labels acting on the tensor's axes (free axes left out)."""
         return frozenset(h for h in self.labels if h is not None)
 
     @property
     def numel(self) -> int:
+        """The number of entries of the tensor."""
         n = 1
         for s in self.shape:
             n *= s
@@ -69,6 +74,8 @@ class LinearChain:
     ``None`` when the layers were named (``layers``) and curvscope cannot tell.
     """
 
+    __repr__ = compact_repr
+
     modules: tuple[str, ...]
     widths: tuple[int, ...]
     tensors: tuple[ChainTensor, ...]
@@ -77,6 +84,7 @@ class LinearChain:
 
     @property
     def num_layers(self) -> int:
+        """L: the number of Linear layers."""
         return len(self.modules)
 
     @property
@@ -86,10 +94,12 @@ class LinearChain:
 
     @property
     def param_names(self) -> tuple[str, ...]:
+        """The names of the chain's tensors in ``problem.params``, in chain order."""
         return tuple(t.name for t in self.tensors)
 
     @property
     def num_params(self) -> int:
+        """The number of parameters (scalars) in the chain's tensors."""
         return sum(t.numel for t in self.tensors)
 
 

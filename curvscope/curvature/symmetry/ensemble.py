@@ -26,6 +26,7 @@ from curvscope.curvature.symmetry.factors import Factors, single_gradient_factor
 from curvscope.curvature.symmetry.groups import Structure
 from curvscope.errors import CurvscopeError, OptionError, one_of
 from curvscope.progress import Progress, counter
+from curvscope.reprs import compact_repr
 
 INITS = ("normal", "default")
 CHUNK_BYTES = 256 * 2 ** 20
@@ -47,6 +48,8 @@ class EnsembleResult:
             (NaN for factors with fewer than two entries, or constant ones).
         losses: ``(M,)`` each model's batch loss.
     """
+
+    __repr__ = compact_repr
 
     models: int
     init: str
@@ -159,10 +162,14 @@ def ensemble_factors(problem, structure: Structure, models: int = 0, init: str =
     """Ground truth factors over an ensemble and each member's correlation with it.
 
     Args:
+        problem: the :class:`~curvscope.problem.Problem`: the model, batch and loss every member is evaluated on.
         structure: the chain and symmetry (from :func:`~curvscope.curvature.symmetry.groups.build_structure`).
-        models: M models drawn from the initialization ``init`` (``normal`` or ``default``), seeded by ``seed``;
-            or
-        members: the members' parameter dicts (keyed like ``problem.params``), e.g. loaded checkpoints.
+        models: M models drawn from the initialization ``init``, seeded by ``seed`` (unless ``members`` is given).
+        init: ``normal`` (Linear weights N(0, 1/fan_in), biases zero) or ``default`` (each module's
+            ``reset_parameters``); see :class:`InitDrawer`.
+        members: the members' parameter dicts (keyed like ``problem.params``), e.g. loaded checkpoints, instead of
+            drawn models.
+        seed: seeds the drawn members (member ``i`` is reproducible from ``(seed, i)``).
         chunk: models per vmapped chunk (0: automatic).
         progress: reports stage ``"ensemble"`` (models done of M).
     """

@@ -32,6 +32,7 @@ from curvscope.curvature.symmetry.factors import (
 from curvscope.curvature.symmetry.groups import Structure, build_structure
 from curvscope.errors import one_of
 from curvscope.progress import Progress, counter
+from curvscope.reprs import compact_repr
 
 SOURCES = ("batch", "per-sample", "ggn")
 CHECK_CAP = 20_000_000
@@ -55,6 +56,8 @@ class FactorsResult:
         notes: plain-text remarks for the report (skipped checks, symmetry assumptions).
         path: the per-sample differentiation path that ran (``problem.path``: ``vmap`` or ``autograd (...)``).
     """
+
+    __repr__ = compact_repr
 
     structure: Structure
     factors: Factors
@@ -85,10 +88,13 @@ def compute_factors(problem, symmetry: str = "orthogonal", source: str = "batch"
     """The symmetry-structured factors of R(Sigma) for ``problem``'s Linear chain.
 
     Args:
+        problem: the :class:`~curvscope.problem.Problem` whose model holds the Linear chain.
         symmetry: ``orthogonal`` (default), ``signed-permutation``, ``permutation`` or ``none`` (dense).
         source: ``batch``, ``per-sample`` or ``ggn`` (see the module docstring).
         layers: Linear module names of the chain (default: found in an ``nn.Sequential`` MLP).
-        mc_samples, subsample, seed: for ``ggn``: Monte-Carlo columns and curvature sub-sampling.
+        mc_samples: for ``ggn``: 0 for the exact GGN columns, M > 0 for M Monte-Carlo columns per sample.
+        subsample: for ``ggn``: curvature from the first ``subsample`` samples only (default: all).
+        seed: for ``ggn``: seeds the Monte-Carlo columns.
         structure_check: also compute the relative projection error of the per-sample second moment.
         progress: reports stage ``"per-sample"`` (samples done of N) while per-sample gradients are computed.
     """

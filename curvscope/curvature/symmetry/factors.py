@@ -17,12 +17,15 @@ from torch import Tensor
 
 from curvscope.curvature.symmetry.coordinates import coordinates, embeddings, lift
 from curvscope.curvature.symmetry.groups import Structure
+from curvscope.reprs import compact_repr
 
 
 @dataclass
 class Factors:
     """The factors C_tau of R(Sigma), one ``(*batch, k_tau, k_tau)`` matrix per component (a leading batch
     dimension holds one set per ensemble member)."""
+
+    __repr__ = compact_repr
 
     structure: Structure
     matrices: tuple[Tensor, ...]

@@ -15,6 +15,7 @@ from itertools import combinations
 
 from curvscope.curvature.symmetry.chain import ChainTensor, LinearChain
 from curvscope.errors import OptionError, one_of
+from curvscope.reprs import compact_repr
 
 SYMMETRIES = ("orthogonal", "signed-permutation", "permutation", "none")
 DENSE_CAP = 4096
@@ -24,6 +25,8 @@ DENSE_CAP = 4096
 @dataclass(frozen=True)
 class Member:
     """A chain tensor inside a component: rows ``offset .. offset + size`` of C_tau."""
+
+    __repr__ = compact_repr
 
     index: int
     size: int
@@ -45,6 +48,8 @@ class Component:
         size: k_tau, the side of C_tau.
     """
 
+    __repr__ = compact_repr
+
     code: str
     kinds: tuple[tuple[int, str], ...]
     irrep_dim: int
@@ -54,12 +59,15 @@ class Component:
 
     @property
     def kind_map(self) -> dict[int, str]:
+        """``kinds`` as a dict: hidden label h -> kind."""
         return dict(self.kinds)
 
 
 @dataclass(frozen=True)
 class BlockSpec:
     """A named factor: the sub-block ``(X, Y)`` of C_tau, reshaped to ``free shape of X + free shape of Y``."""
+
+    __repr__ = compact_repr
 
     name: str
     component: int
@@ -70,6 +78,7 @@ class BlockSpec:
 
     @property
     def kind(self) -> str:
+        """``"scalar"``, ``"vector"`` or ``"matrix"``, by the number of axes of the factor's shape."""
         return {0: "scalar", 1: "vector"}.get(len(self.shape), "matrix")
 
 
@@ -77,12 +86,15 @@ class BlockSpec:
 class Structure:
     """The chain, the symmetry and its components (what R looks like for this model)."""
 
+    __repr__ = compact_repr
+
     chain: LinearChain
     symmetry: str
     components: tuple[Component, ...]
 
     @property
     def num_params(self) -> int:
+        """The number of parameters (scalars) in the chain."""
         return self.chain.num_params
 
     def blocks(self) -> list[BlockSpec]:

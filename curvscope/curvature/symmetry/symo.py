@@ -20,6 +20,7 @@ from curvscope.curvature.symmetry.chain import find_chain, parse_layers
 from curvscope.curvature.symmetry.factors import Factors, single_gradient_factors
 from curvscope.curvature.symmetry.groups import build_structure
 from curvscope.errors import OptionError
+from curvscope.reprs import compact_repr
 
 if TYPE_CHECKING:
     from curvscope.curvature.symmetry.estimate import FactorsResult
@@ -70,6 +71,8 @@ class SymoResult:
             ``L(theta - step u) - L(theta)``.
         best_step: the step with the lowest realized loss, or ``None`` when no step lowers the loss.
     """
+
+    __repr__ = compact_repr
 
     direction: dict[str, Tensor]
     eps: float
