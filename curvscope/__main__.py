@@ -1,3 +1,5 @@
+"""``python -m curvscope``: the command-line interface."""
+
 from curvscope.cli import main
 
 if __name__ == "__main__":

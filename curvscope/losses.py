@@ -61,6 +61,7 @@ class Loss:
 
     @property
     def is_sequence(self) -> bool:
+        """The loss is applied per position of sequence outputs (``positions > 0``)."""
         return self.positions > 0
 
     def token_loss(self) -> Loss:

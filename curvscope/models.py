@@ -82,6 +82,7 @@ class Attention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(B, T, D)`` -> ``(B, T, D)``: multi-head self-attention (causal if built so), output-projected."""
         B, T, D = x.shape
         h = self.heads
 
@@ -109,6 +110,7 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        """``(B, T, D)`` -> ``(B, T, D)``: both residual sub-layers."""
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
@@ -131,6 +133,7 @@ class Transformer(nn.Module):
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Inputs ``(N, seq_len * token_dim)`` or ``(N, seq_len, token_dim)`` -> logits ``(N, num_classes)``."""
         x = x.reshape(x.shape[0], self.seq_len, self.token_dim)
         h = self.blocks(self.embed(x) + self.pos)
         return self.head(self.norm(h).mean(dim=1))
@@ -161,6 +164,7 @@ class CharLM(nn.Module):
         self.head = nn.Linear(dim, vocab)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Token ids ``(N, T)``, ``T <= seq_len`` -> logits ``(N, T, vocab)``."""
         h = self.embed(x) + self.pos[:x.shape[1]]
         return self.head(self.norm(self.blocks(h)))
 

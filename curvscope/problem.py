@@ -91,10 +91,12 @@ class Problem:
     # -- sizes -------------------------------------------------------------------------------------
     @property
     def batch_size(self) -> int:
+        """N: the number of samples in the batch."""
         return self.inputs.shape[0]
 
     @property
     def num_params(self) -> int:
+        """D: the number of trainable parameters (scalars) in ``params``."""
         return sum(p.numel() for p in self.params.values())
 
     @property
@@ -221,6 +223,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """``None`` -> ``float32``; ``"float32"``/``"float64"`` or the torch dtype itself; anything else is refused.
+
+    Raises:
+        CurvscopeError: for a dtype other than float32 or float64.
+    """
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -269,6 +276,9 @@ def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | 
         loss: ``"ce"``, ``"mse"``, ``"bce"``; default ``ce`` for integer targets, ``mse`` for float ones.
         device: ``"auto"`` (default), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         dtype: ``float32`` (default) or ``float64``.
+        info: provenance recorded in :attr:`Problem.info` (with ``"output"``, the output that was chosen).
+        dataset: the whole dataset ``(x, y)`` the batch came from, for :meth:`Problem.batch_from_dataset`.
+        source: the name of the data in error messages (a file name).
         shift_labels: causal LM: position t is scored against token t+1 (Hugging Face's convention; ``ce`` on
             sequence outputs only).
         output: the attribute or key of a structured output (a Hugging Face ``ModelOutput``, a dict, a tuple
@@ -345,9 +355,14 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.Pat
         model_kwargs: factory keyword arguments (dict or JSON string); default: the checkpoint's.
         batch_size: the first ``batch_size`` samples in file order (all when ``None``; capped at the dataset
             size), or a seeded random subset with ``shuffle=True``.
+        shuffle: draw the batch as a random permutation of the dataset seeded by ``seed`` instead of in file
+            order.
+        seed: seeds the batch permutation (with ``shuffle``) and a factory's initialization (without a
+            checkpoint); between 0 and ``2**63 - 1``.
         loss: ``ce``/``mse``/``bce``; default: the checkpoint's, else the Hugging Face architecture's
             (``...ForCausalLM``: ``ce`` on next tokens; ``...ForSequenceClassification``/
             ``...ForTokenClassification``: ``ce``), else by target dtype.
+        device: ``"auto"`` (default: ``cuda`` when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         dtype: the model is built in this dtype before the weights are copied in (a float64 checkpoint
             stays exact in float64; bfloat16/float16 weights are widened exactly).
         trust_model_code: allow the checkpoint's metadata to name a model factory outside curvscope's

@@ -19,7 +19,8 @@ from typing import Protocol
 class Progress(Protocol):
     """``progress(stage, done, total)``: ``done`` of ``total`` units of ``stage`` are finished."""
 
-    def __call__(self, stage: str, done: int, total: int | None) -> None: ...
+    def __call__(self, stage: str, done: int, total: int | None) -> None:
+        """Report that ``done`` of ``total`` units (``None``: unknown) of ``stage`` are finished."""
 
 
 def silent(stage: str, done: int, total: int | None) -> None:

@@ -39,14 +39,17 @@ class Columns:
 
     @property
     def num_samples(self) -> int:
+        """N_V: the number of curvature samples."""
         return self.seeds.shape[0]
 
     @property
     def per_sample(self) -> int:
+        """K: columns per sample (C exact, M Monte-Carlo; per valid token for sequence outputs)."""
         return self.seeds.shape[1]
 
     @property
     def num_columns(self) -> int:
+        """``N_V * K``: the number of columns of V."""
         return self.seeds.shape[0] * self.seeds.shape[1]
 
 

@@ -55,6 +55,7 @@ class Launch:
 
     @property
     def primary(self) -> bool:
+        """This is rank 0 (the process that writes the report)."""
         return self.rank == 0
 
 
@@ -142,6 +143,13 @@ class Comm:
 
     @classmethod
     def create(cls, process_group: Any, device: torch.device) -> Comm:
+        """A :class:`Comm` on an initialized ``process_group`` for a problem on ``device``.
+
+        Collectives run on ``device`` when the backend is NCCL and ``device`` is CUDA, otherwise on the CPU (gloo).
+
+        Raises:
+            CurvscopeError: ``torch.distributed`` is not initialized, or an NCCL-only group with a non-CUDA device.
+        """
         if process_group is None or not (dist.is_available() and dist.is_initialized()):
             raise CurvscopeError("process_group: torch.distributed is not initialized "
                                  "(call torch.distributed.init_process_group first)")
@@ -157,9 +165,11 @@ class Comm:
 
     @property
     def primary(self) -> bool:
+        """This is rank 0 of the group."""
         return self.rank == 0
 
     def global_rank(self, rank: int) -> int:
+        """The global rank (what ``torch.distributed`` calls take) of ``rank`` in this group."""
         return dist.get_global_rank(self.group, rank) if self.group is not dist.group.WORLD else rank
 
     # -- agreeing on failures ------------------------------------------------------------------------------
@@ -198,11 +208,13 @@ class Comm:
         return t.detach().to(self.comm_device).contiguous()
 
     def all_reduce_max(self, value: float) -> float:
+        """Collective: the largest ``value`` over the ranks."""
         t = torch.tensor([value], dtype=torch.float64, device=self.comm_device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return float(t.item())
 
     def all_reduce_min(self, value: float) -> float:
+        """Collective: the smallest ``value`` over the ranks."""
         return -self.all_reduce_max(-value)
 
     def all_reduce_sum(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -254,6 +266,7 @@ class Comm:
         return _fill(meta[0], iter(received))
 
     def send(self, t: Tensor, dst: int) -> None:
+        """Send ``t`` to rank ``dst`` of the group (point to point; ``dst`` receives with :meth:`recv_into`)."""
         dist.send(self._to_comm(t), dst=self.global_rank(dst), group=self.group)
 
     def recv_into(self, target: Tensor, src: int) -> None:

@@ -72,15 +72,22 @@ def compute_gram(problem, groups: Sequence[tuple[str, Sequence[str]]], columns: 
     """Gram blocks for each group in one pass over the parameters.
 
     Args:
+        problem: the :class:`~curvscope.problem.Problem`.
         groups: ``(name, parameter names)`` pairs; a parameter may belong to several groups (e.g. ``all`` and
             its layer), each receives its contribution.
+        columns: the columns of V to use (default: built from ``mc_samples``, ``subsample`` and ``seed``).
         with_gradients: also accumulate ``vg`` and ``gg`` (for directional derivatives).
+        mc_samples: 0 for the exact loss-Hessian square root, M > 0 for M Monte-Carlo columns per sample.
+        subsample: curvature from the first ``subsample`` samples of the batch only (default: all).
+        seed: seeds the Monte-Carlo columns.
         ghost: use the fast per-layer rules where they are cheaper (``False``: generic path only).
+        plan: the memory plan that sizes chunks and blocks (default: :meth:`MemoryPlan.default` for the device).
         progress: :class:`~curvscope.progress.Progress`; stage ``"gram"`` counts the parameter tensors finished.
         process_group: an initialized ``torch.distributed`` group (collective: every rank passes the same full
             problem and arguments). Each rank computes its block rows; the full Gram blocks are then assembled on
             every rank (``compute_spectrum`` keeps each group's Gram on one rank instead). ``columns`` cannot be
             given with a process group.
+
     Returns:
         ``(group_grams, columns, outputs)``: outputs ``(N, C)`` of the model at the problem's parameters.
     """

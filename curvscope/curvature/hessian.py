@@ -148,9 +148,15 @@ class MatfreeResult:
 
     @property
     def converged(self) -> bool:
+        """Every group converged (each reported residual within its tolerance)."""
         return all(g.converged for g in self.groups)
 
     def group(self, name: str) -> MatfreeGroup:
+        """The group called ``name``.
+
+        Raises:
+            KeyError: no group has that name.
+        """
         for g in self.groups:
             if g.name == name:
                 return g

@@ -104,6 +104,7 @@ class GramAccumulator:
                 self.owners.setdefault(n, []).append(g)
 
     def wanted(self, name: str) -> bool:
+        """Some group owns the parameter ``name`` (contributions of other parameters are not needed)."""
         return name in self.owners
 
     def owner_sets(self, names: Sequence[str]) -> list[tuple[list[GroupGram], list[str]]]:
@@ -250,38 +251,49 @@ class LocalLayout:
     world: int = 1
 
     def stage(self) -> AbstractContextManager[None]:
+        """A no-op context: with one process there is no one to agree with."""
         return contextlib.nullcontext()
 
     def curvature_range(self, columns: Columns) -> tuple[int, int]:
+        """All curvature samples: ``(0, N_V)``."""
         return 0, columns.num_samples
 
     def held_columns(self, columns: Columns, num_g: int | None) -> int:
+        """Every column of ``[V, G]``: ``N_V * K`` plus ``num_g`` (if any)."""
         return columns.num_columns + (num_g or 0)
 
     def common_plan(self, plan: MemoryPlan) -> MemoryPlan:
+        """``plan`` itself."""
         return plan
 
     def accumulator(self, groups: Sequence[tuple[str, Sequence[str]]], columns: Columns, num_g: int | None
                     ) -> GramAccumulator:
+        """Zeros for every row of every group's Gram."""
         return GramAccumulator(groups, columns.num_columns, num_g, self.device)
 
     def pairwise(self, columns: Columns, grad_seeds: Tensor | None, max_columns: int, compute: Compute,
                  contract: Contract, held: int) -> None:
+        """Every pair of blocks ``i <= j`` of all the columns, as :func:`~curvscope.curvature.memory.pairwise`."""
         pairwise(column_blocks(columns, grad_seeds, max_columns), compute, contract, held)
 
     def outputs(self, problem) -> Tensor:
+        """The model's outputs ``(N, C)`` on the batch, without autograd."""
         with torch.no_grad():
             return problem.forward()
 
     def gradient(self, problem) -> dict[str, Tensor]:
+        """The batch gradient by name (:meth:`Problem.gradient <curvscope.problem.Problem.gradient>`)."""
         return problem.gradient()
 
     def loss_value(self, problem, params: dict[str, Tensor] | None = None) -> float:
+        """The batch loss at ``params`` (default: the problem's), without autograd."""
         with torch.no_grad():
             return float(problem.loss_value(params))
 
     def assemble(self, acc: GramAccumulator, columns: Columns, owners: Sequence[int], with_gg: bool = True
                  ) -> list[GroupGram | None]:
+        """Every group's full Gram, here (the accumulator holds every row); ``with_gg=False`` drops ``gg``.
+        Empties ``acc.groups``."""
         grams: list[GroupGram | None] = list(acc.groups)
         acc.groups = []
         if not with_gg:
@@ -290,12 +302,15 @@ class LocalLayout:
         return grams
 
     def broadcast(self, obj: Any, src: int) -> Any:
+        """``obj`` itself."""
         return obj
 
     def all_reduce_sum(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``tensors`` themselves."""
         return tensors
 
     def all_reduce_max(self, value: float) -> float:
+        """``value`` itself."""
         return value
 
 
@@ -350,18 +365,23 @@ class ShardedLayout(Comm):
 
     # -- which columns are here ----------------------------------------------------------------------------
     def batch_range(self, rank: int | None = None) -> tuple[int, int]:
+        """The batch samples ``[b0, b1)`` of rank ``rank`` (default: this rank)."""
         r = self.rank if rank is None else rank
         return self.batch_bounds[r], self.batch_bounds[r + 1]
 
     def curvature_bounds(self, columns: Columns) -> list[int]:
+        """``(R + 1,)`` boundaries of the ranks' slices of the ``N_V`` curvature samples."""
         return shard_bounds(columns.num_samples, self.world)
 
     def curvature_range(self, columns: Columns, rank: int | None = None) -> tuple[int, int]:
+        """The curvature samples ``[c0, c1)`` (positions in ``columns``) of rank ``rank`` (default: this rank)."""
         b = self.curvature_bounds(columns)
         r = self.rank if rank is None else rank
         return b[r], b[r + 1]
 
     def local_columns(self, columns: Columns, num_g: int | None, rank: int | None = None) -> int:
+        """How many columns of ``[V, G]`` rank ``rank`` (default: this rank) owns: K per curvature sample, plus one
+        per batch sample with gradients (``num_g`` not ``None``)."""
         c0, c1 = self.curvature_range(columns, rank)
         b0, b1 = self.batch_range(rank)
         return (c1 - c0) * columns.per_sample + ((b1 - b0) if num_g is not None else 0)
@@ -486,4 +506,5 @@ class ShardedLayout(Comm):
         return self.all_reduce_sum(grad)
 
     def broadcast(self, obj: Any, src: int) -> Any:
+        """``obj`` (tensors, dataclasses, containers) from rank ``src`` to every rank (:meth:`Comm.broadcast_tree`)."""
         return self.broadcast_tree(obj, src)

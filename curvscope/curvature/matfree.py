@@ -122,6 +122,7 @@ class LanczosRun:
 
     @property
     def steps(self) -> int:
+        """m: the number of Lanczos steps taken (the size of T)."""
         return int(self.alphas.numel())
 
     def tridiagonal(self) -> Tensor:
@@ -261,7 +262,8 @@ def lanczos(matvec: MatVec, dim: int, steps: int, *, start: Tensor | None = None
         steps: maximal number of Lanczos steps (matvecs); clipped to ``dim``.
         start: ``(dim,)`` starting vector (normalized here); default a Gaussian vector from ``generator``.
         generator: source of the default starting vector (default: seeded with 0).
-        dtype, device: where the vectors live.
+        dtype: the dtype of the vectors (default float64).
+        device: where the vectors live (default: the start vector's device, else the CPU).
         reorthogonalize: full reorthogonalization (default); without it only the three-term recurrence is used
             and orthogonality is lost once Ritz values converge.
         keep_basis: return the basis ``Q``. With ``reorthogonalize=True`` the basis is held during the run in
@@ -414,7 +416,8 @@ def extreme_eigenpairs(matvec: MatVec, dim: int, k: int, *, which: str = "both",
             ``dim``. The basis holds ``max_steps * dim`` numbers.
         start: ``(dim,)`` starting vector; default a Gaussian vector from ``generator``.
         generator: randomness for the start and restart vectors (default: seeded with 0).
-        dtype, device: where the vectors live.
+        dtype: the dtype of the vectors (default float64).
+        device: where the vectors live (default: the start vector's device, else the CPU).
         want_vectors: also return the unit Ritz vectors.
         check_every: minimal number of steps between two explicit residual checks.
         progress: called with ``(step, max_steps)`` after every Lanczos step.
@@ -490,6 +493,7 @@ class TraceEstimate:
 
     @property
     def exact(self) -> bool:
+        """The trace is exact (from the unit vectors), not estimated."""
         return self.method == "exact"
 
 
@@ -506,7 +510,8 @@ def exact_trace(matvec: MatVec, dim: int, *, dtype: torch.dtype = torch.float64,
     Args:
         matvec: ``v -> A v`` on ``(dim,)`` tensors.
         dim: length of the vectors A acts on.
-        dtype, device: where the vectors live.
+        dtype: the dtype of the vectors (default float64).
+        device: where the vectors live (default: the CPU).
         progress: called with ``(matvecs done, dim)`` after every matvec.
 
     Returns:
@@ -534,7 +539,8 @@ def hutchinson(matvec: MatVec, dim: int, num_matvecs: int, *, generator: torch.G
         num_matvecs: number of random vectors m. With ``m >= dim`` the trace is computed exactly from the
             ``dim`` unit vectors instead (``stderr`` 0.0, ``matvecs == dim``).
         generator: randomness (default: seeded with 0).
-        dtype, device: where the vectors live.
+        dtype: the dtype of the vectors (default float64).
+        device: where the vectors live (default: the CPU).
         progress: called with ``(matvecs done, total)`` after every matvec.
 
     Returns:
@@ -569,7 +575,8 @@ def hutchpp(matvec: MatVec, dim: int, num_matvecs: int, *, generator: torch.Gene
         dim: length of the vectors A acts on.
         num_matvecs: total budget of matvecs m (all of it is used: ``result.matvecs == min(m, dim)``).
         generator: randomness (default: seeded with 0).
-        dtype, device: where the vectors live. Memory: two ``(dim, s)`` matrices.
+        dtype: the dtype of the vectors (default float64).
+        device: where the vectors live (default: the CPU). Memory: two ``(dim, s)`` matrices.
         progress: called with ``(matvecs done, total)`` after every matvec.
 
     Returns:
@@ -708,7 +715,8 @@ def spectral_density(matvec: MatVec, dim: int, *, num_vectors: int = 8, steps: i
             both give ``E[v v^T] = I / dim``.
         reorthogonalize: full reorthogonalization (default).
         generator: randomness (default: seeded with 0).
-        dtype, device: where the vectors live.
+        dtype: the dtype of the vectors (default float64).
+        device: where the vectors live (default: the CPU).
         progress: called with ``(steps done, num_vectors * steps)`` after every Lanczos step.
 
     Returns:

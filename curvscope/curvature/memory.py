@@ -69,6 +69,8 @@ class MemoryPlan:
 
     @classmethod
     def default(cls, device: torch.device, max_memory: int | None = None) -> MemoryPlan:
+        """The plan for ``device``: a budget of ``max_memory`` bytes when given, else half the free GPU memory
+        (a quarter of the available RAM on the CPU)."""
         if max_memory is not None:
             return cls(budget=max_memory)
         share = 0.5 if device.type == "cuda" else 0.25
@@ -145,6 +147,7 @@ class ColumnBlock:
 
     @property
     def num_columns(self) -> int:
+        """``b * k``: the number of columns in the block."""
         return self.index.numel()
 
 
@@ -152,14 +155,18 @@ def column_blocks(columns, grad_seeds: Tensor | None, max_columns: int, curvatur
                   batch: tuple[int, int] | None = None) -> list[ColumnBlock]:
     """The columns of ``[V, G]`` cut into blocks of at most ``max_columns`` columns, with their extended indices.
 
-    Args:
-        columns: the :class:`~curvscope.curvature.columns.Columns` of V (``N_V`` samples, K seeds each).
-        grad_seeds: ``(N, 1, C)`` gradient seeds of all batch samples, or ``None`` (V only).
-        curvature: only the curvature samples ``[c0, c1)`` (default: all ``N_V``); batch: only the gradients of
-            the batch samples ``[b0, b1)`` (default: all N). A rank of a sharded layout passes its ranges.
     When V covers the whole batch a sample's gradient seed joins its K seeds (one backward for K + 1 columns;
     then ``batch`` is not used: a sample's gradient goes with its curvature sample). A sample whose columns alone
     exceed ``max_columns`` has its seeds split over several blocks.
+
+    Args:
+        columns: the :class:`~curvscope.curvature.columns.Columns` of V (``N_V`` samples, K seeds each).
+        grad_seeds: ``(N, 1, C)`` gradient seeds of all batch samples, or ``None`` (V only).
+        max_columns: the most columns in one block.
+        curvature: only the curvature samples ``[c0, c1)`` (default: all ``N_V``). A rank of a sharded layout
+            passes its range.
+        batch: only the gradients of the batch samples ``[b0, b1)`` (default: all N). A rank of a sharded layout
+            passes its range.
     """
     N_V, K = columns.num_samples, columns.per_sample
     num_v = N_V * K

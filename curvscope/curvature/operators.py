@@ -82,7 +82,7 @@ class Operator:
                 for n, p, s in zip(self.names, torch.split(v, sizes, dim=-1), self.shapes, strict=True)}
 
     def flatten(self, tensors: dict[str, Tensor]) -> Tensor:
-        """name -> parameter-shaped tensors as one flat ``(dim,)`` vector (missing names are zeros)."""
+        """Parameter-shaped tensors by name as one flat ``(dim,)`` vector (missing names are zeros)."""
         parts = [tensors[n].reshape(-1) if n in tensors else torch.zeros(s.numel(), dtype=self.dtype,
                                                                           device=self.device)
                  for n, s in zip(self.names, self.shapes, strict=True)]
@@ -177,7 +177,8 @@ def loss_hessian_product(loss, outputs: Tensor, targets: Tensor) -> Callable[[Te
 
     Args:
         loss: a :class:`~curvscope.losses.Loss`.
-        outputs: ``(N, C)`` model outputs (detached here); targets: the batch targets.
+        outputs: ``(N, C)`` model outputs (detached here).
+        targets: the batch targets (used only by the double-backward product for other losses).
     """
     outputs = outputs.detach()
     C = outputs.shape[-1]

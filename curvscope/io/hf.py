@@ -162,6 +162,11 @@ def _shift_labels_metadata(path: Path) -> bool | None:
 
 
 def parse_bool(value: str, source: str) -> bool:
+    """A metadata flag: ``true``/``1``/``yes`` or ``false``/``0``/``no`` (any case, surrounding spaces ignored).
+
+    Raises:
+        CurvscopeError: for any other text, naming ``source``.
+    """
     text = value.strip().lower()
     if text in ("true", "1", "yes"):
         return True

@@ -67,12 +67,15 @@ class KeywordInputs:
 
     # -- the mapping --------------------------------------------------------------------------------
     def keys(self):
+        """The input names."""
         return self._tensors.keys()
 
     def values(self):
+        """The input tensors."""
         return self._tensors.values()
 
     def items(self):
+        """``(name, tensor)`` pairs."""
         return self._tensors.items()
 
     def __contains__(self, name: object) -> bool:
@@ -95,10 +98,12 @@ class KeywordInputs:
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each input's full shape, by name."""
         return {k: tuple(v.shape) for k, v in self._tensors.items()}
 
     @property
     def device(self) -> torch.device:
+        """The device of the (first) input tensor."""
         return next(iter(self._tensors.values())).device
 
     def __len__(self) -> int:
@@ -109,9 +114,11 @@ class KeywordInputs:
             yield self[i]
 
     def dim(self) -> int:
+        """1: the one shared batch dimension (each input's own shape is in :attr:`shapes`)."""
         return 1
 
     def is_floating_point(self) -> bool:
+        """``False``: the batch as a whole is not a floating tensor (:meth:`to` casts its floating inputs)."""
         return False
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> KeywordInputs:
@@ -119,12 +126,15 @@ class KeywordInputs:
         return self.map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
 
     def detach(self) -> KeywordInputs:
+        """Every tensor detached."""
         return self.map(Tensor.detach)
 
     def unsqueeze(self, dim: int) -> KeywordInputs:
+        """Every tensor with a new axis at ``dim``."""
         return self.map(lambda t: t.unsqueeze(dim))
 
     def contiguous(self) -> KeywordInputs:
+        """Every tensor contiguous."""
         return self.map(Tensor.contiguous)
 
     def __repr__(self) -> str:

@@ -15,6 +15,11 @@ SUFFIXES = (".safetensors", ".npz", ".pt", ".pth")
 
 
 def check_file(path: Path, what: str) -> Path:
+    """``path`` as a :class:`~pathlib.Path`, checked to be an existing regular file.
+
+    Raises:
+        CurvscopeError: the file is missing, a directory, or not a regular file (``what`` names it).
+    """
     path = Path(path)
     if not path.exists():
         raise CurvscopeError(f"{path}: {what} file not found")
@@ -66,6 +71,11 @@ def read_torch(path: Path) -> dict[str, Tensor]:
 
 
 def read_npz(path: Path) -> dict[str, Tensor]:
+    """The arrays of a ``.npz`` file as tensors (no pickles; bool, integer and float dtypes only).
+
+    Raises:
+        CurvscopeError: not a valid ``.npz`` file, or an array of another dtype.
+    """
     import numpy as np
 
     try:

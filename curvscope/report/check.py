@@ -176,6 +176,7 @@ class Rule:
 
     @property
     def text(self) -> str:
+        """The rule in its canonical form, ``PATH OP NUMBER`` (the number as written)."""
         return f"{format_path(self.path)} {self.op} {self.number}"
 
 
@@ -251,6 +252,7 @@ class Match:
 
     @property
     def path(self) -> str:
+        """The concrete path of the value as text, e.g. ``groups[2].rank``."""
         return format_path(self.steps)
 
 
@@ -458,10 +460,12 @@ class RuleResult:
 
     @property
     def passed(self) -> bool:
+        """The rule passes: it has checks and every one passed (no values selected is a failure)."""
         return bool(self.checks) and all(c.passed for c in self.checks)
 
     @property
     def failures(self) -> list[Check]:
+        """The checks that failed, in order."""
         return [c for c in self.checks if not c.passed]
 
     @property
@@ -525,10 +529,12 @@ class Limit:
 
     @property
     def amount_text(self) -> str:
+        """The amount as written in messages: a percentage when relative, else the number."""
         return f"{fmt(self.amount * 100)}%" if self.relative else fmt(self.amount)
 
     @property
     def text(self) -> str:
+        """The limit as one line: ``PATH DIRECTION <= AMOUNT vs baseline``."""
         return f"{format_path(self.path)} {self.direction} <= {self.amount_text} vs baseline"
 
 

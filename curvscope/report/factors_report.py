@@ -25,6 +25,9 @@ def factors_section(result: FactorsResult, ensemble: EnsembleResult | None, symo
     """The report's ``factors`` section (plain data) without its ``files``.
 
     Args:
+        result: the estimated factors (:func:`~curvscope.curvature.symmetry.compute_factors`).
+        ensemble: the ensemble ground truth and per-model correlations, or ``None`` without an ensemble.
+        symo: the SymO direction and its line search, or ``None`` when not computed.
         ggn: ``{"mc_samples", "subsample"}`` of the GGN columns with source ``ggn`` (else ``None``).
         checkpoints: the ensemble's checkpoint files (empty when the models were drawn).
     """

@@ -43,9 +43,13 @@ def run_and_write(problem: Problem, out_dir: Any, jobs: dict[str, Options], prog
     """Run several workflows on one problem and write all their outputs into ``out_dir`` together.
 
     Args:
+        problem: the :class:`~curvscope.problem.Problem` every workflow runs on.
+        out_dir: the output directory (created if needed; an existing report of the same problem is merged).
         jobs: report-section name -> options, run in the order of :data:`NAMES`.
+        progress: :class:`~curvscope.progress.Progress` for every workflow's stages and the writing.
         option: the name of the output directory in messages (``--out`` in the CLI).
         warn: called with one-line warnings about the output directory (see :class:`ReportWriter`).
+
     Returns:
         The report as written (merged into an existing report of the same problem).
     """

@@ -69,6 +69,13 @@ def prepare_check(target: Path, rule_texts: list[str], config_path: Path | None,
     """Validate config, rules, limits, baseline and computation options (nothing is computed).
 
     Args:
+        target: a report (``.json``, or a directory holding one) to check as it is, or a checkpoint to compute
+            the report of.
+        rule_texts: ``PATH OP NUMBER`` rules (``--rule``), added to the config's.
+        config_path: a TOML config with rules, limits, a baseline and computation options, or ``None``.
+        baseline_path: the baseline report for the limits (default: the config's), or ``None``.
+        increases: ``PATH=AMOUNT`` limits on increases from the baseline (``--max-increase``).
+        decreases: ``PATH=AMOUNT`` limits on decreases from the baseline (``--max-decrease``).
         given: the problem options and ``data``/``out_dir`` the user set explicitly (only meaningful when the
             target is a checkpoint).
     """
