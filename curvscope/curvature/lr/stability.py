@@ -23,12 +23,7 @@ def stability_bounds(problem: Problem, partition: str, groups: list[ParamGroup]
     ``eps(dtype) * lambda_max(G)`` is numerically zero (its parameters do not move the outputs): no bound
     (``nan``); likewise the whole bound when ``lambda_max(G) = 0``.
     """
-    from curvscope.curvature.spectrum import compute_spectrum
-
-    # one pass: the whole model comes first (groups[0]), then the blocks of the partition
-    spectrum = compute_spectrum(problem, groups=partition, directional=False, include_total=True).groups
-    whole = float(spectrum[0].lambda_max)
-    blocks = {g.name: g.lambda_max for g in (spectrum if partition == "all" else spectrum[1:])}
+    whole, blocks = _largest_eigenvalues(problem, partition)
     missing = [g.name for g in groups if g.name not in blocks]
     if missing:
         raise RuntimeError(f"the spectrum engine returned no block for group(s) {missing}")
@@ -36,3 +31,30 @@ def stability_bounds(problem: Problem, partition: str, groups: list[ParamGroup]
     resolved = lam > max(whole * torch.finfo(problem.dtype).eps, 0.0)
     bound = torch.where(resolved, 2.0 / lam, torch.full_like(lam, math.nan))
     return lam, bound, whole, (2.0 / whole if whole > 0 else math.nan)
+
+
+MAX_GRAM_COLUMNS = 2048
+"""Up to this many Gram columns the exact Gram gives lambda_max; beyond (sequences with a vocabulary, large
+batches) Lanczos on GGN-vector products does, at the cost of a few dozen products per group."""
+
+
+def _largest_eigenvalues(problem: Problem, partition: str) -> tuple[float, dict[str, float]]:
+    """``lambda_max`` of the whole GGN and of each block of ``partition`` (one pass)."""
+    columns = problem.batch_size * problem.num_outputs
+    if problem.is_sequence:
+        valid = problem.loss.valid_tokens(problem.targets)
+        columns = problem.batch_size * problem.classes * max(int(valid.sum(dim=1).max()) if valid.numel() else 1, 1)
+    if columns <= MAX_GRAM_COLUMNS:
+        from curvscope.curvature.spectrum import compute_spectrum
+
+        # the whole model comes first (groups[0]), then the blocks of the partition
+        spectrum = compute_spectrum(problem, groups=partition, directional=False, include_total=True).groups
+        values = [(g.name, float(g.lambda_max)) for g in spectrum]
+    else:
+        from curvscope.curvature.hessian import compute_matfree_spectrum
+
+        result = compute_matfree_spectrum(problem, curvature="ggn", groups=partition, top_k=1, tol=1e-4,
+                                          trace_matvecs=0, density_vectors=0, include_total=True)
+        values = [(g.name, max(float(g.lambda_max), 0.0)) for g in result.groups]
+    whole = values[0][1]
+    return whole, dict(values if partition == "all" else values[1:])
