@@ -84,7 +84,7 @@ def patch_symeig() -> None:
 
 
 def nonzero_threshold(evals: Tensor, num_columns: int, dtype: torch.dtype) -> float:
-    """curvscope's rank threshold (``CURVATURE.md`` section 2): ``lambda_max * NC * eps``."""
+    """curvscope's rank threshold (``docs/conventions.md`` §2): ``lambda_max * NC * eps``."""
     lam_max = float(evals.max()) if evals.numel() else 0.0
     return max(lam_max, 0.0) * num_columns * torch.finfo(dtype).eps
 
