@@ -17,14 +17,31 @@ if TYPE_CHECKING:
 MAX_HEATMAPS = 6
 
 
+MAX_CELLS = 128
+"""A factor larger than this per side is drawn as block means (a 3072 x 3072 matrix at 1 pixel per entry is a
+grey blur); the title says so."""
+
+
+def block_means(matrix: np.ndarray, max_cells: int = MAX_CELLS) -> tuple[np.ndarray, int]:
+    """``matrix`` averaged over ``k x k`` blocks so that no side exceeds ``max_cells`` (``k = 1``: unchanged)."""
+    if matrix.ndim != 2 or max(matrix.shape) <= max_cells:
+        return matrix, 1
+    k = int(np.ceil(max(matrix.shape) / max_cells))
+    rows, cols = (-(-matrix.shape[0] // k)) * k, (-(-matrix.shape[1] // k)) * k
+    padded = np.full((rows, cols), np.nan)
+    padded[:matrix.shape[0], :matrix.shape[1]] = matrix
+    return np.nanmean(padded.reshape(rows // k, k, cols // k, k), axis=(1, 3)), k
+
+
 def _heatmap(fig: Figure, ax, matrix: np.ndarray, title: str) -> None:
+    matrix, k = block_means(matrix)
     vmax = float(np.max(np.abs(matrix))) if matrix.size else 0.0
     vmax = vmax if vmax > 0 else 1.0
     im = ax.imshow(matrix, cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest", aspect="auto")
     ax.grid(False)
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel("column index", fontsize=8)
-    ax.set_ylabel("row index", fontsize=8)
+    ax.set_title(title + (f"\n(means of {k}x{k} blocks)" if k > 1 else ""), fontsize=9)
+    ax.set_xlabel("column index" + (f" / {k}" if k > 1 else ""), fontsize=8)
+    ax.set_ylabel("row index" + (f" / {k}" if k > 1 else ""), fontsize=8)
     ax.tick_params(labelsize=7)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
 
