@@ -94,3 +94,30 @@ def test_bundled_language_model_through_every_command(tmp_path):
     assert _report(out)["groups"][0]["rank"] > 0
     assert invoke("lr-suggest", ckpt, *common, "--no-plot").exit_code == 0
     assert invoke("check", out, "-r", "lr.groups[*].recommended > 0", "-r", "groups[0].rank > 0").exit_code == 0
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru-seq-first", "rnn-bidirectional", "prelu", "branch-item", "squeeze"])
+def test_models_vmap_cannot_trace_through_the_cli(tmp_path, name):
+    from pathlib import Path
+
+    import test_fallback
+    from conftest import write_data
+
+    factory, shape = test_fallback.MODELS[name]
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(shape[0]) % test_fallback.C
+    data = write_data(tmp_path / "d.safetensors", x, y)
+    spec = f"{Path(test_fallback.__file__)}:{factory.__name__}"
+    out = tmp_path / "out"
+    result = invoke("spectrum", "--model", spec, "--data", data, "--dtype", "float64", "--no-ghost", "-o", out,
+                    "--no-plots")
+    assert result.exit_code == 0, result.stderr
+    report = _report(out)
+    assert report["path"].startswith("autograd"), report["path"]
+    problem = load_problem(data=data, model=spec, dtype="float64")
+    ref = _dense_eigenvalues(problem, lambda logits: nn.functional.cross_entropy(logits, problem.targets))
+    g = report["groups"][0]
+    assert g["rank"] == ref.numel()
+    torch.testing.assert_close(torch.tensor(g["eigenvalues"], dtype=torch.float64), ref, rtol=1e-6,
+                               atol=1e-10 * float(ref[0]))
+    assert g["trace"] == pytest.approx(float(ref.sum()), rel=1e-6)

@@ -61,12 +61,28 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, C))
 
 
+def lstm() -> nn.Module:
+    return Recurrent(nn.LSTM)
+
+
+def gru_seq_first() -> nn.Module:
+    return Recurrent(nn.GRU, batch_first=False)
+
+
+def rnn_bidirectional() -> nn.Module:
+    return Recurrent(nn.RNN, bidirectional=True)
+
+
+def prelu() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 6), nn.PReLU(), nn.Linear(6, C))
+
+
 MODELS = {
     "mlp": (mlp, (N, 4)),
-    "lstm": (lambda: Recurrent(nn.LSTM), (N, 4, 3)),
-    "gru-seq-first": (lambda: Recurrent(nn.GRU, batch_first=False), (N, 4, 3)),
-    "rnn-bidirectional": (lambda: Recurrent(nn.RNN, bidirectional=True), (N, 4, 3)),
-    "prelu": (lambda: nn.Sequential(nn.Linear(4, 6), nn.PReLU(), nn.Linear(6, C)), (N, 4)),
+    "lstm": (lstm, (N, 4, 3)),
+    "gru-seq-first": (gru_seq_first, (N, 4, 3)),
+    "rnn-bidirectional": (rnn_bidirectional, (N, 4, 3)),
+    "prelu": (prelu, (N, 4)),
     "branch-item": (Branchy, (N, 4)),
     "squeeze": (Squeezer, (N, 4)),
 }
