@@ -6,6 +6,7 @@ or SIGTERM at any moment, imports included, ends with one line and exit 130 / 14
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any
 
@@ -34,12 +35,30 @@ def main() -> None:
 
         install_signal_handlers()
         app()
+    except SystemExit as exc:
+        if exc.code in (130, 143):  # ended by a signal: leave now, before a late second one can kill us
+            _exit_now(int(exc.code))
+        raise
     except KeyboardInterrupt as exc:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
         terminated = type(exc).__name__ == "Terminated" or isinstance(exc, _EarlyTerminate)
-        sys.stderr.write("terminated (SIGTERM)\n" if terminated else "interrupted\n")
-        sys.exit(143 if terminated else 130)
+        with contextlib.suppress(Exception):
+            sys.stderr.write("terminated (SIGTERM)\n" if terminated else "interrupted\n")
+        _exit_now(143 if terminated else 130)
+
+
+def _exit_now(code: int) -> None:
+    """Exit with ``code`` at once (the outputs are already rolled back): flush, ignore further SIGINT/SIGTERM,
+    and skip the interpreter's shutdown, where a pending signal would turn exit 130 into a death by signal."""
+    import os
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(Exception):
+            signal.signal(sig, signal.SIG_IGN)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 COMPUTING = ("spectrum", "factors", "lr-suggest", "check", "info", "show")
