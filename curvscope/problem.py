@@ -41,6 +41,18 @@ class ParamGroup:
     param_names: tuple[str, ...]
 
 
+def group_named(groups, name: str):
+    """The item of ``groups`` (anything with a ``name``) called ``name``.
+
+    Raises:
+        KeyError: no group has that name.
+    """
+    for group in groups:
+        if group.name == name:
+            return group
+    raise KeyError(name)
+
+
 @dataclass
 class Problem:
     """A model as a function of named parameters, one batch, and a loss.

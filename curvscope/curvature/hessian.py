@@ -152,15 +152,10 @@ class MatfreeResult:
         return all(g.converged for g in self.groups)
 
     def group(self, name: str) -> MatfreeGroup:
-        """The group called ``name``.
+        """The group called ``name`` (``KeyError`` when none is)."""
+        from curvscope.problem import group_named
 
-        Raises:
-            KeyError: no group has that name.
-        """
-        for g in self.groups:
-            if g.name == name:
-                return g
-        raise KeyError(name)
+        return group_named(self.groups, name)
 
     def __repr__(self) -> str:
         return (f"MatfreeResult(curvature={self.curvature!r}, method={self.method!r}, groups={len(self.groups)}, "

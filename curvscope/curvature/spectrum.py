@@ -138,15 +138,10 @@ class SpectrumResult:
         return self.columns.num_columns
 
     def group(self, name: str) -> GroupSpectrum:
-        """The group called ``name``.
+        """The group called ``name`` (``KeyError`` when none is)."""
+        from curvscope.problem import group_named
 
-        Raises:
-            KeyError: no group has that name.
-        """
-        for g in self.groups:
-            if g.name == name:
-                return g
-        raise KeyError(name)
+        return group_named(self.groups, name)
 
 
 # -- eigen-decomposition ---------------------------------------------------------------------------------
