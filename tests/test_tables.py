@@ -75,3 +75,16 @@ def test_cli_spectrum_at_80_columns(tmp_path, monkeypatch):
     for name in names:
         assert name in result.stdout, (name, result.stdout)
     assert max(len(line) for line in result.stdout.splitlines()) <= 80, result.stdout
+
+
+def test_a_block_below_the_precision_floor_is_not_shown_as_zero():
+    from curvscope.report.plots import layers_figure
+
+    blocks = [dict(_group("layer1.0.bn1"), rank=0, lambda_max=0.0, trace=3.65e-4), _group("fc")]
+    report = {"groups": [_group("all"), *blocks], "approximation": {"exact": True, "num_columns": 10}}
+    text = _render(spectrum_summary(report, "out", 200), 200)
+    row = next(line for line in text.splitlines() if "layer1.0.bn1" in line)
+    assert "<floor" in row  # lambda_max: not "0" (the rank column says 0)
+    fig = layers_figure(blocks)
+    labels = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert any("precision floor" in t for t in labels), labels

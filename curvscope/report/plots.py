@@ -254,8 +254,11 @@ def layers_figure(groups: list[dict[str, Any]], problem: dict[str, Any] | None =
             ax.set_xscale("log")
             ax.set_xlim(floor, vals.max() * 4)
             ax.set_xlabel(label)
-            for yi, v in zip(y, vals, strict=True):
-                ax.text(max(v, floor), yi, f" {num_na(float(v))}", va="center", ha="left", fontsize=7)
+            for yi, v, g in zip(y, vals, groups, strict=True):
+                below = key == "lambda_max" and v <= 0 and (g.get("trace") or 0) > 0  # rank 0, nonzero trace
+                text = " < precision floor (rank 0)" if below else f" {num_na(float(v))}"
+                ax.text(max(v, floor), yi, text, va="center", ha="left", fontsize=7,
+                        color=GREY if below else "black")
             ax.grid(axis="y", visible=False)
         left.set_yticks(y)
         left.set_yticklabels(names)

@@ -61,7 +61,8 @@ def spectrum_table(report: dict[str, Any], labels: list[str] | None = None) -> T
     for g, label in zip(groups, labels, strict=True):
         d = g.get("directions") or {}
         table.add_row(
-            label, fmt(g.get("num_params")), fmt(g.get("rank")), fmt(g.get("lambda_max")),
+            label, fmt(g.get("num_params")), fmt(g.get("rank")),
+            "<floor" if not g.get("rank") and (g.get("trace") or 0) > 0 else fmt(g.get("lambda_max")),
             fmt(g.get("trace")), fmt(g.get("effective_rank")),
             _share(d.get("snr_gt1_share")), _share(d.get("lambda_snr_gt1_share")),
             fmt(g.get("stability_lr")),
