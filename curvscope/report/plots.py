@@ -115,10 +115,11 @@ def spectrum_figure(group: dict[str, Any], problem: dict[str, Any] | None = None
                        label=f"below the {(problem or {}).get('dtype', 'float32')} precision floor")
         ax.set_xscale("log")
         ax.set_xlabel(r"eigenvalue $\lambda$")
-        ax.set_ylabel("number of eigenvalues")
+        ax.set_ylabel("number of eigenvalues (log scale)")
         ax.set_axisbelow(True)
-        ax.yaxis.get_major_locator().set_params(integer=True)
-        ax.set_ylim(0, ax.get_ylim()[1] * 1.45)  # room for the facts box above the bars
+        ax.set_yscale("log")  # a lone outlier eigenvalue is as visible as the bulk (a linear axis made it a sliver)
+        _lean_log(ax, x=False)
+        ax.set_ylim(0.7, ax.get_ylim()[1] * 6)  # room for the facts box above the bars
 
         trace = group.get("trace") or float(ev.sum())
         asc = np.sort(ev)
