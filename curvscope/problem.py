@@ -135,12 +135,13 @@ class Problem:
 
     @property
     def path(self) -> str:
-        """Which per-sample differentiation path the engine takes: ``vmap``, or ``autograd (vmap failed: ...)``."""
+        """Which per-sample differentiation path the engine took: ``vmap``, ``autograd (vmap failed: ...)``, or
+        ``autograd`` when nothing needed vmap (the ghost rules backpropagate with autograd's batched backward)."""
         if not self.use_vmap:
             return "autograd (vmap disabled)"
         if self.vmap_error is not None:
             return f"autograd (vmap failed: {self.vmap_error})"
-        return "vmap"
+        return "vmap" if self.vmap_checked else "autograd"
 
     def note_vmap_failure(self, exc: BaseException | str) -> None:
         """Record that a vmapped path failed on this model (the engine then uses plain autograd)."""

@@ -128,7 +128,7 @@ def test_fallback_and_fast_paths_agree_on_an_mlp():
     slow, _ = build("mlp", use_vmap=False)
     a, b = compute_spectrum(fast, groups="layer", include_total=True), compute_spectrum(slow, groups="layer",
                                                                                         include_total=True)
-    assert a.path == "vmap" and b.path == "autograd (vmap disabled)"
+    assert not a.path.startswith("autograd (") and b.path == "autograd (vmap disabled)"
     for ga, gb in zip(a.groups, b.groups, strict=True):
         torch.testing.assert_close(gb.eigenvalues, ga.eigenvalues, rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(gb.directions.gamma.abs(), ga.directions.gamma.abs(), rtol=1e-8, atol=1e-12)

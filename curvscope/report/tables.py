@@ -93,7 +93,7 @@ def facts_table(report: dict[str, Any], out_dir: str | None = None, top_k: int =
         table.add_row("precision floor", f"{fmt(first['eigenvalue_floor'])} ({precision}): smaller eigenvalues "
                       f"count as zero in rank and SNR shares{hint}")
     path = report.get("path")
-    if path and path != "vmap" and report.get("method") != "lanczos":
+    if path and path.startswith("autograd (") and report.get("method") != "lanczos":
         table.add_row("per-sample path", f"{path}: slower than vmap, same numbers")
     newton = report.get("newton")
     if newton:
