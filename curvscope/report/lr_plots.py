@@ -47,16 +47,17 @@ def _draw(section: dict[str, Any], problem: dict[str, Any] | None) -> Figure:
     groups = section["groups"]
     names = [g["name"] for g in groups]
     S = len(names)
-    width = min(16.0, 6.0 + 0.45 * S)
-    heat = 4.5 if S <= 6 else min(9.0, 2.5 + 0.4 * S)
-    fig, (ax, hm) = plt.subplots(1, 2, figsize=(width + heat, max(4.8, 0.3 * heat + 3)),
-                                 gridspec_kw={"width_ratios": [width, heat]})
+    if S <= 8:  # side by side
+        fig, (ax, hm) = plt.subplots(1, 2, figsize=(11.0, 4.8), gridspec_kw={"width_ratios": [1.4, 1.0]})
+    else:  # many groups: the rates above, the heatmap below it, both as wide as the page (no empty gap)
+        width = min(13.0, 5.0 + 0.3 * S)
+        fig, (ax, hm) = plt.subplots(2, 1, figsize=(width, 4.2 + min(width, 0.28 * S + 2.0)),
+                                     gridspec_kw={"height_ratios": [1.0, min(2.2, 0.06 * S + 0.6)]})
     x = np.arange(S)
-    offsets = np.linspace(-0.28, 0.28, len(RATES))
-    for (key, label, marker, colour), dx in zip(RATES, offsets, strict=True):
+    shown = [r for r in RATES if np.isfinite(np.array([_value(g.get(r[0])) for g in groups])).any()]
+    offsets = np.linspace(-0.18, 0.18, len(shown)) if len(shown) > 1 else np.zeros(1)
+    for (key, label, marker, colour), dx in zip(shown, offsets, strict=True):
         values = np.array([_value(g.get(key)) for g in groups])
-        if not np.isfinite(values).any():
-            continue
         std = np.array([_value(g.get(f"{key}_std")) for g in groups])
         keep = np.isfinite(values) & (values > 0)
         yerr = None
@@ -76,9 +77,10 @@ def _draw(section: dict[str, Any], problem: dict[str, Any] | None) -> Figure:
                    label="whole-model bound 2/λmax(G)")
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8, loc="best")
-    where = f"{problem.get('checkpoint') or problem.get('model')}, " if problem else ""
-    ax.set_title(f"Per-group learning rates ({where}{section['curvature']}, direction {section['direction']})",
-                 fontsize=10)
+    source = (problem.get("checkpoint") or problem.get("model") or "") if problem else ""
+    where = f"{str(source).replace(chr(92), '/').rsplit('/', 1)[-1]}: " if source else ""
+    ax.set_title(f"Per-group learning rates\n{where}{section['curvature']}, direction {section['direction']}",
+                 fontsize=10, loc="left")
 
     corr = np.array([[_value(v) for v in row] for row in section["h_bar_correlation"]], dtype=np.float64)
     hm.grid(False)  # the house style draws grids; not across a heatmap
@@ -87,6 +89,7 @@ def _draw(section: dict[str, Any], problem: dict[str, Any] | None) -> Figure:
     hm.set_yticks(x)
     hm.set_xticklabels(names, rotation=90, fontsize=7 if S > 8 else 8)
     hm.set_yticklabels(names, fontsize=7 if S > 8 else 8)
+    hm.set_aspect("equal" if S <= 8 else "auto")
     if S <= 10:
         for i in range(S):
             for j in range(S):
