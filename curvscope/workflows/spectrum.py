@@ -296,6 +296,8 @@ def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress
         check_finite(f"the curvature of group {group.name}", eigenvalues=group.top, trace=group.trace)
     run = SpectrumRun(matfree=result, vectors=result.eigenvectors)
     run.fields = mr.matfree_fields(result, problem.batch_size)
+    gradient = problem.gradient()
+    run.fields["gradient_norm"] = float(sum(float((g.double() ** 2).sum()) for g in gradient.values()) ** 0.5)
     run.fields["comparison"] = None
     run.fields["landscape"] = None
     run.fields["path"] = "autograd (double backward)"
