@@ -8,12 +8,14 @@ app = typer.Typer(
     name="curvscope",
     help=(
         "Curvature diagnosis for PyTorch checkpoints.\n\n"
-        "Point curvscope at a checkpoint and a dataset: it computes the exact GGN eigenspectrum of a batch, "
-        "per-sample directional derivatives and their noise, symmetry-structured curvature factors and "
-        "per-layer learning rates, writes a JSON report and plots, and gates checkpoints in CI.\n\n"
+        "Point curvscope at a checkpoint and a dataset: it computes the exact GGN eigenspectrum of a batch (or, "
+        "matrix-free, both ends of the Hessian's), per-sample directional derivatives and their noise, "
+        "symmetry-structured curvature factors and per-layer learning rates, writes a JSON report and plots "
+        "(all of them or none), and gates checkpoints in CI. `curvscope show` prints a saved report again.\n\n"
         "Start with: [bold]curvscope info sample_models/mlp-digits.safetensors --data "
         "sample_models/digits.safetensors[/bold]\n\n"
-        "Exit codes: 0 success, 1 a check failed, 2 bad input, 3 internal error."
+        "Exit codes: 0 success, 1 a check failed, 2 bad input, 3 internal error or a failed self-check, "
+        "130 Ctrl-C, 143 SIGTERM (nothing written or changed)."
     ),
     no_args_is_help=True,
     add_completion=False,
