@@ -154,12 +154,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
 
 def peer_missing(tool: str) -> str | None:
     """``None`` when the tool's packages import, else the reason."""
-    for mod in PEER_MODULES.get(tool, ()):
-        try:
-            importlib.import_module(mod)
-        except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
-            return f"{mod} not importable ({type(exc).__name__}: {exc})"
-    return None
+    from benchmarks.peers import peer_missing as missing
+
+    return missing(tool, PEER_MODULES)
 
 
 def versions() -> dict[str, str | None]:
@@ -793,15 +790,9 @@ def _loadavg() -> list[float] | None:
 
 
 def machine_info(cfg: Config) -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"nproc": os.cpu_count(), "cpu": cpu, "platform": platform.platform(), "versions": versions(),
+    from benchmarks.peers import cpu_name
+
+    return {"nproc": os.cpu_count(), "cpu": cpu_name(), "platform": platform.platform(), "versions": versions(),
             "threads": cfg.threads, "loadavg_start": _loadavg()}
 
 

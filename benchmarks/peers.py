@@ -24,6 +24,7 @@ import importlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -53,9 +54,21 @@ class Output:
 Runner = Callable[[], Output]
 
 
-def peer_missing(tool: str) -> str | None:
-    """``None`` when the tool's packages import, else the reason (for the results table)."""
-    for mod in PEER_MODULES.get(tool, ()):
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (``unknown`` elsewhere), for the results' machine section."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def peer_missing(tool: str, modules: dict[str, tuple[str, ...]] | None = None) -> str | None:
+    """``None`` when the tool's packages import, else the reason (for the results table); ``modules``: tool ->
+    the modules it needs (default :data:`PEER_MODULES`)."""
+    for mod in (PEER_MODULES if modules is None else modules).get(tool, ()):
         try:
             importlib.import_module(mod)
         except Exception as exc:  # noqa: BLE001 - any import failure means "not available"

@@ -98,14 +98,9 @@ def available_bytes() -> int:
 def machine_info(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from benchmarks.peers import cpu_name
+
+    cpu = cpu_name()
     versions = {"torch": torch.__version__, "python": platform.python_version()}
     for mod in ("backpack", "vivit", "curvlinops", "scipy", "numpy"):
         try:

@@ -102,6 +102,20 @@ def make_text_dataset() -> tuple[torch.Tensor, torch.Tensor, int, dict[str, str]
     return x, y, n_train, meta
 
 
+def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, opt, n_train: int, batch: int,
+        epochs: int, g: torch.Generator) -> None:
+    """Minibatch training on the first ``n_train`` samples, reshuffled every epoch from ``g``; eval mode after."""
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(n_train, generator=g)
+        for i in range(0, n_train, batch):
+            idx = perm[i:i + batch]
+            opt.zero_grad()
+            loss_fn(model(x[idx]), y[idx]).backward()
+            opt.step()
+    model.eval()
+
+
 def train_language_model(name: str, x: torch.Tensor, y: torch.Tensor, n_train: int
                          ) -> tuple[torch.nn.Module, dict]:
     _dataset, kwargs, epochs, lr, wd, batch = LANGUAGE_MODELS[name]
@@ -112,15 +126,7 @@ def train_language_model(name: str, x: torch.Tensor, y: torch.Tensor, n_train: i
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(n_train, generator=g)
-        for i in range(0, n_train, batch):
-            idx = perm[i:i + batch]
-            opt.zero_grad()
-            loss_fn(model(x[idx]), y[idx]).backward()
-            opt.step()
-    model.eval()
+    fit(model, x, y, loss_fn, opt, n_train, batch, epochs, g)
     with torch.no_grad():
         out = model(x)
         correct = (out.argmax(-1) == y).float()
@@ -179,15 +185,7 @@ def train(name: str, data: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.nn.
     loss_fn = torch.nn.CrossEntropyLoss() if loss_name == "ce" else torch.nn.MSELoss()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
     g = torch.Generator().manual_seed(1)
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(n_train, generator=g)
-        for i in range(0, n_train, 32):
-            idx = perm[i:i + 32]
-            opt.zero_grad()
-            loss_fn(model(x[idx]), y[idx]).backward()
-            opt.step()
-    model.eval()
+    fit(model, x, y, loss_fn, opt, n_train, 32, epochs, g)
     with torch.no_grad():
         out = model(x)
         result = {"train_loss": float(loss_fn(out[:n_train], y[:n_train])),

@@ -52,6 +52,16 @@ def group_index(params: dict[str, Tensor], names) -> Tensor:
     return torch.cat([torch.arange(sl[n].start, sl[n].stop) for n in names])
 
 
+def flat_params(problem) -> Tensor:
+    """The problem's trainable parameters as one flat vector ``(D,)`` (``named_parameters()`` order)."""
+    return torch.cat([p.reshape(-1) for p in problem.params.values()])
+
+
+def unflatten_params(problem, theta: Tensor) -> dict[str, Tensor]:
+    """A flat ``(D,)`` vector back as parameter-shaped tensors by name (differentiable in ``theta``)."""
+    return _unflatten(theta, problem.params)
+
+
 def _unflatten(flat: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
     return {n: flat[s].reshape(params[n].shape) for n, s in param_slices(params).items()}
 

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 from helpers import dense_ggn, group_index
+from helpers import flat_params as flat
+from helpers import unflatten_params as unflatten
 from torch import nn
 
 from curvscope.curvature.hessian import compute_matfree_spectrum
@@ -34,17 +36,6 @@ def tanh_mse():
     model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1))
     return make_problem(model, torch.randn(9, 3), torch.randn(9, 1), loss="mse", dtype=F64)
 
-
-def flat(problem):
-    return torch.cat([p.reshape(-1) for p in problem.params.values()])
-
-
-def unflatten(problem, theta):
-    out, i = {}, 0
-    for n, p in problem.params.items():
-        out[n] = theta[i:i + p.numel()].reshape(p.shape)
-        i += p.numel()
-    return out
 
 
 def dense_hessian(problem):

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from helpers import flat_params as flat
+from helpers import unflatten_params as unflatten
 from torch import nn
 
 from curvscope.curvature.hessian import compute_matfree_spectrum
@@ -21,17 +23,6 @@ def layernorm_gelu_ce():
     model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.GELU(), nn.Linear(6, 3))
     return make_problem(model, torch.randn(10, 4), torch.randint(0, 3, (10,)), loss="ce", dtype=F64)
 
-
-def flat(problem):
-    return torch.cat([p.reshape(-1) for p in problem.params.values()])
-
-
-def unflatten(problem, theta):
-    out, i = {}, 0
-    for n, p in problem.params.items():
-        out[n] = theta[i:i + p.numel()].reshape(p.shape)
-        i += p.numel()
-    return out
 
 
 def loss_at(problem, theta) -> float:
