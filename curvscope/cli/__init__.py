@@ -25,40 +25,22 @@ def _load_app():
 
 def main() -> None:
     """Console-script entry point."""
-    import signal
+    from curvscope.cli import signals
 
     try:
-        signal.signal(signal.SIGTERM, _terminate_early)
+        signals.install()  # first: a SIGTERM while PyTorch loads ends with one line too
         with _starting():
             app = _load_app()
-        from curvscope.cli.common import install_signal_handlers
-
-        install_signal_handlers()
         app()
     except SystemExit as exc:
         if exc.code in (130, 143):  # ended by a signal: leave now, before a late second one can kill us
-            _exit_now(int(exc.code))
+            signals.exit_now(int(exc.code))
         raise
-    except KeyboardInterrupt as exc:
-        terminated = type(exc).__name__ == "Terminated" or isinstance(exc, _EarlyTerminate)
+    except KeyboardInterrupt as exc:  # before the commands' own handling (imports, argument parsing)
+        terminated = isinstance(exc, signals.Terminated)
         with contextlib.suppress(Exception):
             sys.stderr.write("terminated (SIGTERM)\n" if terminated else "interrupted\n")
-        _exit_now(143 if terminated else 130)
-
-
-def _exit_now(code: int) -> None:
-    """Exit with ``code`` at once (the outputs are already rolled back): flush, ignore further SIGINT/SIGTERM,
-    and skip the interpreter's shutdown, where a pending signal would turn exit 130 into a death by signal."""
-    import os
-    import signal
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(Exception):
-            signal.signal(sig, signal.SIG_IGN)
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(code)
+        signals.exit_now(143 if terminated else 130)
 
 
 COMPUTING = ("spectrum", "factors", "lr-suggest", "check", "info", "show")
@@ -66,22 +48,12 @@ COMPUTING = ("spectrum", "factors", "lr-suggest", "check", "info", "show")
 
 def _starting():
     """A spinner on an interactive stderr while the heavy libraries load (within a second of the start)."""
-    import contextlib
-
     args = sys.argv[1:2]
     if not args or args[0] not in COMPUTING or "-h" in sys.argv or "--help" in sys.argv or not sys.stderr.isatty():
         return contextlib.nullcontext()
     from rich.console import Console
 
     return Console(stderr=True).status("Starting curvscope (loading PyTorch)...")
-
-
-class _EarlyTerminate(KeyboardInterrupt):
-    pass
-
-
-def _terminate_early(signum, frame):  # noqa: ARG001
-    raise _EarlyTerminate()
 
 
 def __getattr__(name: str) -> Any:

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from curvscope import __version__
+from curvscope.cli import signals
 from curvscope.errors import CurvscopeError
 
 if TYPE_CHECKING:
@@ -65,12 +66,12 @@ def handle_errors(fn):
                 traceback.print_exc()
             console.print(f"[bold red]error:[/bold red] {_one_line(str(exc))}", soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
-        except Terminated:
-            _ignore_signals()
+        except signals.Terminated:
+            signals.ignore()
             console.print("[bold red]terminated[/bold red] (SIGTERM): no output was written or changed")
             raise typer.Exit(143) from None
         except KeyboardInterrupt:
-            _ignore_signals()
+            signals.ignore()
             console.print("[bold red]interrupted[/bold red]: no output was written or changed")
             raise typer.Exit(130) from None
         except MemoryError:
@@ -86,16 +87,6 @@ def handle_errors(fn):
             raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper
-
-
-def _ignore_signals() -> None:
-    """We are exiting on a signal: a second SIGINT/SIGTERM (a pending one, or an impatient user) must not turn
-    the one-line exit into a traceback or a death by signal."""
-    import signal
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError, OSError):
-            signal.signal(sig, signal.SIG_IGN)
 
 
 def _one_line(text: str) -> str:
@@ -153,17 +144,3 @@ def one_line_paragraphs(doc: str) -> str:
         out_paragraphs.append(text)
     return "\n\n".join(out_paragraphs)
 
-
-def install_signal_handlers() -> None:
-    """SIGTERM ends the run like Ctrl-C does (staged outputs removed, exit 143, one line)."""
-    import signal
-
-    def terminate(signum, frame):  # noqa: ARG001
-        raise Terminated()
-
-    with contextlib.suppress(ValueError):  # not the main thread (tests): leave the default
-        signal.signal(signal.SIGTERM, terminate)
-
-
-class Terminated(KeyboardInterrupt):
-    """Raised by the SIGTERM handler; exits 143."""
