@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from curvscope.errors import CurvscopeError
 from curvscope.io.atomic import write_atomic
-from curvscope.io.tensors import read_tensors
+from curvscope.io.tensors import read_tensors, safetensors_writer
 from curvscope.losses import LOSS_NAMES
 
 META_MODEL = "curvscope.model"
@@ -95,8 +95,6 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, model_spec: str |
 
     ``shift_labels``: recorded as ``curvscope.shift_labels`` (targets are the inputs, predicted one step on).
     """
-    from safetensors.torch import save_file
-
     meta = dict(extra_metadata or {})
     if model_spec:
         meta[META_MODEL] = model_spec
@@ -106,4 +104,4 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, model_spec: str |
     if shift_labels is not None:
         meta[META_SHIFT_LABELS] = "true" if shift_labels else "false"
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    write_atomic(Path(path), lambda tmp: save_file(state, str(tmp), metadata=meta))
+    write_atomic(Path(path), safetensors_writer(state, meta))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -124,3 +126,16 @@ def _first_line(exc: BaseException, limit: int = 160) -> str:
     text = _strip_ansi(str(exc)).strip().splitlines()
     line = text[0].strip() if text else type(exc).__name__
     return line if len(line) <= limit else line[:limit - 3].rstrip() + "..."
+
+
+def safetensors_writer(tensors: dict[str, Tensor], metadata: dict[str, Any] | None = None):
+    """``write(path)`` for :mod:`curvscope.io.atomic`: a safetensors file of ``tensors``, metadata values stored
+    as strings (JSON for anything that is not one already)."""
+    from safetensors.torch import save_file
+
+    meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+
+    def write(path: Path) -> None:
+        save_file(tensors, str(path), metadata=meta)
+
+    return write

@@ -5,7 +5,6 @@ Writers only: every number here was computed by the engine. Field-by-field docum
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvscope.errors import CurvscopeError
 from curvscope.io.atomic import write_atomic
 
 DIRECTIONS_FILE = "directions.safetensors"
@@ -181,13 +179,9 @@ def eigenvector_tensors(vectors: dict[str, Tensor], eigenvalues: Tensor) -> dict
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, Any] | None = None
                  ) -> Path:
-    """Write a safetensors file atomically; metadata values are stored as JSON strings."""
-    from safetensors.torch import save_file
+    """Write a safetensors file atomically (outside a run's :class:`~curvscope.report.writer.ReportWriter`);
+    metadata values are stored as JSON strings."""
+    from curvscope.io.tensors import safetensors_writer
 
-    path = Path(path)
-    meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    try:
-        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    except OSError as exc:
-        raise CurvscopeError(f"{path}: cannot write ({exc.strerror or exc})") from exc
-    return path
+    write_atomic(path, safetensors_writer(tensors, metadata))
+    return Path(path)

@@ -123,11 +123,9 @@ class ReportWriter:
     def tensors(self, key: str, path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, Any],
                 option: str | None = None) -> Path:
         """A safetensors file, listed in the report's ``files`` under ``key``."""
-        from safetensors.torch import save_file
+        from curvscope.io.tensors import safetensors_writer
 
-        meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-        path = self.outputs.add(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta),
-                                option or self.option)
+        path = self.outputs.add(path, safetensors_writer(tensors, metadata), option or self.option)
         self.files[key] = str(path)
         return path
 
