@@ -265,3 +265,11 @@ def _ghost_grams(problem, groups, plan, mode):
     assert handled == {"mix.weight", "mix.bias", "head.weight", "head.bias"}
     generic.contribute(problem, [n for n in names if n not in handled], columns, grad_seeds, acc, plan, layout)
     return acc.groups
+
+
+def test_column_count_without_building_the_columns():
+    from curvscope.curvature.columns import count_columns, make_columns
+
+    problem, _ = lm_problem()  # padded sequences: the most valid tokens of one sequence sets T_v
+    for mc, sub in ((0, None), (2, None), (0, 2), (3, 1)):
+        assert count_columns(problem, mc, sub) == make_columns(problem, mc_samples=mc, subsample=sub).num_columns

@@ -82,11 +82,27 @@ def make_columns(problem, outputs: Tensor | None = None, mc_samples: int = 0, su
     return Columns(samples=samples, seeds=seeds.contiguous(), mc_samples=mc_samples)
 
 
+def columns_per_token_block(problem, samples: int) -> int:
+    """T_v: the most valid tokens of one of the first ``samples`` sequences (at least 1; 1 without positions):
+    every sequence gets that many column blocks, the loss Hessian's root being block-diagonal over tokens."""
+    if not problem.is_sequence or samples == 0:
+        return 1
+    valid = problem.loss.valid_tokens(problem.targets[:samples])
+    return max(int(valid.sum(1).max()), 1)
+
+
+def count_columns(problem, mc_samples: int = 0, subsample: int | None = None) -> int:
+    """The number of columns of V :func:`make_columns` builds: N·C exact, N·M Monte-Carlo, and for sequences
+    N·T_v·C / N·T_v·M (``docs/conventions.md`` §2, §8), without building them."""
+    samples = problem.batch_size if subsample is None else subsample
+    per_token = mc_samples or (problem.classes if problem.is_sequence else problem.num_outputs)
+    return samples * columns_per_token_block(problem, samples) * per_token
+
+
 def _check_exact_size(problem, samples: Tensor) -> None:
     """Refuse exact sequence curvature whose columns (tokens x classes) would be huge."""
-    valid = problem.loss.valid_tokens(problem.targets[samples])
-    tokens = int(valid.sum(1).max()) if samples.numel() else 0
-    count = samples.numel() * tokens * problem.classes
+    tokens = columns_per_token_block(problem, samples.numel())
+    count = count_columns(problem, subsample=samples.numel())
     if count > MAX_EXACT_SEQUENCE_COLUMNS:
         raise CurvscopeError(
             f"exact curvature needs {count:,} columns ({samples.numel()} sequences x {tokens} tokens x "

@@ -132,13 +132,9 @@ class SpectrumOptions(Options):
     def gram_bytes(self, problem: Problem) -> tuple[int, int]:
         """``(columns, bytes)`` of the float64 Gram matrix this problem and these options need: N·C exact,
         N·M Monte-Carlo; for sequences N·T_v·C and N·T_v·M (T_v: the most valid tokens of one sequence)."""
-        samples = self.subsample or problem.batch_size
-        per_sample = self.mc_samples or problem.classes if problem.is_sequence else \
-            self.mc_samples or problem.num_outputs
-        if problem.is_sequence:
-            valid = problem.loss.valid_tokens(problem.targets[:samples])
-            per_sample *= max(int(valid.sum(dim=1).max()) if valid.numel() else 1, 1)
-        columns = samples * per_sample
+        from curvscope.curvature.columns import count_columns
+
+        columns = count_columns(problem, self.mc_samples, self.subsample)
         return columns, 8 * columns**2
 
     def resolved_method(self, problem: Problem) -> tuple[str, str | None]:

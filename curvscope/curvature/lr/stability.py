@@ -40,11 +40,9 @@ batches) Lanczos on GGN-vector products does, at the cost of a few dozen product
 
 def _largest_eigenvalues(problem: Problem, partition: str) -> tuple[float, dict[str, float]]:
     """``lambda_max`` of the whole GGN and of each block of ``partition`` (one pass)."""
-    columns = problem.batch_size * problem.num_outputs
-    if problem.is_sequence:
-        valid = problem.loss.valid_tokens(problem.targets)
-        columns = problem.batch_size * problem.classes * max(int(valid.sum(dim=1).max()) if valid.numel() else 1, 1)
-    if columns <= MAX_GRAM_COLUMNS:
+    from curvscope.curvature.columns import count_columns
+
+    if count_columns(problem) <= MAX_GRAM_COLUMNS:
         from curvscope.curvature.spectrum import compute_spectrum
 
         # the whole model comes first (groups[0]), then the blocks of the partition
