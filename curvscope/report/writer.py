@@ -38,18 +38,6 @@ def _real(path: str | os.PathLike) -> Path:
     return Path(os.path.realpath(path))
 
 
-def _listed_files(report: dict[str, Any]) -> list[str]:
-    """Every file path a report lists (top-level ``files`` and a section's own ``files``)."""
-    found = [v for v in (report.get("files") or {}).values() if isinstance(v, str)]
-    for section in ("lr", "factors"):
-        value = report.get(section)
-        if isinstance(value, dict):
-            found += [v for v in (value.get("files") or {}).values() if isinstance(v, str)]
-            if isinstance(value.get("plot"), str):
-                found.append(value["plot"])
-    return found
-
-
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     a, b = old.get("problem") or {}, new.get("problem") or {}
     keys = [k for k in ("checkpoint", "model", "data", "loss", "batch_indices") if a.get(k) != b.get(k)]
@@ -173,26 +161,20 @@ class ReportWriter:
         return merged
 
     def _stale(self, old: dict[str, Any] | None, replaced: bool) -> list[Path]:
-        """Files of the previous report in ``out_dir`` that this run supersedes without writing them again:
+        """Files the previous report lists in ``out_dir`` that this run supersedes without writing them again:
         all of them when the report is replaced, else those of the commands run again."""
         if old is None:
             return []
         owned = {k for c in self.commands for k in COMMAND_FILES.get(c, ())}
-        listed = [(k, Path(v)) for k, v in (old.get("files") or {}).items() if isinstance(v, str)]
-        listed += [("", Path(v)) for v in _listed_files({k: v for k, v in old.items() if k != "files"})]
         written = {_real(p) for p in self.outputs.paths}
         stale = []
-        for key, path in listed:
-            if _real(path).parent != _real(self.out_dir) or _real(path) in written or not path.is_file():
+        for key, value in (old.get("files") or {}).items():
+            path = Path(value) if isinstance(value, str) else None
+            if path is None or _real(path).parent != _real(self.out_dir) or _real(path) in written:
                 continue
-            if replaced or key in owned or (not key and path.name in self._section_names()):
+            if path.is_file() and (replaced or key in owned):
                 stale.append(path)
-        return list(dict.fromkeys(stale))
-
-    def _section_names(self) -> set[str]:
-        """File names the re-run sections list inside themselves (lr.plot, factors.files)."""
-        return {"lr.png"} if "lr-suggest" in self.commands else \
-            {"factors.png", "factors.safetensors"} if "factors" in self.commands else set()
+        return stale
 
 
 def redraw(report: dict[str, Any], out_dir: str | os.PathLike, progress: Progress | None = None) -> list[Path]:
