@@ -32,16 +32,13 @@ EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3
 
 
 
-def build_problem(checkpoint, data, model, model_kwargs, batch_size, shuffle, seed, loss, device, dtype,
-                  trust_model_code: bool = False, output: str | None = None, shift_labels: bool | None = None):
-    """The CLI's one way to load a Problem (with a spinner while files load)."""
+def build_problem(**options):
+    """The CLI's one way to load a Problem: :func:`curvscope.problem.load_problem` with a spinner while the files
+    load (``options``: its keyword arguments)."""
     with console.status("Loading model and data..."):
         from curvscope.problem import load_problem
 
-        return load_problem(checkpoint=checkpoint, data=data, model=model, model_kwargs=model_kwargs,
-                            batch_size=batch_size, shuffle=shuffle, seed=seed, loss=loss, device=device,
-                            dtype=dtype, trust_model_code=trust_model_code, output=output,
-                            shift_labels=shift_labels)
+        return load_problem(**options)
 
 
 def _debug_requested(kwargs) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass
@@ -150,10 +151,7 @@ class ProblemArgs:
         """The Problem these options describe (``overrides`` replace values, e.g. a rank's ``device``)."""
         from curvscope.cli.common import build_problem
 
-        v = {**self.__dict__, **overrides}
-        return build_problem(v["checkpoint"], v["data"], v["model"], v["model_kwargs"], v["batch_size"],
-                             v["shuffle"], v["seed"], v["loss"], v["device"], v["dtype"], v["trust_model_code"],
-                             v["output"], v["shift_labels"])
+        return build_problem(**{**dataclasses.asdict(self), **overrides})
 
 
 def problem_options(checkpoint: bool = True):
