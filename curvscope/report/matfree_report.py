@@ -162,7 +162,7 @@ def density_figure(group: dict[str, Any], problem: dict[str, Any] | None = None)
     eigenvalues visible), with the Lanczos extreme eigenvalues marked."""
     import numpy as np
 
-    from curvscope.report.render import pyplot, style
+    from curvscope.report.render import facts_box, pyplot, style
 
     plt = pyplot()
     with style():
@@ -191,8 +191,7 @@ def density_figure(group: dict[str, Any], problem: dict[str, Any] | None = None)
             facts.append(f"weight below 0 = {group['negative_mass']:.1%}")
         if group.get("num_params") is not None:
             facts.append(f"D = {group['num_params']:,}")
-        ax.text(0.02, 0.97, "\n".join(facts), transform=ax.transAxes, va="top", ha="left", fontsize=8,
-                bbox={"boxstyle": "round,pad=0.35", "facecolor": "white", "edgecolor": "#cccccc", "alpha": 0.9})
+        facts_box(ax, facts)
         ax.legend(loc="upper right")
         fig.tight_layout()
         return fig

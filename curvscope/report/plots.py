@@ -22,7 +22,10 @@ from matplotlib.ticker import PercentFormatter  # noqa: E402
 
 from curvscope.report.format import num  # noqa: E402
 from curvscope.report.render import STYLE as _STYLE  # noqa: E402
-from curvscope.report.render import render_png  # noqa: E402
+from curvscope.report.render import (
+    facts_box,  # noqa: E402
+    render_png,  # noqa: E402
+)
 
 __all__ = ["render_png"]
 
@@ -145,8 +148,7 @@ def spectrum_figure(group: dict[str, Any], problem: dict[str, Any] | None = None
             facts.append(f"effective rank = {num_na(group['effective_rank'])}")
         if group.get("num_params") is not None:
             facts.append(f"D = {group['num_params']:,}")
-        ax.text(0.02, 0.97, "\n".join(facts), transform=ax.transAxes, va="top", ha="left", fontsize=8,
-                bbox={"boxstyle": "round,pad=0.35", "facecolor": "white", "edgecolor": "#cccccc", "alpha": 0.9})
+        facts_box(ax, facts)
         handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
         labels = ax.get_legend_handles_labels()[1] + twin.get_legend_handles_labels()[1]
         ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
@@ -216,9 +218,8 @@ def directions_figure(group: dict[str, Any], problem: dict[str, Any] | None = No
                 b.set_ylim(max(sums[pos].min() / 3, 1e-12), 1.5)
             flat = d.get("flat_overlap")
             flat = None if flat is None else max(float(flat), 0.0)  # -4e-16 is rounding of 1 - sum: show 0
-            b.text(0.02, 0.97, f"top-{int(ok.sum())} directions: {float(overlap[ok].sum()):.2%}\n"
-                   f"flat space (1 - sum): {_percent(flat)}", transform=b.transAxes, va="top", ha="left", fontsize=8,
-                   bbox={"boxstyle": "round,pad=0.3", "facecolor": "white", "edgecolor": "#cccccc", "alpha": 0.9})
+            facts_box(b, [f"top-{int(ok.sum())} directions: {float(overlap[ok].sum()):.2%}",
+                          f"flat space (1 - sum): {_percent(flat)}"])
         else:
             _empty(b, "no gradient overlap (zero gradient or no directions)")
 

@@ -29,6 +29,12 @@ STYLE = {
 """rcParams of every curvscope figure (apply with :func:`style` while building the figure)."""
 
 
+def facts_box(ax, lines: list[str]) -> None:
+    """The house facts box: ``lines`` in a rounded white box in the top-left corner of ``ax``."""
+    ax.text(0.02, 0.97, "\n".join(lines), transform=ax.transAxes, va="top", ha="left", fontsize=8,
+            bbox={"boxstyle": "round,pad=0.35", "facecolor": "white", "edgecolor": "#cccccc", "alpha": 0.9})
+
+
 def pyplot():
     """``matplotlib.pyplot`` on the non-interactive Agg backend (no window, no display needed)."""
     import matplotlib
