@@ -120,10 +120,9 @@ def existing_report(path: str | os.PathLike) -> dict[str, Any] | None:
     return old
 
 
-def merge_into_existing(path: str | os.PathLike, report: dict[str, Any]) -> dict[str, Any]:
-    """``report`` merged into the report at ``path`` when that one is of the same problem and schema (the new
-    keys win, ``commands`` lists both); else ``report`` itself."""
-    old = existing_report(path)
+def merge_reports(old: dict[str, Any] | None, report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` merged into ``old`` (an existing report) when that one is of the same problem and schema (the
+    new keys win, ``commands`` lists both); else ``report`` itself."""
     if old is None or not _same_problem(old.get("problem"), report.get("problem")) or \
             old.get("schema_version") != report.get("schema_version"):
         return report
@@ -138,7 +137,7 @@ def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> Path:
     """Write ``report`` to ``out_dir/report.json`` atomically, merging into an existing report of the same
     problem. Returns the path written."""
     path = Path(out_dir) / REPORT_NAME
-    merged = merge_into_existing(path, report)
+    merged = merge_reports(existing_report(path), report)
     write_text_atomic(path, json.dumps(merged, indent=2, allow_nan=False) + "\n", "report")
     return path
 

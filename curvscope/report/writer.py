@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from curvscope.errors import CurvscopeError
 from curvscope.io.atomic import Outputs, check_directory
 from curvscope.progress import Progress, or_silent
-from curvscope.report.schema import REPORT_NAME, build_report, existing_report, merge_into_existing
+from curvscope.report.schema import REPORT_NAME, build_report, existing_report, merge_reports
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -142,7 +142,7 @@ class ReportWriter:
             progress("plots", len(self._plots), len(self._plots))
         report["files"] = dict(sorted(self.files.items()))
         old = existing_report(self.report_path)
-        merged = merge_into_existing(self.report_path, report)
+        merged = merge_reports(old, report)
         replaced = merged is report
         stale = self._stale(old, replaced)
         if old is not None and not replaced:  # the files of the other commands' sections stay listed
