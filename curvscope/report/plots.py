@@ -24,6 +24,7 @@ from curvscope.report.format import num  # noqa: E402
 from curvscope.report.render import STYLE as _STYLE  # noqa: E402
 from curvscope.report.render import (
     facts_box,  # noqa: E402
+    lean_log,  # noqa: E402
     render_png,  # noqa: E402
 )
 
@@ -40,16 +41,6 @@ BLUE, ORANGE, GREY, RED = "#1f4e79", "#d9822b", "#7f7f7f", "#b22222"
 
 def _percent(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2%}"
-
-
-def _lean_log(ax, x: bool = True, y: bool = True) -> None:
-    """Log axes without minor tick labels' cost: minor ticks are what makes a log plot slow to draw."""
-    from matplotlib.ticker import NullLocator
-
-    if x:
-        ax.xaxis.set_minor_locator(NullLocator())
-    if y:
-        ax.yaxis.set_minor_locator(NullLocator())
 
 
 def _floats(values: Sequence[Any] | None) -> np.ndarray:
@@ -111,17 +102,15 @@ def spectrum_figure(group: dict[str, Any], problem: dict[str, Any] | None = None
             return fig
         bins = _log_bins(ev)
         ax.hist(ev, bins=bins, color=BLUE, alpha=0.85, edgecolor="white", linewidth=0.4, label="eigenvalues")
-        _lean_log(ax, y=False)
         floor = group.get("eigenvalue_floor")
         if floor is not None and floor > bins[0]:
             ax.axvspan(bins[0], floor, color=GREY, alpha=0.18, linewidth=0,
                        label=f"below the {(problem or {}).get('dtype', 'float32')} precision floor")
-        ax.set_xscale("log")
-        ax.set_xlabel(r"eigenvalue $\lambda$")
+        lean_log(ax, y=False)
+        ax.set_xlabel("eigenvalue λ")
         ax.set_ylabel("number of eigenvalues (log scale)")
         ax.set_axisbelow(True)
-        ax.set_yscale("log")  # a lone outlier eigenvalue is as visible as the bulk (a linear axis made it a sliver)
-        _lean_log(ax, x=False)
+        lean_log(ax, x=False)  # a lone outlier eigenvalue is as visible as the bulk (a linear axis: a sliver)
         ax.set_ylim(0.7, ax.get_ylim()[1] * 6)  # room for the facts box above the bars
 
         trace = group.get("trace") or float(ev.sum())
@@ -129,10 +118,10 @@ def spectrum_figure(group: dict[str, Any], problem: dict[str, Any] | None = None
         share = np.cumsum(asc) / trace
         twin = ax.twinx()
         twin.step(np.concatenate([[bins[0]], asc]), np.concatenate([[0.0], share]), where="post", color=ORANGE,
-                  linewidth=1.6, label=r"trace share of eigenvalues $\leq \lambda$")
+                  linewidth=1.6, label="trace share of eigenvalues ≤ λ")
         twin.set_ylim(0, 1.02)
         twin.yaxis.set_major_formatter(PercentFormatter(1.0))
-        twin.set_ylabel(r"cumulative share of tr $G$", color=ORANGE)
+        twin.set_ylabel("cumulative share of tr G", color=ORANGE)
         twin.tick_params(axis="y", colors=ORANGE)
         twin.spines["right"].set_visible(True)
         twin.spines["right"].set_color(ORANGE)
@@ -141,7 +130,7 @@ def spectrum_figure(group: dict[str, Any], problem: dict[str, Any] | None = None
 
         lam_max = float(ev.max())
         ax.axvline(lam_max, color=RED, linestyle="--", linewidth=1.0)
-        ax.annotate(rf"$\lambda_{{max}}$ = {num_na(lam_max)}", xy=(lam_max, 1.0), xycoords=("data", "axes fraction"),
+        ax.annotate(f"λₘₐₓ = {num_na(lam_max)}", xy=(lam_max, 1.0), xycoords=("data", "axes fraction"),
                     xytext=(-4, -4), textcoords="offset points", ha="right", va="top", color=RED, fontsize=8)
         facts = [f"rank = {group.get('rank', ev.size)}", f"trace = {num_na(trace)}"]
         if group.get("effective_rank") is not None:
@@ -161,15 +150,13 @@ def spectrum_figure(group: dict[str, Any], problem: dict[str, Any] | None = None
 def _scatter_loglog(ax, x: np.ndarray, y: np.ndarray, ylabel: str, title: str, snr_line: bool = False) -> None:
     ok = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
     ax.set_title(title, loc="left")
-    ax.set_xlabel(r"eigenvalue $\lambda_k$")
+    ax.set_xlabel("eigenvalue λₖ")
     ax.set_ylabel(ylabel)
     if not ok.any():
         _empty(ax, "not defined (one sample, or no directions)")
         return
     ax.scatter(x[ok], y[ok], s=9, color=BLUE, alpha=0.65, linewidths=0)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    _lean_log(ax)
+    lean_log(ax)
     if snr_line:
         lo, hi = ax.get_ylim()
         ax.set_ylim(min(lo, 0.3), max(hi, 3.0))
@@ -197,12 +184,12 @@ def directions_figure(group: dict[str, Any], problem: dict[str, Any] | None = No
                      f"{group.get('name', 'all')}" + (f"\n{sub}" if sub else ""), x=0.01, ha="left",
                      fontsize=10)
         (a, b), (c, e) = axes
-        _scatter_loglog(a, lam, _floats(d.get("gamma_abs")), r"$|\gamma_k|$ (directional gradient)",
+        _scatter_loglog(a, lam, _floats(d.get("gamma_abs")), "|γₖ| (directional gradient)",
                         "(a) directional gradient")
 
         b.set_title("(b) gradient overlap by curvature", loc="left")
-        b.set_xlabel(r"eigenvalue $\lambda_k$ (bins)")
-        b.set_ylabel(r"$\sum_{k \in bin} \gamma_k^2 / \|g\|^2$")
+        b.set_xlabel("eigenvalue λₖ (bins)")
+        b.set_ylabel("Σ γₖ² / ‖g‖² over the bin")
         overlap = _floats(d.get("gradient_overlap"))
         ok = np.isfinite(lam) & (lam > 0) & np.isfinite(overlap)
         if ok.any():
@@ -211,9 +198,7 @@ def directions_figure(group: dict[str, Any], problem: dict[str, Any] | None = No
             pos = sums > 0
             b.bar(edges[:-1][pos], sums[pos], width=np.diff(edges)[pos], align="edge", color=BLUE, alpha=0.85,
                   edgecolor="white", linewidth=0.4)
-            b.set_xscale("log")
-            b.set_yscale("log")
-            _lean_log(b)
+            lean_log(b)
             if pos.any():
                 b.set_ylim(max(sums[pos].min() / 3, 1e-12), 1.5)
             flat = d.get("flat_overlap")
@@ -223,9 +208,9 @@ def directions_figure(group: dict[str, Any], problem: dict[str, Any] | None = No
         else:
             _empty(b, "no gradient overlap (zero gradient or no directions)")
 
-        _scatter_loglog(c, lam, _floats(d.get("lambda_snr")), r"SNR$(\lambda_k)$",
+        _scatter_loglog(c, lam, _floats(d.get("lambda_snr")), "SNR(λₖ)",
                         "(c) curvature signal-to-noise", snr_line=True)
-        _scatter_loglog(e, lam, _floats(d.get("gamma_snr")), r"SNR$(\gamma_k)$",
+        _scatter_loglog(e, lam, _floats(d.get("gamma_snr")), "SNR(γₖ)",
                         "(d) gradient signal-to-noise", snr_line=True)
         fig.tight_layout()
         return fig
@@ -244,7 +229,7 @@ def layers_figure(groups: list[dict[str, Any]], problem: dict[str, Any] | None =
         fig.suptitle("Block-diagonal GGN: curvature per block" + (f"\n{sub}" if sub else ""), x=0.01,
                      ha="left", fontsize=10)
         y = np.arange(len(groups))
-        for ax, key, label, color in ((left, "lambda_max", r"$\lambda_{max}$ of the block", BLUE),
+        for ax, key, label, color in ((left, "lambda_max", "λₘₐₓ of the block", BLUE),
                                       (right, "trace", "trace of the block", ORANGE)):
             vals = np.array([g.get(key) or 0.0 for g in groups], dtype=np.float64)
             pos = vals > 0
@@ -253,7 +238,7 @@ def layers_figure(groups: list[dict[str, Any]], problem: dict[str, Any] | None =
                 continue
             floor = vals[pos].min() / 3
             ax.barh(y[pos], vals[pos] - floor, left=floor, color=color, alpha=0.85, height=0.7)
-            ax.set_xscale("log")
+            lean_log(ax, y=False)
             ax.set_xlim(floor, vals.max() * 4)
             ax.set_xlabel(label)
             for yi, v, g in zip(y, vals, groups, strict=True):

@@ -347,7 +347,6 @@ def claim_spectrum(writer: ReportWriter, options: SpectrumOptions) -> None:
 
 def write_spectrum(writer: ReportWriter, problem: Problem, run: SpectrumRun, options: SpectrumOptions) -> None:
     """Add the spectrum fields, plots and tensor files of ``run`` to ``writer``."""
-    from curvscope.report import plots
     from curvscope.report import spectrum_report as sr
 
     if run.fields is None:
@@ -373,6 +372,8 @@ def write_spectrum(writer: ReportWriter, problem: Problem, run: SpectrumRun, opt
                        {"format": "curvscope.newton_step", "damping": step.damping, "blocks": step.blocks},
                        "newton_step")
     if options.plots:
+        from curvscope.report import plots  # matplotlib: only when drawing
+
         for key, name, make in plots.spectrum_plots({**run.fields, "grouping": options.groups}):
             writer.plot(key, name, make)
 
