@@ -38,33 +38,70 @@ def facts_box(ax, lines: list[str]) -> None:
 _SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")
 
 
-def log_tick_label(value: float, _pos: int | None = None) -> str:
-    """A log axis's tick label in plain Unicode: ``10⁻³`` for a power of ten, else the house number format.
+def _power_of_ten(value: float) -> int | None:
+    import math
+
+    if value <= 0 or not math.isfinite(value):
+        return None
+    exponent = round(math.log10(value))
+    return exponent if abs(value / 10.0**exponent - 1) < 1e-9 else None
+
+
+def log_tick_labels(values) -> list[str]:
+    """A log axis's tick labels in plain Unicode: ``10⁻³``, ``10⁻²``, ... when every tick is a power of ten,
+    else short plain numbers for all (``0.05``, ``0.1``, ``0.2``), never the two styles mixed.
 
     matplotlib's default log labels are mathtext (``$10^{-3}$``), whose parser was most of the time a figure
     took to draw."""
+    exponents = [_power_of_ten(float(v)) for v in values]
+    if all(e is not None for e in exponents):
+        return ["1" if e == 0 else "10" if e == 1 else "10" + str(e).translate(_SUPERSCRIPT) for e in exponents]
+    return [f"{float(v):g}" if float(v) > 0 else "" for v in values]
+
+
+def _log_formatter():
+    from matplotlib.ticker import Formatter
+
+    class LeanLogFormatter(Formatter):
+        def format_ticks(self, values):
+            return log_tick_labels(values)
+
+        def __call__(self, x, pos=None):  # a lone value (the cursor readout): its own style
+            return log_tick_labels([x])[0]
+
+    return LeanLogFormatter()
+
+
+def _log_locator():
+    """Major ticks at powers of ten, or at 1-2-5 (1..9) times them when the axis spans under 1.5 (0.6)
+    decades, so that a narrow log axis still has labels (there are no minor ticks to label)."""
     import math
 
-    from curvscope.report.format import num
+    from matplotlib.ticker import LogLocator
 
-    if value <= 0 or not math.isfinite(value):
-        return ""
-    exponent = round(math.log10(value))
-    if abs(value / 10.0**exponent - 1) < 1e-9:
-        return "1" if exponent == 0 else "10" if exponent == 1 else "10" + str(exponent).translate(_SUPERSCRIPT)
-    return num(value)
+    class LeanLogLocator(LogLocator):
+        def tick_values(self, vmin, vmax):
+            lo, hi = min(vmin, vmax), max(vmin, vmax)
+            span = math.log10(hi / lo) if lo > 0 and math.isfinite(hi / lo) else math.inf
+            self.set_params(subs=(1.0,) if span >= 1.5 else (1.0, 2.0, 5.0) if span >= 0.6
+                            else tuple(float(i) for i in range(1, 10)))
+            return super().tick_values(vmin, vmax)
+
+    return LeanLogLocator()
 
 
 def lean_log(ax, x: bool = True, y: bool = True) -> None:
     """Put ``ax``'s x and/or y axis on a log scale that draws fast: no minor ticks, plain-Unicode major labels
-    (:func:`log_tick_label`). Call it instead of ``set_xscale("log")`` (which would reset both)."""
-    from matplotlib.ticker import FuncFormatter, NullLocator
+    (:func:`log_tick_labels`), more of them on a narrow axis. Call it instead of ``set_xscale("log")`` (which
+    would reset them)."""
+    from matplotlib.ticker import NullLocator
 
     for on, axis, set_scale in ((x, ax.xaxis, ax.set_xscale), (y, ax.yaxis, ax.set_yscale)):
         if on:
             set_scale("log")
+            axis.set_major_locator(_log_locator())
             axis.set_minor_locator(NullLocator())
-            axis.set_major_formatter(FuncFormatter(log_tick_label))
+            axis.set_major_formatter(_log_formatter())
 
 
 def pyplot():
