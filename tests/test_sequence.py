@@ -179,6 +179,29 @@ def test_huge_exact_sequence_curvature_is_refused_with_advice():
     assert make_columns(problem, mc_samples=1).num_columns == 4 * 63
 
 
+def test_seeds_over_the_memory_budget_are_refused_before_allocating():
+    """Monte-Carlo seeds of a large vocabulary: one T*C vector per column (4 x 63 columns x 64 x 2,000 outputs
+    x 4 bytes = 129 MB). Over the budget they are a clean error pointing at lanczos, in the engine and in the
+    spectrum workflow's method choice, not an allocation failure."""
+    from curvscope.curvature.columns import seed_bytes
+    from curvscope.errors import OptionError
+    from curvscope.workflows.spectrum import SpectrumOptions
+
+    torch.manual_seed(0)
+    tokens = torch.randint(2000, (4, 64))
+    problem = make_problem(TinyLM(vocab=2000, d=2), tokens, tokens, loss="ce", shift_labels=True)
+    assert seed_bytes(problem, mc_samples=1) == 4 * 63 * 64 * 2000 * 4
+    with pytest.raises(CurvscopeError, match=r"the seeds of 252 columns of V over 128,000 outputs per sample need "
+                                             r"0\.1 GiB, more than the memory budget .*matrix-free method"):
+        make_columns(problem, mc_samples=1, max_bytes=2**25)
+    with pytest.raises(CurvscopeError, match="the seeds of 252 columns"):
+        compute_spectrum(problem, mc_samples=1, max_memory=2**26)  # a third of it for the seeds
+    assert make_columns(problem, mc_samples=1, max_bytes=2**28).num_columns == 252
+    with pytest.raises(OptionError, match=r"the seeds of the 252 columns \(one vector of 128,000 outputs each\)"):
+        SpectrumOptions(mc_samples=1, max_memory="64MiB").resolved_method(problem)
+    assert SpectrumOptions(mc_samples=1, max_memory="1GiB").resolved_method(problem) == ("gram", None)
+
+
 @pytest.mark.parametrize(("kw", "match"), [
     (dict(loss="mse", shift_labels=True), "shift_labels needs"),
     (dict(loss="ce", labels=torch.full((N, T), -100)), "no token of the batch carries loss"),

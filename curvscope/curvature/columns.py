@@ -54,9 +54,13 @@ class Columns:
 
 
 def make_columns(problem, outputs: Tensor | None = None, mc_samples: int = 0, subsample: int | None = None,
-                 seed: int = 0) -> Columns:
+                 seed: int = 0, max_bytes: float | None = None) -> Columns:
     """The columns of V for ``problem``: exact (``mc_samples=0``) or Monte-Carlo, on all samples or on the first
-    ``subsample`` samples of the batch (the batch order is already the user's choice of samples)."""
+    ``subsample`` samples of the batch (the batch order is already the user's choice of samples).
+
+    ``max_bytes``: refuse (a :class:`CurvscopeError`, before allocating) seeds larger than this
+    (:func:`seed_bytes`: for sequences every column's seed covers all T*C outputs of its sample).
+    """
     N = problem.batch_size
     if subsample is not None:
         if subsample < 1:
@@ -68,6 +72,8 @@ def make_columns(problem, outputs: Tensor | None = None, mc_samples: int = 0, su
     samples = torch.arange(N if subsample is None else subsample, device=problem.device)
     if problem.is_sequence and not mc_samples:
         _check_exact_size(problem, samples)
+    if max_bytes is not None:
+        _check_seed_bytes(problem, mc_samples, subsample, max_bytes)
     if outputs is None:
         with torch.no_grad():
             outputs = problem.forward()
@@ -97,6 +103,23 @@ def count_columns(problem, mc_samples: int = 0, subsample: int | None = None) ->
     samples = problem.batch_size if subsample is None else subsample
     per_token = mc_samples or (problem.classes if problem.is_sequence else problem.num_outputs)
     return samples * columns_per_token_block(problem, samples) * per_token
+
+
+def seed_bytes(problem, mc_samples: int = 0, subsample: int | None = None) -> int:
+    """Bytes of the seeds :func:`make_columns` builds: one ``num_outputs`` vector per column (``T*C`` for
+    sequences, nonzero at one token: the columns x T x C numbers that make a large vocabulary expensive)."""
+    element = torch.finfo(problem.dtype).bits // 8
+    return count_columns(problem, mc_samples, subsample) * problem.num_outputs * element
+
+
+def _check_seed_bytes(problem, mc_samples: int, subsample: int | None, max_bytes: float) -> None:
+    size = seed_bytes(problem, mc_samples, subsample)
+    if size > max_bytes:
+        count = count_columns(problem, mc_samples, subsample)
+        raise CurvscopeError(
+            f"the seeds of {count:,} columns of V over {problem.num_outputs:,} outputs per sample need "
+            f"{size / 2**30:.1f} GiB, more than the memory budget ({max_bytes / 2**30:.1f} GiB): use fewer or "
+            "shorter sequences, or the matrix-free method (lanczos), which needs no columns")
 
 
 def _check_exact_size(problem, samples: Tensor) -> None:

@@ -49,7 +49,8 @@ def gram_rows(problem, groups: Sequence[tuple[str, Sequence[str]]], layout: Layo
     num_g = problem.batch_size if with_gradients else None
     with layout.stage():
         if columns is None:
-            columns = make_columns(problem, outputs, mc_samples=mc_samples, subsample=subsample, seed=seed)
+            columns = make_columns(problem, outputs, mc_samples=mc_samples, subsample=subsample, seed=seed,
+                                   max_bytes=plan.limit)
         grad_seeds = gradient_seeds(problem, outputs) if with_gradients else None
         acc = layout.accumulator(groups, columns, num_g)
     names = [n for n in problem.params if acc.wanted(n)]

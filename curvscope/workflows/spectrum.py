@@ -139,22 +139,28 @@ class SpectrumOptions(Options):
 
     def resolved_method(self, problem: Problem) -> tuple[str, str | None]:
         """``("gram" | "lanczos", note)``: ``auto`` picks the Gram when it fits the memory budget."""
+        from curvscope.curvature.columns import seed_bytes
         from curvscope.curvature.memory import MemoryPlan
 
         if self.curvature == "hessian" or self.method == "lanczos":
             return "lanczos", None
         columns, size = self.gram_bytes(problem)
-        budget = MemoryPlan.default(problem.device, self.parsed_memory()).budget
-        if size <= budget:
+        plan = MemoryPlan.default(problem.device, self.parsed_memory())
+        budget = plan.budget
+        seeds = seed_bytes(problem, self.mc_samples, self.subsample)
+        if size <= budget and seeds <= plan.limit:
             return "gram", None
+        what = (f"the Gram matrix of {columns:,} columns needs {size / 2**30:.1f} GiB" if size > budget else
+                f"the seeds of the {columns:,} columns (one vector of {problem.num_outputs:,} outputs each) need "
+                f"{seeds / 2**30:.1f} GiB")
         if self.method == "gram" or self.mc_samples:  # an explicit Gram request is refused, not replaced
             raise OptionError("mc_samples" if self.mc_samples else "max_memory",
-                              f"{self.mc_samples or self.max_memory}: the Gram matrix of {columns:,} columns needs "
-                              f"{size / 2**30:.1f} GiB, more than the memory budget ({budget / 2**30:.1f} GiB); "
-                              "use fewer samples or Monte-Carlo columns, or method lanczos")
-        return "lanczos", (f"the exact Gram matrix ({columns:,} columns, {size / 2**30:.1f} GiB) does not fit the "
-                           f"memory budget ({budget / 2**30:.1f} GiB): used Lanczos on GGN-vector products "
-                           "(the extreme eigenvalues, a Hutch++ trace and an SLQ density)")
+                              f"{self.mc_samples or self.max_memory}: {what}, more than the memory budget "
+                              f"({budget / 2**30:.1f} GiB); use fewer samples or Monte-Carlo columns, or method "
+                              "lanczos")
+        return "lanczos", (f"the exact Gram method does not fit the memory budget ({budget / 2**30:.1f} GiB): "
+                           f"{what}; used Lanczos on GGN-vector products (the extreme eigenvalues, a Hutch++ "
+                           "trace and an SLQ density)")
 
     def check_problem(self, problem: Problem) -> None:
         """Checks that need the Problem (before the long computation)."""
