@@ -141,3 +141,38 @@ def test_force_mode_is_checked():
     problem = CASES["rule-linear2d"]()
     with pytest.raises(ValueError, match="force_mode"):
         _ghost(problem, _all_groups(problem), force_mode="fast")
+
+
+@pytest.mark.parametrize("mode", ["ghost", "materialize"])
+def test_hugging_face_conv1d_takes_the_rule_and_matches_dense(mode):
+    """GPT-2's projections are Hugging Face ``Conv1D`` (weight stored in x out): the rule handles them (the tied
+    embedding / LM head stays generic) and the Grams match the generic path's, per tensor and per layer, gradients
+    included (``test_sequence.test_gpt2_from_transformers_matches_dense`` checks the whole spectrum, now through
+    this rule, against PyTorch's Jacobian and Hessian)."""
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    from curvscope import make_problem
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=11, n_positions=8,
+                                     bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+    lm = transformers.GPT2LMHeadModel(config).eval()
+
+    class Logits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids):
+            return self.lm(input_ids=input_ids).logits
+
+    tokens = torch.randint(11, (3, 4), generator=torch.Generator().manual_seed(1))
+    problem = make_problem(Logits(), tokens, tokens, loss="ce", dtype=torch.float64, shift_labels=True)
+    conv1d = {n for n in problem.params if any(f".{p}." in n for p in ("c_attn", "c_proj", "c_fc"))}
+    assert len(conv1d) == 8  # weight and bias of attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj
+    groups = _all_groups(problem)
+    got, handled, _ = _ghost(problem, groups, force_mode=mode)
+    assert handled == conv1d
+    ref = _generic(problem, groups)
+    assert_same_grams(ref, got, floor=float(ref[0].vv.abs().max()))  # key biases: zero but for rounding

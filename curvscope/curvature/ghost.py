@@ -1,4 +1,5 @@
-"""Fast per-layer Gram rules ("ghost" products) for nn.Linear and nn.Conv1d/2d (``docs/conventions.md`` §3).
+"""Fast per-layer Gram rules ("ghost" products) for nn.Linear, nn.Conv1d/2d and Hugging Face's Conv1D
+(``docs/conventions.md`` §3).
 
 A layer ``y = W a + b`` applied at T positions of a sample (T = 1 for a plain Linear, the flattened leading
 dims for sequences, the output pixels for a convolution through its unfolded patches) has, for column
@@ -51,12 +52,15 @@ class GhostLayer:
         positions: T; d_in: input features per position (``C_in * prod(kernel)`` for a convolution); d_out.
         out_shape: the layer's output shape for one sample (for the probe).
         mode: ``ghost`` (products of inputs and deltas) or ``materialize`` (per-column weight rows).
+        transposed: the weight is stored ``(d_in, d_out)`` (Hugging Face's ``Conv1D``, ``y = x W + b``). The
+            Gram does not depend on the order of a weight's entries; only the per-sample check transposes.
     """
 
     module_name: str
     module: nn.Module
     weight: str | None
     bias: str | None
+    transposed: bool = False
     positions: int = 0
     d_in: int = 0
     d_out: int = 0
@@ -104,16 +108,26 @@ class GhostLayer:
 
 # -- finding the layers ----------------------------------------------------------------------------------
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2's projections): a Linear whose weight is stored ``(in, out)``. Known by
+    name and shape, not imported (transformers is optional); the per-sample check confirms the rule."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, Tensor) and weight.dim() == 2
+            and getattr(module, "nf", None) == weight.shape[1])
+
+
 def candidate_layers(problem, names: Sequence[str]) -> list[GhostLayer]:
-    """Linear / Conv1d / Conv2d (zeros padding, groups 1) modules owning wanted, unshared parameters."""
+    """Linear / Conv1d / Conv2d (zeros padding, groups 1) and Hugging Face ``Conv1D`` modules owning wanted,
+    unshared parameters."""
     wanted = set(names)
     uses = Counter(id(p) for _n, p in problem.model.named_parameters(remove_duplicate=False))
     layers = []
     for mname, m in problem.model.named_modules():
+        transposed = is_hf_conv1d(m)
         if isinstance(m, nn.Conv1d | nn.Conv2d):
             if m.groups != 1 or m.padding_mode != "zeros":
                 continue
-        elif not isinstance(m, nn.Linear):
+        elif not isinstance(m, nn.Linear) and not transposed:
             continue
         if any(uses[id(p)] > 1 for p in m.parameters(recurse=False)):
             continue
@@ -121,7 +135,7 @@ def candidate_layers(problem, names: Sequence[str]) -> list[GhostLayer]:
         weight, bias = (n if n in wanted and n in problem.params else None
                         for n in (prefix + "weight", prefix + "bias"))
         if weight or bias:
-            layers.append(GhostLayer(mname, m, weight, bias))
+            layers.append(GhostLayer(mname, m, weight, bias, transposed=transposed))
     return layers
 
 
@@ -214,7 +228,8 @@ def _per_sample_check(problem, layers: list[GhostLayer], inputs: Tensor) -> list
         a = layer.positions_of_input(captured[layer.module_name].detach())  # (b, T, d_in)
         d = layer.positions_of_output(deltas[layer.module_name], 2).diagonal(dim1=0, dim2=1)
         d = d.movedim(-1, 0)  # (b, T, d_out): sample n's delta from cotangent n
-        rules = {layer.weight: torch.einsum("bto,bti->boi", d, a), layer.bias: d.sum(1)}
+        rules = {layer.weight: torch.einsum("bto,bti->bio" if layer.transposed else "bto,bti->boi", d, a),
+                 layer.bias: d.sum(1)}
         ok = True
         for name in layer.names:
             true = grads[name].reshape(b, -1)
