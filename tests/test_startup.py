@@ -88,3 +88,65 @@ def test_the_quick_start_imports_no_plotting_or_symbolic_libraries_it_does_not_u
         assert result["code"] == 0, proc.stderr
         assert {m.split(".")[0] for m in result["modules"]} == expected
         assert (out / "spectrum.png").is_file() == plots
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    ([], False), (["--help"], False), (["spectrum", "--help"], False), (["spectrum", "m.pt", "-h"], False),
+    (["spectrum", "m.pt", "--data", "d.pt"], True), (["info", "m.pt"], True), (["lr-suggest", "m.pt"], True),
+    (["factors", "m.pt"], True), (["check", "out/report.json", "--rule", "loss_value < 1"], False),
+    (["check", "m.pt", "--data", "d.pt", "--config", "c.toml"], True), (["check", "m.pt", "--data=d.pt"], True),
+    (["show", "out"], False),
+])
+def test_which_command_lines_load_pytorch_up_front(args, expected):
+    from curvscope.cli import needs_torch
+
+    assert needs_torch(args) is expected
+
+
+def test_help_and_gating_a_saved_report_start_without_pytorch(tmp_path):
+    """``--help``, ``check REPORT --rule`` and ``show --no-plots`` import neither torch nor matplotlib: a CI gate
+    on a saved report takes a fifth of a second, not PyTorch's import time."""
+    out = tmp_path / "out"
+    spectrum = subprocess.run([sys.executable, "-m", "curvscope", "spectrum",
+                               str(ROOT / "sample_models/mlp-digits.safetensors"), "--data",
+                               str(ROOT / "sample_models/digits.safetensors"), "--no-plots", "--out", str(out)],
+                              capture_output=True, text=True, timeout=120)
+    assert spectrum.returncode == 0, spectrum.stderr
+    probe = _PROBE.replace('("sympy", "matplotlib", "transformers", "scipy")', '("torch", "matplotlib")')
+    for args, code in ((["--help"], 0), (["spectrum", "--help"], 0),
+                       (["check", str(out / "report.json"), "--rule", "groups[0].lambda_max <= 50"], 0),
+                       (["check", str(out / "report.json"), "--rule", "groups[0].lambda_max <= 1e-9"], 1),
+                       (["show", str(out), "--no-plots"], 0)):
+        proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert result["code"] == code, (args, proc.stderr)
+        assert result["modules"] == [], (args, result["modules"])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_a_terminal_sees_a_spinner_while_pytorch_loads(tmp_path):
+    """On an interactive stderr the first thing shown is a spinner naming what is loading (PyTorch, then the
+    model and data), before any number is computed."""
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "curvscope", "spectrum",
+                             str(ROOT / "sample_models/mlp-digits.safetensors"), "--data",
+                             str(ROOT / "sample_models/digits.safetensors"), "--no-plots", "--out",
+                             str(tmp_path / "out")], stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the other end closed (Linux raises EIO at EOF)
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(master)
+    assert proc.wait(timeout=120) == 0
+    text = seen.decode(errors="replace")
+    assert "Starting curvscope (loading PyTorch)" in text
+    assert text.index("Starting curvscope") < text.index("Loading model and data")

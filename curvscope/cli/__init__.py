@@ -30,9 +30,14 @@ def main() -> None:
 
     try:
         signals.install()  # first: a SIGTERM while PyTorch loads ends with one line too
-        with _starting():
+        torch_needed = needs_torch(sys.argv[1:])
+        gc.disable()  # imports make objects that live until exit: collecting among them is wasted (0.1 s)
+        with _starting(torch_needed):
             app = _load_app()
+            if torch_needed:
+                import torch  # noqa: F401  (the command will: now, under the spinner, and frozen below)
         gc.freeze()  # the libraries just imported live until exit: no collection scans them again
+        gc.enable()
         app()
     except SystemExit as exc:
         gc.freeze()  # nor at exit: the interpreter's last collection of all objects takes longer than the run's
@@ -47,13 +52,24 @@ def main() -> None:
         signals.exit_now(143 if terminated else 130)
 
 
-COMPUTING = ("spectrum", "factors", "lr-suggest", "check", "info", "show")
+COMPUTING = ("spectrum", "factors", "lr-suggest", "info")
+"""Commands that load a model (PyTorch). ``check`` does with ``--data`` (a checkpoint to compute); gating a
+saved report, ``show`` and ``--help`` start without it (a fifth of a second)."""
 
 
-def _starting():
-    """A spinner on an interactive stderr while the heavy libraries load (within a second of the start)."""
-    args = sys.argv[1:2]
-    if not args or args[0] not in COMPUTING or "-h" in sys.argv or "--help" in sys.argv or not sys.stderr.isatty():
+def needs_torch(args: list[str]) -> bool:
+    """Whether the command line ``args`` (without the program name) will load PyTorch. A wrong guess costs
+    only time: the command imports what it needs either way."""
+    if not args or "-h" in args or "--help" in args:
+        return False
+    if args[0] in COMPUTING:
+        return True
+    return args[0] == "check" and any(a == "--data" or a.startswith("--data=") for a in args)
+
+
+def _starting(torch_needed: bool):
+    """A spinner on an interactive stderr while PyTorch loads (so that something shows within a second)."""
+    if not torch_needed or not sys.stderr.isatty():
         return contextlib.nullcontext()
     from rich.console import Console
 

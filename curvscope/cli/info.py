@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from rich.table import Table
 
 from curvscope.cli.common import (
@@ -51,6 +50,8 @@ def info(
 
 def describe(problem) -> dict:
     """Plain-data description of a Problem (used by ``info`` and by reports)."""
+    import torch
+
     modules = dict(problem.model.named_modules())
     layers = []
     for group in problem.groups("layer"):

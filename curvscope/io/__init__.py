@@ -1,8 +1,35 @@
-"""Loading checkpoints, model specs and datasets. Everything here raises CurvscopeError on bad input."""
+"""Loading checkpoints, model specs and datasets. Everything here raises CurvscopeError on bad input.
 
-from curvscope.io.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
-from curvscope.io.data import Dataset, load_dataset, select_batch
-from curvscope.io.spec import build_model
+Names are imported on first use: the submodules that need no PyTorch (``io.atomic``, ``io.spec``'s trust rule)
+stay light, so ``curvscope --help`` and ``curvscope check REPORT.json`` start without loading it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Checkpoint": "curvscope.io.checkpoints",
+    "load_checkpoint": "curvscope.io.checkpoints",
+    "save_checkpoint": "curvscope.io.checkpoints",
+    "Dataset": "curvscope.io.data",
+    "load_dataset": "curvscope.io.data",
+    "select_batch": "curvscope.io.data",
+    "build_model": "curvscope.io.spec",
+}
 
 __all__ = ["Checkpoint", "Dataset", "build_model", "load_checkpoint", "load_dataset", "save_checkpoint",
            "select_batch"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'curvscope.io' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from curvscope import __version__
 from curvscope.errors import CurvscopeError
@@ -53,7 +52,8 @@ def problem_section(problem) -> dict[str, Any]:
 
 def to_jsonable(value: Any) -> Any:
     """Tensors to lists, non-finite floats to ``None`` (JSON has no NaN/Inf), paths to strings."""
-    if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor exists only once PyTorch is loaded; reading reports needs no torch
+    if torch is not None and isinstance(value, torch.Tensor):
         return to_jsonable(value.detach().cpu().tolist())
     if isinstance(value, float):
         return value if math.isfinite(value) else None
