@@ -47,6 +47,10 @@ def test_hessian_report_matches_the_dense_hessian(tmp_path, tiny_files):
     grid = torch.tensor(g["density"]["grid"], dtype=torch.float64)
     values = torch.tensor(g["density"]["values"], dtype=torch.float64)
     assert abs(float(torch.trapezoid(values, grid)) - 1.0) < 1e-2
+    # the share of eigenvalues clearly below zero (under -sigma), from 4 SLQ vectors of 38 parameters
+    clearly = float((dense < -g["density"]["sigma"]).to(torch.float64).mean())
+    assert 0 <= g["negative_mass"] <= 1 and abs(g["negative_mass"] - clearly) < 0.15
+    assert report["comparison"]["negative_mass"] == g["negative_mass"]
     assert g["matvecs"] > 0 and (out / "spectrum.png").is_file()
     comparison = report["comparison"]
     assert comparison["ggn_method"] == "gram" and comparison["hessian_lambda_max"] == g["lambda_max"]

@@ -84,6 +84,7 @@ def test_ggn_by_lanczos_equals_ggn_by_gram_per_group():
         # the GGN's zero eigenvalues come out as tiny Ritz values: compare on the scale of the whole spectrum
         assert float((mine.top - want).abs().max()) <= 1e-6 * gram.groups[0].lambda_max
         assert mine.bottom is None and mine.lambda_min is None and mine.negative_mass is None
+        assert mine.density_below_zero is None
         close_rel(mine.top[:1], ref.eigenvalues[:1], 1e-6)
 
 
@@ -174,13 +175,18 @@ def test_slq_density_integrates_to_one_and_matches_dense_spectrum():
     # first moment: tr(H) / D; second: tr(H^2) / D (SLQ is exact for these polynomials, up to the random vectors)
     assert dens.moment(1) == pytest.approx(float(evals.mean()), abs=4 * dens.moment_stderr(1))
     assert dens.moment(2) == pytest.approx(float((evals**2).mean()), abs=4 * dens.moment_stderr(2))
-    # negative mass: the smoothed density below 0, against the dense eigenvalues smoothed the same way
+    # the smoothed density below 0, against the dense eigenvalues smoothed the same way, and its integral
+    g = res.groups[0]
     ref = float((0.5 * torch.erfc(evals / (dens.sigma * math.sqrt(2)))).mean())
-    assert 0 < res.groups[0].negative_mass < 1
-    assert res.groups[0].negative_mass == pytest.approx(ref, abs=0.1)
+    assert 0 < g.density_below_zero < 1
+    assert g.density_below_zero == pytest.approx(ref, abs=0.1)
     fine = torch.linspace(float(dens.nodes.min()) - 8 * dens.sigma, 0.0, 20001, dtype=F64)
     integral = float(torch.trapezoid(gaussian_density(fine, dens.nodes, dens.weights, dens.sigma), fine))
-    assert res.groups[0].negative_mass == pytest.approx(integral, abs=2e-3)
+    assert g.density_below_zero == pytest.approx(integral, abs=2e-3)
+    # the negative mass: the share of eigenvalues clearly below zero (under -sigma), near-zero ones left out
+    clearly = float((evals < -dens.sigma).to(F64).mean())
+    assert 0 < g.negative_mass < g.density_below_zero
+    assert g.negative_mass == pytest.approx(clearly, abs=0.1)
 
 
 def test_negative_mass_of_a_convex_problem_is_about_zero():
@@ -190,7 +196,7 @@ def test_negative_mass_of_a_convex_problem_is_about_zero():
     res = compute_matfree_spectrum(problem, top_k=2, trace_matvecs=0, density_vectors=4, density_steps=6)
     g = res.groups[0]
     assert float(evals[0]) > 0.1 and g.lambda_min == pytest.approx(float(evals[0]), rel=1e-6)
-    assert 0 <= g.negative_mass < 1e-3
+    assert g.negative_mass == 0 and 0 <= g.density_below_zero < 1e-3
 
 
 def test_density_only_for_the_first_group():
@@ -198,7 +204,8 @@ def test_density_only_for_the_first_group():
     res = compute_matfree_spectrum(problem, groups="layer", top_k=1, trace_matvecs=0, density_vectors=2,
                                    density_steps=10)
     assert res.groups[0].name == "all" and res.groups[0].density is not None
-    assert all(g.density is None and g.negative_mass is None for g in res.groups[1:])
+    assert all(g.density is None and g.negative_mass is None and g.density_below_zero is None
+               for g in res.groups[1:])
 
 
 # -- bookkeeping, determinism, progress, errors --------------------------------------------------------------

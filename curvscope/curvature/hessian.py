@@ -58,9 +58,13 @@ class MatfreeGroup:
         trace_method: ``"hutch++"``, ``"hutchinson"`` or ``"exact"`` (``None`` without a trace).
         density: the SLQ :class:`~curvscope.curvature.matfree.Density` (``grid`` ``(G,)``, ``values`` ``(G,)``,
             Ritz ``nodes``/``weights`` ``(n_v, m)``, ``sigma``), for the first group only, else ``None``.
-        negative_mass: Hessian with a density: the fraction of the smoothed density below 0,
+        negative_mass: Hessian with a density: the share of the spectrum clearly below zero, the SLQ
+            quadrature weight of the Ritz values below ``-sigma`` (the kernel width),
+            ``(1/n_v) sum_v sum_i tau_vi [theta_vi < -sigma]``: the smoothed cluster of near-zero eigenvalues
+            does not count (the report's ``negative_mass``); ``None`` otherwise.
+        density_below_zero: Hessian with a density: the smoothed density's mass below 0,
             ``(1/n_v) sum_v sum_i tau_vi Phi(-theta_vi / sigma)`` (the exact integral of the Gaussian-kernel
-            density over ``(-inf, 0)``); ``None`` otherwise.
+            density over ``(-inf, 0)``), which counts about half of that cluster; ``None`` otherwise.
         matvecs: products with this group's operator (eigenvalues, residual checks, trace and density).
     """
 
@@ -79,6 +83,7 @@ class MatfreeGroup:
     trace_method: str | None
     density: Density | None
     negative_mass: float | None
+    density_below_zero: float | None
     matvecs: int
 
     @property
@@ -192,6 +197,12 @@ class _Stage:
 
 
 def _negative_mass(density: Density) -> float:
+    """``(1/n_v) sum tau [theta < -sigma]``: the quadrature weight of the Ritz values clearly below zero."""
+    below = (density.nodes < -density.sigma).to(torch.float64)
+    return float((density.weights.to(torch.float64) * below).sum() / density.nodes.shape[0])
+
+
+def _density_below_zero(density: Density) -> float:
     """``(1/n_v) sum tau Phi(-theta / sigma)``: the Gaussian-kernel density's mass below 0."""
     cdf = 0.5 * torch.erfc(density.nodes.to(torch.float64) / (density.sigma * math.sqrt(2.0)))
     return float((density.weights.to(torch.float64) * cdf).sum() / density.nodes.shape[0])
@@ -284,6 +295,7 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
             trace=None if trace is None else trace.trace, trace_stderr=None if trace is None else trace.stderr,
             trace_method=None if trace is None else trace.method, density=density,
             negative_mass=_negative_mass(density) if hessian and density is not None else None,
+            density_below_zero=_density_below_zero(density) if hessian and density is not None else None,
             matvecs=op.count))
         del op  # frees the group's autograd graphs
     return MatfreeResult(groups=results, curvature=curvature, method="lanczos", loss_value=loss_value,

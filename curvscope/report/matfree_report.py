@@ -41,7 +41,7 @@ def group_fields(group: MatfreeGroup, curvature: str) -> dict[str, Any]:
         "trace_method": group.trace_method,
         "lambda_max": finite_or_none(lam_max),
         "lambda_min": finite_or_none(group.lambda_min) if group.bottom is not None else None,
-        "negative_mass": _negative_weight(group),
+        "negative_mass": finite_or_none(group.negative_mass) if group.negative_mass is not None else None,
         "effective_rank": None,
         "stability_lr": finite_or_none(group.stability_lr) if lam_max is not None and lam_max > 0 else None,
         "gradient_norm": None,
@@ -52,16 +52,6 @@ def group_fields(group: MatfreeGroup, curvature: str) -> dict[str, Any]:
         "directions": None,
     }
     return fields
-
-
-def _negative_weight(group: MatfreeGroup) -> float | None:
-    """The share of the spectrum clearly below zero: the SLQ quadrature weight of Ritz values below -sigma (the
-    kernel width), so that the smoothing of the cluster of near-zero eigenvalues does not count as negative."""
-    density = group.density
-    if density is None or group.bottom is None:
-        return None
-    below = (density.nodes < -density.sigma).to(density.weights.dtype)
-    return finite_or_none(float((density.weights * below).sum(dim=1).mean()))
 
 
 def matfree_fields(result: MatfreeResult, batch_size: int) -> dict[str, Any]:
