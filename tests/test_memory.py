@@ -83,3 +83,12 @@ def test_parse_memory():
         parse_memory("lots")
     with pytest.raises(CurvscopeError, match="^max_memory '1k' is below 1 MiB"):
         parse_memory("1k")
+
+
+def test_byte_counts_in_messages_use_the_largest_unit():
+    from curvscope.curvature.memory import format_bytes
+
+    assert format_bytes(129024000) == "123 MiB"
+    assert format_bytes(5.4 * 2**30) == "5.4 GiB"
+    assert format_bytes(11456 * 2**30) == "11.2 TiB"
+    assert format_bytes(512) == "512 B" and format_bytes(2048) == "2 KiB"

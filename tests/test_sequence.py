@@ -192,7 +192,7 @@ def test_seeds_over_the_memory_budget_are_refused_before_allocating():
     problem = make_problem(TinyLM(vocab=2000, d=2), tokens, tokens, loss="ce", shift_labels=True)
     assert seed_bytes(problem, mc_samples=1) == 4 * 63 * 64 * 2000 * 4
     with pytest.raises(CurvscopeError, match=r"the seeds of 252 columns of V over 128,000 outputs per sample need "
-                                             r"0\.1 GiB, more than the memory budget .*matrix-free method"):
+                                             r"123 MiB, more than the memory budget \(32 MiB\).*matrix-free method"):
         make_columns(problem, mc_samples=1, max_bytes=2**25)
     with pytest.raises(CurvscopeError, match="the seeds of 252 columns"):
         compute_spectrum(problem, mc_samples=1, max_memory=2**26)  # a third of it for the seeds

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from curvscope.curvature.memory import format_bytes
 from curvscope.errors import CurvscopeError
 
 MAX_EXACT_SEQUENCE_COLUMNS = 2**16
@@ -118,7 +119,7 @@ def _check_seed_bytes(problem, mc_samples: int, subsample: int | None, max_bytes
         count = count_columns(problem, mc_samples, subsample)
         raise CurvscopeError(
             f"the seeds of {count:,} columns of V over {problem.num_outputs:,} outputs per sample need "
-            f"{size / 2**30:.1f} GiB, more than the memory budget ({max_bytes / 2**30:.1f} GiB): use fewer or "
+            f"{format_bytes(size)}, more than the memory budget ({format_bytes(max_bytes)}): use fewer or "
             "shorter sequences, or the matrix-free method (lanczos), which needs no columns")
 
 

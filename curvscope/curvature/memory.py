@@ -45,6 +45,15 @@ def parse_memory(text: str | int | None) -> int | None:
     return value
 
 
+def format_bytes(size: float) -> str:
+    """A byte count for messages, in the largest binary unit it reaches: ``"123 MiB"``, ``"5.4 GiB"``,
+    ``"11.2 TiB"``."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{int(size)} B"
+
+
 def available_memory(device: torch.device) -> int:
     """Bytes free for the engine on ``device``."""
     if device.type == "cuda":

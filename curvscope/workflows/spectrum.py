@@ -140,7 +140,7 @@ class SpectrumOptions(Options):
     def resolved_method(self, problem: Problem) -> tuple[str, str | None]:
         """``("gram" | "lanczos", note)``: ``auto`` picks the Gram when it fits the memory budget."""
         from curvscope.curvature.columns import seed_bytes
-        from curvscope.curvature.memory import MemoryPlan
+        from curvscope.curvature.memory import MemoryPlan, format_bytes
 
         if self.curvature == "hessian" or self.method == "lanczos":
             return "lanczos", None
@@ -150,15 +150,15 @@ class SpectrumOptions(Options):
         seeds = seed_bytes(problem, self.mc_samples, self.subsample)
         if size <= budget and seeds <= plan.limit:
             return "gram", None
-        what = (f"the Gram matrix of {columns:,} columns needs {size / 2**30:.1f} GiB" if size > budget else
+        what = (f"the Gram matrix of {columns:,} columns needs {format_bytes(size)}" if size > budget else
                 f"the seeds of the {columns:,} columns (one vector of {problem.num_outputs:,} outputs each) need "
-                f"{seeds / 2**30:.1f} GiB")
+                f"{format_bytes(seeds)}")
         if self.method == "gram" or self.mc_samples:  # an explicit Gram request is refused, not replaced
             raise OptionError("mc_samples" if self.mc_samples else "max_memory",
                               f"{self.mc_samples or self.max_memory}: {what}, more than the memory budget "
-                              f"({budget / 2**30:.1f} GiB); use fewer samples or Monte-Carlo columns, or method "
+                              f"({format_bytes(budget)}); use fewer samples or Monte-Carlo columns, or method "
                               "lanczos")
-        return "lanczos", (f"the exact Gram method does not fit the memory budget ({budget / 2**30:.1f} GiB): "
+        return "lanczos", (f"the exact Gram method does not fit the memory budget ({format_bytes(budget)}): "
                            f"{what}; used Lanczos on GGN-vector products (the extreme eigenvalues, a Hutch++ "
                            "trace and an SLQ density)")
 
@@ -167,7 +167,7 @@ class SpectrumOptions(Options):
         if self.subsample is not None and self.subsample > problem.batch_size:
             raise OptionError("subsample", f"{self.subsample} is larger than the batch ({problem.batch_size} "
                               "samples)")
-        from curvscope.curvature.memory import MemoryPlan
+        from curvscope.curvature.memory import MemoryPlan, format_bytes
 
         method, _ = self.resolved_method(problem)
         columns, _ = self.gram_bytes(problem)
@@ -178,8 +178,8 @@ class SpectrumOptions(Options):
             k = min(self.top_k or (DEFAULT_TOP_K if method == "gram" else DEFAULT_LANCZOS_K), columns)
             size = k * problem.num_params * next(iter(problem.params.values())).element_size()
             if size > budget:
-                text = (f"up to {k} eigenvectors of {problem.num_params:,} parameters need {size / 2**30:.1f} "
-                        f"GiB, more than the memory budget ({budget / 2**30:.1f} GiB)")
+                text = (f"up to {k} eigenvectors of {problem.num_params:,} parameters need {format_bytes(size)}, "
+                        f"more than the memory budget ({format_bytes(budget)})")
                 raise OptionError("eigenvectors", f"{text}: pass a smaller top_k", f"{text}: pass a smaller --top-k")
 
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import grad
 
 from curvscope.curvature.generic import map_stacked
+from curvscope.curvature.memory import format_bytes
 from curvscope.curvature.symmetry.factors import Factors, single_gradient_factors
 from curvscope.curvature.symmetry.groups import Structure
 from curvscope.errors import CurvscopeError, OptionError, one_of
@@ -186,7 +187,7 @@ def ensemble_factors(problem, structure: Structure, models: int = 0, init: str =
     itemsize = torch.finfo(problem.dtype).bits // 8
     per_model = sum(c.size ** 2 for c in structure.components) * itemsize
     if per_model * M > FACTOR_BYTES:
-        raise OptionError("ensemble", f"{M}: the per-model factors would take {per_model * M / 2**30:.1f} GiB; "
+        raise OptionError("ensemble", f"{M}: the per-model factors would take {format_bytes(per_model * M)}; "
                           "use fewer models or a smaller chain")
     K = chunk if chunk and chunk > 0 else auto_chunk(problem, structure, M)
     names = structure.chain.param_names
