@@ -137,6 +137,46 @@ def test_cost_rule_picks_ghost_for_wide_linear_and_materialize_for_many_position
     assert ghost.choose_mode(long, 128, 128 * 11, plan, 4) == "ghost"
 
 
+def test_materialize_only_layers_beside_generic_parameters_are_left_to_the_generic_path():
+    """When every rule layer would materialize its rows and other parameters (an embedding) need the generic path's
+    backward through the whole model anyway, the rules take nothing (their pass would be extra work); without
+    such parameters, or with a forced mode, they still take the layers. The Gram is the same either way."""
+    import torch
+
+    from curvscope import make_problem
+
+    class Tokens(nn.Module):
+        def __init__(self, embed: bool) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(5, 4) if embed else None
+            self.mix = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.embed(x) if self.embed is not None else x
+            return self.out(torch.tanh(self.mix(h))).mean(1)  # (N, 3): one output per sample, T = 32 positions
+
+    torch.manual_seed(0)
+    tokens = torch.randint(5, (6, 32))
+    for embed in (True, False):
+        model = Tokens(embed).double()
+        x = tokens if embed else torch.randn(6, 32, 4, dtype=torch.float64)
+        problem = make_problem(model, x, torch.randint(3, (6,)), loss="ce", dtype=torch.float64)
+        columns = make_columns(problem)
+        names = list(problem.params)
+        layers = ghost.select_layers(problem, names, columns, None, BIG)
+        groups = _all_groups(problem)
+        got, handled, _ = _ghost(problem, groups)
+        if embed:
+            assert layers == [] and handled == set()
+        else:
+            assert {layer.mode for layer in layers} == {"materialize"}
+            assert handled == set(names)
+        forced = ghost.select_layers(problem, names, columns, None, BIG, force_mode="materialize")
+        assert {layer.module_name for layer in forced} == {"mix", "out"}
+        assert_same_grams(_generic(problem, groups), got)
+
+
 def test_force_mode_is_checked():
     problem = CASES["rule-linear2d"]()
     with pytest.raises(ValueError, match="force_mode"):

@@ -242,11 +242,13 @@ def _per_sample_check(problem, layers: list[GhostLayer], inputs: Tensor) -> list
 
 # -- cost model -------------------------------------------------------------------------------------------
 
-# Multiply-adds of the T > 1 ghost contractions (one matmul of the inputs, then two batched matmuls) run about
-# this many times slower than those of the one large matrix product of the materialized mode (measured on CPU,
-# float32, one thread, N = 8..32, T = 2..32, k = 8..20, d = 64..256: 1.2x to 3.9x). The einsum form it replaced
-# needed 20.
-GHOST_BMM_PENALTY = 4
+# Multiply-adds of the T > 1 ghost contractions (one matmul of the inputs, then two batched matmuls) run this many
+# times slower than those of the one large matrix product of the materialized mode. Measured on CPU, float32:
+# 1.2x to 3.9x on one thread (N = 8..32, T = 2..32, k = 8..20, d = 64..256), about 6.6x on two threads (d = 128,
+# T = 16, N = 16, k = 16: 12 against 80 GMAC/s). At 8, `python -m benchmarks.sequence_ghost` keeps the ghost mode
+# where it wins (d = 256 or 512, T = 8: 2-3.5x faster than the generic path) and leaves d = 128, T = 16 to the
+# generic path (penalty 4 took the ghost mode there: 1.7x slower). The einsum form it replaced needed 20.
+GHOST_BMM_PENALTY = 8
 
 
 def choose_mode(layer: GhostLayer, num_samples: int, num_columns: int, plan: MemoryPlan, element_size: int
@@ -281,13 +283,19 @@ def select_layers(problem, names: Sequence[str], columns: Columns, grad_seeds: T
     probe_idx = (torch.arange(min(2, problem.batch_size), device=problem.device) if grad_seeds is not None
                  else columns.samples[:2])
     inputs = problem.inputs[probe_idx]
-    layers = _per_sample_check(problem, _structure(problem, layers, inputs), inputs)
+    layers = _structure(problem, layers, inputs)
     num_samples = problem.batch_size if grad_seeds is not None else columns.num_samples
     num_columns = columns.num_columns + (problem.batch_size if grad_seeds is not None else 0)
     elt = torch.finfo(problem.dtype).bits // 8
     for layer in layers:
         layer.mode = force_mode or choose_mode(layer, num_samples, num_columns, plan, elt)
-    return layers
+    if force_mode is None and not any(layer.mode == "ghost" for layer in layers) and (
+            set(names) - {n for layer in layers for n in layer.names}):
+        # every layer would materialize its rows while the generic path backpropagates through the whole model
+        # for the parameters left anyway (embeddings, norms): its per-sample rows of these layers cost the same,
+        # and this pass would be extra
+        return []
+    return _per_sample_check(problem, layers, inputs)
 
 
 # -- the contributions ------------------------------------------------------------------------------------
