@@ -126,6 +126,39 @@ def test_mse_on_sequences_against_dense():
     assert_matches_dense(problem, lambda out: nn.MSELoss()(out, y.double()))
 
 
+def _sequence_cases():
+    problem, labels = lm_problem()
+    yield "causal-lm", problem, hf_loss(labels, True)
+    torch.manual_seed(1)
+    tokens, labels = lm_data(1)
+    labels = labels % 4 * (labels >= 0) + -100 * (labels < 0)
+    yield "token-classifier", make_problem(TinyLM(out=4), tokens, labels, loss="ce", dtype=torch.float64), \
+        hf_loss(labels, False)
+    torch.manual_seed(2)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(N, T, 4, generator=g), torch.randn(N, T, 3, generator=g)
+    yield "mse", make_problem(TinyRegressor(), x, y, loss="mse", dtype=torch.float64), \
+        lambda out: nn.MSELoss()(out, y.double())
+
+
+def test_matrix_free_ggn_of_sequence_models_against_dense():
+    """The GGN-vector products of Lanczos (``ggn_operator``) use each token's loss Hessian times N/|T|, the
+    ignored tokens' blocks zero: the matrix equals J^T H J from PyTorch's own loss, and Lanczos finds the Gram
+    engine's eigenvalues (before, the closed form took a softmax over all T*C outputs of a sequence)."""
+    from curvscope.curvature.hessian import compute_matfree_spectrum
+    from curvscope.curvature.operators import ggn_operator
+
+    for name, problem, batch_loss in _sequence_cases():
+        G = dense_any(problem, batch_loss).G
+        torch.testing.assert_close(ggn_operator(problem).dense(), G, rtol=0, atol=1e-10 * float(G.abs().max()),
+                                   msg=name)
+        gram = compute_spectrum(problem, top_k=3).groups[0]
+        lanczos = compute_matfree_spectrum(problem, curvature="ggn", top_k=3, trace_matvecs=problem.num_params,
+                                           density_vectors=0).groups[0]
+        torch.testing.assert_close(lanczos.top, gram.eigenvalues[:3], rtol=1e-8, atol=0, msg=name)
+        assert lanczos.trace == pytest.approx(gram.trace, rel=1e-10), name
+
+
 def test_lr_ggn_h_bar_of_a_sequence_model():
     problem, labels = lm_problem()
     dense = dense_any(problem, hf_loss(labels, True))

@@ -175,12 +175,24 @@ def loss_hessian_product(loss, outputs: Tensor, targets: Tensor) -> Callable[[Te
     product of ``N * loss(outputs, targets)`` w.r.t. the outputs by double backward (for a mean of per-sample
     losses this is the same block-diagonal ``H_n``).
 
+    Sequence outputs ``(N, T*C)`` (``loss.positions > 0``): ``H_n`` is block-diagonal over the tokens, each valid
+    token's block the token loss's Hessian times ``token_scale = N/|T|``, the ignored tokens' blocks zero
+    (``docs/conventions.md`` §8).
+
     Args:
         loss: a :class:`~curvscope.losses.Loss`.
-        outputs: ``(N, C)`` model outputs (detached here).
-        targets: the batch targets (used only by the double-backward product for other losses).
+        outputs: ``(N, C)`` model outputs (detached here); ``(N, T*C)`` for sequence outputs.
+        targets: the batch targets (the valid tokens of a sequence loss; the double-backward product for other
+            losses).
     """
     outputs = outputs.detach()
+    if getattr(loss, "positions", 0):  # (a loss object of another kind has one output vector per sample)
+        n, T, C = outputs.shape[0], loss.positions, loss.classes
+        valid = loss.valid_tokens(targets).reshape(n * T, 1).to(outputs.dtype)
+        token_targets = targets.reshape(n * T, *targets.shape[2:])
+        token = loss_hessian_product(loss.token_loss(), outputs.reshape(n * T, C), token_targets)
+        weight = valid * loss.token_scale
+        return lambda w: (token(w.reshape(n * T, C)) * weight).reshape(w.shape)
     C = outputs.shape[-1]
     if loss.name == "ce":
         p = outputs.softmax(dim=-1)
