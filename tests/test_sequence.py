@@ -159,6 +159,30 @@ def test_matrix_free_ggn_of_sequence_models_against_dense():
         assert lanczos.trace == pytest.approx(gram.trace, rel=1e-10), name
 
 
+def test_matrix_free_hessian_of_a_causal_lm_against_dense():
+    """Lanczos on the Hessian of a causal LM (shifted labels, ignored tokens): both ends and the exact trace
+    against ``torch.autograd.functional.hessian`` of Hugging Face's loss on the model's raw outputs."""
+    from helpers import flat_params, unflatten_params
+    from torch.func import functional_call
+
+    from curvscope.curvature.hessian import compute_matfree_spectrum
+
+    problem, labels = lm_problem()
+    batch_loss = hf_loss(labels, True)
+
+    def loss_of(theta):
+        params = {**problem.buffers, **unflatten_params(problem, theta)}
+        return batch_loss(functional_call(problem.model, params, (problem.inputs,)))
+
+    H = torch.autograd.functional.hessian(loss_of, flat_params(problem))
+    evals = torch.linalg.eigvalsh(H)
+    g = compute_matfree_spectrum(problem, curvature="hessian", top_k=2, trace_matvecs=problem.num_params,
+                                 density_vectors=0).groups[0]
+    torch.testing.assert_close(g.top, evals.flip(0)[:2], rtol=1e-8, atol=0)
+    torch.testing.assert_close(g.bottom, evals[:2], rtol=1e-8, atol=0)
+    assert g.trace == pytest.approx(float(H.trace()), rel=1e-10)
+
+
 def test_lr_ggn_h_bar_of_a_sequence_model():
     problem, labels = lm_problem()
     dense = dense_any(problem, hf_loss(labels, True))
