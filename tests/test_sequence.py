@@ -183,6 +183,25 @@ def test_matrix_free_hessian_of_a_causal_lm_against_dense():
     assert g.trace == pytest.approx(float(H.trace()), rel=1e-10)
 
 
+def test_newton_step_of_a_causal_lm_against_dense():
+    """The damped Newton step along all nonzero directions of a causal LM's GGN equals the dense formula with
+    J^T H J and the gradient of Hugging Face's loss."""
+    from helpers import dense_step
+
+    from curvscope.curvature.newton import newton_step
+
+    problem, labels = lm_problem()
+    dense = dense_any(problem, hf_loss(labels, True))
+    gradient = torch.cat([g.reshape(-1) for g in problem.gradient().values()])
+    torch.testing.assert_close(gradient, dense.gn.mean(0), rtol=0, atol=1e-14)
+    result = compute_spectrum(problem)
+    step = newton_step(problem, result, 0.1)
+    mine = torch.cat([step.step[n].reshape(-1) for n in problem.params])
+    ref = dense_step(dense.G, gradient, result.groups[0].top_k, 0.1)
+    assert result.groups[0].top_k == result.groups[0].rank
+    torch.testing.assert_close(mine, ref, rtol=0, atol=1e-10 * float(ref.abs().max()))
+
+
 def test_lr_ggn_h_bar_of_a_sequence_model():
     problem, labels = lm_problem()
     dense = dense_any(problem, hf_loss(labels, True))
