@@ -356,6 +356,33 @@ def test_stability_bounds_equal_dense_ggn_blocks():
         assert bound_whole == pytest.approx(2 / whole, rel=1e-8)
 
 
+def test_stability_bounds_of_a_language_model_by_lanczos_equal_the_gram(monkeypatch):
+    """Beyond ``MAX_GRAM_COLUMNS`` (a vocabulary times tokens) the bounds come from Lanczos on GGN-vector
+    products: on a causal LM with ignored tokens they equal the Gram engine's (which is tested against dense
+    references), per layer and for the whole model."""
+    from curvscope.curvature.lr import stability
+
+    class TinyLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.mix, self.head = nn.Embedding(7, 6), nn.Linear(6, 6), nn.Linear(6, 7)
+
+        def forward(self, tokens):
+            return self.head(torch.tanh(self.mix(self.emb(tokens))))
+
+    torch.manual_seed(0)
+    tokens = torch.randint(7, (3, 5), generator=torch.Generator().manual_seed(0))
+    labels = tokens.clone()
+    labels[2, 3:] = -100
+    problem = make_problem(TinyLM(), tokens, labels, loss="ce", dtype=torch.float64, shift_labels=True)
+    groups = problem.groups("layer")
+    gram = L.stability_bounds(problem, "layer", groups)
+    monkeypatch.setattr(stability, "MAX_GRAM_COLUMNS", 0)
+    lanczos = L.stability_bounds(problem, "layer", groups)
+    torch.testing.assert_close(lanczos[0], gram[0], rtol=1e-6, atol=0)
+    assert lanczos[2] == pytest.approx(gram[2], rel=1e-6)
+
+
 def test_recommended_rates_decrease_the_loss_and_report_checks_by_hand():
     problem = tiny_problem("ce", n=8)
     result = suggest_lr(problem, partition="layer", curvature="hessian")
