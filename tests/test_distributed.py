@@ -23,6 +23,7 @@ import torch
 import curvscope
 from curvscope.curvature.distributed import _fill, _specs, _strip
 from curvscope.curvature.gram import compute_gram
+from curvscope.curvature.hessian import compute_matfree_spectrum
 from curvscope.curvature.newton import newton_step
 from curvscope.curvature.spectrum import compute_spectrum, eigenvectors
 
@@ -67,6 +68,25 @@ CASES: dict[str, tuple[Any, dict[str, Any]]] = {
 }
 
 
+MATFREE_CASES: dict[str, tuple[Any, dict[str, Any]]] = {
+    # both ends of the Hessian per layer, the exact trace (products >= D), the density, the top eigenvectors
+    "hessian-layer": (_mlp_problem, {"curvature": "hessian", "groups": "layer", "top_k": 3, "trace_matvecs": 500,
+                                     "density_vectors": 2, "density_steps": 12, "eigenvectors": True}),
+    # the GGN of a transformer with a Hutch++ trace estimate (random vectors: the same seed on every rank)
+    "ggn-transformer": (_transformer_problem, {"curvature": "ggn", "top_k": 2, "trace_matvecs": 30,
+                                               "density_vectors": 0, "seed": 5}),
+}
+
+
+def _matfree_summary(res) -> dict[str, Any]:
+    out: dict[str, Any] = {"loss_value": res.loss_value, "groups": [], "eigenvectors": res.eigenvectors}
+    for g in res.groups:
+        out["groups"].append({"name": g.name, "top": g.top.cpu(), "bottom": None if g.bottom is None else
+                              g.bottom.cpu(), "trace": g.trace, "steps": g.steps, "converged": g.converged,
+                              "density": None if g.density is None else g.density.values.cpu()})
+    return out
+
+
 def _summary(res) -> dict[str, Any]:
     out: dict[str, Any] = {"loss_value": res.loss_value, "gradient_norm": res.gradient_norm,
                            "num_columns": res.num_columns, "groups": []}
@@ -108,6 +128,9 @@ def _worker(rank: int, world: int, port: int, out_dir: Path) -> None:
     results["newton"] = {"step": step.step, "predicted": step.predicted_decrease,
                          "realized": step.realized_decrease, "loss_before": step.loss_before,
                          "eigenvectors": vecs}
+
+    for name, (make, kwargs) in MATFREE_CASES.items():
+        results[name] = _matfree_summary(compute_matfree_spectrum(make(), process_group=pg, **kwargs))
 
     errors = {}
     for name, make in (("fragile", lambda: _fragile_problem(rank)),
@@ -229,6 +252,32 @@ def test_spectrum_matches_single_process(worker_results, case):
             raise AssertionError(f"rank {rank}: {exc}") from exc
 
 
+@pytest.mark.parametrize("case", list(MATFREE_CASES))
+def test_matrix_free_spectrum_matches_single_process(worker_results, case):
+    """Lanczos, Hutch++ and SLQ with every product split over the ranks' samples: the same iterations and numbers
+    as in one process (up to the rounding of the sum)."""
+    make, kwargs = MATFREE_CASES[case]
+    ref = _matfree_summary(compute_matfree_spectrum(make(), **kwargs))
+    for rank, got in enumerate(r[case] for r in worker_results):
+        assert got["loss_value"] == pytest.approx(ref["loss_value"], rel=1e-12), rank
+        for g, r in zip(got["groups"], ref["groups"], strict=True):
+            assert (g["name"], g["steps"], g["converged"]) == (r["name"], r["steps"], r["converged"]), rank
+            scale = float(r["top"].abs().max())
+            _close(g["top"], r["top"], rtol=1e-9, atol=1e-12 * scale)
+            if r["bottom"] is not None:
+                _close(g["bottom"], r["bottom"], rtol=1e-9, atol=1e-12 * scale)
+            assert g["trace"] == pytest.approx(r["trace"], rel=1e-9, abs=1e-12 * scale), rank
+            if r["density"] is not None:
+                _close(g["density"], r["density"], rtol=1e-7, atol=1e-9 * float(r["density"].max()))
+        if ref["eigenvectors"] is not None:
+            for n, v in ref["eigenvectors"].items():  # unit Ritz vectors, up to their signs
+                w = got["eigenvectors"][n]
+                sign = torch.sign((w * v).flatten(1).sum(1)).reshape(-1, *([1] * (v.dim() - 1)))
+                _close(w * torch.where(sign == 0, 1.0, sign), v, rtol=1e-6, atol=1e-9)
+    assert all(torch.equal(worker_results[0][case]["groups"][0]["top"], r[case]["groups"][0]["top"])
+               for r in worker_results)  # every rank, bit for bit
+
+
 def test_python_api(worker_results):
     problem = _mlp_problem()
     ref = _summary(curvscope.spectrum(problem.model, problem.inputs, problem.targets, loss="ce", dtype=torch.float64,
@@ -329,6 +378,31 @@ def test_cli_under_torchrun_matches_single_process(tmp_path, extra):
         for key in ("gamma_snr", "lambda_snr"):
             _close(torch.tensor(g["directions"][key][:20]), torch.tensor(r["directions"][key][:20]),
                    rtol=1e-6 if float64 else 1e-3, atol=1e-10)
+
+
+def test_cli_hessian_under_torchrun_matches_single_process(tmp_path):
+    """``spectrum --curvature hessian`` (Lanczos at both ends, Hutch++, SLQ, the GGN beside it) under torchrun
+    writes the same report numbers as one process."""
+    common = ["spectrum", SAMPLES / "mlp-digits.safetensors", "--data", SAMPLES / "digits.safetensors",
+              "--batch-size", 16, "--dtype", "float64", "--curvature", "hessian", "--top-k", 3, "--no-plots"]
+    dist_out, single_out = tmp_path / "dist", tmp_path / "single"
+    run = _run(_torchrun(_free_port(), *common, "--out", dist_out))
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.count("Hessian spectrum") == 1, run.stdout
+    single = _run([sys.executable, "-m", "curvscope", *[str(a) for a in common], "--out", str(single_out)])
+    assert single.returncode == 0, single.stderr
+    got = json.loads((dist_out / "report.json").read_text())
+    ref = json.loads((single_out / "report.json").read_text())
+    assert got["loss_value"] == pytest.approx(ref["loss_value"], rel=1e-12)
+    assert got["gradient_norm"] == pytest.approx(ref["gradient_norm"], rel=1e-10)
+    g, r = got["groups"][0], ref["groups"][0]
+    scale = abs(r["eigenvalues"][0])
+    for key in ("eigenvalues", "eigenvalues_bottom"):
+        _close(torch.tensor(g[key]), torch.tensor(r[key]), rtol=1e-8, atol=1e-10 * scale)
+    assert g["trace"] == pytest.approx(r["trace"], rel=1e-8)
+    _close(torch.tensor(g["density"]["values"]), torch.tensor(r["density"]["values"]), rtol=1e-6,
+           atol=1e-8 * max(r["density"]["values"]))
+    assert got["comparison"]["ggn_lambda_max"] == pytest.approx(ref["comparison"]["ggn_lambda_max"], rel=1e-8)
 
 
 def test_cli_bad_input_under_torchrun_one_message(tmp_path):

@@ -232,6 +232,14 @@ class Comm:
                 i += t.numel()
         return {n: out[n] for n in tensors}
 
+    def sum_to_all(self, t: Tensor) -> Tensor:
+        """Collective: the sum of every rank's ``t``, bitwise the same on every rank (reduced on rank 0, then
+        broadcast), for iterations whose control flow must agree across ranks (Lanczos)."""
+        flat = self._to_comm(t).clone()
+        dist.reduce(flat, dst=self.global_rank(0), group=self.group)
+        dist.broadcast(flat, src=self.global_rank(0), group=self.group)
+        return flat.to(t.device)
+
     def all_gather_rows(self, local: Tensor, bounds: Sequence[int]) -> Tensor:
         """Concatenate every rank's ``(b[r+1] - b[r], ...)`` rows in rank order (rows padded to the largest)."""
         rows = max(bounds[r + 1] - bounds[r] for r in range(self.world))

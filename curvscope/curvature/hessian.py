@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -36,6 +37,9 @@ from curvscope.curvature.operators import CURVATURES, curvature_operator
 from curvscope.errors import CurvscopeError
 from curvscope.problem import GROUP_MODES
 from curvscope.progress import Progress, or_silent
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 _EIGEN, _TRACE, _DENSITY = 0, 1, 2  # estimator index in the seed of its generator
 
@@ -211,8 +215,8 @@ def _density_below_zero(density: Density) -> float:
 def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str = "all", top_k: int = 10,
                              tol: float = 1e-6, max_steps: int | None = None, trace_matvecs: int = 60,
                              density_vectors: int = 4, density_steps: int = 40, eigenvectors: bool = False,
-                             include_total: bool = True, seed: int = 0, progress: Progress | None = None
-                             ) -> MatfreeResult:
+                             include_total: bool = True, seed: int = 0, progress: Progress | None = None,
+                             process_group: ProcessGroup | None = None) -> MatfreeResult:
     """Extreme eigenvalues, trace and spectral density of the Hessian or GGN per parameter group (§9).
 
     Args:
@@ -234,6 +238,10 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
         seed: seeds every random vector (start vectors, Hutch++ and SLQ vectors).
         progress: :class:`~curvscope.progress.Progress`; stages ``"lanczos"`` (Lanczos steps, summed over the
             groups), ``"trace"`` (products, summed over the groups) and ``"density"`` (Lanczos steps).
+        process_group: an initialized ``torch.distributed`` group: the call is collective (every rank passes the
+            same full problem and arguments); each product is split over the ranks' contiguous slices of the
+            batch and summed (bitwise the same on every rank, so every rank runs the same iterations), and every
+            rank returns the same result, equal to the single-process one up to rounding.
 
     Returns:
         :class:`MatfreeResult`; shapes: ``top``/``bottom`` ``(min(k, D_P),)``, density ``(G,)``.
@@ -260,15 +268,31 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
             for d in dims]
     lanczos_stage = _Stage(progress, "lanczos", caps)
     trace_stage = _Stage(progress, "trace", [min(trace_matvecs, d) for d in dims])
-    with torch.no_grad():
-        loss_value = float(problem.loss_value())
+    layout = None
+    if process_group is not None:
+        from curvscope.curvature.layout import ShardedLayout
+
+        layout = ShardedLayout.create(process_group, problem)  # collective: the same problem on every rank
+    if layout is None:
+        with torch.no_grad():
+            loss_value = float(problem.loss_value())
+    else:
+        loss_value = layout.loss_value(problem)
 
     results: list[MatfreeGroup] = []
     vectors: dict[str, Tensor] | None = None
     for i, (name, names) in enumerate(blocks):
-        op = curvature_operator(problem, names, curvature)
+        if layout is None:
+            op = curvature_operator(problem, names, curvature)
+            matvec = op.matvec
+        else:
+            with layout.stage():  # a rank that cannot build its part ends every rank with its message
+                op = curvature_operator(problem, names, curvature, layout.batch_range())
+
+            def matvec(v: Tensor, op=op) -> Tensor:
+                return layout.sum_to_all(op.matvec(v))
         kw = {"dtype": problem.dtype, "device": problem.device}
-        eig = extreme_eigenpairs(op.matvec, op.dim, top_k, which=which, tol=tol, max_steps=caps[i],
+        eig = extreme_eigenpairs(matvec, op.dim, top_k, which=which, tol=tol, max_steps=caps[i],
                                  generator=_generator(seed, i, _EIGEN), want_vectors=eigenvectors and i == 0,
                                  progress=lanczos_stage.group(i), **kw)
         lanczos_stage.finish(i)
@@ -276,13 +300,13 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
             vectors = _parameter_vectors(problem, op, eig.top_vectors)
         trace = None
         if trace_matvecs:
-            trace = hutchpp(op.matvec, op.dim, trace_matvecs, generator=_generator(seed, i, _TRACE),
+            trace = hutchpp(matvec, op.dim, trace_matvecs, generator=_generator(seed, i, _TRACE),
                             progress=trace_stage.group(i), **kw)
             trace_stage.finish(i)
         density = None
         if i == 0 and density_vectors:
             total = density_vectors * min(density_steps, op.dim)
-            density = spectral_density(op.matvec, op.dim, num_vectors=density_vectors, steps=density_steps,
+            density = spectral_density(matvec, op.dim, num_vectors=density_vectors, steps=density_steps,
                                        generator=_generator(seed, i, _DENSITY),
                                        progress=progress, **kw)
             progress("density", total, total)

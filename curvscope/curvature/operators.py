@@ -138,7 +138,23 @@ def _operator(problem, names: tuple[str, ...], kind: str, product: Callable[[lis
                     device=problem.device, _product=product)
 
 
-def hessian_operator(problem, names: Sequence[str] | None = None) -> Operator:
+def _zero_operator(problem, names: tuple[str, ...], kind: str) -> Operator:
+    """The part of no samples (a rank with none of the batch): zero."""
+    zeros = [torch.zeros_like(problem.params[n]) for n in names]
+    return _operator(problem, names, kind, lambda _parts: zeros)
+
+
+def _part_loss(problem, params: dict[str, Tensor], samples: tuple[int, int] | None) -> Tensor:
+    """The batch loss L, or with ``samples = (b0, b1)`` its part ``sum_{b0 <= n < b1} l_n / N``."""
+    if samples is None:
+        return problem.loss_value(params)
+    b0, b1 = samples
+    out = problem.forward(params, problem.inputs[b0:b1])
+    return problem.loss.per_sample(out, problem.targets[b0:b1]).sum() / problem.batch_size
+
+
+def hessian_operator(problem, names: Sequence[str] | None = None, samples: tuple[int, int] | None = None
+                     ) -> Operator:
     """The Hessian ``H_PP = d^2 L / d theta_P^2`` of the batch loss w.r.t. the group ``names`` (§9).
 
     The gradient graph ``g_P(theta)`` is built here, once (one forward and one backward pass with
@@ -148,14 +164,18 @@ def hessian_operator(problem, names: Sequence[str] | None = None) -> Operator:
     Args:
         problem: the :class:`~curvscope.problem.Problem`.
         names: the group's parameter names (default: every trainable parameter, the whole model).
+        samples: ``(b0, b1)``: only the batch samples ``b0 <= n < b1``' part of ``H`` (the Hessian of
+            ``sum_n l_n / N`` over them); the parts of a partition of the batch sum to ``H``.
 
     Returns:
         :class:`Operator` with ``kind="hessian"`` on vectors of ``dim = sum |theta_p|, p in names``.
     """
     names = _check_names(problem, names)
+    if samples is not None and samples[1] <= samples[0]:
+        return _zero_operator(problem, names, "hessian")
     with torch.enable_grad():
         leaves, params = _leaves(problem, names)
-        loss = problem.loss_value(params)
+        loss = _part_loss(problem, params, samples)
         if loss.requires_grad:
             grads = _zero_none(torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True), leaves)
         else:  # no parameter of the group reaches the loss: H_PP = 0
@@ -214,7 +234,7 @@ def loss_hessian_product(loss, outputs: Tensor, targets: Tensor) -> Callable[[Te
     return generic
 
 
-def ggn_operator(problem, names: Sequence[str] | None = None) -> Operator:
+def ggn_operator(problem, names: Sequence[str] | None = None, samples: tuple[int, int] | None = None) -> Operator:
     """The GGN ``G_PP = (1/N) sum_n J_nP^T H_n J_nP`` of the batch w.r.t. the group ``names`` (§2, §9).
 
     Built once: the forward graph of the outputs ``f(theta_P)`` ``(N, C)`` and the graph of ``u -> J^T u``
@@ -225,15 +245,21 @@ def ggn_operator(problem, names: Sequence[str] | None = None) -> Operator:
     Args:
         problem: the :class:`~curvscope.problem.Problem`.
         names: the group's parameter names (default: every trainable parameter, the whole model).
+        samples: ``(b0, b1)``: only the batch samples ``b0 <= n < b1``' terms of the sum (still over N); the
+            parts of a partition of the batch sum to ``G``.
 
     Returns:
         :class:`Operator` with ``kind="ggn"`` on vectors of ``dim = sum |theta_p|, p in names``.
     """
     names = _check_names(problem, names)
+    b0, b1 = (0, problem.batch_size) if samples is None else samples
+    if b1 <= b0:
+        return _zero_operator(problem, names, "ggn")
+    inputs = problem.inputs if samples is None else problem.inputs[b0:b1]
     with torch.enable_grad():
         leaves, params = _leaves(problem, names)
-        outputs = problem.forward(params)
-        hessian = loss_hessian_product(problem.loss, outputs, problem.targets)
+        outputs = problem.forward(params, inputs)
+        hessian = loss_hessian_product(problem.loss, outputs, problem.targets[b0:b1])
         if not outputs.requires_grad:  # no parameter of the group reaches the outputs: G_PP = 0
             transposed = [torch.zeros_like(x) for x in leaves]
             seed = None
@@ -241,7 +267,7 @@ def ggn_operator(problem, names: Sequence[str] | None = None) -> Operator:
             seed = torch.zeros_like(outputs, requires_grad=True)
             transposed = _zero_none(torch.autograd.grad(outputs, leaves, grad_outputs=seed, create_graph=True,
                                                         allow_unused=True), leaves)
-    n = outputs.shape[0]
+    n = problem.batch_size
 
     def product(parts: list[Tensor]) -> list[Tensor]:
         if seed is None:
@@ -253,10 +279,11 @@ def ggn_operator(problem, names: Sequence[str] | None = None) -> Operator:
     return _operator(problem, names, "ggn", product)
 
 
-def curvature_operator(problem, names: Sequence[str] | None = None, curvature: str = "hessian") -> Operator:
+def curvature_operator(problem, names: Sequence[str] | None = None, curvature: str = "hessian",
+                       samples: tuple[int, int] | None = None) -> Operator:
     """:func:`hessian_operator` or :func:`ggn_operator`, by ``curvature`` (``"hessian"`` or ``"ggn"``)."""
     if curvature == "hessian":
-        return hessian_operator(problem, names)
+        return hessian_operator(problem, names, samples)
     if curvature == "ggn":
-        return ggn_operator(problem, names)
+        return ggn_operator(problem, names, samples)
     raise CurvscopeError(f"unknown curvature '{curvature}': choose one of {', '.join(CURVATURES)}")

@@ -230,13 +230,11 @@ def run_spectrum(problem: Problem, options: SpectrumOptions | None = None, progr
         options.check_problem(problem)
         check_outputs(problem)
         method, note = options.resolved_method(problem)
-        if method == "lanczos" and process_group is not None:
-            raise OptionError("method", "lanczos does not run distributed yet; run it in one process")
     seed = options.seed if options.seed is not None else int(problem.info.get("seed") or 0)
     if method == "gram":
         run = _run_gram(problem, options, seed, progress, process_group, comm)
     else:
-        run = _run_lanczos(problem, options, seed, progress)
+        run = _run_lanczos(problem, options, seed, progress, process_group, comm)
     if note:
         run.notes.append(note)
     if options.landscape:
@@ -280,25 +278,29 @@ def _run_gram(problem: Problem, options: SpectrumOptions, seed: int, progress: P
     return run
 
 
-def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress: Progress | None) -> SpectrumRun:
+def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress: Progress | None,
+                 process_group: ProcessGroup | None = None, comm: Any = None) -> SpectrumRun:
+    from curvscope.curvature import distributed
     from curvscope.curvature.finite import check_finite
     from curvscope.curvature.hessian import compute_matfree_spectrum
+    from curvscope.curvature.layout import make_layout
     from curvscope.report import matfree_report as mr
 
     def matfree(curvature: str, groups: str, top_k: int, vectors: bool, density: int):
         return compute_matfree_spectrum(
             problem, curvature=curvature, groups=groups, top_k=top_k, tol=options.tol,
             trace_matvecs=options.trace_samples, density_vectors=density, eigenvectors=vectors,
-            include_total=groups != "all", seed=seed, progress=progress)
+            include_total=groups != "all", seed=seed, progress=progress, process_group=process_group)
 
     k = options.top_k or DEFAULT_LANCZOS_K
     result = matfree(options.curvature, options.groups, k, options.eigenvectors is not None or options.landscape,
                      options.density_vectors)
-    for group in result.groups:
-        check_finite(f"the curvature of group {group.name}", eigenvalues=group.top, trace=group.trace)
+    with distributed.stage(comm):
+        for group in result.groups:
+            check_finite(f"the curvature of group {group.name}", eigenvalues=group.top, trace=group.trace)
     run = SpectrumRun(matfree=result, vectors=result.eigenvectors)
     run.fields = mr.matfree_fields(result, problem.batch_size)
-    gradient = problem.gradient()
+    gradient = make_layout(problem, process_group, check=False).gradient(problem)
     run.fields["gradient_norm"] = float(sum(float((g.double() ** 2).sum()) for g in gradient.values()) ** 0.5)
     run.fields["comparison"] = None
     run.fields["landscape"] = None
@@ -307,13 +309,13 @@ def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress
         run.notes.append(f"Lanczos did not reach the tolerance {options.tol:g} for every eigenvalue (residuals are in "
                          "the report): loosen the tolerance or ask for fewer eigenvalues (top_k)")
     if options.curvature == "hessian":  # how much of the curvature the GGN captures
-        ggn = _ggn_beside(problem, options, seed, progress, matfree)
+        ggn = _ggn_beside(problem, options, seed, progress, matfree, process_group)
         run.fields["comparison"] = mr.comparison_fields(run.fields["groups"][0], ggn)
     return run
 
 
-def _ggn_beside(problem: Problem, options: SpectrumOptions, seed: int, progress: Progress | None, matfree: Any
-                ) -> dict[str, Any]:
+def _ggn_beside(problem: Problem, options: SpectrumOptions, seed: int, progress: Progress | None, matfree: Any,
+                process_group: ProcessGroup | None = None) -> dict[str, Any]:
     """The whole-model GGN's lambda_max and trace: exact by Gram when it fits, else by Lanczos."""
     ggn_options = options.replace(curvature="ggn", method="auto", groups="all", directions=False, eigenvectors=None,
                                   newton_step=None, landscape=False)
@@ -322,7 +324,8 @@ def _ggn_beside(problem: Problem, options: SpectrumOptions, seed: int, progress:
         from curvscope.curvature.spectrum import compute_spectrum
 
         g = compute_spectrum(problem, groups="all", directional=False, seed=seed, ghost=options.ghost,
-                             max_memory=options.parsed_memory(), progress=progress).groups[0]
+                             max_memory=options.parsed_memory(), progress=progress,
+                             process_group=process_group).groups[0]
         return {"lambda_max": float(g.lambda_max), "trace": float(g.trace), "method": "gram"}
     g = matfree("ggn", "all", 1, False, 0).groups[0]
     return {"lambda_max": g.lambda_max, "trace": g.trace, "method": "lanczos"}
