@@ -138,7 +138,7 @@ def test_cost_rule_picks_ghost_for_wide_linear_and_materialize_for_many_position
 
 
 def test_materialize_only_layers_beside_generic_parameters_are_left_to_the_generic_path():
-    """When every rule layer would materialize its rows and other parameters (an embedding) need the generic path's
+    """When every rule layer would materialize its rows and other parameters (a LayerNorm) need the generic path's
     backward through the whole model anyway, the rules take nothing (their pass would be extra work); without
     such parameters, or with a forced mode, they still take the layers. The Gram is the same either way."""
     import torch
@@ -148,12 +148,13 @@ def test_materialize_only_layers_beside_generic_parameters_are_left_to_the_gener
     class Tokens(nn.Module):
         def __init__(self, embed: bool) -> None:
             super().__init__()
+            self.norm = nn.LayerNorm(4) if embed else None  # parameters only the generic path takes
             self.embed = nn.Embedding(5, 4) if embed else None
             self.mix = nn.Linear(4, 4)
             self.out = nn.Linear(4, 3)
 
         def forward(self, x):
-            h = self.embed(x) if self.embed is not None else x
+            h = self.norm(self.embed(x)) if self.embed is not None else x
             return self.out(torch.tanh(self.mix(h))).mean(1)  # (N, 3): one output per sample, T = 32 positions
 
     torch.manual_seed(0)
@@ -173,7 +174,7 @@ def test_materialize_only_layers_beside_generic_parameters_are_left_to_the_gener
             assert {layer.mode for layer in layers} == {"materialize"}
             assert handled == set(names)
         forced = ghost.select_layers(problem, names, columns, None, BIG, force_mode="materialize")
-        assert {layer.module_name for layer in forced} == {"mix", "out"}
+        assert {layer.module_name for layer in forced} == ({"embed", "mix", "out"} if embed else {"mix", "out"})
         assert_same_grams(_generic(problem, groups), got)
 
 
@@ -216,3 +217,96 @@ def test_hugging_face_conv1d_takes_the_rule_and_matches_dense(mode):
     assert handled == conv1d
     ref = _generic(problem, groups)
     assert_same_grams(ref, got, floor=float(ref[0].vv.abs().max()))  # key biases: zero but for rounding
+
+
+class _TokenModel(nn.Module):
+    """An embedding (optionally with a padding row) under a Linear, pooled over T positions (or one token per
+    sample with ``single``): outputs (N, 4)."""
+
+    def __init__(self, padding_idx=None, single: bool = False, **embedding) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(9, 5, padding_idx=padding_idx, **embedding)
+        self.mix = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 4)
+        self.single = single
+
+    def forward(self, x):
+        import torch
+
+        h = torch.tanh(self.mix(self.emb(x)))
+        return self.head(h if self.single else h.mean(1))
+
+
+def _token_problem(padding_idx=None, single: bool = False, **embedding):
+    import torch
+
+    from curvscope import make_problem
+
+    torch.manual_seed(0)
+    x = torch.randint(1, 9, (6,) if single else (6, 7), generator=torch.Generator().manual_seed(1))
+    if padding_idx is not None:  # padding tokens get no gradient
+        if single:
+            x[0] = padding_idx
+        else:
+            x[1, :3] = padding_idx
+    model = _TokenModel(padding_idx, single, **embedding).double()
+    return make_problem(model, x, torch.randint(4, (6,), generator=torch.Generator().manual_seed(2)), loss="ce",
+                        dtype=torch.float64)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 0])
+@pytest.mark.parametrize("single", [False, True])
+@pytest.mark.parametrize("mode", [None, "ghost", "materialize"])
+def test_embedding_rule_equals_dense(padding_idx, single, mode):
+    """nn.Embedding is a Linear on one-hot tokens: its input products are comparisons of token ids (padding rows
+    excluded). Both modes, T positions or one, against the dense Jacobian."""
+    problem = _token_problem(padding_idx, single)
+    groups = _all_groups(problem)
+    got, handled, columns = _ghost(problem, groups, force_mode=mode)
+    assert "emb.weight" in handled
+    assert_same_grams(dense_grams(problem, columns, groups), got)
+
+
+def test_embeddings_the_rule_cannot_follow_are_not_candidates():
+    """max_norm renormalizes the weights in the forward; scale_grad_by_freq makes a sample's gradient depend on the
+    batch; sparse gradients: the generic path takes them (same Grams)."""
+    for embedding in ({"max_norm": 1.0}, {"scale_grad_by_freq": True}, {"sparse": True}):
+        problem = _token_problem(**embedding)
+        assert "emb" not in {layer.module_name for layer in ghost.candidate_layers(problem, list(problem.params))}
+    problem = _token_problem(scale_grad_by_freq=True)
+    groups = _all_groups(problem)
+    got, handled, _ = _ghost(problem, groups)
+    assert "emb.weight" not in handled
+    assert_same_grams(_generic(problem, groups), got)
+
+
+def test_cost_rule_takes_the_ghost_mode_for_a_large_vocabulary_only():
+    large = ghost.GhostLayer("e", nn.Embedding(50_000, 64), "e.weight", None, positions=16, d_in=50_000, d_out=64)
+    small = ghost.GhostLayer("e", nn.Embedding(60, 32), "e.weight", None, positions=16, d_in=60, d_out=32)
+    assert ghost.choose_mode(large, 16, 256, BIG, 4) == "ghost"
+    assert ghost.choose_mode(small, 8, 128, BIG, 4) == "materialize"
+
+
+def test_bert_embeddings_take_the_rule_and_match_the_generic_path(tmp_path):
+    """A Hugging Face BERT classifier as saved: the word and token-type embeddings take the rule (the position
+    embeddings see position ids without a batch dimension and stay generic); the Grams are the generic path's."""
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    from curvscope.problem import load_problem
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=500, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=16, max_position_embeddings=8, num_labels=3)
+    transformers.BertForSequenceClassification(config).eval().save_pretrained(tmp_path / "bert")
+    ids = torch.randint(0, 500, (5, 6), generator=torch.Generator().manual_seed(1))
+    save_file({"input_ids": ids, "labels": torch.arange(5) % 3}, str(tmp_path / "d.safetensors"))
+    problem = load_problem(tmp_path / "bert", tmp_path / "d.safetensors", dtype="float64")
+    groups = _all_groups(problem)
+    got, handled, _ = _ghost(problem, groups)
+    embeddings = {n for n in handled if "embeddings" in n}
+    assert embeddings == {"bert.embeddings.word_embeddings.weight", "bert.embeddings.token_type_embeddings.weight"}
+    ref = _generic(problem, groups)
+    assert_same_grams(ref, got, floor=float(ref[0].vv.abs().max()))

@@ -105,7 +105,7 @@ def test_causal_lm_spectrum_against_dense():
     # padded tokens are left out: the columns are tokens x classes of the longest sequence
     valid = (labels[:, 1:] != -100).sum(1)
     assert result.num_columns == N * int(valid.max()) * V
-    assert result.path == "vmap"
+    assert result.path == "autograd"  # every layer (embedding, Linears) takes a ghost rule
 
 
 def test_token_classifier_without_shift_against_dense():
@@ -324,7 +324,8 @@ def test_gpt2_from_transformers_matches_dense(attn):
 @pytest.mark.parametrize("mode", ["ghost", "materialize", None])
 def test_linear_layers_on_token_activations_take_the_ghost_rule(mode):
     """The Linear layers of a (wide) LM see (N, T, d) activations: the rule with T positions handles them (auto:
-    the ghost products for the wide projection) and agrees with the generic path, gradients included."""
+    the ghost products for the wide projection), the embedding's rule its T tokens, and both agree with the
+    generic path, gradients included."""
     from curvscope.curvature import ghost
     from curvscope.curvature.columns import gradient_seeds
     from curvscope.curvature.gram import compute_gram
@@ -338,7 +339,7 @@ def test_linear_layers_on_token_activations_take_the_ghost_rule(mode):
     columns = make_columns(problem)
     layers = ghost.select_layers(problem, list(problem.params), columns, gradient_seeds(problem, problem.forward()),
                                  plan, force_mode=mode)
-    assert {(layer.module_name, layer.positions) for layer in layers} == {("mix", T), ("head", T)}
+    assert {(layer.module_name, layer.positions) for layer in layers} == {("emb", T), ("mix", T), ("head", T)}
     if mode is None:
         assert {layer.module_name: layer.mode for layer in layers}["mix"] == "ghost"
     groups = [(g.name, g.param_names) for g in problem.groups("layer")]
@@ -361,7 +362,7 @@ def _ghost_grams(problem, groups, plan, mode):
     acc = layout.accumulator(groups, columns, problem.batch_size)
     names = [n for n in problem.params if acc.wanted(n)]
     handled = ghost.contribute(problem, names, columns, grad_seeds, acc, plan, layout, force_mode=mode)
-    assert handled == {"mix.weight", "mix.bias", "head.weight", "head.bias"}
+    assert handled == {"emb.weight", "mix.weight", "mix.bias", "head.weight", "head.bias"}
     generic.contribute(problem, [n for n in names if n not in handled], columns, grad_seeds, acc, plan, layout)
     return acc.groups
 

@@ -76,8 +76,26 @@ class GhostLayer:
         """The layer is a convolution (``nn.Conv1d``/``nn.Conv2d``), not a Linear."""
         return isinstance(self.module, nn.Conv1d | nn.Conv2d)
 
-    def positions_of_input(self, x: Tensor) -> Tensor:
-        """Layer input ``(b, ...)`` -> ``a`` ``(b, T, d_in)`` (unfolded patches for a convolution)."""
+    @property
+    def is_embedding(self) -> bool:
+        """The layer is an ``nn.Embedding``: a Linear without bias on one-hot token inputs, ``d_in`` = the
+        vocabulary; its input products ``a_nt . a_ms`` are ``[x_nt == x_ms]`` (no one-hot is ever built)."""
+        return isinstance(self.module, nn.Embedding)
+
+    def tokens_of_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """An embedding's input ``(b, ...)`` -> token ids ``(b, T)`` and the mask of those that get a gradient
+        (all but ``padding_idx``)."""
+        ids = x.reshape(x.shape[0], -1)
+        pad = self.module.padding_idx
+        return ids, (ids != pad) if pad is not None else torch.ones_like(ids, dtype=torch.bool)
+
+    def positions_of_input(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """Layer input ``(b, ...)`` -> ``a`` ``(b, T, d_in)`` (unfolded patches for a convolution; one-hot rows
+        in ``dtype`` for an embedding, for its materialized mode only)."""
+        if self.is_embedding:
+            ids, valid = self.tokens_of_input(x)
+            onehot = F.one_hot(ids, self.module.num_embeddings).to(dtype or torch.get_default_dtype())
+            return onehot * valid.unsqueeze(-1).to(onehot.dtype)
         if not self.is_conv:
             return x.reshape(x.shape[0], -1, x.shape[-1])
         m = self.module
@@ -117,8 +135,8 @@ def is_hf_conv1d(module: nn.Module) -> bool:
 
 
 def candidate_layers(problem, names: Sequence[str]) -> list[GhostLayer]:
-    """Linear / Conv1d / Conv2d (zeros padding, groups 1) and Hugging Face ``Conv1D`` modules owning wanted,
-    unshared parameters."""
+    """Linear / Conv1d / Conv2d (zeros padding, groups 1), Hugging Face ``Conv1D`` and Embedding (no max_norm, no
+    scale_grad_by_freq, not sparse) modules owning wanted, unshared parameters."""
     wanted = set(names)
     uses = Counter(id(p) for _n, p in problem.model.named_parameters(remove_duplicate=False))
     layers = []
@@ -127,6 +145,9 @@ def candidate_layers(problem, names: Sequence[str]) -> list[GhostLayer]:
         if isinstance(m, nn.Conv1d | nn.Conv2d):
             if m.groups != 1 or m.padding_mode != "zeros":
                 continue
+        elif isinstance(m, nn.Embedding):
+            if m.max_norm is not None or m.scale_grad_by_freq or m.sparse:  # weights renormalized in the forward,
+                continue  # or gradients that depend on the whole batch: generic path
         elif not isinstance(m, nn.Linear) and not transposed:
             continue
         if any(uses[id(p)] > 1 for p in m.parameters(recurse=False)):
@@ -190,7 +211,17 @@ def _structure(problem, layers: list[GhostLayer], inputs: Tensor) -> list[GhostL
         if not args or not isinstance(args[0], Tensor) or not isinstance(out, Tensor):
             continue
         x = args[0]
-        if not x.is_floating_point() or x.shape[0] != b or out.shape[0] != b:
+        if x.dim() == 0 or x.shape[0] != b or out.shape[0] != b:
+            continue
+        if layer.is_embedding:
+            if x.is_floating_point() or x.is_complex() or out.shape != (*x.shape, layer.module.embedding_dim):
+                continue
+            layer.positions = x[0].numel()
+            layer.d_in, layer.d_out = layer.module.num_embeddings, layer.module.embedding_dim
+            layer.out_shape = tuple(out.shape[1:])
+            kept.append(layer)
+            continue
+        if not x.is_floating_point():
             continue
         if layer.is_conv and x.dim() != (3 if isinstance(layer.module, nn.Conv1d) else 4):
             continue
@@ -225,11 +256,16 @@ def _per_sample_check(problem, layers: list[GhostLayer], inputs: Tensor) -> list
     tol = 10 * torch.finfo(problem.dtype).eps ** 0.5
     kept = []
     for layer in layers:
-        a = layer.positions_of_input(captured[layer.module_name].detach())  # (b, T, d_in)
         d = layer.positions_of_output(deltas[layer.module_name], 2).diagonal(dim1=0, dim2=1)
         d = d.movedim(-1, 0)  # (b, T, d_out): sample n's delta from cotangent n
-        rules = {layer.weight: torch.einsum("bto,bti->bio" if layer.transposed else "bto,bti->boi", d, a),
-                 layer.bias: d.sum(1)}
+        if layer.is_embedding:  # row x_nt of sample n's gradient gets delta_nt (a scatter, no one-hot)
+            ids, valid = layer.tokens_of_input(captured[layer.module_name])
+            weight = torch.zeros(b, layer.d_in, layer.d_out, dtype=d.dtype, device=d.device).scatter_add_(
+                1, ids.unsqueeze(-1).expand(*ids.shape, layer.d_out), d * valid.unsqueeze(-1).to(d.dtype))
+        else:
+            a = layer.positions_of_input(captured[layer.module_name].detach())  # (b, T, d_in)
+            weight = torch.einsum("bto,bti->bio" if layer.transposed else "bto,bti->boi", d, a)
+        rules = {layer.weight: weight, layer.bias: d.sum(1)}
         ok = True
         for name in layer.names:
             true = grads[name].reshape(b, -1)
@@ -261,15 +297,18 @@ def choose_mode(layer: GhostLayer, num_samples: int, num_columns: int, plan: Mem
     other's), weighted by ``GHOST_BMM_PENALTY``: T > 1 takes the ghost mode for wide layers and short
     sequences, as section 3's ``T^2 < d_in d_out / (d_in + d_out)`` says (a transformer's projections). A
     mode whose kept factors do not fit the budget while the other's do yields to the other (wide layers with
-    long sequences: ghost).
+    long sequences: ghost). An embedding is a Linear on one-hot inputs (``d_in`` = the vocabulary) whose input
+    products are comparisons of token ids: its ghost terms count ``d_in`` as 1, so a large vocabulary takes the
+    ghost mode and a small one materializes (then, with the other layers, often the generic path).
     """
     N, P, T, di, do = num_samples, num_columns, layer.positions, layer.d_in, layer.d_out
+    gi = 1 if layer.is_embedding else di  # what one input position costs in the ghost products
     materialize = P * T * di * do + P * P * di * do
-    ghost = (N * N * di + P * P * do if T == 1
-             else GHOST_BMM_PENALTY * (N * N * T * T * di + N * P * T * T * do + P * P * T * do))
+    ghost = (N * N * gi + P * P * do if T == 1
+             else GHOST_BMM_PENALTY * (N * N * T * T * gi + N * P * T * T * do + P * P * T * do))
     mode = "ghost" if ghost < materialize else "materialize"
     fits = {"materialize": P * di * do * element_size <= plan.limit,
-            "ghost": (P * T * do + N * T * di) * element_size <= plan.limit}
+            "ghost": (P * T * do + N * T * gi) * element_size <= plan.limit}
     other = "materialize" if mode == "ghost" else "ghost"
     return other if not fits[mode] and fits[other] else mode
 
@@ -322,7 +361,13 @@ def _block_factors(problem, layers: Sequence[GhostLayer], block: ColumnBlock) ->
         if layer.bias:
             f["bias"] = d.sum(2).reshape(b * k, -1)
         if layer.weight:
-            a = layer.positions_of_input(captured[layer.module_name][:b].detach())  # (b, T, d_in)
+            x = captured[layer.module_name][:b].detach()
+            if layer.is_embedding and layer.mode == "ghost":
+                f["a"], f["valid"] = layer.tokens_of_input(x)  # token ids (b, T) stand for one-hot inputs
+                f["delta"] = d
+                factors[layer.module_name] = f
+                continue
+            a = layer.positions_of_input(x, d.dtype)  # (b, T, d_in)
             if layer.mode == "materialize":
                 f["weight"] = torch.einsum("bkto,bti->bkoi", d, a).reshape(b * k, -1)
             else:
@@ -331,11 +376,22 @@ def _block_factors(problem, layers: Sequence[GhostLayer], block: ColumnBlock) ->
     return factors
 
 
-def _ghost_weight_gram_t1(ai: Tensor, aj: Tensor, delta_gram: Tensor) -> Tensor:
+def _input_gram(ai: Tensor, aj: Tensor, vi: Tensor | None, vj: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``a_i a_j^T`` of inputs ``(p, d_in)`` and ``(q, d_in)``; for token ids ``(p,)``, ``(q,)`` (an embedding's
+    one-hot inputs) the comparisons ``[x_i == x_j]``, zero where a token gets no gradient (``vi``/``vj``)."""
+    if ai.is_floating_point():
+        return ai @ aj.T
+    same = ai.reshape(-1, 1) == aj.reshape(1, -1)
+    return (same & vi.reshape(-1, 1) & vj.reshape(1, -1)).to(dtype)
+
+
+def _ghost_weight_gram_t1(ai: Tensor, aj: Tensor, delta_gram: Tensor, vi: Tensor | None = None,
+                          vj: Tensor | None = None) -> Tensor:
     """One position per sample: ``(a_n . a_m)(delta_nc . delta_md)`` from the inputs ``(b_i, d_in)``,
-    ``(b_j, d_in)`` and the delta Gram ``(b_i*k_i, b_j*k_j)`` (which is also the bias's Gram)."""
+    ``(b_j, d_in)`` (or token ids ``(b_i,)``, ``(b_j,)`` with their gradient masks) and the delta Gram
+    ``(b_i*k_i, b_j*k_j)`` (which is also the bias's Gram)."""
     bi, bj = ai.shape[0], aj.shape[0]
-    A = ai @ aj.T  # (bi, bj)
+    A = _input_gram(ai, aj, vi, vj, delta_gram.dtype)  # (bi, bj)
     ki, kj = delta_gram.shape[0] // bi, delta_gram.shape[1] // bj
     return (delta_gram.reshape(bi, ki, bj, kj) * A[:, None, :, None]).reshape(bi * ki, bj * kj)
 
@@ -347,16 +403,20 @@ def _ghost_weight_gram(fi: dict[str, Tensor], fj: dict[str, Tensor], plan: Memor
     matmul), ``R[m] = A[:, m] delta_j[m]`` ``(p*T, k_j*d_out)`` (one bmm over the q samples), then
     ``out[n] = delta_i[n] R[n]^T`` ``(k_i, q*k_j)`` (one bmm over the p samples)."""
     ai, di, aj, dj = fi["a"], fi["delta"], fj["a"], fj["delta"]
+    vi, vj = fi.get("valid"), fj.get("valid")  # an embedding's token masks (its "a" are token ids (b, T))
+    tokens = vi is not None
     (bi, ki, T, do), (bj, kj) = di.shape, dj.shape[:2]
     if T == 1:
-        return _ghost_weight_gram_t1(ai[:, 0], aj[:, 0], di.reshape(bi * ki, do) @ dj.reshape(bj * kj, do).T)
+        return _ghost_weight_gram_t1(ai[:, 0], aj[:, 0], di.reshape(bi * ki, do) @ dj.reshape(bj * kj, do).T,
+                                     vi[:, 0] if tokens else None, vj[:, 0] if tokens else None)
     out = torch.empty(bi, ki, bj, kj, dtype=di.dtype, device=di.device)
     s = plan.pair_samples(T * (T + kj * do) * di.element_size())
     for p0 in range(0, bi, s):
         for q0 in range(0, bj, s):
             a_p, a_q, d_p, d_q = ai[p0:p0 + s], aj[q0:q0 + s], di[p0:p0 + s], dj[q0:q0 + s]
             P, Q = a_p.shape[0], a_q.shape[0]
-            A = a_p.reshape(P * T, -1) @ a_q.reshape(Q * T, -1).T  # (P*T, Q*T)
+            A = (_input_gram(a_p, a_q, vi[p0:p0 + s], vj[q0:q0 + s], di.dtype) if tokens
+                 else a_p.reshape(P * T, -1) @ a_q.reshape(Q * T, -1).T)  # (P*T, Q*T)
             A = A.reshape(P, T, Q, T).permute(2, 0, 1, 3).reshape(Q, P * T, T)
             right = torch.bmm(A, d_q.permute(0, 2, 1, 3).reshape(Q, T, kj * do))  # (Q, P*T, kj*d_out)
             right = right.reshape(Q, P, T, kj, do).permute(1, 0, 3, 2, 4).reshape(P, Q * kj, T * do)
@@ -399,7 +459,7 @@ def contribute(problem, names: Sequence[str], columns: Columns, grad_seeds: Tens
     elt = torch.finfo(problem.dtype).bits // 8
     kept = work = 0.0  # bytes per column
     for layer in layers:
-        T, di, do = layer.positions, layer.d_in, layer.d_out
+        T, di, do = layer.positions, (1 if layer.is_embedding else layer.d_in), layer.d_out  # ids: one number
         kept += do * (layer.bias is not None)
         if layer.weight:
             kept += di * do if layer.mode == "materialize" else T * do + T * di / k
