@@ -133,10 +133,12 @@ def _worker(rank: int, world: int, port: int, out_dir: Path) -> None:
         results[name] = _matfree_summary(compute_matfree_spectrum(make(), process_group=pg, **kwargs))
 
     errors = {}
-    for name, make in (("fragile", lambda: _fragile_problem(rank)),
-                       ("mismatch", lambda: _mlp_problem(n=7 if rank == 0 else 6))):
+    for name, make, run in (
+            ("fragile", lambda: _fragile_problem(rank), compute_spectrum),
+            ("mismatch", lambda: _mlp_problem(n=7 if rank == 0 else 6), compute_spectrum),
+            ("fragile-matfree", lambda: _fragile_problem(rank), compute_matfree_spectrum)):
         try:
-            compute_spectrum(make(), process_group=pg)
+            run(make(), process_group=pg)
             errors[name] = None
         except Exception as exc:  # noqa: BLE001  (the type and message are what the test checks)
             errors[name] = (type(exc).__name__, str(exc))
@@ -316,9 +318,10 @@ def test_newton_step_and_eigenvectors_match(worker_results):
 def test_error_on_one_rank_ends_all_ranks_with_one_message(worker_results):
     """Rank 1's forward fails: both ranks raise rank 1's CurvscopeError (no hang: the workers finished within
     the timeout), and the group keeps working afterwards."""
-    fragile = [r["errors"]["fragile"] for r in worker_results]
-    assert fragile[1] == ("CurvscopeError", "bad input on this rank: sample 3 cannot be read")
-    assert fragile[0] == ("CurvscopeError", "rank 1: bad input on this rank: sample 3 cannot be read")
+    for case in ("fragile", "fragile-matfree"):
+        fragile = [r["errors"][case] for r in worker_results]
+        assert fragile[1] == ("CurvscopeError", "bad input on this rank: sample 3 cannot be read"), case
+        assert fragile[0] == ("CurvscopeError", "rank 1: bad input on this rank: sample 3 cannot be read"), case
     mismatch = [r["errors"]["mismatch"] for r in worker_results]
     assert mismatch[0] == mismatch[1] and mismatch[0][0] == "CurvscopeError"
     assert "rank 1's problem differs from rank 0's (6 samples" in mismatch[0][1]

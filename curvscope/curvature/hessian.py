@@ -290,7 +290,9 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
                 op = curvature_operator(problem, names, curvature, layout.batch_range())
 
             def matvec(v: Tensor, op=op) -> Tensor:
-                return layout.sum_to_all(op.matvec(v))
+                with layout.stage():  # a product failing on one rank ends every rank with its message
+                    part = op.matvec(v)
+                return layout.sum_to_all(part)
         kw = {"dtype": problem.dtype, "device": problem.device}
         eig = extreme_eigenpairs(matvec, op.dim, top_k, which=which, tol=tol, max_steps=caps[i],
                                  generator=_generator(seed, i, _EIGEN), want_vectors=eigenvectors and i == 0,
