@@ -310,3 +310,19 @@ def test_bert_embeddings_take_the_rule_and_match_the_generic_path(tmp_path):
     assert embeddings == {"bert.embeddings.word_embeddings.weight", "bert.embeddings.token_type_embeddings.weight"}
     ref = _generic(problem, groups)
     assert_same_grams(ref, got, floor=float(ref[0].vv.abs().max()))
+
+
+def test_a_layer_whose_check_would_not_fit_the_budget_is_left_to_the_generic_path():
+    """The per-sample check holds two probe samples' weight gradients twice; with a budget too small for the
+    embedding's (9 x 5 float64 numbers, 4 copies: 1,440 bytes) it stays generic, with the same Grams."""
+    problem = _token_problem()
+    columns = make_columns(problem)
+    names = list(problem.params)
+    tight = MemoryPlan(budget=3 * 1400)  # a third of the budget per stage: 1,400 bytes
+    kept = {layer.module_name for layer in ghost.select_layers(problem, names, columns, None, tight)}
+    assert "emb" not in kept and {"mix", "head"} <= kept
+    assert "emb" in {layer.module_name for layer in ghost.select_layers(problem, names, columns, None, BIG)}
+    groups = _all_groups(problem)
+    got, handled, _ = _ghost(problem, groups, plan=tight)
+    assert "emb.weight" not in handled
+    assert_same_grams(_generic(problem, groups), got)

@@ -326,6 +326,10 @@ def select_layers(problem, names: Sequence[str], columns: Columns, grad_seeds: T
     num_samples = problem.batch_size if grad_seeds is not None else columns.num_samples
     num_columns = columns.num_columns + (problem.batch_size if grad_seeds is not None else 0)
     elt = torch.finfo(problem.dtype).bits // 8
+    # the check holds each probe sample's weight gradient twice (autograd's and the rule's): a layer whose copies
+    # would not fit the budget (a 250k-token embedding) is left to the generic path, which chunks it
+    layers = [layer for layer in layers
+              if 2 * inputs.shape[0] * layer.d_in * layer.d_out * elt <= plan.limit]
     for layer in layers:
         layer.mode = force_mode or choose_mode(layer, num_samples, num_columns, plan, elt)
     if force_mode is None and not any(layer.mode == "ghost" for layer in layers) and (
