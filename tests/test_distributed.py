@@ -49,6 +49,26 @@ def _transformer_problem() -> curvscope.Problem:
     return helpers.CASES["transformer-ce"](n=5, data_seed=3)
 
 
+def _vocabulary_problem() -> curvscope.Problem:
+    """An embedding of 500 tokens under a Linear, pooled over 5 tokens: the embedding's ghost rule (token ids and
+    their masks travel between the ranks with the deltas)."""
+    from torch import nn
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(500, 4, padding_idx=0)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.tanh(self.embed(x)).mean(1))
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 500, (8, 5), generator=torch.Generator().manual_seed(1))
+    x[2, :2] = 0
+    return curvscope.make_problem(Tokens(), x, torch.arange(8) % 3, loss="ce", dtype=torch.float64)
+
+
 def _fragile_problem(rank: int) -> curvscope.Problem:
     """Rank 1's forward fails on batches of more than 2 samples."""
     return helpers.CASES["fragile"](broken=rank == 1)
@@ -63,6 +83,7 @@ CASES: dict[str, tuple[Any, dict[str, Any]]] = {
     "mlp-mse-mc": (lambda: _mlp_problem(loss="mse"), {"groups": "all", "mc_samples": 3, "seed": 1}),
     "cnn-bn-layer": (_cnn_problem, {"groups": "layer", "include_total": True}),
     "transformer-all": (_transformer_problem, {"groups": "all", "top_k": 6}),
+    "embedding-layer": (_vocabulary_problem, {"groups": "layer", "include_total": True}),
     # a tiny budget: several blocks per rank, stripes, factors recomputed
     "mlp-tiny-budget": (_mlp_problem, {"groups": "layer", "include_total": True, "max_memory": 3000}),
 }
