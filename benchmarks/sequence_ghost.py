@@ -28,16 +28,17 @@ def sample_problem(batch_size: int):
                         ROOT / "sample_models/pysource.safetensors", batch_size=batch_size)
 
 
-def wide_problem(dim: int, tokens: int, batch_size: int = 16):
-    """A randomly initialized ``char_lm`` of width ``dim`` on random tokens (a wider small GPT)."""
+def wide_problem(dim: int, tokens: int, batch_size: int = 16, vocab: int = 60):
+    """A randomly initialized ``char_lm`` of width ``dim`` on random tokens (a wider small GPT; a larger
+    ``vocab`` makes the embedding and the output layer large)."""
     from curvscope.models import char_lm
     from curvscope.problem import make_problem
 
     torch.manual_seed(0)
-    model = char_lm(vocab=60, seq_len=tokens, dim=dim, heads=4, depth=2).eval()
+    model = char_lm(vocab=vocab, seq_len=tokens, dim=dim, heads=4, depth=2).eval()
     g = torch.Generator().manual_seed(1)
-    x, y = torch.randint(0, 60, (batch_size, tokens), generator=g), torch.randint(0, 60, (batch_size, tokens),
-                                                                                 generator=g)
+    x, y = (torch.randint(0, vocab, (batch_size, tokens), generator=g),
+            torch.randint(0, vocab, (batch_size, tokens), generator=g))
     return make_problem(model, x, y, loss="ce")
 
 
@@ -66,6 +67,8 @@ def main() -> None:
     torch.set_num_threads(1)
     cases = [(f"charlm-pysource, N={n}, d=32, T=16", lambda n=n: sample_problem(n)) for n in (8, 32)]
     cases += [(f"char_lm d={d}, T={t}, N=16", lambda d=d, t=t: wide_problem(d, t)) for d, t in ((128, 16), (256, 8))]
+    cases += [(f"char_lm vocab {v:,}, d=64, T=16, N={n}", lambda v=v, n=n: wide_problem(64, 16, n, v))
+              for v, n in ((5000, 16), (20000, 8))]  # the embedding's rule
     rows = [measure(name, make()) for name, make in cases]
     lines = ["| case | columns | ghost (s) | generic (s) | ghost / generic | max rel. diff |",
              "|---|---|---|---|---|---|"]
