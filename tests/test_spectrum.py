@@ -203,3 +203,24 @@ def test_progress_protocol_and_argument_errors():
         compute_spectrum(problem, subsample=7)
     with pytest.raises(CurvscopeError, match="^mc_samples must be 0"):
         compute_spectrum(problem, mc_samples=-1)
+
+
+def test_the_result_says_how_each_modules_rows_were_formed():
+    """``rules`` names every module with parameters: a fast rule's mode, or generic (no rule, or ghost=False);
+    the report lists them by kind."""
+    import helpers
+
+    from curvscope.report.spectrum_report import spectrum_fields
+
+    problem = helpers.CASES["transformer-ce"]()
+    modules = [g.name for g in problem.groups("layer")]
+    fast = compute_spectrum(problem, directional=False)
+    assert list(fast.rules) == modules and set(fast.rules.values()) <= {"ghost", "materialize", "generic"}
+    linear = {name for name, m in problem.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {name for name, how in fast.rules.items() if how != "generic"} <= linear
+    assert any(how != "generic" for how in fast.rules.values())
+    generic = compute_spectrum(problem, directional=False, ghost=False)
+    assert set(generic.rules.values()) == {"generic"}
+    fields = spectrum_fields(fast, problem.batch_size, directional=False)
+    assert sorted(sum(fields["rules"].values(), [])) == sorted(modules)
+    assert fields["rules"]["generic"] == [m for m in modules if fast.rules[m] == "generic"]

@@ -457,6 +457,7 @@ def contribute(problem, names: Sequence[str], columns: Columns, grad_seeds: Tens
             layers = []
     if not layers:
         return set()
+    acc.rules.update({layer.module_name: layer.mode for layer in layers})
     num_g = None if grad_seeds is None else problem.batch_size
     num_samples = columns.num_samples if num_g is None else num_g
     k = (columns.num_columns + (num_g or 0)) / num_samples

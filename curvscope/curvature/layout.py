@@ -88,6 +88,10 @@ class GramAccumulator:
         v_rows, g_rows: the ``(start, stop)`` rows held (default: all).
         symmetric: the layout contracts each pair of blocks once (``i <= j``): :meth:`add` also fills the
             mirror image of an off-diagonal block. ``False`` for block rows, which see every pair themselves.
+
+    Attributes:
+        rules: module name -> ``"ghost"`` or ``"materialize"`` for the layers a fast rule contributed (the
+            other parameters' rows came from the generic path).
     """
 
     def __init__(self, groups: Sequence[tuple[str, Sequence[str]]], num_v: int, num_g: int | None,
@@ -99,6 +103,7 @@ class GramAccumulator:
         self.groups = [_zeros(name, names, num_v, num_g, device, v_stop - self.v_start, g_stop - self.g_start)
                        for name, names in groups]
         self.owners: dict[str, list[GroupGram]] = {}
+        self.rules: dict[str, str] = {}
         for g in self.groups:
             for n in g.param_names:
                 self.owners.setdefault(n, []).append(g)

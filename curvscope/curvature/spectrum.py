@@ -117,7 +117,9 @@ class SpectrumResult:
     ``groups[0]`` is the whole model. ``columns`` remembers which vectors built V, so that eigenvectors and
     Newton steps can be formed later without recomputing the Gram. ``path`` says how per-sample quantities were
     differentiated: ``vmap``, or ``autograd (vmap failed: <reason>)`` for a model ``vmap`` cannot trace
-    (``problem.path``; the numbers are the same).
+    (``problem.path``; the numbers are the same). ``rules`` maps every module with parameters (``problem``'s
+    ``layer`` groups) to how its rows of V were formed: ``"ghost"`` or ``"materialize"`` by a fast rule, or
+    ``"generic"``.
     """
 
     __repr__ = compact_repr
@@ -131,6 +133,7 @@ class SpectrumResult:
     subsample: int | None = None
     extras: dict = field(default_factory=dict)
     path: str = "vmap"
+    rules: dict = field(default_factory=dict)
 
     @property
     def num_columns(self) -> int:
@@ -289,9 +292,10 @@ def compute_spectrum(problem, groups: str = "all", mc_samples: int = 0, subsampl
     del decompositions
     results = [layout.broadcast(mine.pop(i, None), owner) for i, owner in enumerate(owners)]
     report(len(blocks), len(blocks))
+    rules = {g.name: acc.rules.get(g.name, "generic") for g in problem.groups("layer")}
     return SpectrumResult(groups=results, loss_value=loss_value, gradient_norm=sum(grad_sq.values()) ** 0.5,
                           columns=columns, grouping=groups, mc_samples=mc_samples, subsample=subsample,
-                          path=problem.path)
+                          path=problem.path, rules=rules)
 
 
 def _group_spectrum(problem, gg: GroupGram, evals: Tensor, evecs: Tensor | None, reference: float, top_k: int | None,

@@ -97,6 +97,8 @@ def spectrum_fields(result, batch_size: int, directional: bool = True, dtype: to
         },
         "grouping": result.grouping,
         "precision": None if dtype is None else str(dtype).replace("torch.", ""),
+        "rules": {kind: [name for name, how in result.rules.items() if how == kind]
+                  for kind in ("ghost", "materialize", "generic")},
         "groups": [group_fields(g, directional, floor)
                    for g, floor in zip(result.groups, eigenvalue_floors(result, dtype), strict=True)],
     }

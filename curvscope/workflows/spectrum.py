@@ -305,6 +305,7 @@ def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress
     run.fields["comparison"] = None
     run.fields["landscape"] = None
     run.fields["path"] = "autograd (double backward)"
+    run.fields["rules"] = None  # no rows of V: every product is a double backward
     if not result.converged:
         run.notes.append(f"Lanczos did not reach the tolerance {options.tol:g} for every eigenvalue (residuals are in "
                          "the report): loosen the tolerance or ask for fewer eigenvalues (top_k)")
