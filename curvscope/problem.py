@@ -166,9 +166,14 @@ class Problem:
         """The batch loss ``L`` (mean over the batch), a scalar tensor."""
         return self.loss(self.forward(params), self.targets)
 
-    def per_sample_loss(self, params: dict[str, Tensor] | None = None) -> Tensor:
-        """Per-sample losses ``(N,)``."""
-        return self.loss.per_sample(self.forward(params), self.targets)
+    def per_sample_loss(self, params: dict[str, Tensor] | None = None, samples: tuple[int, int] | None = None
+                        ) -> Tensor:
+        """Per-sample losses ``(N,)``, or ``(b1 - b0,)`` of the batch samples ``samples = (b0, b1)`` (their
+        ``l_n``: a slice's losses still sum to ``N L`` with the others')."""
+        if samples is None:
+            return self.loss.per_sample(self.forward(params), self.targets)
+        b0, b1 = samples
+        return self.loss.per_sample(self.forward(params, self.inputs[b0:b1]), self.targets[b0:b1])
 
     def gradient(self, params: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The batch gradient ``g = dL/dtheta`` by name."""

@@ -143,8 +143,7 @@ def batch_loss(problem, params: dict[str, Tensor], chunk_size: int | None = None
     total = torch.zeros((), dtype=torch.float64)
     with torch.no_grad():
         for i in range(0, n, step):
-            out = problem.forward(params, inputs=problem.inputs[i:i + step])
-            total += problem.loss.per_sample(out, problem.targets[i:i + step]).to(torch.float64).sum().cpu()
+            total += problem.per_sample_loss(params, (i, min(i + step, n))).to(torch.float64).sum().cpu()
     return float(total / n)
 
 

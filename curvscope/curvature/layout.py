@@ -491,8 +491,7 @@ class ShardedLayout(Comm):
             with torch.no_grad():
                 local = torch.zeros((), dtype=torch.float64, device=problem.device)
                 if b1 > b0:
-                    out = problem.forward(params, problem.inputs[b0:b1])
-                    local = problem.loss.per_sample(out, problem.targets[b0:b1]).to(torch.float64).sum()
+                    local = problem.per_sample_loss(params, (b0, b1)).to(torch.float64).sum()
         return float(self.all_reduce_sum({"loss": local.reshape(1)})["loss"][0]) / problem.batch_size
 
     def gradient(self, problem) -> dict[str, Tensor]:
@@ -500,10 +499,8 @@ class ShardedLayout(Comm):
         b0, b1 = self.batch_range()
         with self.stage():
             if b1 > b0:
-                inputs, targets = problem.inputs[b0:b1], problem.targets[b0:b1]
-
                 def local_loss(params: dict[str, Tensor]) -> Tensor:
-                    return problem.loss.per_sample(problem.forward(params, inputs), targets).sum() / problem.batch_size
+                    return problem.per_sample_loss(params, (b0, b1)).sum() / problem.batch_size
 
                 grad = torch.func.grad(local_loss)(problem.params)
             else:

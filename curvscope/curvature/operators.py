@@ -148,9 +148,7 @@ def _part_loss(problem, params: dict[str, Tensor], samples: tuple[int, int] | No
     """The batch loss L, or with ``samples = (b0, b1)`` its part ``sum_{b0 <= n < b1} l_n / N``."""
     if samples is None:
         return problem.loss_value(params)
-    b0, b1 = samples
-    out = problem.forward(params, problem.inputs[b0:b1])
-    return problem.loss.per_sample(out, problem.targets[b0:b1]).sum() / problem.batch_size
+    return problem.per_sample_loss(params, samples).sum() / problem.batch_size
 
 
 def hessian_operator(problem, names: Sequence[str] | None = None, samples: tuple[int, int] | None = None
