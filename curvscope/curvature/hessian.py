@@ -268,21 +268,15 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
             for d in dims]
     lanczos_stage = _Stage(progress, "lanczos", caps)
     trace_stage = _Stage(progress, "trace", [min(trace_matvecs, d) for d in dims])
-    layout = None
-    if process_group is not None:
-        from curvscope.curvature.layout import ShardedLayout
+    from curvscope.curvature.layout import make_layout
 
-        layout = ShardedLayout.create(process_group, problem)  # collective: the same problem on every rank
-    if layout is None:
-        with torch.no_grad():
-            loss_value = float(problem.loss_value())
-    else:
-        loss_value = layout.loss_value(problem)
+    layout = make_layout(problem, process_group)  # sharded: collective, the same problem on every rank
+    loss_value = layout.loss_value(problem)
 
     results: list[MatfreeGroup] = []
     vectors: dict[str, Tensor] | None = None
     for i, (name, names) in enumerate(blocks):
-        if layout is None:
+        if process_group is None:
             op = curvature_operator(problem, names, curvature)
             matvec = op.matvec
         else:
