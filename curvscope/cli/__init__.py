@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import sys
 from typing import Any
 
@@ -59,11 +58,12 @@ def main() -> None:
 
 
 def _launched_distributed() -> bool:
-    """This process is one of several ranks started by torchrun (its environment, read without torch)."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
-    except ValueError:
+    """This process ran as one of several torchrun ranks (the test the commands use to go distributed)."""
+    if "torch" not in sys.modules:  # nothing loaded PyTorch: no process group either
         return False
+    from curvscope.curvature.distributed import torchrun_env
+
+    return torchrun_env() is not None
 
 
 COMPUTING = ("spectrum", "factors", "lr-suggest", "info")
