@@ -7,34 +7,20 @@ model and a batch with :func:`make_problem`), then call :func:`spectrum`, :func:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from curvscope.lazy import lazy_exports
 
 __version__ = "0.1.0"
-
-_EXPORTS = {
-    "CurvscopeError": ("curvscope.errors", "CurvscopeError"),
-    "Problem": ("curvscope.problem", "Problem"),
-    "load_problem": ("curvscope.problem", "load_problem"),
-    "make_problem": ("curvscope.problem", "make_problem"),
-    "get_loss": ("curvscope.losses", "get_loss"),
-    "spectrum": ("curvscope.api", "spectrum"),
-    "suggest_lr": ("curvscope.api", "suggest_lr"),
-    "factors": ("curvscope.api", "factors"),
-}
 
 __all__ = ["CurvscopeError", "Problem", "__version__", "factors", "get_loss", "load_problem", "make_problem",
            "spectrum", "suggest_lr"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        module, attr = _EXPORTS[name]
-        value = getattr(importlib.import_module(module), attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'curvscope' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(globals(), {
+    "CurvscopeError": "curvscope.errors",
+    "Problem": "curvscope.problem",
+    "load_problem": "curvscope.problem",
+    "make_problem": "curvscope.problem",
+    "get_loss": "curvscope.losses",
+    "spectrum": "curvscope.api",
+    "suggest_lr": "curvscope.api",
+    "factors": "curvscope.api",
+})

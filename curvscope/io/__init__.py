@@ -6,10 +6,12 @@ stay light, so ``curvscope --help`` and ``curvscope check REPORT.json`` start wi
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from curvscope.lazy import lazy_exports
 
-_EXPORTS = {
+__all__ = ["Checkpoint", "Dataset", "build_model", "load_checkpoint", "load_dataset", "save_checkpoint",
+           "select_batch"]
+
+__getattr__, __dir__ = lazy_exports(globals(), {
     "Checkpoint": "curvscope.io.checkpoints",
     "load_checkpoint": "curvscope.io.checkpoints",
     "save_checkpoint": "curvscope.io.checkpoints",
@@ -17,19 +19,4 @@ _EXPORTS = {
     "load_dataset": "curvscope.io.data",
     "select_batch": "curvscope.io.data",
     "build_model": "curvscope.io.spec",
-}
-
-__all__ = ["Checkpoint", "Dataset", "build_model", "load_checkpoint", "load_dataset", "save_checkpoint",
-           "select_batch"]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'curvscope.io' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+})
