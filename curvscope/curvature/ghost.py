@@ -1,5 +1,5 @@
-"""Fast per-layer Gram rules ("ghost" products) for nn.Linear, nn.Conv1d/2d and Hugging Face's Conv1D
-(``docs/conventions.md`` §3).
+"""Fast per-layer Gram rules ("ghost" products) for nn.Linear, nn.Conv1d/2d, Hugging Face's Conv1D and
+nn.Embedding (``docs/conventions.md`` §3).
 
 A layer ``y = W a + b`` applied at T positions of a sample (T = 1 for a plain Linear, the flattened leading
 dims for sequences, the output pixels for a convolution through its unfolded patches) has, for column
@@ -81,6 +81,12 @@ class GhostLayer:
         """The layer is an ``nn.Embedding``: a Linear without bias on one-hot token inputs, ``d_in`` = the
         vocabulary; its input products ``a_nt . a_ms`` are ``[x_nt == x_ms]`` (no one-hot is ever built)."""
         return isinstance(self.module, nn.Embedding)
+
+    @property
+    def ghost_width(self) -> int:
+        """Numbers per input position the ghost products hold and multiply: ``d_in``, or 1 for an embedding
+        (a token id stands for its one-hot row)."""
+        return 1 if self.is_embedding else self.d_in
 
     def tokens_of_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """An embedding's input ``(b, ...)`` -> token ids ``(b, T)`` and the mask of those that get a gradient
@@ -302,7 +308,7 @@ def choose_mode(layer: GhostLayer, num_samples: int, num_columns: int, plan: Mem
     ghost mode and a small one materializes (then, with the other layers, often the generic path).
     """
     N, P, T, di, do = num_samples, num_columns, layer.positions, layer.d_in, layer.d_out
-    gi = 1 if layer.is_embedding else di  # what one input position costs in the ghost products
+    gi = layer.ghost_width
     materialize = P * T * di * do + P * P * di * do
     ghost = (N * N * gi + P * P * do if T == 1
              else GHOST_BMM_PENALTY * (N * N * T * T * gi + N * P * T * T * do + P * P * T * do))
@@ -366,16 +372,13 @@ def _block_factors(problem, layers: Sequence[GhostLayer], block: ColumnBlock) ->
             f["bias"] = d.sum(2).reshape(b * k, -1)
         if layer.weight:
             x = captured[layer.module_name][:b].detach()
-            if layer.is_embedding and layer.mode == "ghost":
-                f["a"], f["valid"] = layer.tokens_of_input(x)  # token ids (b, T) stand for one-hot inputs
-                f["delta"] = d
-                factors[layer.module_name] = f
-                continue
-            a = layer.positions_of_input(x, d.dtype)  # (b, T, d_in)
             if layer.mode == "materialize":
+                a = layer.positions_of_input(x, d.dtype)  # (b, T, d_in)
                 f["weight"] = torch.einsum("bkto,bti->bkoi", d, a).reshape(b * k, -1)
+            elif layer.is_embedding:  # token ids (b, T) stand for the one-hot inputs
+                (f["a"], f["valid"]), f["delta"] = layer.tokens_of_input(x), d
             else:
-                f["a"], f["delta"] = a, d
+                f["a"], f["delta"] = layer.positions_of_input(x), d
         factors[layer.module_name] = f
     return factors
 
@@ -408,19 +411,19 @@ def _ghost_weight_gram(fi: dict[str, Tensor], fj: dict[str, Tensor], plan: Memor
     ``out[n] = delta_i[n] R[n]^T`` ``(k_i, q*k_j)`` (one bmm over the p samples)."""
     ai, di, aj, dj = fi["a"], fi["delta"], fj["a"], fj["delta"]
     vi, vj = fi.get("valid"), fj.get("valid")  # an embedding's token masks (its "a" are token ids (b, T))
-    tokens = vi is not None
     (bi, ki, T, do), (bj, kj) = di.shape, dj.shape[:2]
     if T == 1:
         return _ghost_weight_gram_t1(ai[:, 0], aj[:, 0], di.reshape(bi * ki, do) @ dj.reshape(bj * kj, do).T,
-                                     vi[:, 0] if tokens else None, vj[:, 0] if tokens else None)
+                                     None if vi is None else vi[:, 0], None if vj is None else vj[:, 0])
     out = torch.empty(bi, ki, bj, kj, dtype=di.dtype, device=di.device)
     s = plan.pair_samples(T * (T + kj * do) * di.element_size())
     for p0 in range(0, bi, s):
         for q0 in range(0, bj, s):
             a_p, a_q, d_p, d_q = ai[p0:p0 + s], aj[q0:q0 + s], di[p0:p0 + s], dj[q0:q0 + s]
             P, Q = a_p.shape[0], a_q.shape[0]
-            A = (_input_gram(a_p, a_q, vi[p0:p0 + s], vj[q0:q0 + s], di.dtype) if tokens
-                 else a_p.reshape(P * T, -1) @ a_q.reshape(Q * T, -1).T)  # (P*T, Q*T)
+            v_p = None if vi is None else vi[p0:p0 + s]
+            v_q = None if vj is None else vj[q0:q0 + s]
+            A = _input_gram(a_p.reshape(P * T, -1), a_q.reshape(Q * T, -1), v_p, v_q, di.dtype)  # (P*T, Q*T)
             A = A.reshape(P, T, Q, T).permute(2, 0, 1, 3).reshape(Q, P * T, T)
             right = torch.bmm(A, d_q.permute(0, 2, 1, 3).reshape(Q, T, kj * do))  # (Q, P*T, kj*d_out)
             right = right.reshape(Q, P, T, kj, do).permute(1, 0, 3, 2, 4).reshape(P, Q * kj, T * do)
@@ -464,7 +467,8 @@ def contribute(problem, names: Sequence[str], columns: Columns, grad_seeds: Tens
     elt = torch.finfo(problem.dtype).bits // 8
     kept = work = 0.0  # bytes per column
     for layer in layers:
-        T, di, do = layer.positions, (1 if layer.is_embedding else layer.d_in), layer.d_out  # ids: one number
+        T, do = layer.positions, layer.d_out
+        di = layer.d_in if layer.mode == "materialize" else layer.ghost_width  # what this mode holds per input
         kept += do * (layer.bias is not None)
         if layer.weight:
             kept += di * do if layer.mode == "materialize" else T * do + T * di / k
