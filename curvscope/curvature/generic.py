@@ -43,11 +43,11 @@ def _split(problem, names: Sequence[str]) -> tuple[dict[str, Tensor], dict[str, 
 # -- vmap or plain autograd ------------------------------------------------------------------------------------
 
 COTANGENT_CHUNK = 64
-# Up to this many cotangents, plain autograd runs one backward pass each rather than one batched backward:
-# as fast on small models, and it starts faster (torch's batched backward, like any ``grad_outputs`` tensor,
-# first imports torch.fx's symbolic-shape machinery and sympy: 0.2-0.3 s, a tenth of a quick run).
-FEW_COTANGENTS = 16
 """Columns backpropagated at once by the plain-autograd path (``is_grads_batched``)."""
+FEW_COTANGENTS = 16
+"""Up to this many cotangents, plain autograd runs one backward pass each rather than one batched backward: as
+fast on small models, and it starts faster (torch's batched backward, like any ``grad_outputs`` tensor, first
+imports torch.fx's symbolic-shape machinery and sympy: 0.2-0.3 s, a tenth of a quick run)."""
 
 
 def is_fatal(exc: BaseException) -> bool:
