@@ -41,7 +41,7 @@ def group_fields(group: MatfreeGroup, curvature: str) -> dict[str, Any]:
         "trace_method": group.trace_method,
         "lambda_max": finite_or_none(lam_max),
         "lambda_min": finite_or_none(group.lambda_min) if group.bottom is not None else None,
-        "negative_mass": finite_or_none(group.negative_mass) if group.negative_mass is not None else None,
+        "negative_mass": finite_or_none(group.negative_mass),
         "effective_rank": None,
         "stability_lr": finite_or_none(group.stability_lr) if lam_max is not None and lam_max > 0 else None,
         "gradient_norm": None,
