@@ -53,17 +53,18 @@ def test_batched_grad_matches_the_jacobian_on_either_side_of_the_few_cutoff(m):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
 
 
-_PROBE = """
+def _probe(packages: tuple[str, ...]) -> str:
+    """A script running the CLI on its arguments, then printing the exit code and the loaded modules of
+    ``packages`` as JSON (its last line)."""
+    return f"""
 import json, sys
 sys.argv = ["curvscope", *sys.argv[1:]]
-baseline = set(sys.modules)
 from curvscope.cli import main
 try:
     main()
 except SystemExit as exc:
     code = exc.code
-print(json.dumps({"code": code, "modules": sorted(m for m in sys.modules if m.split(".")[0] in
-                                                  ("sympy", "matplotlib", "transformers", "scipy"))}))
+print(json.dumps({{"code": code, "modules": sorted(m for m in sys.modules if m.split(".")[0] in {packages!r})}}))
 """
 
 
@@ -80,9 +81,10 @@ def test_the_quick_start_imports_no_plotting_or_symbolic_libraries_it_does_not_u
         pytest.skip("this torch imports sympy itself")
     args = ["spectrum", str(ROOT / "sample_models/mlp-digits.safetensors"), "--data",
             str(ROOT / "sample_models/digits.safetensors")]
+    probe = _probe(("sympy", "matplotlib", "transformers", "scipy"))
     for plots, expected in ((False, set()), (True, {"matplotlib"})):
         out = tmp_path / f"plots-{plots}"
-        proc = subprocess.run([sys.executable, "-c", _PROBE, *args, "--out", str(out),
+        proc = subprocess.run([sys.executable, "-c", probe, *args, "--out", str(out),
                                *([] if plots else ["--no-plots"])], capture_output=True, text=True, timeout=120)
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         assert result["code"] == 0, proc.stderr
@@ -112,7 +114,7 @@ def test_help_and_gating_a_saved_report_start_without_pytorch(tmp_path):
                                str(ROOT / "sample_models/digits.safetensors"), "--no-plots", "--out", str(out)],
                               capture_output=True, text=True, timeout=120)
     assert spectrum.returncode == 0, spectrum.stderr
-    probe = _PROBE.replace('("sympy", "matplotlib", "transformers", "scipy")', '("torch", "matplotlib")')
+    probe = _probe(("torch", "matplotlib"))
     for args, code in ((["--help"], 0), (["spectrum", "--help"], 0),
                        (["check", str(out / "report.json"), "--rule", "groups[0].lambda_max <= 50"], 0),
                        (["check", str(out / "report.json"), "--rule", "groups[0].lambda_max <= 1e-9"], 1),
