@@ -2,7 +2,8 @@
 
 The public API mirrors the CLI: build a :class:`Problem` with :func:`load_problem` (or directly from a
 model and a batch with :func:`make_problem`), then call :func:`spectrum`, :func:`suggest_lr` or
-:func:`factors` on it. Names are imported on first use, so ``import curvscope`` is instant.
+:func:`factors` on it, or hold its curvature as a linear operator (:func:`ggn_operator`,
+:func:`hessian_operator`: ``op @ v``, ``op.to_scipy()``). Names are imported on first use, so ``import curvscope`` is instant.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from curvscope.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = ["CurvscopeError", "Problem", "__version__", "factors", "get_loss", "load_problem", "make_problem",
-           "spectrum", "suggest_lr"]
+__all__ = ["CurvscopeError", "Problem", "__version__", "factors", "get_loss", "ggn_operator", "hessian_operator",
+           "load_problem", "make_problem", "spectrum", "suggest_lr"]
 
 __getattr__, __dir__ = lazy_exports(globals(), {
     "CurvscopeError": "curvscope.errors",
@@ -23,4 +24,6 @@ __getattr__, __dir__ = lazy_exports(globals(), {
     "spectrum": "curvscope.api",
     "suggest_lr": "curvscope.api",
     "factors": "curvscope.api",
+    "ggn_operator": "curvscope.api",
+    "hessian_operator": "curvscope.api",
 })

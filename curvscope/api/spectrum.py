@@ -1,0 +1,147 @@
+"""``curvscope.spectrum``: the curvature spectrum of one batch, exact by Gram or matrix-free by Lanczos."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from curvscope.api._problem import as_problem, resolve_seed
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+    from curvscope.curvature.results import Spectrum
+    from curvscope.problem import Problem
+    from curvscope.progress import Progress
+
+
+def spectrum(model_or_problem: nn.Module | Problem, inputs: Any = None, targets: Tensor | None = None, *,
+             loss: str | None = None, curvature: str = "ggn", method: str = "auto", groups: str = "all",
+             top_k: int | None = None, include_total: bool = True, directional: bool = True,
+             eigenvectors: bool = False, mc_samples: int = 0, subsample: int | None = None, tol: float = 1e-6,
+             trace_matvecs: int = 60, density_vectors: int = 4, seed: int | None = None, ghost: bool = True,
+             max_memory: int | str | None = None, device: str | torch.device | None = None,
+             dtype: str | torch.dtype | None = None, process_group: ProcessGroup | None = None,
+             progress: Progress | None = None) -> Spectrum:
+    """The curvature spectrum of one batch: what ``curvscope spectrum`` computes, without the files.
+
+    Two methods, chosen by ``method`` with the CLI's rule (:func:`~curvscope.curvature.method.choose_method`):
+
+    - ``"gram"``: the exact GGN ``G = (1/N) sum_n J_n^T H_n J_n`` through its Gram matrix ``V^T V`` (``P x P``
+      for ``P = N*C`` columns, instead of ``D x D``): every nonzero eigenvalue, and along the top-k
+      eigenvectors ``e_k`` the per-sample gradients ``gamma_nk = e_k^T g_n`` and curvatures
+      ``lambda_nk = e_k^T G_n e_k`` with their signal-to-noise ratios (ViViT);
+    - ``"lanczos"``: matrix-free, for the Hessian (always) or a GGN too large for its Gram: the ``top_k``
+      extreme eigenvalues with residuals, a Hutch++ trace and an SLQ spectral density;
+    - ``"auto"`` (default): the Gram method when its Gram matrix fits ``max_memory``, else Lanczos.
+
+    The same checks run as in the CLI: option values, the sizes against the memory budget, finite outputs and
+    loss before computing, finite curvature after. Conventions: ``docs/conventions.md`` §2, §4, §9.
+
+    Args:
+        model_or_problem: a :class:`~curvscope.problem.Problem` (from :func:`curvscope.load_problem` or
+            :func:`curvscope.make_problem`), or an ``nn.Module`` (in eval mode if it has BatchNorm/Dropout; not
+            modified) together with ``inputs`` and ``targets``.
+        inputs: with a model: the batch inputs ``(N, ...)`` (or a dict of keyword inputs).
+        targets: with a model: ``(N,)`` labels for ``ce``, ``(N, C)`` floats for ``mse``/``bce``; sequences
+            ``(N, T)`` / ``(N, T, C)``.
+        loss: with a model: ``"ce"``, ``"mse"`` or ``"bce"`` (``reduction="mean"`` as in PyTorch; default from
+            the targets' dtype).
+        curvature: ``"ggn"`` or ``"hessian"`` (matrix-free only: the Hessian has no Gram factor).
+        method: ``"auto"``, ``"gram"`` or ``"lanczos"``.
+        groups: ``"all"`` (the whole model), ``"layer"`` or ``"tensor"`` (block-diagonal: one spectrum per
+            block).
+        top_k: Gram: directional quantities for the top-k nonzero directions (default all, at most 1000);
+            Lanczos: eigenvalues at each end (default 10).
+        include_total: with ``groups != "all"``, the whole model comes first as ``groups[0]`` (as in the CLI).
+        directional: Gram: the per-sample directional derivatives (``False``: eigenvalues only, 2-3x cheaper).
+        eigenvectors: also return the top-k eigenvectors of ``groups[0]`` as ``result.eigenvectors``:
+            ``{parameter name: (k, *shape)}``, unit-norm and orthogonal across k (sign arbitrary).
+        mc_samples: Gram: 0 for the exact GGN, ``M > 0`` for a Monte-Carlo GGN with M columns per sample.
+        subsample: Gram: the curvature from the first ``subsample`` samples only.
+        tol: Lanczos: a Ritz value counts as converged when its residual is below ``tol * |lambda_max|``.
+        trace_matvecs: Lanczos: products for the Hutch++ trace (exact when at least a group's size; 0: none).
+        density_vectors: Lanczos: SLQ start vectors for the density of ``groups[0]`` (0: none).
+        seed: seeds every random draw (default: the problem's seed, else 0).
+        ghost: Gram: the fast per-layer rules where they are cheaper.
+        max_memory: the memory budget: bytes or a size such as ``"4GiB"`` (default: a safe share of the free
+            memory of the problem's device).
+        device: with a model: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (default ``cuda`` when available).
+        dtype: with a model: ``torch.float32`` (default) or ``torch.float64`` for reference-quality numbers.
+        process_group: an initialized ``torch.distributed`` group (e.g. ``torch.distributed.group.WORLD`` under
+            ``torchrun``): the call is then collective. Every rank passes the *same full* batch and the same
+            arguments; each rank computes its contiguous slice of the samples, and every rank returns the same
+            result, equal to the single-process one up to rounding (``docs/distributed.md``).
+        progress: ``progress(stage, done, total)`` (:mod:`curvscope.progress`).
+
+    Returns:
+        A :class:`~curvscope.curvature.results.Spectrum`: with the Gram method a
+        :class:`~curvscope.curvature.gram.SpectrumResult`, with Lanczos a
+        :class:`~curvscope.curvature.matfree.MatfreeResult`. Both have ``method``, ``curvature``,
+        ``loss_value``, ``grouping``, ``converged``, ``eigenvectors`` and ``groups[i]`` with ``name``,
+        ``param_names``, ``num_params``, ``eigenvalues`` (descending), ``lambda_max``, ``trace`` and
+        ``stability_lr``. Gram groups add ``rank``, ``effective_rank`` and ``directions`` (``gamma`` ``(N, K)``,
+        ``lambdas``, ``gamma_snr``, ``lambda_snr``, ``gradient_overlap``, ...); Lanczos groups add ``bottom``
+        (Hessian), the residuals, ``trace_stderr`` and ``density``.
+
+    Raises:
+        CurvscopeError: bad input, a request that does not fit ``max_memory``, or non-finite numbers (the message
+            names the parameter or the stage).
+
+    Example::
+
+        import torch, curvscope
+
+        model.eval()
+        res = curvscope.spectrum(model, x[:128], y[:128], loss="ce", dtype=torch.float64)
+        g = res.groups[0]
+        print(g.rank, g.lambda_max, g.trace, g.effective_rank, g.stability_lr)
+        print(g.directions.gamma_snr[:5])         # which of the top directions are signal
+
+        hess = curvscope.spectrum(model, x[:128], y[:128], curvature="hessian", top_k=5)
+        print(hess.groups[0].eigenvalues, hess.groups[0].bottom)   # both ends of the Hessian spectrum
+    """
+    from curvscope.curvature.finite import check_finite, check_outputs
+    from curvscope.curvature.method import plan_spectrum
+    from curvscope.workflows.spectrum import SpectrumOptions
+
+    options = SpectrumOptions(groups=groups, mc_samples=mc_samples, subsample=subsample, top_k=top_k,
+                              directions=directional, max_memory="auto" if max_memory is None else max_memory,
+                              ghost=ghost, plots=False, seed=seed, curvature=curvature, method=method, tol=tol,
+                              trace_samples=trace_matvecs, density_vectors=density_vectors)
+    options.validate()
+    problem = as_problem("spectrum", model_or_problem, inputs, targets, loss=loss, device=device, dtype=dtype)
+    budget = options.parsed_memory()
+    plan = plan_spectrum(problem, curvature=curvature, method=method, mc_samples=mc_samples, subsample=subsample,
+                         max_memory=budget, top_k=top_k, eigenvectors=eigenvectors)
+    check_outputs(problem)
+    seed = resolve_seed(problem, seed)
+    include_total = include_total and groups != "all"
+    if plan.method == "lanczos":
+        from curvscope.curvature.matfree import compute_matfree_spectrum
+        from curvscope.curvature.method import DEFAULT_LANCZOS_K
+
+        result = compute_matfree_spectrum(problem, curvature=curvature, groups=groups,
+                                          top_k=top_k or DEFAULT_LANCZOS_K, tol=tol, trace_matvecs=trace_matvecs,
+                                          density_vectors=density_vectors, eigenvectors=eigenvectors,
+                                          include_total=include_total, seed=seed, progress=progress,
+                                          process_group=process_group)
+        for group in result.groups:
+            check_finite(f"the curvature of group {group.name}", eigenvalues=group.eigenvalues, trace=group.trace)
+        return result
+    from curvscope.curvature.gram import compute_spectrum
+    from curvscope.curvature.gram import eigenvectors as gram_eigenvectors
+
+    result = compute_spectrum(problem, groups=groups, mc_samples=mc_samples, subsample=subsample, top_k=top_k,
+                              directional=directional, include_total=include_total, seed=seed, ghost=ghost,
+                              max_memory=budget, progress=progress, process_group=process_group,
+                              eigenvectors=eigenvectors or directional)
+    check_finite("the loss and gradient", loss=result.loss_value, gradient_norm=result.gradient_norm)
+    for group in result.groups:
+        check_finite(f"the curvature of group {group.name}", eigenvalues=group.eigenvalues, trace=group.trace)
+    if eigenvectors:
+        result.eigenvectors = gram_eigenvectors(problem, result, group=0, process_group=process_group)
+    return result
+

@@ -1,0 +1,123 @@
+"""Which wing of the engine computes a spectrum: the exact Gram method or matrix-free Lanczos.
+
+One rule, used by the CLI (``curvscope spectrum``, ``check``) and the Python API (:func:`curvscope.spectrum`):
+
+- the Hessian has no Gram factor, so ``curvature="hessian"`` is always matrix-free (``lanczos``);
+- ``method="lanczos"`` is matrix-free by request;
+- ``method="auto"`` takes the Gram method when its float64 Gram matrix (``8 P^2`` bytes for ``P`` columns) fits
+  the memory budget and the loss-Hessian seeds of its columns fit the budget's limit, else Lanczos on
+  GGN-vector products (with a note saying why);
+- ``method="gram"`` (or Monte-Carlo columns, which only the Gram method has) that does not fit is refused
+  with the sizes, never silently replaced.
+
+:func:`plan_spectrum` adds the checks that need the problem (``subsample`` against the batch, eigenvectors
+against the budget), so every caller refuses the same requests with the same words before computing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from curvscope.errors import OptionError
+
+METHODS = ("auto", "gram", "lanczos")
+"""The spectrum methods: ``auto`` (Gram when it fits, else Lanczos), ``gram`` (exact), ``lanczos``."""
+DEFAULT_LANCZOS_K = 10
+"""Extreme eigenvalues per end that the matrix-free method computes when ``top_k`` is not given."""
+
+
+@dataclass(frozen=True)
+class SpectrumPlan:
+    """How a spectrum will be computed.
+
+    Attributes:
+        method: ``"gram"`` or ``"lanczos"`` (``auto`` resolved).
+        note: why ``auto`` chose Lanczos (for the user), else ``None``.
+        columns: ``P``, the number of Gram columns the exact method needs (N·C exact, N·M Monte-Carlo).
+        gram_bytes: the float64 Gram matrix's size, ``8 P^2``.
+        budget: the memory budget in bytes that the plan was made for.
+    """
+
+    method: str
+    note: str | None
+    columns: int
+    gram_bytes: int
+    budget: int
+
+
+def gram_size(problem, mc_samples: int = 0, subsample: int | None = None) -> tuple[int, int]:
+    """``(columns, bytes)`` of the float64 Gram matrix: N·C exact, N·M Monte-Carlo; for sequences N·T_v·C and
+    N·T_v·M (T_v: the most valid tokens of one sequence)."""
+    from curvscope.curvature.columns import count_columns
+
+    columns = count_columns(problem, mc_samples, subsample)
+    return columns, 8 * columns**2
+
+
+def choose_method(problem, *, curvature: str = "ggn", method: str = "auto", mc_samples: int = 0,
+                  subsample: int | None = None, max_memory: int | None = None) -> SpectrumPlan:
+    """The method that computes this spectrum (see the module docstring for the rule).
+
+    Args:
+        problem: the :class:`~curvscope.problem.Problem`.
+        curvature: ``"ggn"`` or ``"hessian"``.
+        method: ``"auto"``, ``"gram"`` or ``"lanczos"``.
+        mc_samples: Monte-Carlo columns per sample (0: exact); only the Gram method has them.
+        subsample: curvature from the first ``subsample`` samples (Gram method only).
+        max_memory: the budget in bytes (``None``: the device's default, see
+            :meth:`~curvscope.curvature.memory.MemoryPlan.default`).
+
+    Raises:
+        OptionError: ``method="gram"`` or ``mc_samples > 0`` and the Gram method does not fit the budget.
+    """
+    from curvscope.curvature.columns import seed_bytes
+    from curvscope.curvature.memory import MemoryPlan, format_bytes
+
+    plan = MemoryPlan.default(problem.device, max_memory)
+    budget = plan.budget
+    if curvature == "hessian" or method == "lanczos":
+        return SpectrumPlan("lanczos", None, 0, 0, budget)
+    columns, size = gram_size(problem, mc_samples, subsample)
+    seeds = seed_bytes(problem, mc_samples, subsample)
+    if size <= budget and seeds <= plan.limit:
+        return SpectrumPlan("gram", None, columns, size, budget)
+    what = (f"the Gram matrix of {columns:,} columns needs {format_bytes(size)}" if size > budget else
+            f"the seeds of the {columns:,} columns (one vector of {problem.num_outputs:,} outputs each) need "
+            f"{format_bytes(seeds)}")
+    if method == "gram" or mc_samples:  # an explicit Gram request is refused, not replaced
+        given = mc_samples if mc_samples else ("the default" if max_memory is None else format_bytes(max_memory))
+        raise OptionError("mc_samples" if mc_samples else "max_memory",
+                          f"{given}: {what}, more than the memory budget ({format_bytes(budget)}); use fewer "
+                          "samples or Monte-Carlo columns, or method lanczos")
+    return SpectrumPlan("lanczos", (f"the exact Gram method does not fit the memory budget "
+                                    f"({format_bytes(budget)}): {what}; used Lanczos on GGN-vector products (the "
+                                    "extreme eigenvalues, a Hutch++ trace and an SLQ density)"),
+                        columns, size, budget)
+
+
+def plan_spectrum(problem, *, curvature: str = "ggn", method: str = "auto", mc_samples: int = 0,
+                  subsample: int | None = None, max_memory: int | None = None, top_k: int | None = None,
+                  eigenvectors: bool = False) -> SpectrumPlan:
+    """:func:`choose_method` after the checks that need the problem.
+
+    Raises:
+        OptionError: ``subsample`` larger than the batch; ``eigenvectors`` whose ``k x D`` numbers exceed the
+            memory budget (naming ``top_k``); a Gram request that does not fit.
+    """
+    from curvscope.curvature.memory import format_bytes
+
+    if subsample is not None and subsample > problem.batch_size:
+        raise OptionError("subsample", f"{subsample} is larger than the batch ({problem.batch_size} samples)")
+    plan = choose_method(problem, curvature=curvature, method=method, mc_samples=mc_samples, subsample=subsample,
+                         max_memory=max_memory)
+    if eigenvectors:  # k x D numbers in memory and on disk: refuse what cannot fit
+        from curvscope.curvature.spectrum import DEFAULT_TOP_K
+
+        columns = plan.columns if plan.method == "gram" else gram_size(problem, mc_samples, subsample)[0]
+        k = min(top_k or (DEFAULT_TOP_K if plan.method == "gram" else DEFAULT_LANCZOS_K), columns)
+        size = k * problem.num_params * next(iter(problem.params.values())).element_size()
+        if size > plan.budget:
+            raise OptionError("eigenvectors", f"up to {k} eigenvectors of {problem.num_params:,} parameters need "
+                              f"{format_bytes(size)}, more than the memory budget ({format_bytes(plan.budget)}): "
+                              "pass a smaller top_k")
+    return plan
