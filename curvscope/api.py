@@ -13,7 +13,7 @@ from curvscope.errors import CurvscopeError
 from curvscope.problem import Problem, make_problem
 
 if TYPE_CHECKING:
-    from curvscope.curvature.hessian import MatfreeResult
+    from curvscope.curvature.matfree.spectrum import MatfreeResult
 
 
 def spectrum(model_or_problem: nn.Module | Problem, inputs: Tensor | None = None, targets: Tensor | None = None,
@@ -52,9 +52,9 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Tensor | None = None
         curvature: ``"ggn"``, or ``"hessian"``: the loss Hessian, matrix-free (implies ``method="lanczos"``).
         method: ``"gram"`` (exact, every eigenvalue) or ``"lanczos"``: the ``top_k`` (default 10) extreme
             eigenvalues with residuals, a Hutch++ trace and an SLQ density per
-            :func:`~curvscope.curvature.hessian.compute_matfree_spectrum`, which then gets ``**kw`` (``tol``,
+            :func:`~curvscope.curvature.matfree.spectrum.compute_matfree_spectrum`, which then gets ``**kw`` (``tol``,
             ``trace_matvecs``, ``density_vectors``, ``eigenvectors``, ``seed``, ``progress``, ...) and
-            returns a :class:`~curvscope.curvature.hessian.MatfreeResult`.
+            returns a :class:`~curvscope.curvature.matfree.spectrum.MatfreeResult`.
         **kw: passed on to :func:`~curvscope.curvature.spectrum.compute_spectrum`: ``include_total`` (with
             ``groups != "all"``, the whole model as ``groups[0]``), ``seed``, ``ghost``, ``max_memory`` (bytes
             or ``"4GiB"``), ``progress``.
@@ -113,7 +113,7 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Tensor | None = None
     if curvature not in ("ggn", "hessian") or method not in ("gram", "lanczos"):
         raise CurvscopeError(f"curvature '{curvature}' / method '{method}': choose ggn or hessian, gram or lanczos")
     if curvature == "hessian" or method == "lanczos":
-        from curvscope.curvature.hessian import compute_matfree_spectrum
+        from curvscope.curvature.matfree.spectrum import compute_matfree_spectrum
 
         if mc_samples or subsample is not None or process_group is not None:
             raise CurvscopeError("mc_samples, subsample and process_group apply to the Gram method only")
