@@ -259,8 +259,7 @@ def eig_curvscope(problem, curvature: str, tol: float, seed: int = 0, max_steps:
                   which: str = "largest") -> tuple[EigRun, Any]:
     """curvscope: the operator (its gradient graph) and Lanczos for the top eigenvalue (``which="both"``: the
     reference run, both ends)."""
-    from curvscope.curvature.matfree import extreme_eigenpairs
-    from curvscope.curvature.operators import curvature_operator
+    from curvscope.curvature.matfree import curvature_operator, extreme_eigenpairs
 
     spent = [0.0]
 
@@ -284,7 +283,7 @@ def eig_curvscope(problem, curvature: str, tol: float, seed: int = 0, max_steps:
 
 def eig_curvscope_both(problem, curvature: str, tol: float, seed: int = 0) -> EigRun:
     """curvscope's whole matrix-free spectrum as the CLI runs it: top and bottom (Hessian), no trace/density."""
-    from curvscope.curvature.hessian import compute_matfree_spectrum
+    from curvscope.curvature.matfree import compute_matfree_spectrum
 
     t0 = time.perf_counter()
     res = compute_matfree_spectrum(problem, curvature=curvature, groups="all", top_k=1, tol=tol, trace_matvecs=0,
@@ -356,7 +355,7 @@ def curvlinops_operator_check(w: Workload, problem, curvature: str, seed: int = 
     import numpy as np
     from curvlinops import GGNLinearOperator, HessianLinearOperator
 
-    from curvscope.curvature.operators import curvature_operator
+    from curvscope.curvature.matfree import curvature_operator
 
     params = [p for p in w.model.parameters() if p.requires_grad]
     cls = HessianLinearOperator if curvature == "hessian" else GGNLinearOperator
@@ -515,7 +514,7 @@ def ggn_trace(model: nn.Module, x: Tensor, y: Tensor) -> float:
 def diag_check(problem, count: int, seed: int = 0) -> dict[str, Any]:
     """``H_ii`` against ``G_ii`` on ``count`` random coordinates spread over the parameter tensors (the identity
     behind the 3c3d reference): the largest difference relative to the largest ``|G_ii|``."""
-    from curvscope.curvature.operators import ggn_operator, hessian_operator
+    from curvscope.curvature.matfree import ggn_operator, hessian_operator
 
     h, g = hessian_operator(problem), ggn_operator(problem)
     gen = torch.Generator().manual_seed(seed)
@@ -544,8 +543,7 @@ def pooled_ratio(row: dict[str, Any], ref: float) -> float:
 
 def trace_compare(tc: TraceCase, cfg: Config, log: Callable[[str], None]) -> dict[str, Any]:
     """Hutch++ vs Hutchinson (curvscope's and PyHessian's) at equal matvecs, relative RMS error over seeds."""
-    from curvscope.curvature.matfree import exact_trace, hutchinson, hutchpp
-    from curvscope.curvature.operators import hessian_operator
+    from curvscope.curvature.matfree import exact_trace, hessian_operator, hutchinson, hutchpp
 
     dtype = getattr(torch, cfg.dtype)
     w = build_workload(tc.case, tc.n, torch.device("cpu"), dtype)

@@ -105,8 +105,7 @@ def test_ggn_trace_identity_for_piecewise_linear_models():
     """The 3c3d reference: tr(H) = tr(G) for a ReLU/max-pool network (exact Hessian trace, tiny CNN), and the
     per-sample tr(G) matches curvscope's GGN operator."""
     from benchmarks import hessian as hb
-    from curvscope.curvature.matfree import exact_trace
-    from curvscope.curvature.operators import ggn_operator, hessian_operator
+    from curvscope.curvature.matfree import exact_trace, ggn_operator, hessian_operator
     from curvscope.problem import make_problem
 
     torch.manual_seed(0)
@@ -157,8 +156,7 @@ def test_pyhessian_trace_is_curvscope_hutchinson_with_the_same_seed():
     from pyhessian import hessian as PyHessian
 
     from benchmarks import hessian as hb
-    from curvscope.curvature.matfree import hutchinson
-    from curvscope.curvature.operators import hessian_operator
+    from curvscope.curvature.matfree import hessian_operator, hutchinson
 
     w = build_workload("mlp-digits", 8, CPU, torch.float64)
     op = hessian_operator(hb._problem(w))

@@ -23,7 +23,7 @@ import torch
 import curvscope
 from curvscope.curvature.distributed import _fill, _specs, _strip
 from curvscope.curvature.gram import compute_gram
-from curvscope.curvature.hessian import compute_matfree_spectrum
+from curvscope.curvature.matfree import compute_matfree_spectrum
 from curvscope.curvature.newton import newton_step
 from curvscope.curvature.spectrum import compute_spectrum, eigenvectors
 

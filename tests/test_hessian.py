@@ -1,4 +1,4 @@
-"""compute_matfree_spectrum (curvscope.curvature.hessian) against dense eigen-decompositions and the Gram engine."""
+"""compute_matfree_spectrum (curvscope.curvature.matfree) against dense eigen-decompositions and the Gram engine."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from helpers import flat_params as flat
 from helpers import unflatten_params as unflatten
 from torch import nn
 
-from curvscope.curvature.hessian import compute_matfree_spectrum
-from curvscope.curvature.matfree import gaussian_density
+from curvscope.curvature.matfree import compute_matfree_spectrum, gaussian_density
 from curvscope.curvature.spectrum import compute_spectrum
 from curvscope.errors import CurvscopeError
 from curvscope.problem import make_problem
@@ -31,7 +30,7 @@ def layernorm_gelu_ce(n: int = 10):
 
 def tanh_mse():
     # one output: with C > 1 the last layer's MSE Hessian block is a Kronecker product with I_C, whose repeated
-    # eigenvalues a single Lanczos run (curvature/matfree.py) reports with lower multiplicity
+    # eigenvalues a single Lanczos run (curvature/matfree/eigen.py) reports with lower multiplicity
     torch.manual_seed(12)
     model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1))
     return make_problem(model, torch.randn(9, 3), torch.randn(9, 1), loss="mse", dtype=F64)

@@ -10,8 +10,8 @@ from helpers import flat_params as flat
 from helpers import unflatten_params as unflatten
 from torch import nn
 
-from curvscope.curvature.hessian import compute_matfree_spectrum
 from curvscope.curvature.landscape import batch_loss, default_radius, loss_landscape
+from curvscope.curvature.matfree import compute_matfree_spectrum
 from curvscope.errors import CurvscopeError
 from curvscope.problem import make_problem
 

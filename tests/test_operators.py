@@ -1,4 +1,4 @@
-"""Hessian- and GGN-vector products (curvscope.curvature.operators) against dense references.
+"""Hessian- and GGN-vector products (curvscope.curvature.matfree.operators) against dense references.
 
 The dense Hessian comes from ``torch.autograd.functional.hessian`` of the loss w.r.t. the flat parameter vector,
 itself checked against central finite differences of the gradient; ``torch.func.hessian`` is never used as a
@@ -13,7 +13,7 @@ import torch
 from helpers import dense_ggn, ggn_factor, group_index, loss_hessians
 from torch import nn
 
-from curvscope.curvature.operators import (
+from curvscope.curvature.matfree import (
     curvature_operator,
     ggn_operator,
     hessian_operator,

@@ -145,8 +145,7 @@ def test_matrix_free_ggn_of_sequence_models_against_dense():
     """The GGN-vector products of Lanczos (``ggn_operator``) use each token's loss Hessian times N/|T|, the
     ignored tokens' blocks zero: the matrix equals J^T H J from PyTorch's own loss, and Lanczos finds the Gram
     engine's eigenvalues (before, the closed form took a softmax over all T*C outputs of a sequence)."""
-    from curvscope.curvature.hessian import compute_matfree_spectrum
-    from curvscope.curvature.operators import ggn_operator
+    from curvscope.curvature.matfree import compute_matfree_spectrum, ggn_operator
 
     for name, problem, batch_loss in _sequence_cases():
         G = dense_any(problem, batch_loss).G
@@ -165,7 +164,7 @@ def test_matrix_free_hessian_of_a_causal_lm_against_dense():
     from helpers import flat_params, unflatten_params
     from torch.func import functional_call
 
-    from curvscope.curvature.hessian import compute_matfree_spectrum
+    from curvscope.curvature.matfree import compute_matfree_spectrum
 
     problem, labels = lm_problem()
     batch_loss = hf_loss(labels, True)

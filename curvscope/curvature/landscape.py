@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from curvscope.curvature.operators import hessian_operator
+from curvscope.curvature.matfree.operators import hessian_operator
 from curvscope.errors import CurvscopeError
 
 MIN_LOSS_FOR_RADIUS = 1e-3

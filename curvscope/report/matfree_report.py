@@ -1,5 +1,5 @@
 """Report fields, terminal tables and figures of the matrix-free spectrum (Lanczos, Hutch++, SLQ; Hessian or
-GGN) and of the loss landscape. Writers only: the numbers come from :mod:`curvscope.curvature.hessian` and
+GGN) and of the loss landscape. Writers only: the numbers come from :mod:`curvscope.curvature.matfree.spectrum` and
 :mod:`curvscope.curvature.landscape`. Field-by-field documentation: ``docs/report.md``.
 """
 
@@ -15,8 +15,8 @@ from curvscope.report.format import num as fmt
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from curvscope.curvature.hessian import MatfreeGroup, MatfreeResult
     from curvscope.curvature.landscape import Landscape
+    from curvscope.curvature.matfree.spectrum import MatfreeGroup, MatfreeResult
 
 
 def group_fields(group: MatfreeGroup, curvature: str) -> dict[str, Any]:

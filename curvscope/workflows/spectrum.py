@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     from torch import Tensor
     from torch.distributed import ProcessGroup
 
-    from curvscope.curvature.hessian import MatfreeResult
     from curvscope.curvature.landscape import Landscape
+    from curvscope.curvature.matfree.spectrum import MatfreeResult
     from curvscope.curvature.newton import NewtonStep
     from curvscope.curvature.spectrum import SpectrumResult
     from curvscope.problem import Problem
@@ -282,8 +282,8 @@ def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress
                  process_group: ProcessGroup | None = None, comm: Any = None) -> SpectrumRun:
     from curvscope.curvature import distributed
     from curvscope.curvature.finite import check_finite
-    from curvscope.curvature.hessian import compute_matfree_spectrum
     from curvscope.curvature.layout import make_layout
+    from curvscope.curvature.matfree.spectrum import compute_matfree_spectrum
     from curvscope.report import matfree_report as mr
 
     def matfree(curvature: str, groups: str, top_k: int, vectors: bool, density: int):

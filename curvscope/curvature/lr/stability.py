@@ -49,7 +49,7 @@ def _largest_eigenvalues(problem: Problem, partition: str) -> tuple[float, dict[
         spectrum = compute_spectrum(problem, groups=partition, directional=False, include_total=True).groups
         values = [(g.name, float(g.lambda_max)) for g in spectrum]
     else:
-        from curvscope.curvature.hessian import compute_matfree_spectrum
+        from curvscope.curvature.matfree.spectrum import compute_matfree_spectrum
 
         result = compute_matfree_spectrum(problem, curvature="ggn", groups=partition, top_k=1, tol=1e-4,
                                           trace_matvecs=0, density_vectors=0, include_total=True)

@@ -1,9 +1,11 @@
-"""Matrix-vector products with the Hessian and the GGN of a Problem's batch loss (``docs/conventions.md`` §9).
+"""Hessian- and GGN-vector products of a Problem's batch loss, as :class:`Operator` objects (§9).
 
-An :class:`Operator` acts on flat vectors of one parameter group: the group's tensors (``names``, in that order)
-flattened and concatenated, ``dim`` entries in ``problem.dtype`` on ``problem.device``. Parameters outside the
-group are held fixed, so the operator is the group's diagonal block of the whole-model matrix (§2, parameter
-groups). Parameters of the group that do not influence the loss give zero rows and columns.
+An operator acts on one parameter group: the group's tensors (``names``, in that order) flattened and
+concatenated, ``D = sum |theta_p|`` entries in ``problem.dtype`` on ``problem.device``; it is the ``(D, D)``
+matrix of :class:`~curvscope.curvature.matfree.operator.Operator` (``shape``, ``@`` on vectors, matrices, dicts
+and lists, ``to_scipy()``). Parameters outside the group are held fixed, so the operator is the group's
+diagonal block of the whole-model matrix (§2, parameter groups). Parameters of the group that do not influence
+the loss give zero rows and columns.
 
 - :func:`hessian_operator`: ``H v`` with ``H = d^2 L / d theta^2`` by double backward (reverse over reverse).
   The first gradient ``dL/dtheta`` is built once with ``create_graph=True``; every product is one backward
@@ -20,81 +22,14 @@ non-symmetric Hessian through LayerNorm + GELU in torch 2.14 (§9).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from curvscope.curvature.matfree.operator import Operator
 from curvscope.errors import CurvscopeError
 
 CURVATURES = ("hessian", "ggn")
-
-
-@dataclass(repr=False)
-class Operator:
-    """A symmetric curvature matrix of one parameter group, available through products only.
-
-    Attributes:
-        dim: length of the flat vectors the operator acts on (the group's number of parameters).
-        names: the group's parameter names, in the order their entries appear in the flat vectors.
-        kind: ``"hessian"`` or ``"ggn"``.
-        shapes: the shape of every parameter in ``names``.
-        dtype, device: those of the problem (``matvec`` returns vectors there).
-        count: number of products computed so far.
-    """
-
-    dim: int
-    names: tuple[str, ...]
-    kind: str
-    shapes: tuple[torch.Size, ...]
-    dtype: torch.dtype
-    device: torch.device
-    count: int = 0
-    _product: Callable[[list[Tensor]], list[Tensor]] = field(default=None, compare=False)
-
-    def matvec(self, v: Tensor) -> Tensor:
-        """``A v`` for a vector ``v`` with ``dim`` entries (any shape, cast to the problem's dtype/device).
-
-        Returns:
-            ``(dim,)`` tensor, detached, in ``dtype`` on ``device``.
-        """
-        if not isinstance(v, Tensor) or v.numel() != self.dim:
-            got = v.numel() if isinstance(v, Tensor) else type(v).__name__
-            raise CurvscopeError(f"{self.kind} operator acts on vectors of {self.dim} entries, got {got}")
-        parts = self.split(v.reshape(-1).to(dtype=self.dtype, device=self.device))
-        with torch.enable_grad():
-            out = self._product(parts)
-        self.count += 1
-        return torch.cat([o.reshape(-1) for o in out]).detach()
-
-    __call__ = matvec
-
-    def split(self, v: Tensor) -> list[Tensor]:
-        """A flat ``(dim,)`` vector as a list of parameter-shaped tensors, one per name."""
-        sizes = [s.numel() for s in self.shapes]
-        return [p.reshape(s) for p, s in zip(torch.split(v, sizes), self.shapes, strict=True)]
-
-    def unflatten(self, v: Tensor) -> dict[str, Tensor]:
-        """A flat ``(..., dim)`` tensor as name -> ``(..., *shape)`` tensors."""
-        lead = v.shape[:-1]
-        sizes = [s.numel() for s in self.shapes]
-        return {n: p.reshape(*lead, *s)
-                for n, p, s in zip(self.names, torch.split(v, sizes, dim=-1), self.shapes, strict=True)}
-
-    def flatten(self, tensors: dict[str, Tensor]) -> Tensor:
-        """Parameter-shaped tensors by name as one flat ``(dim,)`` vector (missing names are zeros)."""
-        parts = [tensors[n].reshape(-1) if n in tensors else torch.zeros(s.numel(), dtype=self.dtype,
-                                                                          device=self.device)
-                 for n, s in zip(self.names, self.shapes, strict=True)]
-        return torch.cat([p.to(dtype=self.dtype, device=self.device) for p in parts])
-
-    def dense(self) -> Tensor:
-        """The ``(dim, dim)`` matrix, column by column (``dim`` products; for tiny groups and tests)."""
-        eye = torch.eye(self.dim, dtype=self.dtype, device=self.device)
-        return torch.stack([self.matvec(e) for e in eye], dim=1)
-
-    def __repr__(self) -> str:
-        return f"Operator(kind={self.kind!r}, dim={self.dim}, names={len(self.names)}, count={self.count})"
 
 
 def _check_names(problem, names: Sequence[str] | None) -> tuple[str, ...]:
@@ -153,20 +88,30 @@ def _part_loss(problem, params: dict[str, Tensor], samples: tuple[int, int] | No
 
 def hessian_operator(problem, names: Sequence[str] | None = None, samples: tuple[int, int] | None = None
                      ) -> Operator:
-    """The Hessian ``H_PP = d^2 L / d theta_P^2`` of the batch loss w.r.t. the group ``names`` (§9).
+    """The Hessian ``H_PP = d^2 L / d theta_P^2`` ``(D, D)`` of the batch loss w.r.t. the group ``names`` (§9).
 
     The gradient graph ``g_P(theta)`` is built here, once (one forward and one backward pass with
-    ``create_graph=True``); every :meth:`Operator.matvec` is one more backward pass through it:
+    ``create_graph=True``); every product is one more backward pass through it:
     ``H v = d (g_P . v) / d theta_P``. It holds the forward and backward graphs in memory while it lives.
+
+    Example::
+
+        H = hessian_operator(problem, names=["0.weight", "0.bias"])   # the first layer's block
+        H.shape                                   # (D, D), D = its number of parameters
+        H @ v                                     # v (D,) -> (D,); a (D, K) matrix -> (D, K)
+        H @ {"0.weight": dw, "0.bias": db}        # -> {"0.weight": ..., "0.bias": ...}
 
     Args:
         problem: the :class:`~curvscope.problem.Problem`.
-        names: the group's parameter names (default: every trainable parameter, the whole model).
+        names: the group's parameter names, in the order of the flat vectors (default: every trainable
+            parameter, the whole model).
         samples: ``(b0, b1)``: only the batch samples ``b0 <= n < b1``' part of ``H`` (the Hessian of
             ``sum_n l_n / N`` over them); the parts of a partition of the batch sum to ``H``.
 
     Returns:
-        :class:`Operator` with ``kind="hessian"`` on vectors of ``dim = sum |theta_p|, p in names``.
+        :class:`~curvscope.curvature.matfree.operator.Operator` with ``kind="hessian"`` and ``shape (D, D)``,
+        ``D = sum |theta_p|, p in names``: ``@`` on ``(D,)`` vectors, ``(D, K)`` matrices, dicts and lists of
+        parameter-shaped tensors; ``to_scipy()``.
     """
     names = _check_names(problem, names)
     if samples is not None and samples[1] <= samples[0]:
@@ -233,21 +178,30 @@ def loss_hessian_product(loss, outputs: Tensor, targets: Tensor) -> Callable[[Te
 
 
 def ggn_operator(problem, names: Sequence[str] | None = None, samples: tuple[int, int] | None = None) -> Operator:
-    """The GGN ``G_PP = (1/N) sum_n J_nP^T H_n J_nP`` of the batch w.r.t. the group ``names`` (§2, §9).
+    """The GGN ``G_PP = (1/N) sum_n J_nP^T H_n J_nP`` ``(D, D)`` of the batch w.r.t. the group ``names`` (§2, §9).
 
     Built once: the forward graph of the outputs ``f(theta_P)`` ``(N, C)`` and the graph of ``u -> J^T u``
-    (a VJP with a symbolic seed ``u``, ``create_graph=True``). Every :meth:`Operator.matvec` then does
+    (a VJP with a symbolic seed ``u``, ``create_graph=True``). Every product then does
     ``J v = d (v . J^T u) / d u`` (one backward pass), ``w_n = H_n (J v)_n / N`` (:func:`loss_hessian_product`),
     and ``J^T w`` (one backward pass). ``G v`` equals ``V V^T v`` with the exact factor V of the Gram engine.
 
+    Example::
+
+        G = ggn_operator(problem)                 # the whole model: D = problem.num_params
+        G @ torch.randn(G.shape[1], 4, dtype=G.dtype)              # (D, 4) -> (D, 4)
+        scipy.sparse.linalg.eigsh(G.to_scipy(), k=3)               # the top 3 eigenvalues
+
     Args:
         problem: the :class:`~curvscope.problem.Problem`.
-        names: the group's parameter names (default: every trainable parameter, the whole model).
+        names: the group's parameter names, in the order of the flat vectors (default: every trainable
+            parameter, the whole model).
         samples: ``(b0, b1)``: only the batch samples ``b0 <= n < b1``' terms of the sum (still over N); the
             parts of a partition of the batch sum to ``G``.
 
     Returns:
-        :class:`Operator` with ``kind="ggn"`` on vectors of ``dim = sum |theta_p|, p in names``.
+        :class:`~curvscope.curvature.matfree.operator.Operator` with ``kind="ggn"`` and ``shape (D, D)``,
+        ``D = sum |theta_p|, p in names``: ``@`` on ``(D,)`` vectors, ``(D, K)`` matrices, dicts and lists of
+        parameter-shaped tensors; ``to_scipy()``.
     """
     names = _check_names(problem, names)
     b0, b1 = (0, problem.batch_size) if samples is None else samples

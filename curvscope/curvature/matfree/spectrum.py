@@ -1,8 +1,9 @@
 """Matrix-free curvature spectrum: extreme eigenvalues, trace and spectral density of the Hessian or the GGN.
 
 ``docs/conventions.md`` §9. Per parameter group, the curvature matrix is reached through products only
-(:mod:`curvscope.curvature.operators`) and handed to the generic estimators of
-:mod:`curvscope.curvature.matfree`:
+(:mod:`curvscope.curvature.matfree.operators`) and handed to the generic estimators of
+:mod:`curvscope.curvature.matfree` (:mod:`~curvscope.curvature.matfree.eigen`,
+:mod:`~curvscope.curvature.matfree.trace`, :mod:`~curvscope.curvature.matfree.density`):
 
 - extreme eigenvalues by Lanczos with full reorthogonalization, each Ritz value with its true residual
   ``||A q - theta q||``; converged when every residual is ``<= tol * max |theta|``. The Hessian is indefinite:
@@ -20,23 +21,20 @@ Everything is deterministic in ``seed``: each group and each estimator draws fro
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from curvscope.curvature.matfree import (
-    Density,
-    default_max_steps,
-    extreme_eigenpairs,
-    hutchpp,
-    spectral_density,
-)
-from curvscope.curvature.operators import CURVATURES, curvature_operator
+from curvscope.curvature.matfree.density import Density, spectral_density
+from curvscope.curvature.matfree.eigen import default_max_steps, extreme_eigenpairs
+from curvscope.curvature.matfree.operators import CURVATURES, curvature_operator
+from curvscope.curvature.matfree.trace import hutchpp
 from curvscope.errors import CurvscopeError
 from curvscope.problem import GROUP_MODES
-from curvscope.progress import Progress, or_silent
+from curvscope.progress import Progress, or_silent, stage
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -60,8 +58,8 @@ class MatfreeGroup:
         trace: trace estimate (Hutch++, or exact); ``None`` when ``trace_matvecs == 0``.
         trace_stderr: its standard error (0.0 when exact, NaN with a single Hutchinson vector).
         trace_method: ``"hutch++"``, ``"hutchinson"`` or ``"exact"`` (``None`` without a trace).
-        density: the SLQ :class:`~curvscope.curvature.matfree.Density` (``grid`` ``(G,)``, ``values`` ``(G,)``,
-            Ritz ``nodes``/``weights`` ``(n_v, m)``, ``sigma``), for the first group only, else ``None``.
+        density: the SLQ :class:`~curvscope.curvature.matfree.density.Density` (``grid`` ``(G,)``, ``values``
+            ``(G,)``, Ritz ``nodes``/``weights`` ``(n_v, m)``, ``sigma``), for the first group only, else ``None``.
         negative_mass: Hessian with a density: the share of the spectrum clearly below zero, the SLQ
             quadrature weight of the Ritz values below ``-sigma`` (the kernel width),
             ``(1/n_v) sum_v sum_i tau_vi [theta_vi < -sigma]``: the smoothed cluster of near-zero eigenvalues
@@ -105,12 +103,6 @@ class MatfreeGroup:
         """``2 / lambda_max``: gradient descent on this block is stable below this learning rate (inf if
         ``lambda_max <= 0``)."""
         return 2.0 / self.lambda_max if self.lambda_max > 0 else math.inf
-
-    @property
-    def max_residual(self) -> float:
-        """The largest residual among the reported Ritz values."""
-        res = [self.top_residuals] + ([self.bottom_residuals] if self.bottom_residuals is not None else [])
-        return float(torch.cat(res).max()) if sum(r.numel() for r in res) else 0.0
 
     def __repr__(self) -> str:
         parts = [f"name={self.name!r}", f"D={self.num_params}", f"lambda_max={self.lambda_max:.6g}"]
@@ -181,23 +173,17 @@ def _checked(name: str, value: int, minimum: int) -> int:
     return int(value)
 
 
-class _Stage:
-    """Progress of one stage summed over the groups: ``(stage, done, total)`` with a fixed ``total``; a group
-    that stops early jumps to the end of its share."""
+def _share(report: Callable[[int, int], None], shares: list[int], i: int) -> Progress:
+    """Group ``i``'s estimator progress as its share of a stage summed over the groups: its ``done`` moves the
+    stage (bound by :func:`curvscope.progress.stage`) to ``sum(shares[:i]) + min(done, shares[i])`` of
+    ``sum(shares)``; after the group, ``report(sum(shares[:i + 1]), sum(shares))`` ends its share (a group that
+    stops early jumps to the end of it)."""
+    offset, total = sum(shares[:i]), sum(shares)
 
-    def __init__(self, progress: Progress, name: str, totals: list[int]) -> None:
-        self.progress, self.name, self.totals = progress, name, totals
+    def forward(_stage: str, done: int, _total: int | None) -> None:
+        report(offset + min(done, shares[i]), total)
 
-    def group(self, i: int):
-        offset, total = sum(self.totals[:i]), sum(self.totals)
-
-        def report(_stage: str, done: int, _total: int) -> None:
-            self.progress(self.name, offset + min(done, self.totals[i]), total)
-
-        return report
-
-    def finish(self, i: int) -> None:
-        self.progress(self.name, sum(self.totals[: i + 1]), sum(self.totals))
+    return forward
 
 
 def _negative_mass(density: Density) -> float:
@@ -228,7 +214,7 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
         top_k: eigenvalues wanted at each end (clipped to each group's dimension D_P).
         tol: relative residual tolerance of the Lanczos runs (use ``>= 1e-5`` in float32).
         max_steps: cap on Lanczos steps per group (default
-            :func:`~curvscope.curvature.matfree.default_max_steps`); the basis holds ``max_steps * D_P``
+            :func:`~curvscope.curvature.matfree.eigen.default_max_steps`); the basis holds ``max_steps * D_P``
             numbers.
         trace_matvecs: Hutch++ budget per group; the exact trace when ``>= D_P`` (``stderr`` 0); 0 skips it.
         density_vectors: SLQ start vectors (n_v) for the density of ``groups[0]``; 0 skips it.
@@ -236,8 +222,9 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
         eigenvectors: also return the unit Ritz vectors of ``groups[0].top`` (parameter-shaped).
         include_total: with ``groups != "all"``, prepend the whole model as ``groups[0]``.
         seed: seeds every random vector (start vectors, Hutch++ and SLQ vectors).
-        progress: :class:`~curvscope.progress.Progress`; stages ``"lanczos"`` (Lanczos steps, summed over the
-            groups), ``"trace"`` (products, summed over the groups) and ``"density"`` (Lanczos steps).
+        progress: ``progress(stage, done, total)`` (:mod:`curvscope.progress`); stages ``"lanczos"`` (Lanczos
+            steps, summed over the groups), ``"trace"`` (products, summed over the groups) and ``"density"``
+            (Lanczos steps).
         process_group: an initialized ``torch.distributed`` group: the call is collective (every rank passes the
             same full problem and arguments); each product is split over the ranks' contiguous slices of the
             batch and summed (bitwise the same on every rank, so every rank runs the same iterations), and every
@@ -266,8 +253,8 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
     dims = [sum(problem.params[n].numel() for n in names) for _, names in blocks]
     caps = [default_max_steps(d, min(top_k, d), which) if max_steps is None else min(d, max(max_steps, top_k))
             for d in dims]
-    lanczos_stage = _Stage(progress, "lanczos", caps)
-    trace_stage = _Stage(progress, "trace", [min(trace_matvecs, d) for d in dims])
+    traces = [min(trace_matvecs, d) for d in dims]
+    lanczos_report, trace_report = stage(progress, "lanczos"), stage(progress, "trace")
     from curvscope.curvature.layout import make_layout
 
     layout = make_layout(problem, process_group)  # sharded: collective, the same problem on every rank
@@ -290,15 +277,15 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
         kw = {"dtype": problem.dtype, "device": problem.device}
         eig = extreme_eigenpairs(matvec, op.dim, top_k, which=which, tol=tol, max_steps=caps[i],
                                  generator=_generator(seed, i, _EIGEN), want_vectors=eigenvectors and i == 0,
-                                 progress=lanczos_stage.group(i), **kw)
-        lanczos_stage.finish(i)
+                                 progress=_share(lanczos_report, caps, i), **kw)
+        lanczos_report(sum(caps[: i + 1]), sum(caps))
         if eigenvectors and i == 0:
             vectors = _parameter_vectors(problem, op, eig.top_vectors)
         trace = None
         if trace_matvecs:
             trace = hutchpp(matvec, op.dim, trace_matvecs, generator=_generator(seed, i, _TRACE),
-                            progress=trace_stage.group(i), **kw)
-            trace_stage.finish(i)
+                            progress=_share(trace_report, traces, i), **kw)
+            trace_report(sum(traces[: i + 1]), sum(traces))
         density = None
         if i == 0 and density_vectors:
             total = density_vectors * min(density_steps, op.dim)
