@@ -56,17 +56,16 @@ class Spectrum:
         loss_value: the batch loss.
         eigenvectors: the top eigenvectors of ``groups[0]`` as ``{parameter: (k, *shape)}`` when asked for, else
             ``None``.
+        curvature: ``"ggn"`` or ``"hessian"``.
+        method: ``"gram"`` (exact, every nonzero eigenvalue) or ``"lanczos"`` (matrix-free, the extremes).
     """
 
     groups: list
     grouping: str
     loss_value: float
     eigenvectors: dict[str, Tensor] | None
-
-    curvature: str = "ggn"
-    """``ggn`` or ``hessian``."""
-    method: str = "gram"
-    """``gram`` (exact, every nonzero eigenvalue) or ``lanczos`` (matrix-free, the extremes)."""
+    curvature: str
+    method: str
 
     @property
     def converged(self) -> bool:

@@ -32,6 +32,7 @@ from curvscope.curvature.matfree.density import Density, spectral_density
 from curvscope.curvature.matfree.eigen import default_max_steps, extreme_eigenpairs
 from curvscope.curvature.matfree.operators import CURVATURES, curvature_operator
 from curvscope.curvature.matfree.trace import hutchpp
+from curvscope.curvature.results import Spectrum, SpectrumGroup
 from curvscope.errors import CurvscopeError
 from curvscope.problem import GROUP_MODES
 from curvscope.progress import Progress, or_silent, stage
@@ -43,7 +44,7 @@ _EIGEN, _TRACE, _DENSITY = 0, 1, 2  # estimator index in the seed of its generat
 
 
 @dataclass(repr=False)
-class MatfreeGroup:
+class MatfreeGroup(SpectrumGroup):
     """The matrix-free spectrum of one block of the (block-diagonal) Hessian or GGN.
 
     Attributes:
@@ -89,20 +90,14 @@ class MatfreeGroup:
     matvecs: int
 
     @property
-    def lambda_max(self) -> float:
-        """The largest eigenvalue (the top Ritz value)."""
-        return float(self.top[0])
+    def eigenvalues(self) -> Tensor:
+        """``(k,)`` the top Ritz values, descending (the same as ``top``; the name both wings share)."""
+        return self.top
 
     @property
     def lambda_min(self) -> float | None:
         """The smallest eigenvalue (Hessian); ``None`` for the GGN (positive semi-definite, not computed)."""
         return None if self.bottom is None else float(self.bottom[0])
-
-    @property
-    def stability_lr(self) -> float:
-        """``2 / lambda_max``: gradient descent on this block is stable below this learning rate (inf if
-        ``lambda_max <= 0``)."""
-        return 2.0 / self.lambda_max if self.lambda_max > 0 else math.inf
 
     def __repr__(self) -> str:
         parts = [f"name={self.name!r}", f"D={self.num_params}", f"lambda_max={self.lambda_max:.6g}"]
@@ -117,7 +112,7 @@ class MatfreeGroup:
 
 
 @dataclass(repr=False)
-class MatfreeResult:
+class MatfreeResult(Spectrum):
     """What :func:`compute_matfree_spectrum` returns.
 
     Attributes:
@@ -151,12 +146,6 @@ class MatfreeResult:
     def converged(self) -> bool:
         """Every group converged (each reported residual within its tolerance)."""
         return all(g.converged for g in self.groups)
-
-    def group(self, name: str) -> MatfreeGroup:
-        """The group called ``name`` (``KeyError`` when none is)."""
-        from curvscope.problem import group_named
-
-        return group_named(self.groups, name)
 
     def __repr__(self) -> str:
         return (f"MatfreeResult(curvature={self.curvature!r}, method={self.method!r}, groups={len(self.groups)}, "
