@@ -295,7 +295,7 @@ def test_bert_embeddings_take_the_rule_and_match_the_generic_path(tmp_path):
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import save_file
 
-    from curvscope.problem import load_problem
+    from curvscope.io.load import load_problem
 
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=500, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,

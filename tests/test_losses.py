@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from curvscope.cli.common import as_flags
 from curvscope.errors import CurvscopeError
 from curvscope.losses import LOSS_NAMES, default_loss_name, get_loss
 
@@ -137,7 +138,9 @@ def test_mc_square_root_is_seeded_and_checks_its_argument(name):
     c = get_loss(name).mc_sqrt(outputs, targets, 7, generator=torch.Generator().manual_seed(4))
     assert a.shape == (N, C, 7) and a.dtype == torch.float32
     assert torch.equal(a, b) and not torch.equal(a, c)
-    with pytest.raises(CurvscopeError, match="mc-samples"):
+    with pytest.raises(CurvscopeError, match="^mc_samples must be at least 1"):  # Python words
+        get_loss(name).mc_sqrt(outputs, targets, 0)
+    with pytest.raises(CurvscopeError, match="mc-samples"), as_flags():  # the CLI's
         get_loss(name).mc_sqrt(outputs, targets, 0)
 
 

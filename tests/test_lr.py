@@ -21,8 +21,7 @@ from curvscope.curvature import lr as L
 from curvscope.curvature.lr import rules
 from curvscope.errors import CurvscopeError
 from curvscope.problem import make_problem
-from curvscope.workflows.lr import suggest_lr
-from curvscope.workflows.options import engine_check
+from curvscope.workflows.lr import LrOptions, suggest_lr
 
 
 @pytest.fixture(autouse=True)
@@ -174,9 +173,10 @@ def test_loop_fallback_when_vmap_fails(monkeypatch):
 
 def test_unknown_curvature_is_a_clean_error():
     problem = tiny_problem()
+    with pytest.raises(CurvscopeError, match="^curvature 'fisher': choose one of hessian, ggn"):  # the engine's words
+        L.reduced_hessian(problem, problem.gradient(), problem.groups("layer"), "fisher")
     with pytest.raises(CurvscopeError, match="--curvature 'fisher': choose one of hessian, ggn"), as_flags():
-        engine_check("curvature", lambda c: L.reduced_hessian(problem, problem.gradient(), problem.groups("layer"),
-                                                              c), "fisher")
+        LrOptions(curvature="fisher").validate()  # the CLI checks the option before anything runs
 
 
 # -- order 3 -----------------------------------------------------------------------------------------------------
