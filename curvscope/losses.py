@@ -134,17 +134,6 @@ class Loss:
         """The batch loss ``L``: equal to ``torch.nn.<Loss>(reduction="mean")``."""
         return self.per_sample(outputs, targets).mean()
 
-    def torch_module(self) -> torch.nn.Module:
-        """The PyTorch loss module this loss reproduces (used by tests and by users as a reference); for
-        sequence outputs apply it to the ``(N, T, C)`` outputs flattened to ``(N*T, C)``."""
-        if self.name == "ce":
-            return torch.nn.CrossEntropyLoss(reduction="mean", ignore_index=IGNORE_INDEX)
-        return {
-            "ce": torch.nn.CrossEntropyLoss,
-            "mse": torch.nn.MSELoss,
-            "bce": torch.nn.BCEWithLogitsLoss,
-        }[self.name](reduction="mean")
-
     def output_gradient(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """``d l_n / d f_n``, shape ``(N, C)``: the per-sample gradient with respect to the outputs."""
         if self.positions:
