@@ -4,7 +4,8 @@ for every block (vv, vg, gg) of every group; unsupported or unsafe layers fall b
 from __future__ import annotations
 
 import pytest
-from helpers import CASES, assert_same_grams, dense_grams
+from cases import CASES
+from helpers import assert_same_grams, dense_grams
 from torch import nn
 
 from curvscope.curvature import generic, ghost
