@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def sample_problem(batch_size: int):
     """The bundled charlm-pysource (dim 32, 16 tokens) on its first ``batch_size`` sequences."""
-    from curvscope.problem import load_problem
+    from curvscope.io.load import load_problem
 
     return load_problem(ROOT / "sample_models/charlm-pysource.safetensors",
                         ROOT / "sample_models/pysource.safetensors", batch_size=batch_size)

@@ -18,7 +18,7 @@ __all__ = ["CurvscopeError", "Problem", "__version__", "factors", "get_loss", "g
 __getattr__, __dir__ = lazy_exports(globals(), {
     "CurvscopeError": "curvscope.errors",
     "Problem": "curvscope.problem",
-    "load_problem": "curvscope.problem",
+    "load_problem": "curvscope.io.load",
     "make_problem": "curvscope.problem",
     "get_loss": "curvscope.losses",
     "spectrum": "curvscope.api",

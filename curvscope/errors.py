@@ -7,7 +7,8 @@ else is a bug in curvscope.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 MAX_INT = 2**63 - 1
 
@@ -19,20 +20,48 @@ class CurvscopeError(Exception):
     """
 
 
+class Metavar(str):
+    """A placeholder for a value in a message (``FILE``, ``SPEC``): written bare, never quoted, in every wording
+    (``data=FILE`` in Python words, ``--data FILE`` on the command line)."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def python_name(parameter: str, *value: Any) -> str:
+    """How a message names a parameter to a Python caller: ``top_k``, or a setting of it ``device='cpu'``."""
+    return f"{parameter}={value[0]!r}" if value else parameter
+
+
+Naming = Callable[..., str]
+"""``name(parameter)`` or ``name(parameter, value)``: a parameter (or a setting of it) in the reader's words,
+:func:`python_name` for Python callers; the CLI renders command-line flags (``--top-k``, ``--device cpu``)."""
+
+
 class OptionError(CurvscopeError):
-    """A bad option value. ``str()`` reads ``"<field> <message>"``; :meth:`render` puts another label (a CLI
-    flag, ``[spectrum] top_k`` in a config) in the field's place."""
+    """A bad value of a parameter, in words that name parameters, never command-line flags.
 
-    def __init__(self, field: str, message: str, flags_message: str | None = None) -> None:
+    ``message`` is either the text after the parameter's name (``OptionError("top_k", "must be at least 1")``
+    reads ``top_k must be at least 1``), or a function ``message(name) -> str`` that writes the whole sentence
+    and names every parameter it mentions through ``name`` (a :data:`Naming`)::
+
+        OptionError("device", lambda name: f"{name('device', 'cuda')}: no CUDA GPU (use {name('device', 'cpu')})")
+
+    ``str()`` is the Python wording (``device='cuda': no CUDA GPU (use device='cpu')``); :meth:`render` takes
+    another naming: the CLI's gives ``--device cuda: no CUDA GPU (use --device cpu)``.
+    """
+
+    def __init__(self, field: str, message: str | Callable[[Naming], str]) -> None:
         self.field = field
+        """The parameter the error is about."""
         self.message = message
-        self.flags_message = flags_message
-        super().__init__(f"{field} {message}")
+        super().__init__(self.render(python_name))
 
-    def render(self, label: str, flags: bool = True) -> str:
-        """The message with ``label`` instead of the field name (and, when ``flags``, the CLI wording of a
-        message that names other options, if one was given)."""
-        return f"{label} {self.flags_message if flags and self.flags_message else self.message}"
+    def render(self, name: Naming) -> str:
+        """The message with every parameter named by ``name``."""
+        if callable(self.message):
+            return self.message(name)
+        return f"{name(self.field)} {self.message}"
 
 
 def at_least(name: str, value: int | float | None, low: int | float, *, optional: bool = False) -> None:

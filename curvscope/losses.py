@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from curvscope.errors import CurvscopeError
+from curvscope.errors import CurvscopeError, OptionError
 
 LOSS_NAMES = ("ce", "mse", "bce")
 IGNORE_INDEX = -100
@@ -134,17 +134,6 @@ class Loss:
         """The batch loss ``L``: equal to ``torch.nn.<Loss>(reduction="mean")``."""
         return self.per_sample(outputs, targets).mean()
 
-    def torch_module(self) -> torch.nn.Module:
-        """The PyTorch loss module this loss reproduces (used by tests and by users as a reference); for
-        sequence outputs apply it to the ``(N, T, C)`` outputs flattened to ``(N*T, C)``."""
-        if self.name == "ce":
-            return torch.nn.CrossEntropyLoss(reduction="mean", ignore_index=IGNORE_INDEX)
-        return {
-            "ce": torch.nn.CrossEntropyLoss,
-            "mse": torch.nn.MSELoss,
-            "bce": torch.nn.BCEWithLogitsLoss,
-        }[self.name](reduction="mean")
-
     def output_gradient(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """``d l_n / d f_n``, shape ``(N, C)``: the per-sample gradient with respect to the outputs."""
         if self.positions:
@@ -199,7 +188,7 @@ class Loss:
         Sequence outputs: M columns per valid token, ``(N, T*C, T_v*M)``, block-diagonal over tokens.
         """
         if mc_samples < 1:
-            raise CurvscopeError(f"--mc-samples must be at least 1, got {mc_samples}")
+            raise OptionError("mc_samples", f"must be at least 1, got {mc_samples}")
         outputs = outputs.detach()
         if self.positions:
             out, tgt, valid = self._tokens(outputs, targets)
@@ -244,9 +233,7 @@ class Loss:
         N = targets.shape[0]
         if self.name == "ce":
             if targets.is_floating_point() or targets.is_complex():
-                raise CurvscopeError(
-                    f"{source}: loss 'ce' needs integer class labels, got {_dtype_name(targets)} targets "
-                    "(use --loss mse or --loss bce for float targets)")
+                raise _float_targets(source, "class", targets)
             if targets.dim() == 2 and targets.shape[1] == 1:
                 targets = targets[:, 0]
             if targets.dim() != 1:
@@ -277,9 +264,7 @@ class Loss:
         N, T, C = targets.shape[0], self.positions, self.classes
         if self.name == "ce":
             if targets.is_floating_point() or targets.is_complex():
-                raise CurvscopeError(
-                    f"{source}: loss 'ce' needs integer token labels, got {_dtype_name(targets)} targets "
-                    "(use --loss mse or --loss bce for float targets)")
+                raise _float_targets(source, "token", targets)
             if targets[0].numel() != T:
                 raise CurvscopeError(
                     f"{source}: loss 'ce' on outputs with {T} positions needs one label per position, got targets "
@@ -315,6 +300,13 @@ def shift_labels(targets: Tensor) -> Tensor:
 
 def _dtype_name(t: Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
+
+
+def _float_targets(source: str, kind: str, targets: Tensor) -> OptionError:
+    """Loss ``ce`` refusing float targets, pointing to the losses that take them."""
+    return OptionError("loss", lambda name: f"{source}: loss 'ce' needs integer {kind} labels, got "
+                       f"{_dtype_name(targets)} targets (use {name('loss', 'mse')} or {name('loss', 'bce')} for float "
+                       "targets)")
 
 
 def get_loss(name: str) -> Loss:

@@ -1,7 +1,7 @@
 """The Problem: a functional model, its parameters, one batch and a loss. Every computation takes one.
 
-Build it from files with :func:`load_problem` (what the CLI does) or from objects you already have with
-:func:`make_problem`::
+Build it from files with :func:`curvscope.io.load.load_problem` (what the CLI does) or from objects you already
+have with :func:`make_problem`::
 
     import curvscope
     problem = curvscope.make_problem(model, x, y, loss="ce", dtype=torch.float64)
@@ -10,15 +10,13 @@ Build it from files with :func:`load_problem` (what the CLI does) or from object
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from curvscope.errors import CurvscopeError
+from curvscope.errors import CurvscopeError, OptionError
 from curvscope.io.inputs import call_model, cast_inputs, nonfinite_inputs, probe_model
 from curvscope.losses import Loss, default_loss_name, get_loss
 from curvscope.losses import shift_labels as _shift_labels
@@ -222,21 +220,28 @@ class Problem:
 # -- building problems -------------------------------------------------------------------------------
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto``/``None`` -> ``cuda`` when available else ``cpu``; checks that a requested GPU exists."""
+    """``auto``/``None`` -> ``cuda`` when available else ``cpu``; checks that a requested GPU exists.
+
+    Raises:
+        OptionError: of ``device``, for a device that is not one or not on this machine.
+    """
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except RuntimeError as exc:
-        raise CurvscopeError(f"--device: '{device}' is not a device (use auto, cpu, cuda or cuda:N)") from exc
+        raise OptionError("device", lambda name: f"{name('device')}: '{device}' is not a device (use auto, cpu, "
+                          "cuda or cuda:N)") from exc
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise CurvscopeError(f"--device {device}: no CUDA GPU is available on this machine "
-                                 "(use --device cpu)")
+            raise OptionError("device", lambda name: f"{name('device', str(device))}: no CUDA GPU is available on "
+                              f"this machine (use {name('device', 'cpu')})")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise CurvscopeError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible")
+            raise OptionError("device", lambda name: f"{name('device', str(device))}: only "
+                              f"{torch.cuda.device_count()} GPU(s) are visible")
     elif dev.type != "cpu":
-        raise CurvscopeError(f"--device {device}: unsupported device type (use auto, cpu, cuda or cuda:N)")
+        raise OptionError("device", lambda name: f"{name('device', str(device))}: unsupported device type (use "
+                          "auto, cpu, cuda or cuda:N)")
     return dev
 
 
@@ -244,16 +249,16 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     """``None`` -> ``float32``; ``"float32"``/``"float64"`` or the torch dtype itself; anything else is refused.
 
     Raises:
-        CurvscopeError: for a dtype other than float32 or float64.
+        OptionError: of ``dtype``, for a dtype other than float32 or float64.
     """
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
-            raise CurvscopeError(f"dtype {dtype} is not supported (use float32 or float64)")
+            raise OptionError("dtype", f"{dtype} is not supported (use float32 or float64)")
         return dtype
     if dtype not in DTYPES:
-        raise CurvscopeError(f"--dtype '{dtype}' is not supported (use float32 or float64)")
+        raise OptionError("dtype", f"'{dtype}' is not supported (use float32 or float64)")
     return DTYPES[dtype]
 
 
@@ -350,136 +355,3 @@ def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | 
                    device=device, dtype=dtype, num_outputs=num_outputs, info={**(info or {}), "output": chosen},
                    dataset=dataset, output_shape=output_shape, shift_labels=shift_labels, use_vmap=use_vmap,
                    output=output)
-
-
-def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
-                 model: str | None = None, model_kwargs: dict[str, Any] | str | None = None,
-                 batch_size: int | None = 128, shuffle: bool = False, seed: int = 0, loss: str | None = None,
-                 device: str | None = "auto", dtype: str | None = "float32", trust_model_code: bool = False,
-                 output: str | None = None, shift_labels: bool | None = None) -> Problem:
-    """Build a :class:`Problem` from files, exactly as the CLI does.
-
-    Args:
-        checkpoint: ``.safetensors`` / ``.pt`` / ``.pth`` state dict, or a Hugging Face directory
-            (``config.json`` + ``model.safetensors`` or a sharded index; needs ``curvscope[hf]``).
-            Self-describing safetensors checkpoints carry ``curvscope.model``, ``curvscope.model_kwargs``,
-            ``curvscope.loss`` (and ``curvscope.shift_labels``) metadata.
-        data: dataset file (``.safetensors``, ``.npz``, ``.pt``) with tensors ``x`` and ``y``, or keyword
-            inputs: without ``x`` every tensor but the targets (``y`` or ``labels``) is passed to the model
-            as a keyword argument under its name (``input_ids``, ``attention_mask``, ...).
-        model: a model spec (``path/to/file.py:factory``, ``package.module:factory`` or ``mlp``/``cnn``/
-            ``transformer``/``char_lm``); overrides the checkpoint's. Without a checkpoint the factory's own
-            initialization is used, seeded by ``seed``.
-        model_kwargs: factory keyword arguments (dict or JSON string); default: the checkpoint's.
-        batch_size: the first ``batch_size`` samples in file order (all when ``None``; capped at the dataset
-            size), or a seeded random subset with ``shuffle=True``.
-        shuffle: draw the batch as a random permutation of the dataset seeded by ``seed`` instead of in file
-            order.
-        seed: seeds the batch permutation (with ``shuffle``) and a factory's initialization (without a
-            checkpoint); between 0 and ``2**63 - 1``.
-        loss: ``ce``/``mse``/``bce``; default: the checkpoint's, else the Hugging Face architecture's
-            (``...ForCausalLM``: ``ce`` on next tokens; ``...ForSequenceClassification``/
-            ``...ForTokenClassification``: ``ce``), else by target dtype.
-        device: ``"auto"`` (default: ``cuda`` when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
-        dtype: the model is built in this dtype before the weights are copied in (a float64 checkpoint
-            stays exact in float64; bfloat16/float16 weights are widened exactly).
-        trust_model_code: allow the checkpoint's metadata to name a model factory outside curvscope's
-            built-ins (importing it runs its code). Without it such a checkpoint is refused; ``model``
-            given here is always trusted (you named it).
-        output: the attribute or key of a structured model output to analyse; default: the output itself
-            when it is a tensor, else its ``logits``, else the first element of a tuple.
-        shift_labels: targets ``(N, T)`` are the input tokens and position ``t`` predicts token ``t + 1``
-            (Hugging Face's causal-LM convention); ``None``: the checkpoint's ``curvscope.shift_labels``
-            metadata, else ``True`` for a causal LM architecture, else ``False``.
-    """
-    from curvscope.io.data import load_dataset, select_batch
-    from curvscope.io.inputs import check_keywords
-
-    if data is None:
-        raise CurvscopeError("no data: pass --data FILE (tensors 'x' and 'y', or keyword inputs and 'y' or "
-                             "'labels')")
-    if not 0 <= seed < 2**63:
-        raise CurvscopeError(f"seed must be between 0 and 2**63 - 1, got a {len(str(abs(seed)))}-digit number"
-                             if abs(seed) >= 2**63 else f"seed must be at least 0, got {seed}")
-    net, info, defaults = _load_model(checkpoint, model, model_kwargs, seed, dtype, trust_model_code)
-    net.eval()
-    dataset = load_dataset(data)
-    check_keywords(net, dataset.x, str(data), dataset.target_name)
-    idx = select_batch(len(dataset), batch_size, shuffle=shuffle, seed=seed)
-    loss_name = loss or defaults["loss"]
-    if loss_name is None:
-        loss_name = default_loss_name(dataset.y)
-    shift = shift_labels if shift_labels is not None else bool(defaults["shift_labels"])
-    info.update({
-        "data": str(Path(data)),
-        "dataset_size": len(dataset),
-        "shuffle": shuffle,
-        "seed": seed,
-        "batch_indices": idx.tolist(),
-        "loss_default": defaults["loss_reason"] if loss is None else f"{loss} (given)",
-        "shift_labels": shift,
-        "output_name": output,
-    })
-    if dataset.target_name != "y":
-        info["targets"] = dataset.target_name
-    return make_problem(net, dataset.x[idx], dataset.y[idx], loss=loss_name, device=device, dtype=dtype,
-                        info=info, dataset=(dataset.x, dataset.y), source=str(data), shift_labels=shift,
-                        output=output)
-
-
-def _load_model(checkpoint: str | os.PathLike | None, model: str | None,
-                model_kwargs: dict[str, Any] | str | None, seed: int, dtype: str | None, trust_model_code: bool
-                ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """The model with its weights in ``dtype``, the provenance for ``info``, and the defaults its files give:
-    ``{"loss": str | None, "shift_labels": bool | None, "loss_reason": str}``."""
-    from curvscope.io.checkpoints import apply_state_dict, load_checkpoint
-    from curvscope.io.hf import is_hf_directory, load_hf_model
-    from curvscope.io.spec import build_model, canonical_spec, check_trusted, parse_model_kwargs
-
-    if checkpoint is not None and is_hf_directory(checkpoint):
-        if model is not None or model_kwargs:
-            raise CurvscopeError(f"{checkpoint}: a Hugging Face directory names its model in config.json; "
-                                 "--model and --model-kwargs cannot be used with it")
-        hf = load_hf_model(checkpoint, resolve_dtype(dtype))
-        info = {"checkpoint": str(checkpoint), "model": f"transformers:{hf.architecture}", "model_kwargs": {},
-                **hf.info}
-        return hf.model, info, {"loss": hf.loss, "shift_labels": hf.shift_labels, "loss_reason": hf.loss_reason}
-    ckpt = load_checkpoint(checkpoint) if checkpoint is not None else None
-    spec = model or (ckpt.model_spec if ckpt else None)
-    if spec is None:
-        if ckpt is None:
-            raise CurvscopeError("no model: pass a CHECKPOINT, or --model SPEC to use a factory's "
-                                 "initialization")
-        raise CurvscopeError(f"{ckpt.path}: the checkpoint does not say which model it holds "
-                             "(no 'curvscope.model' metadata); pass --model SPEC")
-    if model is None:  # the spec came from the checkpoint: no code runs without the user's consent
-        check_trusted(spec, f"{ckpt.path}: the checkpoint's metadata", trust_model_code)
-    if isinstance(model_kwargs, str):
-        kwargs = parse_model_kwargs(model_kwargs)
-    elif model_kwargs is not None:
-        kwargs = dict(model_kwargs)
-    else:  # the checkpoint's kwargs belong to the checkpoint's model ('mlp' == 'curvscope.models:mlp')
-        same_model = ckpt is not None and (model is None
-                                           or canonical_spec(model) == canonical_spec(ckpt.model_spec))
-        kwargs = dict(ckpt.model_kwargs) if same_model else {}
-    try:
-        net = build_model(spec, kwargs, seed=seed)
-    except CurvscopeError as exc:
-        if model is None:  # the spec came from the checkpoint's metadata: say which file named it
-            raise CurvscopeError(f"{ckpt.path}: metadata names a model that cannot be built: {exc}") from exc
-        raise
-    if ckpt is not None:
-        net = net.to(resolve_dtype(dtype))  # weights are copied into the requested dtype, never via float32
-        apply_state_dict(net, ckpt.state_dict, str(ckpt.path))
-    else:
-        for n, p in net.named_parameters():
-            if not torch.isfinite(p).all():
-                raise CurvscopeError(f"model '{spec}': initial weights '{n}' contain NaN or Inf")
-    info = {"checkpoint": str(checkpoint) if checkpoint is not None else None, "model": spec,
-            "model_kwargs": kwargs}
-    loss = ckpt.loss if ckpt else None
-    reason = f"{loss} from the checkpoint's metadata" if loss else "by the targets' dtype (ce for integer labels)"
-    shift = ckpt.shift_labels if ckpt else None
-    if shift is not None:
-        reason += f"; shift_labels {str(shift).lower()} from the checkpoint's metadata"
-    return net, info, {"loss": loss, "shift_labels": shift, "loss_reason": reason}

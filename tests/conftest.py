@@ -9,6 +9,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from curvscope.cli import app as _app  # noqa: F401  (every command registered: as_flags() knows every flag)
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
 DIGITS = SAMPLES / "digits.safetensors"

@@ -11,7 +11,7 @@ from safetensors import safe_open
 import curvscope.cli.factors  # noqa: F401  (registers the command)
 from curvscope.curvature.symmetry.estimate import compute_factors
 from curvscope.errors import CurvscopeError
-from curvscope.problem import load_problem
+from curvscope.io.load import load_problem
 from curvscope.workflows import run_and_write
 from curvscope.workflows.factors import FactorsOptions
 from tests.conftest import DIGITS, SAMPLES, TINY_KWARGS, assert_clean_error, invoke, tiny_mlp

@@ -8,7 +8,7 @@ import json
 import torch
 from conftest import invoke
 
-from curvscope.problem import load_problem
+from curvscope.io.load import load_problem
 
 
 def _dense_hessian(ckpt, data) -> torch.Tensor:

@@ -308,3 +308,35 @@ def test_saved_checkpoint_is_self_describing_for_the_cli(tmp_path, tiny_data):
     result = invoke("info", path, "--data", data)
     assert result.exit_code == 0, result.stderr
     assert "43" in result.stdout and "cpu / float32" in result.stdout
+
+
+def test_a_parameter_name_means_one_flag_in_every_command():
+    """The CLI names an OptionError's parameters with one table read from the typer options: it holds only if
+    a name is the same flag (or argument) wherever it appears."""
+    import typer.main
+
+    from curvscope.cli import app
+
+    seen: dict[str, tuple] = {}
+    for name, command in typer.main.get_command(app).commands.items():
+        for param in command.params:
+            spelling = (param.param_type_name, tuple(param.opts), tuple(param.secondary_opts))
+            assert seen.setdefault(param.name, spelling) == spelling, (name, param.name, spelling, seen[param.name])
+
+
+def test_option_errors_name_flags_on_the_command_line():
+    from curvscope.cli.common import cli_message, flags
+    from curvscope.errors import Metavar, OptionError
+
+    name = flags()
+    assert [name("top_k"), name("out_dir"), name("json_output"), name("checkpoint"), name("target")] == \
+        ["--top-k", "--out", "--json", "CHECKPOINT", "TARGET"]
+    assert [name("device", "cpu"), name("data", Metavar("FILE")), name("trust_model_code", True)] == \
+        ["--device cpu", "--data FILE", "--trust-model-code"]
+    assert [name("directions", False), name("directions", True), name("shuffle", False)] == \
+        ["--no-directions", "--directions", "--no-shuffle"]
+    assert name("path") == "path" and name("path", 3) == "path=3"  # no command's parameter: Python words
+    error = OptionError("newton_step", lambda n: f"{n('newton_step')} needs {n('directions', True)}")
+    assert str(error) == "newton_step needs directions=True"
+    assert cli_message(error) == "--newton-step needs --directions"
+    assert cli_message(OptionError("top_k", "must be at least 1")) == "--top-k must be at least 1"

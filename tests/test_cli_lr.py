@@ -112,7 +112,7 @@ def _sample_model(checkpoint):
 
 
 def test_run_lr_without_the_cli_merges_into_the_report(tmp_path):
-    from curvscope.problem import load_problem
+    from curvscope.io.load import load_problem
     from curvscope.report.writer import ReportWriter
     from curvscope.workflows.lr import LrOptions, run_lr, write_lr
 

@@ -13,7 +13,7 @@ from helpers import DenseAny
 from torch import nn
 
 from curvscope.io.inputs import call_model
-from curvscope.problem import load_problem
+from curvscope.io.load import load_problem
 
 transformers = pytest.importorskip("transformers")
 from test_hf import bert, gpt2, token_file  # noqa: E402

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import helpers
+import cases
 import pytest
 import torch
 
@@ -33,20 +33,20 @@ WORLD = 2
 TIMEOUT_S = 120  # a hang fails the test instead of blocking CI
 
 
-# -- the problems (helpers.CASES): every rank builds the same one ----------------------------------------------
+# -- the problems (cases.CASES): every rank builds the same one ----------------------------------------------
 
 def _mlp_problem(n: int = 7, loss: str = "ce") -> curvscope.Problem:
     """7 samples: the ranks' slices differ in size."""
-    return helpers.CASES[f"mlp-tanh-{loss}"](n=n, data_seed=1)
+    return cases.CASES[f"mlp-tanh-{loss}"](n=n, data_seed=1)
 
 
 def _cnn_problem() -> curvscope.Problem:
     """Conv (ghost rule) + BatchNorm in eval mode (generic path) + Linear."""
-    return helpers.CASES["cnn-bn-eval-ce"](data_seed=2)
+    return cases.CASES["cnn-bn-eval-ce"](data_seed=2)
 
 
 def _transformer_problem() -> curvscope.Problem:
-    return helpers.CASES["transformer-ce"](n=5, data_seed=3)
+    return cases.CASES["transformer-ce"](n=5, data_seed=3)
 
 
 def _vocabulary_problem() -> curvscope.Problem:
@@ -71,7 +71,7 @@ def _vocabulary_problem() -> curvscope.Problem:
 
 def _fragile_problem(rank: int) -> curvscope.Problem:
     """Rank 1's forward fails on batches of more than 2 samples."""
-    return helpers.CASES["fragile"](broken=rank == 1)
+    return cases.CASES["fragile"](broken=rank == 1)
 
 
 CASES: dict[str, tuple[Any, dict[str, Any]]] = {

@@ -4,7 +4,8 @@ for every block (vv, vg, gg) of every group; unsupported or unsafe layers fall b
 from __future__ import annotations
 
 import pytest
-from helpers import CASES, assert_same_grams, dense_grams
+from cases import CASES
+from helpers import assert_same_grams, dense_grams
 from torch import nn
 
 from curvscope.curvature import generic, ghost
@@ -295,7 +296,7 @@ def test_bert_embeddings_take_the_rule_and_match_the_generic_path(tmp_path):
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import save_file
 
-    from curvscope.problem import load_problem
+    from curvscope.io.load import load_problem
 
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=500, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,

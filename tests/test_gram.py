@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CASES, DENSE_CASES, assert_same_grams, dense_grams
+from cases import CASES, DENSE_CASES
+from helpers import assert_same_grams, dense_grams
 
 from curvscope.curvature.columns import make_columns
 from curvscope.curvature.gram import compute_gram, materialize_columns

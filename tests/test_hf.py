@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from curvscope.cli.common import as_flags
 from curvscope.errors import CurvscopeError
 from curvscope.io.hf import load_hf_model
-from curvscope.problem import load_problem
+from curvscope.io.load import load_problem
 
 transformers = pytest.importorskip("transformers")
 VOCAB, T, N = 23, 6, 5
@@ -127,7 +128,9 @@ def test_auto_map_is_refused(tmp_path):
 def test_directory_errors(tmp_path):
     gpt2(tmp_path / "gpt2")
     token_file(tmp_path / "d.safetensors", lambda ids: ids)
-    with pytest.raises(CurvscopeError, match="--model and --model-kwargs cannot be used"):
+    with pytest.raises(CurvscopeError, match="; model and model_kwargs cannot be used"):  # Python words
+        load_problem(tmp_path / "gpt2", tmp_path / "d.safetensors", model="mlp")
+    with pytest.raises(CurvscopeError, match="--model and --model-kwargs cannot be used"), as_flags():  # the CLI's
         load_problem(tmp_path / "gpt2", tmp_path / "d.safetensors", model="mlp")
     (tmp_path / "gpt2" / "model.safetensors").rename(tmp_path / "gpt2" / "pytorch_model.bin")
     with pytest.raises(CurvscopeError, match="needs model.safetensors.*pickled weights"):

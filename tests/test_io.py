@@ -11,12 +11,13 @@ from conftest import TINY_KWARGS, invoke, tiny_mlp, write_data
 from safetensors.torch import save_file
 from torch import nn
 
+from curvscope.cli.common import as_flags
 from curvscope.errors import CurvscopeError
 from curvscope.io.atomic import write_atomic, write_text_atomic
 from curvscope.io.checkpoints import apply_state_dict, load_checkpoint, save_checkpoint
 from curvscope.io.data import load_dataset, select_batch
+from curvscope.io.load import load_problem
 from curvscope.io.spec import build_model, canonical_spec, parse_model_kwargs
-from curvscope.problem import load_problem
 
 MLP = "curvscope.models:mlp"
 
@@ -45,7 +46,9 @@ def test_safetensors_without_metadata_needs_model(tmp_path, tiny_data):
     ckpt = tmp_path / "plain.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
     data = write_data(tmp_path / "d.safetensors", *tiny_data)
-    with pytest.raises(CurvscopeError, match="does not say which model.*--model"):
+    with pytest.raises(CurvscopeError, match="does not say which model.*model=SPEC"):  # Python words
+        load_problem(ckpt, data)
+    with pytest.raises(CurvscopeError, match="does not say which model.*--model"), as_flags():  # the CLI's
         load_problem(ckpt, data)
     problem = load_problem(ckpt, data, model="mlp", model_kwargs=json.dumps(TINY_KWARGS))
     assert params_equal(problem, model)

@@ -12,10 +12,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from curvscope.cli.common import as_flags
 from curvscope.errors import CurvscopeError
 from curvscope.io.data import load_dataset
 from curvscope.io.inputs import KeywordInputs, call_model, describe_output, select_output
-from curvscope.problem import load_problem, make_problem
+from curvscope.io.load import load_problem
+from curvscope.problem import make_problem
 
 VOCAB, T, C = 7, 5, 3
 
@@ -202,7 +204,9 @@ def test_select_output_rules():
     t = torch.zeros(2, 3)
     assert select_output(t) is t and describe_output(t) == "the output tensor"
     assert select_output({"logits": t, "other": t + 1}) is t
-    with pytest.raises(CurvscopeError, match="choose one with --output NAME"):
+    with pytest.raises(CurvscopeError, match="choose one with output=NAME"):  # Python words
+        select_output({"a": t, "b": t})
+    with pytest.raises(CurvscopeError, match="choose one with --output NAME"), as_flags():  # the CLI's
         select_output({"a": t, "b": t})
     with pytest.raises(CurvscopeError, match="not a tensor"):
         select_output({"a": 3}, "a")

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import CASES, assert_same_grams
+from cases import CASES
+from helpers import assert_same_grams
 
 from curvscope.curvature import generic
 from curvscope.curvature.columns import gradient_seeds, make_columns

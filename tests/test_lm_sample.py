@@ -12,8 +12,8 @@ from test_samples import METRICS, documented, split
 
 from curvscope.io.checkpoints import load_checkpoint
 from curvscope.io.data import load_dataset
+from curvscope.io.load import load_problem
 from curvscope.models import char_lm
-from curvscope.problem import load_problem
 
 LM = SAMPLES / "charlm-pysource.safetensors"
 TEXT = SAMPLES / "pysource.safetensors"

@@ -21,8 +21,7 @@ from curvscope.curvature import lr as L
 from curvscope.curvature.lr import rules
 from curvscope.errors import CurvscopeError
 from curvscope.problem import make_problem
-from curvscope.workflows.lr import suggest_lr
-from curvscope.workflows.options import engine_check
+from curvscope.workflows.lr import LrOptions, suggest_lr
 
 
 @pytest.fixture(autouse=True)
@@ -69,6 +68,15 @@ def random_direction(problem, seed: int = 3) -> dict[str, torch.Tensor]:
     return {n: torch.randn(p.shape, generator=g) for n, p in problem.params.items()}
 
 
+TORCH_LOSSES = {"ce": nn.CrossEntropyLoss, "mse": nn.MSELoss, "bce": nn.BCEWithLogitsLoss}
+"""PyTorch's own losses (reduction="mean"): the references, independent of curvscope's loss code."""
+
+
+def torch_loss(problem) -> nn.Module:
+    """PyTorch's module of the problem's loss, by its name."""
+    return TORCH_LOSSES[problem.loss.name]()
+
+
 def phi(problem, direction, groups):
     """eta (S,) -> L(theta - sum_s eta_s u_s), written independently of the engine."""
     def f(eta):
@@ -77,7 +85,7 @@ def phi(problem, direction, groups):
             for name in group.param_names:
                 params[name] = problem.params[name] - eta[s] * direction[name]
         out = functional_call(problem.model, {**problem.buffers, **params}, (problem.inputs,))
-        return problem.loss.torch_module()(out, problem.targets)
+        return torch_loss(problem)(out, problem.targets)
     return f
 
 
@@ -113,7 +121,7 @@ def dense_ggn(problem):
         return functional_call(problem.model, {**problem.buffers, **unflat(v)}, (problem.inputs,))
 
     J = jacrev(outputs)(theta).reshape(N, C, -1)  # (N, C, D)
-    module = problem.loss.torch_module()
+    module = torch_loss(problem)
     out = outputs(theta).detach()
     H = torch.stack([hessian(lambda f, n=n: module(f.unsqueeze(0), problem.targets[n:n + 1]))(out[n])
                      for n in range(N)])  # (N, C, C): Hessian of l_n
@@ -174,9 +182,10 @@ def test_loop_fallback_when_vmap_fails(monkeypatch):
 
 def test_unknown_curvature_is_a_clean_error():
     problem = tiny_problem()
+    with pytest.raises(CurvscopeError, match="^curvature 'fisher': choose one of hessian, ggn"):  # the engine's words
+        L.reduced_hessian(problem, problem.gradient(), problem.groups("layer"), "fisher")
     with pytest.raises(CurvscopeError, match="--curvature 'fisher': choose one of hessian, ggn"), as_flags():
-        engine_check("curvature", lambda c: L.reduced_hessian(problem, problem.gradient(), problem.groups("layer"),
-                                                              c), "fisher")
+        LrOptions(curvature="fisher").validate()  # the CLI checks the option before anything runs
 
 
 # -- order 3 -----------------------------------------------------------------------------------------------------
@@ -188,7 +197,7 @@ def test_third_order_diagonal_equals_dense_third_derivative():
 
     def loss_flat(v):
         out = functional_call(problem.model, {**problem.buffers, **unflat(v)}, (problem.inputs,))
-        return problem.loss.torch_module()(out, problem.targets)
+        return torch_loss(problem)(out, problem.targets)
 
     T = jacfwd(jacfwd(jacrev(loss_flat)))(flat(problem.params))  # (D, D, D)
     direction = random_direction(problem)
@@ -394,8 +403,8 @@ def test_recommended_rates_decrease_the_loss_and_report_checks_by_hand():
     for s, group in enumerate(result.groups):
         for n in group.param_names:
             params[n] = params[n] - float(main.recommended[s]) * gradient[n]
-    before = float(problem.loss.torch_module()(problem.forward(), problem.targets))
-    after = float(problem.loss.torch_module()(problem.forward(params), problem.targets))
+    before = float(torch_loss(problem)(problem.forward(), problem.targets))
+    after = float(torch_loss(problem)(problem.forward(params), problem.targets))
     assert main.loss_before == pytest.approx(before, rel=1e-12)
     assert main.steps["recommended"].realized == pytest.approx(before - after, rel=1e-9)
     assert before - after > 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CASES, N
+from cases import CASES, N
 
 from curvscope.curvature.columns import gradient_seeds, make_columns
 from curvscope.curvature.memory import ColumnBlock, MemoryPlan, column_blocks, pairwise, parse_memory

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import CASES, dense_ggn, dense_step, param_slices, per_sample_gradients, reference_bootstrap
+from cases import CASES
+from helpers import dense_ggn, dense_step, param_slices, per_sample_gradients, reference_bootstrap
 
 from curvscope.curvature.newton import (
     bootstrap_damping,

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from curvscope.io.checkpoints import load_checkpoint
 from curvscope.io.data import load_dataset
-from curvscope.problem import load_problem
+from curvscope.io.load import load_problem
 
 README = SAMPLES / "README.md"
 METRICS = json.loads((SAMPLES / "metrics.json").read_text())

@@ -6,16 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import (
-    CASES,
-    DENSE_CASES,
-    dense_ggn,
-    dense_reference,
-    ggn_factor,
-    group_index,
-    nonzero_eigen,
-    snr_ref,
-)
+from cases import CASES, DENSE_CASES, dense_reference
+from helpers import dense_ggn, ggn_factor, group_index, nonzero_eigen, snr_ref
 
 import curvscope
 from curvscope.curvature.gram import compute_gram
@@ -208,11 +200,11 @@ def test_progress_protocol_and_argument_errors():
 def test_the_result_says_how_each_modules_rows_were_formed():
     """``rules`` names every module with parameters: a fast rule's mode, or generic (no rule, or ghost=False);
     the report lists them by kind."""
-    import helpers
+    import cases
 
     from curvscope.report.spectrum_report import spectrum_fields
 
-    problem = helpers.CASES["transformer-ce"]()
+    problem = cases.CASES["transformer-ce"]()
     modules = [g.name for g in problem.groups("layer")]
     fast = compute_spectrum(problem, directional=False)
     assert list(fast.rules) == modules and set(fast.rules.values()) <= {"ghost", "materialize", "generic"}

@@ -12,7 +12,7 @@ from conftest import TINY_KWARGS, assert_clean_error, invoke, tiny_mlp, write_da
 from safetensors.torch import save_file
 
 from curvscope.errors import CurvscopeError
-from curvscope.problem import load_problem
+from curvscope.io.load import load_problem
 
 
 def _evil_checkpoint(path: Path, spec: str, kwargs: dict) -> Path:

@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from curvscope.cli.common import (
     EXIT_FAILED,
+    cli_message,
     console,
     handle_errors,
     out,
@@ -97,7 +98,7 @@ def check(
                json_output, out_dir, args)
     except CurvscopeError as exc:
         if in_github_actions():
-            annotate([github_annotation(" ".join(str(exc).split()), title="curvscope check: bad input")],
+            annotate([github_annotation(" ".join(cli_message(exc).split()), title="curvscope check: bad input")],
                       json_output)
         raise
 
@@ -111,11 +112,11 @@ def _check(ctx, target, rule_texts, config_path, baseline_path, increases, decre
     # 1. everything that can be wrong before computing anything
     plan = prepare_check(target, rule_texts, config_path, baseline_path, increases, decreases, given)
     if junit is not None:
-        check_writable(junit, "--junit")
+        check_writable(junit, "junit")
     load = None
     if plan.computes:
         values = problem_values(plan, given, {k: getattr(args, k) for k in PROBLEM_OPTIONS}, args.trust_model_code)
-        check_directory(out_dir, "--out")
+        check_directory(out_dir, "out_dir")
 
         def load():
             return replace(args, checkpoint=plan.target, **values).load()
@@ -127,7 +128,7 @@ def _check(ctx, target, rule_texts, config_path, baseline_path, increases, decre
     for warning in outcome.warnings:
         warn(warning)
     if junit is not None:
-        write_junit(junit, outcome.results, report=str(outcome.report_path), seconds=outcome.seconds)
+        write_junit(junit, outcome.results, "junit", report=str(outcome.report_path), seconds=outcome.seconds)
     table = check_table(outcome.results, outcome.report_path)
     if json_output:
         console.print(table)

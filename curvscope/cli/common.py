@@ -10,7 +10,7 @@ import os
 import traceback
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -18,10 +18,7 @@ from rich.markup import escape
 
 from curvscope import __version__
 from curvscope.cli import signals
-from curvscope.errors import CurvscopeError
-
-if TYPE_CHECKING:
-    pass
+from curvscope.errors import CurvscopeError, Naming, OptionError, python_name
 
 console = Console(stderr=True, highlight=False)
 """Progress, errors and diagnostics go to stderr; stdout is reserved for machine-readable output."""
@@ -33,10 +30,10 @@ EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3
 
 
 def build_problem(**options):
-    """The CLI's one way to load a Problem: :func:`curvscope.problem.load_problem` with a spinner while the files
+    """The CLI's one way to load a Problem: :func:`curvscope.io.load.load_problem` with a spinner while the files
     load (``options``: its keyword arguments)."""
     with console.status("Loading model and data..."):
-        from curvscope.problem import load_problem
+        from curvscope.io.load import load_problem
 
         return load_problem(**options)
 
@@ -61,7 +58,7 @@ def handle_errors(fn):
         except CurvscopeError as exc:
             if debug:
                 traceback.print_exc()
-            console.print(f"[bold red]error:[/bold red] {_one_line(str(exc))}", soft_wrap=True)
+            console.print(f"[bold red]error:[/bold red] {_one_line(cli_message(exc))}", soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except signals.Terminated:
             signals.ignore()
@@ -112,21 +109,60 @@ def quiet_output(quiet: bool = True) -> None:
 
 # -- options: flags in, the engine's words mapped back to flags ---------------------------------------------
 
-def flag(field: str, flags: dict[str, str] | None = None) -> str:
-    """The CLI flag of an options field (``top_k`` -> ``--top-k``; ``flags`` overrides)."""
-    return (flags or {}).get(field) or "--" + field.replace("_", "-")
+def _parameters() -> dict[str, Any]:
+    """Every registered command's parameters by their Python name, read from the typer application: the one table
+    from parameter names to flags (``out_dir`` -> ``--out``, ``directions`` -> ``--directions`` /
+    ``--no-directions``, ``checkpoint`` -> ``CHECKPOINT``). A name means the same flag in every command (a test
+    keeps it so). Every command is registered in a CLI run (``curvscope.cli.app`` loads them all)."""
+    import typer.main
+
+    from curvscope.cli.root import app
+
+    if not app.registered_commands:
+        return {}
+    root = typer.main.get_command(app)
+    table: dict[str, Any] = {}
+    for command in getattr(root, "commands", {}).values():
+        for param in command.params:
+            table.setdefault(param.name, param)
+    return table
+
+
+def flags() -> Naming:
+    """The CLI's :data:`~curvscope.errors.Naming`: a parameter (or a setting of it) as the command line writes it:
+    ``top_k`` -> ``--top-k``, ``("device", "cpu")`` -> ``--device cpu``, ``("directions", False)`` ->
+    ``--no-directions``, ``checkpoint`` -> ``CHECKPOINT``. A name that is no command's parameter keeps its Python
+    wording."""
+    table = _parameters()
+    return functools.partial(_flag, table)
+
+
+def _flag(table: dict[str, Any], parameter: str, *value: Any) -> str:
+    param = table.get(parameter)
+    if param is None:
+        return python_name(parameter, *value)
+    if param.param_type_name == "argument":
+        return str(value[0]) if value else param.name.upper()
+    name = next((o for o in param.opts if o.startswith("--")), param.opts[0])
+    if getattr(param, "is_flag", False) and value:
+        return name if value[0] else (param.secondary_opts or [name])[0]
+    return f"{name} {value[0]}" if value else name
+
+
+def cli_message(exc: CurvscopeError) -> str:
+    """The message of ``exc`` for the command line: an :class:`OptionError` names flags instead of parameters."""
+    return exc.render(flags()) if isinstance(exc, OptionError) else str(exc)
 
 
 @contextlib.contextmanager
-def as_flags(flags: dict[str, str] | None = None) -> Iterator[None]:
-    """Inside the block, an :class:`~curvscope.workflows.options.OptionError` is re-raised as a one-line
-    :class:`CurvscopeError` naming the flag instead of the field."""
-    from curvscope.workflows.options import OptionError
-
+def as_flags() -> Iterator[None]:
+    """Inside the block, an :class:`~curvscope.errors.OptionError` is re-raised as a one-line
+    :class:`CurvscopeError` naming flags instead of parameters: what :func:`handle_errors` prints (the flags of
+    the commands registered so far; all of them once ``curvscope.cli.app`` is loaded)."""
     try:
         yield
     except OptionError as exc:
-        raise CurvscopeError(exc.render(flag(exc.field, flags))) from None
+        raise CurvscopeError(cli_message(exc)) from None
 
 
 def one_line_paragraphs(doc: str) -> str:

@@ -12,7 +12,6 @@ from typing import Annotated, Optional
 import typer
 
 from curvscope.cli.common import (
-    as_flags,
     handle_errors,
     one_line_paragraphs,
     out,
@@ -107,12 +106,10 @@ def factors(
                              subsample=subsample, structure_check=structure_check, ensemble=ensemble,
                              ensemble_checkpoints=ensemble_checkpoints, init=init, ensemble_chunk=ensemble_chunk,
                              symo_step=symo_step, eps=eps, plots=plots, seed=args.seed)
-    with as_flags():
-        options.validate()  # bad options fail before the files load
+    options.validate()  # bad options fail before the files load
     problem = args.load()
-    with as_flags(), progress_bars() as progress:  # claims the outputs, runs, writes everything together
-        report = run_and_write(problem, out_dir, {"factors": options}, progress, option="--out",
-                               warn=warn)
+    with progress_bars() as progress:  # claims the outputs, runs, writes everything together
+        report = run_and_write(problem, out_dir, {"factors": options}, progress, warn=warn)
     for table in factors_tables(report["factors"]):
         out.print(table)
 

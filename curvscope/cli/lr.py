@@ -13,7 +13,6 @@ import typer
 from rich.markup import escape
 
 from curvscope.cli.common import (
-    as_flags,
     console,
     handle_errors,
     one_line_paragraphs,
@@ -101,12 +100,11 @@ def lr_suggest(
 
     options = LrOptions(partition=partition, direction=direction, curvature=curvature, ridge=ridge,
                         batches=batches, holdout=holdout, cubic=cubic, cubic_weight=cubic_weight, plot=plot)
-    with as_flags():
-        options.validate()  # bad options fail before the files load
-        one_of("emit", emit, EMITS)
+    options.validate()  # bad options fail before the files load
+    one_of("emit", emit, EMITS)
     problem = args.load()
-    writer = ReportWriter(out_dir, problem, "--out", warn)
-    with progress_bars() as progress, as_flags():
+    writer = ReportWriter(out_dir, problem, warn=warn)
+    with progress_bars() as progress:
         result = run_lr(problem, options, progress)
         write_lr(writer, problem, result, options)
         report = writer.commit(progress)

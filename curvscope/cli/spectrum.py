@@ -12,7 +12,6 @@ from typing import Annotated, Optional
 import typer
 
 from curvscope.cli.common import (
-    as_flags,
     handle_errors,
     out,
     progress_bars,
@@ -25,7 +24,6 @@ from curvscope.errors import CurvscopeError
 
 SPECTRUM_HELP = "Spectrum"
 FILES_HELP = "Output"
-FLAGS = {"out_dir": "--out", "directions": "--directions", "plots": "--plots", "ghost": "--ghost"}
 
 
 @app.command("spectrum")
@@ -121,8 +119,7 @@ def spectrum(
     primary = launch is None or launch.primary
     if not primary:
         quiet_output()  # rank 0 alone prints (the summary, and the one error message all ranks agree on)
-    with as_flags(FLAGS):
-        options.validate()  # bad options fail before the files load
+    options.validate()  # bad options fail before the files load
     if launch is None:
         problem = args.load()
         report = _run(problem, options, out_dir, None, True)
@@ -153,12 +150,12 @@ def _run(problem, options, out_dir: Path, comm, primary: bool):
     from curvscope.workflows.spectrum import claim_spectrum, run_spectrum, write_spectrum
 
     writer = None
-    with as_flags(FLAGS), distributed.stage(comm):
+    with distributed.stage(comm):
         if primary:
-            writer = ReportWriter(out_dir, problem, "--out", warn)
+            writer = ReportWriter(out_dir, problem, warn=warn)
             claim_spectrum(writer, options)
         options.check_problem(problem)
-    with progress_bars(quiet=not primary) as progress, as_flags(FLAGS):
+    with progress_bars(quiet=not primary) as progress:
         run = run_spectrum(problem, options, progress, process_group=None if comm is None else comm.group)
         if writer is None:
             return None

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from curvscope.errors import CurvscopeError
+from curvscope.errors import CurvscopeError, OptionError
 from curvscope.progress import Progress, or_silent
 
 Writer = Callable[[Path], None]
@@ -28,31 +28,32 @@ Writer = Callable[[Path], None]
 
 def check_writable(path: str | os.PathLike, option: str) -> Path:
     """Fail early (before any computation) when an output file cannot be written: a one-line
-    :class:`CurvscopeError` naming ``option``. A target that exists must be a regular file (a directory,
-    FIFO or device is never replaced). Returns ``path`` as a ``Path``."""
+    :class:`~curvscope.errors.OptionError` of ``option`` (the name of the parameter that gave the path). A target
+    that exists must be a regular file (a directory, FIFO or device is never replaced). Returns ``path`` as a
+    ``Path``."""
     path = Path(path)
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         mode = None
     except NotADirectoryError:
-        raise CurvscopeError(f"{option} {path}: a parent of it is not a directory") from None
+        raise OptionError(option, f"{path}: a parent of it is not a directory") from None
     except OSError as exc:
-        raise CurvscopeError(f"{option} {path}: cannot be inspected ({exc.strerror or exc})") from exc
+        raise OptionError(option, f"{path}: cannot be inspected ({exc.strerror or exc})") from exc
     if mode is not None:
         if stat.S_ISDIR(mode):
-            raise CurvscopeError(f"{option} {path}: is a directory, expected a file name")
+            raise OptionError(option, f"{path}: is a directory, expected a file name")
         if not stat.S_ISREG(mode):
-            raise CurvscopeError(f"{option} {path}: exists and is not a regular file (a device, FIFO or "
-                                 "socket is never replaced); choose another path")
+            raise OptionError(option, f"{path}: exists and is not a regular file (a device, FIFO or socket is "
+                              "never replaced); choose another path")
     parent = path.parent if str(path.parent) else Path(".")
     existing = parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise CurvscopeError(f"{option} {path}: {existing} is not a directory")
+        raise OptionError(option, f"{path}: {existing} is not a directory")
     if not os.access(existing, os.W_OK):
-        raise CurvscopeError(f"{option} {path}: {existing} is not writable")
+        raise OptionError(option, f"{path}: {existing} is not writable")
     return path
 
 
@@ -60,7 +61,7 @@ def check_directory(path: str | os.PathLike, option: str) -> Path:
     """An output directory: absent (it will be made) or a writable directory."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise CurvscopeError(f"{option} {path}: exists and is not a directory")
+        raise OptionError(option, f"{path}: exists and is not a directory")
     check_writable(path / ".curvscope-probe", option)
     return path
 
@@ -78,8 +79,8 @@ class Outputs:
     Example::
 
         outputs = Outputs()
-        outputs.add_text(out_dir / "report.json", text, "--out")
-        outputs.add_bytes(out_dir / "spectrum.png", png, "--out")
+        outputs.add_text(out_dir / "report.json", text, "out_dir")
+        outputs.add_bytes(out_dir / "spectrum.png", png, "out_dir")
         outputs.commit()          # both appear, or neither (and the old ones stay)
     """
 
@@ -104,11 +105,11 @@ class Outputs:
         path = check_writable(path, option)
         other = self._outputs.get(_key(path))
         if other is not None and other.option != option:
-            raise CurvscopeError(f"{option} {path}: the same file as {other.option}; give each output its own path")
+            raise _same_file(option, path, other.option)
         self._outputs.setdefault(_key(path), _Output(path, _unset, option))
         return path
 
-    def add(self, path: str | os.PathLike, write: Writer, option: str = "output") -> Path:
+    def add(self, path: str | os.PathLike, write: Writer, option: str = "path") -> Path:
         """Add the file ``path`` whose content ``write(tmp_path)`` produces (called at :meth:`commit`)."""
         path = Path(path)
         key = _key(path)
@@ -116,16 +117,15 @@ class Outputs:
         if claimed is None:
             self.claim(path, option)
         elif claimed.write is not _unset or claimed.option != option:
-            raise CurvscopeError(f"{option} {path}: the same file as {claimed.option}; give each output its own "
-                                 "path")
+            raise _same_file(option, path, claimed.option)
         self._outputs[key] = _Output(path, write, option)
         return path
 
-    def add_bytes(self, path: str | os.PathLike, data: bytes, option: str = "output") -> Path:
+    def add_bytes(self, path: str | os.PathLike, data: bytes, option: str = "path") -> Path:
         """Add a file with the content ``data``."""
         return self.add(path, lambda tmp: tmp.write_bytes(data), option)
 
-    def add_text(self, path: str | os.PathLike, text: str, option: str = "output") -> Path:
+    def add_text(self, path: str | os.PathLike, text: str, option: str = "path") -> Path:
         """Add a UTF-8 text file."""
         return self.add(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), option)
 
@@ -175,7 +175,7 @@ def _stage(output: _Output) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise CurvscopeError(f"{output.option} {path}: cannot write ({exc.strerror or exc})") from exc
+        raise OptionError(output.option, f"{path}: cannot write ({exc.strerror or exc})") from exc
     os.close(fd)
     tmp = Path(name)
     try:
@@ -185,7 +185,7 @@ def _stage(output: _Output) -> Path:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise CurvscopeError(f"{output.option} {path}: cannot write ({exc.strerror or exc})") from exc
+        raise OptionError(output.option, f"{path}: cannot write ({exc.strerror or exc})") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -204,7 +204,7 @@ def _move_all(staged: list[tuple[_Output, Path]], removals: list[Path] = ()) -> 
         for output, tmp in staged:
             target = output.path
             if target.exists() and not target.is_file():  # appeared since the check: never replace it
-                raise CurvscopeError(f"{output.option} {target}: exists and is not a regular file")
+                raise OptionError(output.option, f"{target}: exists and is not a regular file")
             backup = None
             if target.exists():
                 backup = target.with_name(f".{target.name}.{os.getpid()}.bak")
@@ -244,13 +244,18 @@ def _signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def write_atomic(path: str | os.PathLike, write: Writer, option: str = "output") -> None:
+def _same_file(option: str, path: Path, other: str) -> OptionError:
+    return OptionError(option, lambda name: f"{name(option)} {path}: the same file as {name(other)}; give each "
+                       "output its own path")
+
+
+def write_atomic(path: str | os.PathLike, write: Writer, option: str = "path") -> None:
     """Write one file atomically: ``write(tmp_path)`` on a temporary file beside ``path``, then rename."""
     outputs = Outputs()
     outputs.add(path, write, option)
     outputs.commit()
 
 
-def write_text_atomic(path: str | os.PathLike, text: str, option: str = "output") -> None:
+def write_text_atomic(path: str | os.PathLike, text: str, option: str = "path") -> None:
     """Write ``text`` to ``path`` atomically."""
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), option)

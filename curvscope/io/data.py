@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from curvscope.errors import CurvscopeError
+from curvscope.errors import CurvscopeError, OptionError
 from curvscope.io.inputs import TARGET_NAMES, KeywordInputs
 from curvscope.io.tensors import read_tensors
 
@@ -88,7 +88,7 @@ def select_batch(num_samples: int, batch_size: int | None, shuffle: bool = False
     ``batch_size`` is capped at what is available; ``None`` means all samples.
     """
     if batch_size is not None and batch_size < 1:
-        raise CurvscopeError(f"--batch-size must be at least 1, got {batch_size}")
+        raise OptionError("batch_size", f"must be at least 1, got {batch_size}")
     if offset < 0 or offset >= num_samples:
         raise CurvscopeError(f"batch offset {offset} is outside the dataset's {num_samples} samples")
     if shuffle:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvscope.errors import CurvscopeError
+from curvscope.errors import CurvscopeError, Metavar, OptionError
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -63,9 +63,10 @@ def read_config(path: Path) -> dict[str, Any]:
     if config.get("auto_map"):
         names = ", ".join(str(v) for v in dict(config["auto_map"]).values()) if isinstance(
             config["auto_map"], dict) else str(config["auto_map"])
-        raise CurvscopeError(f"{path / CONFIG}: 'auto_map' asks to run custom model code from the checkpoint "
-                             f"({names}); curvscope never runs remote or checkpoint code: load the model "
-                             "yourself and use curvscope.make_problem, or pass --model SPEC with its weights")
+        raise OptionError("checkpoint", lambda name: f"{path / CONFIG}: 'auto_map' asks to run custom model code "
+                          f"from the checkpoint ({names}); curvscope never runs remote or checkpoint code: load the "
+                          "model yourself and use curvscope.make_problem, or pass "
+                          f"{name('model', Metavar('SPEC'))} with its weights")
     return config
 
 

@@ -21,7 +21,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from curvscope.errors import CurvscopeError
+from curvscope.errors import CurvscopeError, Metavar, OptionError
 
 TARGET_NAMES = ("y", "labels")
 """Names a data file's targets may have; with keyword inputs every other tensor is an input."""
@@ -232,11 +232,11 @@ def _select(out: Any, output: str | None) -> tuple[Tensor, str]:
     if output is not None:
         value, how = _lookup(out, output)
         if how is None:
-            raise CurvscopeError(f"--output {output}: the model's output ({kind}) has no attribute or key "
-                                 f"'{output}'{_available(out)}")
+            raise OptionError("output", lambda name: f"{name('output', output)}: the model's output ({kind}) has no "
+                              f"attribute or key '{output}'{_available(out)}")
         if not isinstance(value, Tensor):
-            raise CurvscopeError(f"--output {output}: '{output}' of the model's output ({kind}) is a "
-                                 f"{type(value).__name__}, not a tensor")
+            raise OptionError("output", lambda name: f"{name('output', output)}: '{output}' of the model's output "
+                              f"({kind}) is a {type(value).__name__}, not a tensor")
         return value, f"{output} ({how} of {kind})"
     if isinstance(out, Tensor):
         return out, "the output tensor"
@@ -245,8 +245,9 @@ def _select(out: Any, output: str | None) -> tuple[Tensor, str]:
         return value, f"logits ({how} of {kind})"
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         return out[0], f"element 0 of {kind}"
-    raise CurvscopeError(f"the model returned a {kind}, not a tensor, and it has no 'logits' nor a tensor as "
-                         f"its first element; choose one with --output NAME{_available(out)}")
+    raise OptionError("output", lambda name: f"the model returned a {kind}, not a tensor, and it has no 'logits' "
+                      f"nor a tensor as its first element; choose one with {name('output', Metavar('NAME'))}"
+                      f"{_available(out)}")
 
 
 def _lookup(out: Any, name: str) -> tuple[Any, str | None]:

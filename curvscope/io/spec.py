@@ -14,24 +14,31 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvscope.errors import CurvscopeError
+from curvscope.errors import CurvscopeError, Metavar, OptionError
 
 BUILTIN = ("mlp", "cnn", "transformer", "char_lm")
 
 
-def parse_model_kwargs(text: str | None, source: str = "--model-kwargs") -> dict[str, Any]:
-    """Parse a JSON object of factory keyword arguments."""
+def parse_model_kwargs(text: str | None, source: str | None = None) -> dict[str, Any]:
+    """Parse a JSON object of factory keyword arguments.
+
+    Raises:
+        OptionError: of ``model_kwargs``, named so unless ``source`` names where the text came from.
+    """
     if text is None or text == "":
         return {}
+
+    def error(message: str) -> OptionError:
+        return OptionError("model_kwargs", lambda name: f"{source or name('model_kwargs')}: {message}")
+
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise CurvscopeError(f"{source}: not valid JSON ({exc.msg} at position {exc.pos})") from exc
+        raise error(f"not valid JSON ({exc.msg} at position {exc.pos})") from exc
     except (RecursionError, ValueError) as exc:  # nested too deeply, or an integer of thousands of digits
-        raise CurvscopeError(f"{source}: cannot be read ({type(exc).__name__}: nested too deeply or a number "
-                             "too large)") from None
+        raise error(f"cannot be read ({type(exc).__name__}: nested too deeply or a number too large)") from None
     if not isinstance(value, dict):
-        raise CurvscopeError(f"{source}: expected a JSON object like '{{\"hidden\": [32, 32]}}'")
+        raise error("expected a JSON object like '{\"hidden\": [32, 32]}'")
     return value
 
 
@@ -40,10 +47,6 @@ def canonical_spec(spec: str | None) -> str | None:
     if spec in BUILTIN:
         return f"curvscope.models:{spec}"
     return spec
-
-
-TRUST_FLAG = "--trust-model-code"
-"""The CLI flag that allows a checkpoint's (or config's) metadata to name code outside the built-ins."""
 
 
 def is_builtin(spec: str | None) -> bool:
@@ -56,13 +59,14 @@ def check_trusted(spec: str, source: str, trusted: bool) -> None:
     curvscope's built-in models, unless the user allowed it: importing it would run that code.
 
     Raises:
-        CurvscopeError: naming what the file asks to import and how to allow it.
+        OptionError: of ``trust_model_code``, naming what the file asks to import and how to allow it.
     """
     if trusted or is_builtin(spec):
         return
-    raise CurvscopeError(f"{source} asks to import and run '{spec}', code outside curvscope's built-in models "
-                         f"({', '.join(BUILTIN)}); nothing was imported. If you trust it, pass {TRUST_FLAG} "
-                         f"(Python: trust_model_code=True), or name the model yourself with --model SPEC")
+    raise OptionError("trust_model_code", lambda name: f"{source} asks to import and run '{spec}', code outside "
+                      f"curvscope's built-in models ({', '.join(BUILTIN)}); nothing was imported. If you trust it, "
+                      f"pass {name('trust_model_code', True)}, or name the model yourself with "
+                      f"{name('model', Metavar('SPEC'))}")
 
 
 def resolve_factory(spec: str):

@@ -15,10 +15,11 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from curvscope.errors import CurvscopeError
+from curvscope.errors import CurvscopeError, Metavar, OptionError
 from curvscope.report.format import exact as fmt
 
 # -- paths -------------------------------------------------------------------------------------------------
@@ -172,7 +173,8 @@ class Rule:
     op: str
     threshold: float
     number: str
-    source: str = "--rule"
+    source: str = "rule"
+    """Where the rule was given: the parameter ``rule``, or a config entry (``ci.toml rules[0]``)."""
 
     @property
     def text(self) -> str:
@@ -184,19 +186,22 @@ MAX_RULE_LENGTH = 1000
 """Longer rules are refused at once (nothing a report holds needs a longer path)."""
 
 
-def parse_rule(text: str, source: str = "--rule") -> Rule:
-    """Parse ``PATH OP NUMBER``; :class:`CurvscopeError` with the column of the first mistake otherwise."""
+def parse_rule(text: str, source: str | None = None) -> Rule:
+    """Parse ``PATH OP NUMBER``; :class:`CurvscopeError` with the column of the first mistake otherwise.
+
+    ``source`` names where the rule came from in messages (a config entry); without it the rule is the value of
+    the parameter ``rule`` (an :class:`~curvscope.errors.OptionError` of it)."""
     if not isinstance(text, str):
-        raise CurvscopeError(f"malformed rule {text!r} ({source}): a rule is a string like "
-                             "'loss_value < 0.5'")
+        raise _refusal(source, "rule", lambda label: f"malformed rule {text!r} ({label}): a rule is a string like "
+                       "'loss_value < 0.5'")
     stripped = text.strip()
     if len(stripped) > MAX_RULE_LENGTH:
-        raise CurvscopeError(f"malformed rule ({source}): {len(stripped):,} characters, more than "
-                             f"{MAX_RULE_LENGTH}; a rule is PATH OP NUMBER, e.g. 'groups[0].lambda_max <= 50'")
+        raise _refusal(source, "rule", lambda label: f"malformed rule ({label}): {len(stripped):,} characters, "
+                       f"more than {MAX_RULE_LENGTH}; a rule is PATH OP NUMBER, e.g. 'groups[0].lambda_max <= 50'")
 
     def bad(message: str, pos: int) -> CurvscopeError:
-        return CurvscopeError(f"malformed rule {text!r} ({source}): {message} (at column {pos + 1}); "
-                              "expected PATH OP NUMBER, e.g. 'groups[0].lambda_max <= 50'")
+        return _refusal(source, "rule", lambda label: f"malformed rule {text!r} ({label}): {message} (at column "
+                        f"{pos + 1}); expected PATH OP NUMBER, e.g. 'groups[0].lambda_max <= 50'")
 
     try:
         path, pos = _parse_path_at(stripped)
@@ -215,7 +220,15 @@ def parse_rule(text: str, source: str = "--rule") -> Rule:
     if not _NUMBER.match(number):
         column = pos + len(stripped[pos:]) - len(stripped[pos:].lstrip())
         raise bad(f"expected a number, got {number!r}", column)
-    return Rule(path=path, op=op, threshold=float(number), number=number, source=source)
+    return Rule(path=path, op=op, threshold=float(number), number=number, source=source or "rule")
+
+
+def _refusal(source: str | None, parameter: str, message: Callable[[str], str]) -> CurvscopeError:
+    """``message(label)`` about a value from ``source`` (a config entry, named as it is), or, without
+    ``source``, about the value of ``parameter``: an :class:`OptionError` that names it."""
+    if source is not None:
+        return CurvscopeError(message(source))
+    return OptionError(parameter, lambda name: message(name(parameter)))
 
 
 def compare(value: float, op: str, threshold: float) -> bool:
@@ -288,7 +301,7 @@ def resolve(report: dict, path: tuple[Step, ...], *, where: str = "the report") 
                     if depth == 0 and step.name in SECTION_COMMANDS:
                         detail = (f"{where} has no '{step.name}' section: run `curvscope "
                                   f"{SECTION_COMMANDS[step.name]}` into the same output directory first, or "
-                                  "let `curvscope check CHECKPOINT --config FILE` compute it")
+                                  "check the checkpoint itself (`curvscope check CHECKPOINT` computes it)")
                     else:
                         detail = f"{prefix} has no key {step.name!r}"
                 else:
@@ -525,7 +538,8 @@ class Limit:
     direction: str
     amount: float
     relative: bool
-    source: str = "--max-increase"
+    source: str = "max_increase"
+    """Where the limit was given: the parameter ``max_increase`` / ``max_decrease``, or a config entry."""
 
     @property
     def amount_text(self) -> str:
@@ -540,40 +554,54 @@ class Limit:
 
 def parse_amount(amount: Any, where: str) -> tuple[float, bool]:
     """``"20%"`` -> (0.2, relative); ``5``, ``"5"`` or ``"1e-3"`` -> absolute amounts."""
+    try:
+        return _amount(amount)
+    except ValueError as exc:
+        raise CurvscopeError(f"{where}: {exc}") from None
+
+
+def _amount(amount: Any) -> tuple[float, bool]:
+    """:func:`parse_amount` without the label: ``ValueError`` saying what is wrong with the amount."""
     if isinstance(amount, bool) or not isinstance(amount, (int, float, str)):
-        raise CurvscopeError(f"{where}: the amount must be a number or a percentage like '20%', "
-                             f"got {amount!r}")
+        raise ValueError(f"the amount must be a number or a percentage like '20%', got {amount!r}")
     text = str(amount).strip()
     relative = text.endswith("%")
     number = text[:-1].strip() if relative else text
     if not _NUMBER.match(number):
-        raise CurvscopeError(f"{where}: the amount {text!r} is not a number or a percentage like '20%'")
+        raise ValueError(f"the amount {text!r} is not a number or a percentage like '20%'")
     value = float(number)
     if value < 0:
-        raise CurvscopeError(f"{where}: the amount {text!r} must not be negative")
+        raise ValueError(f"the amount {text!r} must not be negative")
     return (value / 100.0 if relative else value), relative
 
 
 def parse_limit(spec: str, direction: str, source: str | None = None) -> Limit:
-    """Parse a ``--max-increase`` / ``--max-decrease`` value: ``PATH=AMOUNT`` (``20%``, or absolute ``5``)."""
-    source = source or f"--max-{direction}"
+    """Parse a ``max_increase`` / ``max_decrease`` value: ``PATH=AMOUNT`` (``20%``, or absolute ``5``).
+    Messages name ``source`` (a config entry), else that parameter."""
     if not isinstance(spec, str) or "=" not in spec:
-        raise CurvscopeError(f"malformed {source} {spec!r}: expected PATH=AMOUNT, e.g. "
-                             "'groups[0].lambda_max=20%' or 'loss_value=0.05'")
+        raise _refusal(source, f"max_{direction}", lambda label: f"malformed {label} {spec!r}: expected "
+                       "PATH=AMOUNT, e.g. 'groups[0].lambda_max=20%' or 'loss_value=0.05'")
     path_text, amount = spec.rsplit("=", 1)
     return make_limit(path_text, amount, direction, source)
 
 
-def make_limit(path_text: str, amount: Any, direction: str, source: str) -> Limit:
-    """A :class:`Limit` from a path string and an amount (config tables give them separately)."""
+def make_limit(path_text: str, amount: Any, direction: str, source: str | None = None) -> Limit:
+    """A :class:`Limit` from a path string and an amount (config tables give them separately); messages name
+    ``source`` (a config entry), else the parameter ``max_increase`` / ``max_decrease``."""
     if direction not in ("increase", "decrease"):
         raise CurvscopeError(f"unknown limit direction {direction!r}")
+    parameter = f"max_{direction}"
     try:
         path = parse_path(path_text)
     except CurvscopeError as exc:
-        raise CurvscopeError(f"{source}: {exc}") from None
-    value, relative = parse_amount(amount, f"{source} {format_path(path)}")
-    return Limit(path=path, direction=direction, amount=value, relative=relative, source=source)
+        text = str(exc)
+        raise _refusal(source, parameter, lambda label: f"{label}: {text}") from None
+    try:
+        value, relative = _amount(amount)
+    except ValueError as exc:
+        text = str(exc)
+        raise _refusal(source, parameter, lambda label: f"{label} {format_path(path)}: {text}") from None
+    return Limit(path=path, direction=direction, amount=value, relative=relative, source=source or parameter)
 
 
 def evaluate_limit(report: dict, baseline: dict, limit: Limit) -> RuleResult:
@@ -624,7 +652,8 @@ def evaluate(report: dict, rules: list[Rule], limits: list[Limit] = (), baseline
     """Every rule, then every baseline limit. Raises :class:`CurvscopeError` on the first rule that cannot be
     evaluated (unknown path, not a number), so a verdict is never based on half the rules."""
     if limits and baseline is None:
-        raise CurvscopeError("--max-increase / --max-decrease need a baseline report (--baseline OLD.json)")
+        raise OptionError("baseline", lambda name: f"{name('max_increase')} / {name('max_decrease')} need a "
+                          f"baseline report ({name('baseline', Metavar('OLD.json'))})")
     results = [evaluate_rule(report, rule) for rule in rules]
     results += [evaluate_limit(report, baseline, limit) for limit in limits]
     return results

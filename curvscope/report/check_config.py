@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from curvscope.errors import CurvscopeError
+from curvscope.errors import CurvscopeError, OptionError
 from curvscope.report.check import Key, Limit, Rule, Step, make_limit, parse_rule
 
 ENGINES = ("spectrum", "factors", "lr")
@@ -56,8 +56,8 @@ def _toml():
             return importlib.import_module(name)
         except ImportError:
             continue
-    raise CurvscopeError("reading --config needs Python 3.11+ (tomllib) or the 'tomli' package: "
-                         "pip install tomli")
+    raise OptionError("config", lambda label: f"reading {label('config')} needs Python 3.11+ (tomllib) or the "
+                      "'tomli' package: pip install tomli")
 
 
 def _suggest(word: str, choices) -> str:

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from curvscope import __version__
-from curvscope.errors import CurvscopeError
+from curvscope.errors import OptionError
 from curvscope.io.atomic import write_text_atomic
 from curvscope.report.check import RuleResult, fmt
 from curvscope.report.schema import to_jsonable
@@ -47,15 +47,15 @@ def junit_xml(results: list[RuleResult], *, report: str = "", seconds: float = 0
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
 
 
-def write_junit(path: str | os.PathLike, results: list[RuleResult], **kwargs: Any) -> Path:
-    """Write :func:`junit_xml` to ``path`` atomically."""
+def write_junit(path: str | os.PathLike, results: list[RuleResult], option: str = "path", **kwargs: Any) -> Path:
+    """Write :func:`junit_xml` to ``path`` atomically; errors name the parameter ``option`` that gave the path."""
     path = Path(path)
     if path.is_dir():
-        raise CurvscopeError(f"--junit {path}: is a directory, expected a file name like junit.xml")
+        raise OptionError(option, f"{path}: is a directory, expected a file name like junit.xml")
     try:
-        write_text_atomic(path, junit_xml(results, **kwargs))
+        write_text_atomic(path, junit_xml(results, **kwargs), option)
     except OSError as exc:
-        raise CurvscopeError(f"--junit {path}: cannot write ({exc.strerror or exc})") from None
+        raise OptionError(option, f"{path}: cannot write ({exc.strerror or exc})") from None
     return path
 
 

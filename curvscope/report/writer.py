@@ -50,7 +50,7 @@ class ReportWriter:
     Args:
         out_dir: the output directory (made when absent).
         problem: the :class:`~curvscope.problem.Problem` the numbers belong to (its ``problem`` section).
-        option: the name of the output-directory option in messages (``--out`` in the CLI).
+        option: the name of the output-directory parameter in messages (the CLI names its flag).
         warn: called with a one-line warning (a report of another problem replaced, stale files removed).
 
     The outputs of a run replace those of the previous run in the directory: a file the previous report lists
@@ -86,21 +86,7 @@ class ReportWriter:
     def claim_option(self, path: str | os.PathLike, field: str) -> Path:
         """:meth:`claim` for the output path of an options field: a refusal is an
         :class:`~curvscope.errors.OptionError` of ``field`` (the CLI names the flags)."""
-        import re
-
-        from curvscope.errors import OptionError
-
-        try:
-            return self.claim(path, field)
-        except OptionError:
-            raise
-        except CurvscopeError as exc:
-            text = str(exc)
-            text = text[len(field) + 1:] if text.startswith(field + " ") else text
-            flags = re.sub(r"the same file as (\w+)", lambda m: "the same file as " + (
-                "--" + m.group(1).replace("_", "-") if m.group(1) != self.option.strip("-") else self.option
-                if self.option.startswith("--") else m.group(1)), text)
-            raise OptionError(field, text, flags) from None
+        return self.claim(path, field)
 
     def section(self, command: str, fields: dict[str, Any]) -> None:
         """Add the report fields of ``command`` (top-level keys; later sections win on a clash)."""
@@ -187,7 +173,7 @@ def redraw(report: dict[str, Any], out_dir: str | os.PathLike, progress: Progres
     from curvscope.report.render import render_png
 
     progress = or_silent(progress)
-    out_dir = check_directory(out_dir, "--out")
+    out_dir = check_directory(out_dir, "out_dir")
     jobs = [(name, make) for _, name, make in spectrum_plots(report)]
     if report.get("lr"):
         from curvscope.report.lr_plots import lr_figure
@@ -199,7 +185,7 @@ def redraw(report: dict[str, Any], out_dir: str | os.PathLike, progress: Progres
     outputs = Outputs()
     for i, (name, make) in enumerate(jobs):
         progress("plots", i, len(jobs))
-        outputs.add_bytes(out_dir / name, render_png(make(report)), "--out")
+        outputs.add_bytes(out_dir / name, render_png(make(report)), "out_dir")
     return outputs.commit(progress)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from curvscope.errors import CurvscopeError
+from curvscope.errors import CurvscopeError, Metavar, OptionError
 from curvscope.report.check import Limit, Rule, RuleResult, evaluate, parse_limit, parse_rule
 from curvscope.report.check_config import CheckConfig, engines_needed, load_config
 from curvscope.report.schema import REPORT_NAME, read_report
@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from curvscope.problem import Problem
     from curvscope.progress import Progress
     from curvscope.workflows.options import Options
+
+RULE, LIMIT = Metavar("'PATH OP NUMBER'"), Metavar("PATH=AMOUNT")
+"""A rule and a baseline limit in messages."""
 
 PROBLEM_OPTIONS = ("model", "model_kwargs", "batch_size", "shuffle", "seed", "loss", "device", "dtype", "output",
                    "shift_labels")
@@ -85,14 +88,15 @@ def prepare_check(target: Path, rule_texts: list[str], config_path: Path | None,
         [parse_limit(s, "decrease") for s in decreases]
     baseline_file = baseline_path if baseline_path is not None else config.baseline
     if limits and baseline_file is None:
-        raise CurvscopeError("--max-increase / --max-decrease need a baseline: pass --baseline OLD.json "
-                             "(or report = \"...\" under [baseline] in the config)")
+        raise OptionError("baseline", lambda name: f"{name('max_increase')} / {name('max_decrease')} need a "
+                          f"baseline: pass {name('baseline', Metavar('OLD.json'))} (or report = \"...\" under "
+                          "[baseline] in the config)")
     if baseline_path is not None and not limits:
-        raise CurvscopeError("--baseline needs limits to check: add --max-increase PATH=AMOUNT or "
-                             "--max-decrease PATH=AMOUNT")
+        raise OptionError("baseline", lambda name: f"{name('baseline')} needs limits to check: add "
+                          f"{name('max_increase', LIMIT)} or {name('max_decrease', LIMIT)}")
     if not rules and not limits:
-        raise CurvscopeError("nothing to check: give --rule 'PATH OP NUMBER' (repeatable) or --config FILE "
-                             "with rules = [...]")
+        raise OptionError("rule", lambda name: f"nothing to check: give {name('rule', RULE)} (repeatable) or "
+                          f"{name('config', Metavar('FILE'))} with rules = [...]")
     plan = CheckPlan(target=target, config=config, rules=rules, limits=limits)
     if baseline_file is not None and limits:
         plan.baseline_file = Path(baseline_file)
@@ -101,9 +105,9 @@ def prepare_check(target: Path, rule_texts: list[str], config_path: Path | None,
         plan.target = target / REPORT_NAME
     if not plan.computes:
         if given:
-            flags = ", ".join("--out" if n == "out_dir" else "--" + n.replace("_", "-") for n in sorted(given))
-            raise CurvscopeError(f"{flags}: only used when TARGET is a checkpoint, but {plan.target} is a report "
-                                 "(.json)")
+            names = sorted(given)
+            raise OptionError(names[0], lambda name: f"{', '.join(name(n) for n in names)}: only used when "
+                              f"{name('target')} is a checkpoint, but {plan.target} is a report (.json)")
         return plan
     engines = engines_needed(config, [r.path for r in rules] + [lim.path for lim in limits])
     plan.options = engine_options(engines, config)
@@ -120,7 +124,8 @@ def engine_options(engines: list[str], config: CheckConfig) -> dict[str, Options
         table = dict(config.engines.get(name, {}))
         for key in table:
             if key == "out_dir":
-                raise CurvscopeError(f"{where}[{name}] out_dir: the output directory is set with --out")
+                raise OptionError("out_dir", lambda label, name=name: f"{where}[{name}] out_dir: the output "
+                                  f"directory is set with {label('out_dir')}")
             if key in PROBLEM_OPTIONS or key in ("checkpoint", "data"):
                 raise CurvscopeError(f"{where}[{name}] {key}: a problem option; put it under [problem] "
                                      "(or pass it on the command line)")
@@ -157,7 +162,7 @@ def run_check(plan: CheckPlan, out_dir: Path, load: Callable[[], Problem] | None
     if plan.computes:
         if load is None:
             raise CurvscopeError(f"{plan.target}: a checkpoint needs a problem to compute the report")
-        run_and_write(load(), out_dir, plan.options, progress, option="--out", warn=warn)
+        run_and_write(load(), out_dir, plan.options, progress, warn=warn)
         computed = list(plan.options)
         report_path = Path(out_dir) / REPORT_NAME
     else:

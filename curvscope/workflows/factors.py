@@ -85,7 +85,8 @@ class FactorsOptions(Options):
         at_least("subsample", self.subsample, 1, optional=True)
         for name in ("mc_samples", "subsample"):
             if getattr(self, name) not in (0, None) and self.source != "ggn":
-                raise OptionError(name, "applies to source ggn only", "applies to --source ggn only")
+                raise OptionError(name, lambda label, name=name: f"{label(name)} applies to {label('source')} ggn "
+                                  "only")
         one_of("init", self.init, INITS)
         if not (math.isfinite(self.eps) and self.eps > 0):
             raise OptionError("eps", f"must be a positive number, got {self.eps}")
@@ -94,17 +95,17 @@ class FactorsOptions(Options):
         if self.ensemble_chunk < 0:
             raise OptionError("ensemble_chunk", f"must be 0 (automatic) or positive, got {self.ensemble_chunk}")
         if (self.checkpoints() or self.ensemble) and self.source != "batch":
-            text = f"'{self.source}': the ensemble ground truth averages single-gradient factors; use source batch"
-            raise OptionError("source", f"{text} with an ensemble",
-                              f"{text.replace('source', '--source')} with --ensemble / --ensemble-checkpoints")
+            raise OptionError("source", lambda name: f"{name('source')} '{self.source}': the ensemble ground truth "
+                              f"averages single-gradient factors; use {name('source')} batch with "
+                              f"{name('ensemble')} / {name('ensemble_checkpoints')}")
 
     def checkpoints(self) -> list[Path]:
         """The files matching ``ensemble_checkpoints`` (sorted; empty when it is not set)."""
         if not self.ensemble_checkpoints:
             return []
         if self.ensemble:
-            raise OptionError("ensemble", "and ensemble_checkpoints: use one of them, not both",
-                              "and --ensemble-checkpoints: use one of them, not both")
+            raise OptionError("ensemble", lambda name: f"{name('ensemble')} and {name('ensemble_checkpoints')}: use "
+                              "one of them, not both")
         pattern = str(self.ensemble_checkpoints)
         paths = [Path(p) for p in sorted(glob.glob(pattern)) if Path(p).is_file()]
         if not paths:

@@ -105,13 +105,13 @@ def draw_batches(problem: Problem, batches: int, holdout: int) -> tuple[list[Pro
     rest = order[torch.tensor([int(i) not in taken for i in order.tolist()], dtype=torch.bool)]
     need = (batches - 1) * n + holdout
     if need > rest.numel():
-        needs = f"needs {batches * n + holdout} samples but the dataset has {total}"
-        with_holdout = f" and holdout {holdout}" if holdout else ""
-        raise OptionError(
-            "batches", f"{batches} with batch size {n}{with_holdout} {needs}; lower the batch size, batches or "
-            "holdout",
-            f"{batches} with --batch-size {n}{f' and --holdout {holdout}' if holdout else ''} {needs}; lower "
-            "--batch-size, --batches or --holdout")
+        def message(name) -> str:
+            with_holdout = f" and {name('holdout', holdout)}" if holdout else ""
+            return (f"{name('batches', batches)} with {name('batch_size', n)}{with_holdout} needs "
+                    f"{batches * n + holdout} samples but the dataset has {total}; lower {name('batch_size')}, "
+                    f"{name('batches')} or {name('holdout')}")
+
+        raise OptionError("batches", message)
     others = [problem.batch_from_dataset(rest[b * n:(b + 1) * n]) for b in range(batches - 1)]
     held = problem.batch_from_dataset(rest[(batches - 1) * n:need]) if holdout else None
     return others, held

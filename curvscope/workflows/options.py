@@ -20,7 +20,7 @@ from typing import Any, ClassVar, TypeVar, Union
 
 from curvscope.errors import MAX_INT, CurvscopeError, OptionError, at_least, one_of
 
-__all__ = ["OptionError", "Options", "at_least", "engine_check", "one_of"]
+__all__ = ["OptionError", "Options", "at_least", "one_of"]
 
 T = TypeVar("T", bound="Options")
 
@@ -66,12 +66,12 @@ class Options:
             try:
                 kwargs[key] = _convert(key, value, hints[key])
             except OptionError as exc:
-                raise CurvscopeError(f"{where}{label}{exc.render(key, flags=False)}") from None
+                raise CurvscopeError(f"{where}{label}{exc}") from None
         options = cls(**kwargs)
         try:
             options.validate()
         except OptionError as exc:
-            raise CurvscopeError(f"{where}{label}{exc.render(exc.field, flags=False)}") from None
+            raise CurvscopeError(f"{where}{label}{exc}") from None
         return options
 
     def replace(self: T, **changes: Any) -> T:
@@ -134,24 +134,3 @@ def _type_name(t: Any) -> str:
 def _describe(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-
-
-
-def engine_check(name: str, parse: Any, value: Any) -> Any:
-    """``parse(value)`` from the engine, its :class:`CurvscopeError` re-raised as an :class:`OptionError` of
-    field ``name`` (so the CLI can name the flag)."""
-    try:
-        return parse(value)
-    except OptionError:
-        raise
-    except (OverflowError, ValueError) as exc:
-        raise OptionError(name, f"'{str(value)[:40]}' is out of range ({type(exc).__name__})") from None
-    except CurvscopeError as exc:
-        text = str(exc)
-        for prefix in (f"--{name.replace('_', '-')} ", f"{name} "):
-            if text.startswith(prefix):
-                text = text[len(prefix):]
-                break
-        raise OptionError(name, text) from None

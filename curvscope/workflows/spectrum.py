@@ -7,13 +7,14 @@ tensor files to a :class:`~curvscope.report.writer.ReportWriter`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from curvscope.errors import CurvscopeError
 from curvscope.workflows.base import Workflow
-from curvscope.workflows.options import OptionError, Options, at_least, engine_check, one_of
+from curvscope.workflows.options import OptionError, Options, at_least, one_of
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -92,8 +93,8 @@ class SpectrumOptions(Options):
         one_of("curvature", self.curvature, CURVATURES)
         one_of("method", self.method, METHODS)
         if self.curvature == "hessian" and self.method == "gram":
-            raise OptionError("method", "gram: the Hessian has no Gram factor; use lanczos (or auto)",
-                              "gram: the Hessian has no Gram factor; use --method lanczos (or auto)")
+            raise OptionError("method", lambda name: f"{name('method')} gram: the Hessian has no Gram factor; use "
+                              f"{name('method', 'lanczos')} (or auto)")
         if not (0 < self.tol < 1):
             raise OptionError("tol", f"must lie in (0, 1), got {self.tol}")
         at_least("trace_samples", self.trace_samples, 0)
@@ -101,29 +102,27 @@ class SpectrumOptions(Options):
         self.parsed_damping()
         self.parsed_memory()
         if self.subsample is not None and (self.curvature == "hessian" or self.method == "lanczos"):
-            raise OptionError("subsample", "applies to the Gram method only (Lanczos uses the whole batch)",
-                              "applies to the Gram method only (Lanczos uses the whole batch)")
+            raise OptionError("subsample", "applies to the Gram method only (Lanczos uses the whole batch)")
         if self.mc_samples and (self.curvature == "hessian" or self.method == "lanczos"):
-            raise OptionError("mc_samples", "applies to the Gram method only (Lanczos uses the exact curvature)",
-                              "applies to the Gram method only (Lanczos uses the exact curvature)")
+            raise OptionError("mc_samples", "applies to the Gram method only (Lanczos uses the exact curvature)")
         if self.newton_step is not None and (self.curvature == "hessian" or self.method == "lanczos"):
-            raise OptionError("newton_step", "needs the GGN by Gram (curvature ggn, method gram or auto)",
-                              "needs the GGN by Gram (--curvature ggn, --method gram or auto)")
+            raise OptionError("newton_step", lambda name: f"{name('newton_step')} needs the GGN by Gram "
+                              f"({name('curvature', 'ggn')}, {name('method', 'gram')} or auto)")
         if self.newton_step is not None and not self.directions:
-            raise OptionError("newton_step", "needs the directional derivatives: set directions=True",
-                              "needs the directional derivatives: leave out --no-directions")
+            raise OptionError("newton_step", lambda name: f"{name('newton_step')} needs the directional "
+                              f"derivatives: leave out {name('directions', False)}")
 
     def parsed_damping(self) -> float | str:
         """The damping as the engine takes it."""
         from curvscope.curvature.newton import parse_damping
 
-        return engine_check("damping", parse_damping, self.damping)
+        return _engine_parse("damping", parse_damping, self.damping)
 
     def parsed_memory(self) -> int | None:
         """The memory budget in bytes (``None``: the default); at least :data:`MIN_MEMORY`."""
         from curvscope.curvature.memory import parse_memory
 
-        budget = engine_check("max_memory", parse_memory, self.max_memory)
+        budget = _engine_parse("max_memory", parse_memory, self.max_memory)
         if budget is not None and budget < MIN_MEMORY:
             raise OptionError("max_memory", f"'{self.max_memory}' is below the floor of {MIN_MEMORY // 2**20} MiB "
                               "(smaller budgets only make the computation crawl)")
@@ -180,7 +179,26 @@ class SpectrumOptions(Options):
             if size > budget:
                 text = (f"up to {k} eigenvectors of {problem.num_params:,} parameters need {format_bytes(size)}, "
                         f"more than the memory budget ({format_bytes(budget)})")
-                raise OptionError("eigenvectors", f"{text}: pass a smaller top_k", f"{text}: pass a smaller --top-k")
+                raise OptionError("eigenvectors", lambda name: f"{name('eigenvectors')} {text}: pass a smaller "
+                                  f"{name('top_k')}")
+
+
+def _engine_parse(parameter: str, parse: Callable[[Any], Any], value: Any) -> Any:
+    """``parse(value)`` by the engine as a check of the option ``parameter``: the engine's refusal, a
+    :class:`CurvscopeError` in its own words that starts with the parameter's name (``damping 'x': expected
+    ...``), is raised as the :class:`OptionError` of that parameter (so the CLI names the flag). To go once
+    ``parse_damping`` and ``parse_memory`` raise :class:`OptionError` themselves."""
+    try:
+        return parse(value)
+    except (OverflowError, ValueError) as exc:
+        raise OptionError(parameter, f"'{str(value)[:40]}' is out of range ({type(exc).__name__})") from None
+    except OptionError:
+        raise
+    except CurvscopeError as exc:
+        text = str(exc)
+        if not text.startswith(parameter + " "):
+            raise
+        raise OptionError(parameter, text[len(parameter) + 1:]) from None
 
 
 @dataclass
