@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from curvscope.curvature.gram.spectrum import SpectrumResult, compute_spectrum
 from curvscope.curvature.memory import parse_memory
-from curvscope.curvature.spectrum import SpectrumResult, compute_spectrum
 from curvscope.errors import CurvscopeError
 from curvscope.problem import Problem, make_problem
 
@@ -55,12 +55,12 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Tensor | None = None
             :func:`~curvscope.curvature.hessian.compute_matfree_spectrum`, which then gets ``**kw`` (``tol``,
             ``trace_matvecs``, ``density_vectors``, ``eigenvectors``, ``seed``, ``progress``, ...) and
             returns a :class:`~curvscope.curvature.hessian.MatfreeResult`.
-        **kw: passed on to :func:`~curvscope.curvature.spectrum.compute_spectrum`: ``include_total`` (with
+        **kw: passed on to :func:`~curvscope.curvature.gram.spectrum.compute_spectrum`: ``include_total`` (with
             ``groups != "all"``, the whole model as ``groups[0]``), ``seed``, ``ghost``, ``max_memory`` (bytes
             or ``"4GiB"``), ``progress``.
 
     Returns:
-        A :class:`~curvscope.curvature.spectrum.SpectrumResult`: ``result.groups[i]`` has ``eigenvalues``
+        A :class:`~curvscope.curvature.gram.spectrum.SpectrumResult`: ``result.groups[i]`` has ``eigenvalues``
         (descending, float64), ``rank``, ``trace``, ``lambda_max``, ``effective_rank``, ``stability_lr`` and
         ``directions`` (``gamma`` ``(N, K)``, ``lambdas`` ``(N_V, K)``, ``gamma_mean``, ``gamma_snr``,
         ``lambda_snr``, ``gradient_overlap``, ``flat_overlap``).
@@ -95,7 +95,7 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Tensor | None = None
         plots.directions_figure(fields)                 # the four panels of ViViT Fig. 2 (directions.png)
 
         # top eigenvectors as parameter-shaped tensors {name: (k, *shape)}, e.g. for loss-landscape slices:
-        from curvscope.curvature.spectrum import eigenvectors
+        from curvscope.curvature.gram.spectrum import eigenvectors
         problem = curvscope.make_problem(model, x[:128], y[:128], loss="ce", dtype=torch.float64)
         res = curvscope.spectrum(problem, top_k=5)
         vecs = eigenvectors(problem, res, k=5)

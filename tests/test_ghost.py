@@ -7,10 +7,10 @@ import pytest
 from helpers import CASES, assert_same_grams, dense_grams
 from torch import nn
 
-from curvscope.curvature import generic, ghost
-from curvscope.curvature.columns import gradient_seeds, make_columns
-from curvscope.curvature.gram import compute_gram
-from curvscope.curvature.layout import make_layout
+from curvscope.curvature.gram import compute_gram, ghost
+from curvscope.curvature.gram import rows as generic
+from curvscope.curvature.gram.columns import gradient_seeds, make_columns
+from curvscope.curvature.gram.layout import make_layout
 from curvscope.curvature.memory import MemoryPlan
 
 BIG = MemoryPlan(budget=2**30)

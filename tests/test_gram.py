@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import CASES, DENSE_CASES, assert_same_grams, dense_grams
 
-from curvscope.curvature.columns import make_columns
 from curvscope.curvature.gram import compute_gram, materialize_columns
+from curvscope.curvature.gram.columns import make_columns
 from curvscope.curvature.memory import MemoryPlan
 
 BIG = MemoryPlan(budget=2**30)

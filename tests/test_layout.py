@@ -9,13 +9,14 @@ import torch
 import torch.distributed as dist
 from helpers import CASES, assert_same_grams
 
-from curvscope.curvature import generic
-from curvscope.curvature.columns import gradient_seeds, make_columns
+from curvscope.curvature.distributed import Comm
 from curvscope.curvature.gram import compute_gram
-from curvscope.curvature.layout import GramAccumulator, LocalLayout, ShardedLayout, make_layout, shard_bounds
+from curvscope.curvature.gram import rows as generic
+from curvscope.curvature.gram.columns import gradient_seeds, make_columns
+from curvscope.curvature.gram.layout import GramAccumulator, LocalLayout, ShardedLayout, make_layout, shard_bounds
+from curvscope.curvature.gram.newton import newton_step
+from curvscope.curvature.gram.spectrum import compute_spectrum, eigenvectors
 from curvscope.curvature.memory import ColumnBlock, MemoryPlan
-from curvscope.curvature.newton import newton_step
-from curvscope.curvature.spectrum import compute_spectrum, eigenvectors
 
 BIG = MemoryPlan(budget=2**30)
 
@@ -68,7 +69,7 @@ def test_simulated_ranks_block_rows_stack_to_the_local_gram(subsample, world):
     columns = make_columns(problem, outputs, subsample=subsample)
     seeds = gradient_seeds(problem, outputs)
     N, K = problem.batch_size, columns.per_sample
-    ranks = [ShardedLayout(None, r, world, problem.device, problem.device, N, shard_bounds(N, world))
+    ranks = [ShardedLayout(Comm(None, r, world, problem.device, problem.device), N, shard_bounds(N, world))
              for r in range(world)]
     names = list(problem.params)
 

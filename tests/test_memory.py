@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import CASES, N
 
-from curvscope.curvature.columns import gradient_seeds, make_columns
+from curvscope.curvature.gram.columns import gradient_seeds, make_columns
 from curvscope.curvature.memory import ColumnBlock, MemoryPlan, column_blocks, pairwise, parse_memory
 from curvscope.errors import CurvscopeError
 

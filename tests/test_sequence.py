@@ -9,9 +9,9 @@ from helpers import dense_any
 from torch import nn
 
 from curvscope import CurvscopeError, make_problem
-from curvscope.curvature.columns import make_columns
+from curvscope.curvature.gram.columns import make_columns
+from curvscope.curvature.gram.spectrum import compute_spectrum
 from curvscope.curvature.lr import reduced_hessian
-from curvscope.curvature.spectrum import compute_spectrum
 
 V, T, N = 7, 5, 3  # vocabulary (classes), positions, sequences
 
@@ -188,7 +188,7 @@ def test_newton_step_of_a_causal_lm_against_dense():
     J^T H J and the gradient of Hugging Face's loss."""
     from helpers import dense_step
 
-    from curvscope.curvature.newton import newton_step
+    from curvscope.curvature.gram.newton import newton_step
 
     problem, labels = lm_problem()
     dense = dense_any(problem, hf_loss(labels, True))
@@ -259,7 +259,7 @@ def test_seeds_over_the_memory_budget_are_refused_before_allocating():
     """Monte-Carlo seeds of a large vocabulary: one T*C vector per column (4 x 63 columns x 64 x 2,000 outputs
     x 4 bytes = 129 MB). Over the budget they are a clean error pointing at lanczos, in the engine and in the
     spectrum workflow's method choice, not an allocation failure."""
-    from curvscope.curvature.columns import seed_bytes
+    from curvscope.curvature.gram.columns import seed_bytes
     from curvscope.errors import OptionError
     from curvscope.workflows.spectrum import SpectrumOptions
 
@@ -326,9 +326,8 @@ def test_linear_layers_on_token_activations_take_the_ghost_rule(mode):
     """The Linear layers of a (wide) LM see (N, T, d) activations: the rule with T positions handles them (auto:
     the ghost products for the wide projection), the embedding's rule its T tokens, and both agree with the
     generic path, gradients included."""
-    from curvscope.curvature import ghost
-    from curvscope.curvature.columns import gradient_seeds
-    from curvscope.curvature.gram import compute_gram
+    from curvscope.curvature.gram import compute_gram, ghost
+    from curvscope.curvature.gram.columns import gradient_seeds
     from curvscope.curvature.memory import MemoryPlan
 
     torch.manual_seed(3)
@@ -351,9 +350,10 @@ def test_linear_layers_on_token_activations_take_the_ghost_rule(mode):
 
 
 def _ghost_grams(problem, groups, plan, mode):
-    from curvscope.curvature import generic, ghost
-    from curvscope.curvature.columns import gradient_seeds
-    from curvscope.curvature.layout import make_layout
+    from curvscope.curvature.gram import ghost
+    from curvscope.curvature.gram import rows as generic
+    from curvscope.curvature.gram.columns import gradient_seeds
+    from curvscope.curvature.gram.layout import make_layout
 
     layout = make_layout(problem)
     outputs = layout.outputs(problem)
@@ -368,7 +368,7 @@ def _ghost_grams(problem, groups, plan, mode):
 
 
 def test_column_count_without_building_the_columns():
-    from curvscope.curvature.columns import count_columns, make_columns
+    from curvscope.curvature.gram.columns import count_columns, make_columns
 
     problem, _ = lm_problem()  # padded sequences: the most valid tokens of one sequence sets T_v
     for mc, sub in ((0, None), (2, None), (0, 2), (3, 1)):

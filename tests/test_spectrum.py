@@ -19,7 +19,7 @@ from helpers import (
 
 import curvscope
 from curvscope.curvature.gram import compute_gram
-from curvscope.curvature.spectrum import compute_spectrum, eigenvectors
+from curvscope.curvature.gram.spectrum import compute_spectrum, eigenvectors
 from curvscope.errors import CurvscopeError
 
 N = 6

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from curvscope.curvature.generic import per_sample_gradients as per_sample_gradients_of
+from curvscope.curvature.gram.rows import per_sample_gradients as per_sample_gradients_of
 from curvscope.curvature.symmetry.chain import find_chain, parse_layers
 from curvscope.curvature.symmetry.coordinates import flatten
 from curvscope.curvature.symmetry.factors import (

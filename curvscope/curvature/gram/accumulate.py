@@ -8,9 +8,9 @@ Rows and columns of the *extended* Gram are indexed by two kinds of backpropagat
 
 For a parameter group P the engine accumulates ``vv = V_P^T V_P`` ``(N_V*K, N_V*K)``, ``vg = V_P^T G_P``
 ``(N_V*K, N)`` and ``gg = G_P^T G_P`` ``(N, N)`` as sums of per-parameter-tensor contributions
-(:func:`gram_rows`): layers with a fast rule add theirs without materializing rows (``ghost.py``), every other
-parameter goes through the generic path (``generic.py``: rows of V by ``torch.func``, contracted and discarded).
-Both contract blocks of columns as the :class:`~curvscope.curvature.layout.Layout` says: all columns in this
+(:func:`gram_rows`): layers with a fast rule add theirs without materializing rows (:mod:`.ghost`), every other
+parameter goes through the generic path (:mod:`.rows`: rows of V by ``torch.func``, contracted and discarded).
+Both contract blocks of columns as the :class:`~curvscope.curvature.gram.layout.Layout` says: all columns in this
 process, or each rank of a ``torch.distributed`` group its own columns against every rank's.
 """
 
@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from curvscope.curvature import generic
-from curvscope.curvature import ghost as ghost_rules
-from curvscope.curvature.columns import Columns, gradient_seeds, make_columns
-from curvscope.curvature.layout import GramAccumulator, GroupGram, Layout, make_layout
+from curvscope.curvature.gram import ghost as ghost_rules
+from curvscope.curvature.gram import rows
+from curvscope.curvature.gram.columns import Columns, gradient_seeds, make_columns
+from curvscope.curvature.gram.layout import GramAccumulator, GroupGram, Layout, make_layout
 from curvscope.curvature.memory import MemoryPlan
 from curvscope.errors import CurvscopeError
 from curvscope.progress import Progress, counter
@@ -62,7 +62,7 @@ def gram_rows(problem, groups: Sequence[tuple[str, Sequence[str]]], layout: Layo
             advance(len(handled))
     rest = [n for n in names if n not in handled]
     if rest:
-        generic.contribute(problem, rest, columns, grad_seeds, acc, plan, layout, advance)
+        rows.contribute(problem, rest, columns, grad_seeds, acc, plan, layout, advance)
     return acc, columns, outputs
 
 
@@ -110,5 +110,5 @@ def materialize_columns(problem, param_names: Sequence[str], mc_samples: int = 0
     """
     columns = make_columns(problem, mc_samples=mc_samples, subsample=subsample, seed=seed)
     plan = MemoryPlan.default(problem.device)
-    rows = generic.rows_by_sample_chunks(problem, list(param_names), columns.samples, columns.seeds, plan)
-    return {k: v.reshape(columns.num_columns, *problem.params[k].shape) for k, v in rows.items()}
+    rows_of = rows.rows_by_sample_chunks(problem, list(param_names), columns.samples, columns.seeds, plan)
+    return {k: v.reshape(columns.num_columns, *problem.params[k].shape) for k, v in rows_of.items()}

@@ -16,7 +16,7 @@ backward: a zero "probe" is added to every layer's output (a forward hook inside
 batched forward is differentiated w.r.t. the probes with ``vjp``, and the pullback is ``vmap``-ed over the
 seeds (samples are independent, so the cotangent whose row n is ``seeds[n, c]`` gives ``delta_nc`` for every
 n at once); without ``vmap`` (a model it cannot trace) the same products come from plain autograd
-(``generic.batched_vjp``). Gradient seeds are just extra columns.
+(``rows.batched_vjp``). Gradient seeds are just extra columns.
 
 A layer is only taken when the rule is provably its gradient: its parameters are not shared, it is called
 exactly once per forward with the batch as its first dimension, and a check on two samples compares the rule
@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvscope.curvature.columns import Columns
-from curvscope.curvature.generic import batch_with_partner, batched_vjp, is_fatal
-from curvscope.curvature.layout import GramAccumulator, Layout
+from curvscope.curvature.gram.columns import Columns
+from curvscope.curvature.gram.layout import GramAccumulator, Layout
+from curvscope.curvature.gram.rows import batch_with_partner, batched_vjp, is_fatal
 from curvscope.curvature.memory import ColumnBlock, MemoryPlan
 
 MODES = ("ghost", "materialize")

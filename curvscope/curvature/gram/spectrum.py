@@ -2,8 +2,8 @@
 
 ``docs/conventions.md`` §2 and §4. The GGN ``G = V V^T`` (D x D) is never formed: the Gram ``V^T V``
 (NK x NK) has the same nonzero eigenvalues, and every directional quantity follows from the extended Gram
-blocks ``vv``, ``vg`` of :mod:`curvscope.curvature.gram`. One driver serves one process and a
-``torch.distributed`` group alike (:mod:`curvscope.curvature.layout`): group i's Gram is assembled and
+blocks ``vv``, ``vg`` of :mod:`curvscope.curvature.gram.accumulate`. One driver serves one process and a
+``torch.distributed`` group alike (:mod:`curvscope.curvature.gram.layout`): group i's Gram is assembled and
 decomposed on process ``i mod R``, and the per-group results are broadcast.
 """
 
@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from curvscope.curvature.columns import Columns
-from curvscope.curvature.generic import apply_v
-from curvscope.curvature.gram import gram_rows
-from curvscope.curvature.layout import GroupGram, make_layout
+from curvscope.curvature.gram.accumulate import gram_rows
+from curvscope.curvature.gram.columns import Columns
+from curvscope.curvature.gram.layout import GroupGram, make_layout
+from curvscope.curvature.gram.rows import apply_v
 from curvscope.curvature.memory import MemoryPlan
 from curvscope.errors import CurvscopeError
 from curvscope.problem import GROUP_MODES
