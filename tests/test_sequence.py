@@ -9,7 +9,7 @@ from helpers import dense_any
 from torch import nn
 
 from curvscope import CurvscopeError, make_problem
-from curvscope.curvature.gram.columns import make_columns
+from curvscope.curvature.gram.columns import ColumnSpec, make_columns
 from curvscope.curvature.gram.spectrum import compute_spectrum
 from curvscope.curvature.lr import reduced_hessian
 
@@ -252,7 +252,7 @@ def test_huge_exact_sequence_curvature_is_refused_with_advice():
     with pytest.raises(CurvscopeError, match=r"exact curvature needs 75,600 columns \(4 sequences x 63 tokens x "
                                              r"300 classes\): use mc_samples=1"):
         make_columns(problem)
-    assert make_columns(problem, mc_samples=1).num_columns == 4 * 63
+    assert make_columns(problem, spec=ColumnSpec(mc_samples=1)).num_columns == 4 * 63
 
 
 def test_seeds_over_the_memory_budget_are_refused_before_allocating():
@@ -269,10 +269,10 @@ def test_seeds_over_the_memory_budget_are_refused_before_allocating():
     assert seed_bytes(problem, mc_samples=1) == 4 * 63 * 64 * 2000 * 4
     with pytest.raises(CurvscopeError, match=r"the seeds of 252 columns of V over 128,000 outputs per sample need "
                                              r"123 MiB, more than the memory budget \(32 MiB\).*matrix-free method"):
-        make_columns(problem, mc_samples=1, max_bytes=2**25)
+        make_columns(problem, spec=ColumnSpec(mc_samples=1), max_bytes=2**25)
     with pytest.raises(CurvscopeError, match="the seeds of 252 columns"):
         compute_spectrum(problem, mc_samples=1, max_memory=2**26)  # a third of it for the seeds
-    assert make_columns(problem, mc_samples=1, max_bytes=2**28).num_columns == 252
+    assert make_columns(problem, spec=ColumnSpec(mc_samples=1), max_bytes=2**28).num_columns == 252
     with pytest.raises(OptionError, match=r"the seeds of the 252 columns \(one vector of 128,000 outputs each\)"):
         SpectrumOptions(mc_samples=1, max_memory="64MiB").resolved_method(problem)
     assert SpectrumOptions(mc_samples=1, max_memory="1GiB").resolved_method(problem) == ("gram", None)
@@ -372,4 +372,4 @@ def test_column_count_without_building_the_columns():
 
     problem, _ = lm_problem()  # padded sequences: the most valid tokens of one sequence sets T_v
     for mc, sub in ((0, None), (2, None), (0, 2), (3, 1)):
-        assert count_columns(problem, mc, sub) == make_columns(problem, mc_samples=mc, subsample=sub).num_columns
+        assert count_columns(problem, mc, sub) == make_columns(problem, spec=ColumnSpec(mc, sub)).num_columns

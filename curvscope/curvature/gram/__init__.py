@@ -3,7 +3,8 @@
 
 One concern per module:
 
-- :mod:`.columns`: the columns of V (which samples, which loss-Hessian root seeds);
+- :mod:`.columns`: the columns of V (which samples, which loss-Hessian root seeds), chosen by one
+  :class:`ColumnSpec` ``(mc_samples, subsample, seed)``;
 - :mod:`.rows`: rows of V by ``torch.func`` or plain autograd, for any model (the generic path), and
   :func:`apply_v` (V times coefficients);
 - :mod:`.ghost`: the per-layer Gram rules (one module per layer kind, one table :data:`~.ghost.RULES`);
@@ -20,6 +21,7 @@ from curvscope.curvature.gram.accumulate import compute_gram, gram_rows, materia
 from curvscope.curvature.gram.columns import (
     MAX_EXACT_SEQUENCE_COLUMNS,
     Columns,
+    ColumnSpec,
     count_columns,
     gradient_seeds,
     make_columns,
@@ -52,7 +54,7 @@ from curvscope.curvature.gram.spectrum import (
     numerical_rank,
 )
 
-__all__ = ["BOOTSTRAP", "DEFAULT_TOP_K", "MAX_EXACT_SEQUENCE_COLUMNS", "Columns", "Directions",
+__all__ = ["BOOTSTRAP", "DEFAULT_TOP_K", "MAX_EXACT_SEQUENCE_COLUMNS", "ColumnSpec", "Columns", "Directions",
            "GramAccumulator", "GroupGram", "GroupSpectrum", "Layout", "LocalLayout", "NewtonStep", "ShardedLayout",
            "SpectrumResult", "apply_v", "bootstrap_damping", "compute_gram", "compute_spectrum", "count_columns",
            "eigenvectors", "gradient_seeds", "gram_rows", "make_columns", "make_layout", "materialize_columns",

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from curvscope.curvature.gram.accumulate import gram_rows
-from curvscope.curvature.gram.columns import Columns
+from curvscope.curvature.gram.columns import Columns, ColumnSpec
 from curvscope.curvature.gram.layout import GroupGram, make_layout
 from curvscope.curvature.gram.rows import apply_v
 from curvscope.curvature.memory import MemoryPlan
@@ -262,9 +262,9 @@ def compute_spectrum(problem, groups: str = "all", mc_samples: int = 0, subsampl
     if include_total and groups != "all":
         blocks = [("all", tuple(problem.params)), *blocks]
     vectors = directional if eigenvectors is None else (eigenvectors or directional)
+    spec = ColumnSpec(mc_samples=mc_samples, subsample=subsample, seed=seed)
     layout = make_layout(problem, process_group)
-    acc, columns, outputs = gram_rows(problem, blocks, layout, with_gradients=directional, mc_samples=mc_samples,
-                                      subsample=subsample, seed=seed, ghost=ghost,
+    acc, columns, outputs = gram_rows(problem, blocks, layout, with_gradients=directional, spec=spec, ghost=ghost,
                                       plan=MemoryPlan.default(problem.device, max_memory), progress=progress)
     with layout.stage():
         loss_value = float(problem.loss(outputs, problem.targets))
@@ -294,7 +294,7 @@ def compute_spectrum(problem, groups: str = "all", mc_samples: int = 0, subsampl
     report(len(blocks), len(blocks))
     rules = {g.name: acc.rules.get(g.name, "generic") for g in problem.groups("layer")}
     return SpectrumResult(groups=results, loss_value=loss_value, gradient_norm=sum(grad_sq.values()) ** 0.5,
-                          columns=columns, grouping=groups, mc_samples=mc_samples, subsample=subsample,
+                          columns=columns, grouping=groups, mc_samples=spec.mc_samples, subsample=spec.subsample,
                           path=problem.path, rules=rules)
 
 
