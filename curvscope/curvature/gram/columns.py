@@ -166,7 +166,7 @@ def _check_exact_size(problem, samples: Tensor) -> None:
     if count > MAX_EXACT_SEQUENCE_COLUMNS:
         raise CurvscopeError(
             f"exact curvature needs {count:,} columns ({samples.numel()} sequences x {tokens} tokens x "
-            f"{problem.classes} classes): use mc_samples=1 (Monte-Carlo per token, --mc-samples 1), or fewer "
+            f"{problem.classes} classes): use mc_samples=1 (Monte-Carlo per token), or fewer "
             "sequences (subsample)")
 
 
