@@ -110,7 +110,7 @@ def _sync(device: torch.device) -> None:
 # -- curvscope ----------------------------------------------------------------------------------------------
 
 def _curvscope(task: str, w: Workload, max_memory: int | None) -> Runner:
-    from curvscope.curvature.spectrum import compute_spectrum
+    from curvscope.curvature.gram.spectrum import compute_spectrum
     from curvscope.problem import make_problem
 
     problem = make_problem(w.model, w.x, w.y, loss="ce", device=w.x.device, dtype=w.x.dtype)

@@ -43,7 +43,7 @@ def wide_problem(dim: int, tokens: int, batch_size: int = 16, vocab: int = 60):
 
 
 def measure(name: str, problem, repeats: int = 3) -> dict:
-    from curvscope.curvature.spectrum import compute_spectrum
+    from curvscope.curvature.gram.spectrum import compute_spectrum
 
     times, evals = {}, {}
     for ghost in (True, False):

@@ -150,7 +150,7 @@ class DenseGram:
 
 def dense_grams(problem, columns, groups, with_gradients: bool = True) -> list[DenseGram]:
     """The extended Gram ``(vv, vg, gg)`` of every ``(name, parameter names)`` group from the dense Jacobian:
-    the columns ``J_n^T seeds[n, k]`` of the given :class:`~curvscope.curvature.columns.Columns` (sample-major)
+    the columns ``J_n^T seeds[n, k]`` of the given :class:`~curvscope.curvature.gram.columns.Columns` (sample-major)
     and the looped per-sample gradients."""
     J = outputs_jacobian(problem.model, problem.params, problem.buffers, problem.inputs)  # (N, C, D)
     V = torch.einsum("ncd,nkc->nkd", J[columns.samples], columns.seeds.to(J.dtype)).reshape(-1, J.shape[-1]).T

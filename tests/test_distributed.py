@@ -23,9 +23,9 @@ import torch
 import curvscope
 from curvscope.curvature.distributed import _fill, _specs, _strip
 from curvscope.curvature.gram import compute_gram
+from curvscope.curvature.gram.newton import newton_step
+from curvscope.curvature.gram.spectrum import compute_spectrum, eigenvectors
 from curvscope.curvature.matfree import compute_matfree_spectrum
-from curvscope.curvature.newton import newton_step
-from curvscope.curvature.spectrum import compute_spectrum, eigenvectors
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"

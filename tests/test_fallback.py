@@ -9,9 +9,9 @@ from helpers import dense_any
 from torch import nn
 
 from curvscope import CurvscopeError, make_problem
+from curvscope.curvature.gram.newton import newton_step
+from curvscope.curvature.gram.spectrum import compute_spectrum, eigenvectors
 from curvscope.curvature.lr import reduced_hessian, third_order_diagonal
-from curvscope.curvature.newton import newton_step
-from curvscope.curvature.spectrum import compute_spectrum, eigenvectors
 from curvscope.curvature.symmetry import compute_factors
 
 N, C = 5, 3

@@ -8,10 +8,10 @@ from cases import CASES
 from helpers import assert_same_grams, dense_grams
 from torch import nn
 
-from curvscope.curvature import generic, ghost
-from curvscope.curvature.columns import gradient_seeds, make_columns
-from curvscope.curvature.gram import compute_gram
-from curvscope.curvature.layout import make_layout
+from curvscope.curvature.gram import compute_gram, ghost
+from curvscope.curvature.gram import rows as generic
+from curvscope.curvature.gram.columns import ColumnSpec, gradient_seeds, make_columns
+from curvscope.curvature.gram.layout import make_layout
 from curvscope.curvature.memory import MemoryPlan
 
 BIG = MemoryPlan(budget=2**30)
@@ -33,7 +33,7 @@ def _ghost(problem, groups, force_mode=None, plan=BIG, mc_samples=0, subsample=N
     returns ``(grams, parameters the rules handled, columns)``."""
     layout = make_layout(problem)
     outputs = layout.outputs(problem)
-    columns = make_columns(problem, outputs, mc_samples=mc_samples, subsample=subsample, seed=seed)
+    columns = make_columns(problem, outputs, ColumnSpec(mc_samples, subsample, seed))
     grad_seeds = gradient_seeds(problem, outputs) if with_gradients else None
     acc = layout.accumulator(groups, columns, problem.batch_size if with_gradients else None)
     names = [n for n in problem.params if acc.wanted(n)]

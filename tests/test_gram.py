@@ -9,8 +9,8 @@ import torch
 from cases import CASES, DENSE_CASES
 from helpers import assert_same_grams, dense_grams
 
-from curvscope.curvature.columns import make_columns
 from curvscope.curvature.gram import compute_gram, materialize_columns
+from curvscope.curvature.gram.columns import ColumnSpec, make_columns
 from curvscope.curvature.memory import MemoryPlan
 
 BIG = MemoryPlan(budget=2**30)
@@ -42,7 +42,7 @@ def test_gram_equals_dense(case, ghost):
 
 def test_given_columns_are_used():
     problem = CASES["mlp-tanh-ce"]()
-    columns = make_columns(problem, mc_samples=3, subsample=5, seed=2)
+    columns = make_columns(problem, spec=ColumnSpec(mc_samples=3, subsample=5, seed=2))
     groups = [("all", tuple(problem.params))]
     got, same, _ = compute_gram(problem, groups, columns=columns, with_gradients=True, plan=BIG)
     assert same is columns

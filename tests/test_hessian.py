@@ -11,8 +11,8 @@ from helpers import flat_params as flat
 from helpers import unflatten_params as unflatten
 from torch import nn
 
+from curvscope.curvature.gram.spectrum import compute_spectrum
 from curvscope.curvature.matfree import compute_matfree_spectrum, gaussian_density
-from curvscope.curvature.spectrum import compute_spectrum
 from curvscope.errors import CurvscopeError
 from curvscope.problem import make_problem
 

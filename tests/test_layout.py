@@ -10,13 +10,14 @@ import torch.distributed as dist
 from cases import CASES
 from helpers import assert_same_grams
 
-from curvscope.curvature import generic
-from curvscope.curvature.columns import gradient_seeds, make_columns
+from curvscope.curvature.distributed import Comm
 from curvscope.curvature.gram import compute_gram
-from curvscope.curvature.layout import GramAccumulator, LocalLayout, ShardedLayout, make_layout, shard_bounds
+from curvscope.curvature.gram import rows as generic
+from curvscope.curvature.gram.columns import ColumnSpec, gradient_seeds, make_columns
+from curvscope.curvature.gram.layout import GramAccumulator, LocalLayout, ShardedLayout, make_layout, shard_bounds
+from curvscope.curvature.gram.newton import newton_step
+from curvscope.curvature.gram.spectrum import compute_spectrum, eigenvectors
 from curvscope.curvature.memory import ColumnBlock, MemoryPlan
-from curvscope.curvature.newton import newton_step
-from curvscope.curvature.spectrum import compute_spectrum, eigenvectors
 
 BIG = MemoryPlan(budget=2**30)
 
@@ -66,10 +67,10 @@ def test_simulated_ranks_block_rows_stack_to_the_local_gram(subsample, world):
     problem = CASES["cnn-bn-eval-ce"]()
     groups = [("all", tuple(problem.params)), ("head", ("8.weight", "8.bias"))]
     outputs = problem.forward().detach()
-    columns = make_columns(problem, outputs, subsample=subsample)
+    columns = make_columns(problem, outputs, ColumnSpec(subsample=subsample))
     seeds = gradient_seeds(problem, outputs)
     N, K = problem.batch_size, columns.per_sample
-    ranks = [ShardedLayout(None, r, world, problem.device, problem.device, N, shard_bounds(N, world))
+    ranks = [ShardedLayout(Comm(None, r, world, problem.device, problem.device), N, shard_bounds(N, world))
              for r in range(world)]
     names = list(problem.params)
 
@@ -103,7 +104,7 @@ def test_local_layout_is_the_single_process_engine():
     problem = CASES["mlp-tanh-ce"]()
     layout = make_layout(problem)
     assert isinstance(layout, LocalLayout) and (layout.rank, layout.world) == (0, 1)
-    columns = make_columns(problem, subsample=4)
+    columns = make_columns(problem, spec=ColumnSpec(subsample=4))
     assert layout.curvature_range(columns) == (0, 4)
     assert layout.held_columns(columns, None) == 12 and layout.held_columns(columns, 6) == 18
     assert layout.common_plan(BIG) is BIG

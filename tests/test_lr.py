@@ -16,8 +16,8 @@ from torch import nn
 from torch.func import functional_call, hessian, jacfwd, jacrev
 
 from curvscope.cli.common import as_flags
-from curvscope.curvature import generic
 from curvscope.curvature import lr as L
+from curvscope.curvature.gram import rows as generic
 from curvscope.curvature.lr import rules
 from curvscope.errors import CurvscopeError
 from curvscope.problem import make_problem
@@ -345,7 +345,7 @@ def test_quadratic_problem_predicted_equals_realized(curvature, partition):
 
 
 def test_stability_bounds_equal_dense_ggn_blocks():
-    pytest.importorskip("curvscope.curvature.spectrum")
+    pytest.importorskip("curvscope.curvature.gram.spectrum")
     problem = tiny_problem("ce", n=6)
     G = dense_ggn(problem)
     names, _, _, _ = flat_tools(problem)

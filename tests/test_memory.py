@@ -6,7 +6,7 @@ import pytest
 import torch
 from cases import CASES, N
 
-from curvscope.curvature.columns import gradient_seeds, make_columns
+from curvscope.curvature.gram.columns import ColumnSpec, gradient_seeds, make_columns
 from curvscope.curvature.memory import ColumnBlock, MemoryPlan, column_blocks, pairwise, parse_memory
 from curvscope.errors import CurvscopeError
 
@@ -20,7 +20,7 @@ def test_blocking_regimes_and_block_cover():
     problem = CASES["rule-linear2d"]()
     out = problem.forward().detach()
     for subsample in (None, 4):
-        columns = make_columns(problem, out, subsample=subsample)
+        columns = make_columns(problem, out, ColumnSpec(subsample=subsample))
         total = columns.num_columns + N
         for max_columns in (1, 2, 3, 5, 100):
             blocks = column_blocks(columns, gradient_seeds(problem, out), max_columns)
@@ -35,7 +35,7 @@ def test_column_blocks_of_ranges_partition_the_columns(subsample):
     goes with its curvature sample when V covers the whole batch, else with its batch range."""
     problem = CASES["rule-linear2d"]()
     out = problem.forward().detach()
-    columns = make_columns(problem, out, subsample=subsample)
+    columns = make_columns(problem, out, ColumnSpec(subsample=subsample))
     seeds = gradient_seeds(problem, out)
     K, num_v = columns.per_sample, columns.num_columns
     for max_columns in (1, 2, 4, 100):

@@ -8,7 +8,7 @@ import torch
 from cases import CASES
 from helpers import dense_ggn, dense_step, param_slices, per_sample_gradients, reference_bootstrap
 
-from curvscope.curvature.newton import (
+from curvscope.curvature.gram.newton import (
     bootstrap_damping,
     damping_grid,
     default_blocks,
@@ -16,7 +16,7 @@ from curvscope.curvature.newton import (
     newton_step,
     parse_damping,
 )
-from curvscope.curvature.spectrum import compute_spectrum
+from curvscope.curvature.gram.spectrum import compute_spectrum
 from curvscope.errors import CurvscopeError
 
 DT = torch.float64

@@ -11,8 +11,8 @@ from rich.console import Console
 from safetensors.torch import load_file
 from torch import nn
 
-from curvscope.curvature.newton import newton_step
-from curvscope.curvature.spectrum import compute_spectrum
+from curvscope.curvature.gram.newton import newton_step
+from curvscope.curvature.gram.spectrum import compute_spectrum
 from curvscope.errors import CurvscopeError
 from curvscope.problem import make_problem
 from curvscope.report import plots

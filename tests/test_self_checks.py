@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import invoke
 
+from curvscope.curvature.gram.spectrum import numerical_rank
 from curvscope.curvature.lr import reduced
 from curvscope.curvature.lr.reduced import SelfCheckError, check_symmetric
-from curvscope.curvature.spectrum import numerical_rank
 from curvscope.errors import CurvscopeError
 
 

@@ -9,9 +9,9 @@ from helpers import dense_any
 from torch import nn
 
 from curvscope import CurvscopeError, make_problem
-from curvscope.curvature.columns import make_columns
+from curvscope.curvature.gram.columns import ColumnSpec, make_columns
+from curvscope.curvature.gram.spectrum import compute_spectrum
 from curvscope.curvature.lr import reduced_hessian
-from curvscope.curvature.spectrum import compute_spectrum
 
 V, T, N = 7, 5, 3  # vocabulary (classes), positions, sequences
 
@@ -187,7 +187,7 @@ def test_newton_step_of_a_causal_lm_against_dense():
     J^T H J and the gradient of Hugging Face's loss."""
     from helpers import dense_step
 
-    from curvscope.curvature.newton import newton_step
+    from curvscope.curvature.gram.newton import newton_step
 
     problem, labels = lm_problem()
     dense = dense_any(problem, hf_loss(labels, True))
@@ -251,14 +251,14 @@ def test_huge_exact_sequence_curvature_is_refused_with_advice():
     with pytest.raises(CurvscopeError, match=r"exact curvature needs 75,600 columns \(4 sequences x 63 tokens x "
                                              r"300 classes\): use mc_samples=1"):
         make_columns(problem)
-    assert make_columns(problem, mc_samples=1).num_columns == 4 * 63
+    assert make_columns(problem, spec=ColumnSpec(mc_samples=1)).num_columns == 4 * 63
 
 
 def test_seeds_over_the_memory_budget_are_refused_before_allocating():
     """Monte-Carlo seeds of a large vocabulary: one T*C vector per column (4 x 63 columns x 64 x 2,000 outputs
     x 4 bytes = 129 MB). Over the budget they are a clean error pointing at lanczos, in the engine and in the
     spectrum workflow's method choice, not an allocation failure."""
-    from curvscope.curvature.columns import seed_bytes
+    from curvscope.curvature.gram.columns import seed_bytes
     from curvscope.errors import OptionError
     from curvscope.workflows.spectrum import SpectrumOptions
 
@@ -268,10 +268,10 @@ def test_seeds_over_the_memory_budget_are_refused_before_allocating():
     assert seed_bytes(problem, mc_samples=1) == 4 * 63 * 64 * 2000 * 4
     with pytest.raises(CurvscopeError, match=r"the seeds of 252 columns of V over 128,000 outputs per sample need "
                                              r"123 MiB, more than the memory budget \(32 MiB\).*matrix-free method"):
-        make_columns(problem, mc_samples=1, max_bytes=2**25)
+        make_columns(problem, spec=ColumnSpec(mc_samples=1), max_bytes=2**25)
     with pytest.raises(CurvscopeError, match="the seeds of 252 columns"):
         compute_spectrum(problem, mc_samples=1, max_memory=2**26)  # a third of it for the seeds
-    assert make_columns(problem, mc_samples=1, max_bytes=2**28).num_columns == 252
+    assert make_columns(problem, spec=ColumnSpec(mc_samples=1), max_bytes=2**28).num_columns == 252
     with pytest.raises(OptionError, match=r"the seeds of the 252 columns \(one vector of 128,000 outputs each\)"):
         SpectrumOptions(mc_samples=1, max_memory="64MiB").resolved_method(problem)
     assert SpectrumOptions(mc_samples=1, max_memory="1GiB").resolved_method(problem) == ("gram", None)
@@ -325,9 +325,8 @@ def test_linear_layers_on_token_activations_take_the_ghost_rule(mode):
     """The Linear layers of a (wide) LM see (N, T, d) activations: the rule with T positions handles them (auto:
     the ghost products for the wide projection), the embedding's rule its T tokens, and both agree with the
     generic path, gradients included."""
-    from curvscope.curvature import ghost
-    from curvscope.curvature.columns import gradient_seeds
-    from curvscope.curvature.gram import compute_gram
+    from curvscope.curvature.gram import compute_gram, ghost
+    from curvscope.curvature.gram.columns import gradient_seeds
     from curvscope.curvature.memory import MemoryPlan
 
     torch.manual_seed(3)
@@ -350,9 +349,10 @@ def test_linear_layers_on_token_activations_take_the_ghost_rule(mode):
 
 
 def _ghost_grams(problem, groups, plan, mode):
-    from curvscope.curvature import generic, ghost
-    from curvscope.curvature.columns import gradient_seeds
-    from curvscope.curvature.layout import make_layout
+    from curvscope.curvature.gram import ghost
+    from curvscope.curvature.gram import rows as generic
+    from curvscope.curvature.gram.columns import gradient_seeds
+    from curvscope.curvature.gram.layout import make_layout
 
     layout = make_layout(problem)
     outputs = layout.outputs(problem)
@@ -367,8 +367,8 @@ def _ghost_grams(problem, groups, plan, mode):
 
 
 def test_column_count_without_building_the_columns():
-    from curvscope.curvature.columns import count_columns, make_columns
+    from curvscope.curvature.gram.columns import count_columns, make_columns
 
     problem, _ = lm_problem()  # padded sequences: the most valid tokens of one sequence sets T_v
     for mc, sub in ((0, None), (2, None), (0, 2), (3, 1)):
-        assert count_columns(problem, mc, sub) == make_columns(problem, mc_samples=mc, subsample=sub).num_columns
+        assert count_columns(problem, mc, sub) == make_columns(problem, spec=ColumnSpec(mc, sub)).num_columns

@@ -11,7 +11,7 @@ from helpers import dense_ggn, ggn_factor, group_index, nonzero_eigen, snr_ref
 
 import curvscope
 from curvscope.curvature.gram import compute_gram
-from curvscope.curvature.spectrum import compute_spectrum, eigenvectors
+from curvscope.curvature.gram.spectrum import compute_spectrum, eigenvectors
 from curvscope.errors import CurvscopeError
 
 N = 6

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from curvscope.curvature import generic
-from curvscope.curvature.generic import batched_grad
+from curvscope.curvature.gram import rows as generic
+from curvscope.curvature.gram.rows import batched_grad
 
 ROOT = Path(__file__).resolve().parents[1]
 

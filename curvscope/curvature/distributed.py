@@ -1,7 +1,7 @@
 """Launching under ``torchrun`` and the collectives of a ``torch.distributed`` process group, with error agreement.
 
 This module knows nothing of V or the Gram: how the columns are split over the ranks, and what each rank
-computes, is :class:`curvscope.curvature.layout.ShardedLayout`'s business. Here:
+computes, is :class:`curvscope.curvature.gram.layout.ShardedLayout`'s business. Here:
 
 - launching: :func:`torchrun_env` (what torchrun says about this process), :func:`launch_device` (this rank's
   device), :func:`init_from_env` (the default process group, what the CLI calls under ``torchrun``; the Python

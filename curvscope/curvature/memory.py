@@ -169,7 +169,7 @@ def column_blocks(columns, grad_seeds: Tensor | None, max_columns: int, curvatur
     exceed ``max_columns`` has its seeds split over several blocks.
 
     Args:
-        columns: the :class:`~curvscope.curvature.columns.Columns` of V (``N_V`` samples, K seeds each).
+        columns: the :class:`~curvscope.curvature.gram.columns.Columns` of V (``N_V`` samples, K seeds each).
         grad_seeds: ``(N, 1, C)`` gradient seeds of all batch samples, or ``None`` (V only).
         max_columns: the most columns in one block.
         curvature: only the curvature samples ``[c0, c1)`` (default: all ``N_V``). A rank of a sharded layout

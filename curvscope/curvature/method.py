@@ -48,7 +48,7 @@ class SpectrumPlan:
 def gram_size(problem, mc_samples: int = 0, subsample: int | None = None) -> tuple[int, int]:
     """``(columns, bytes)`` of the float64 Gram matrix: N·C exact, N·M Monte-Carlo; for sequences N·T_v·C and
     N·T_v·M (T_v: the most valid tokens of one sequence)."""
-    from curvscope.curvature.columns import count_columns
+    from curvscope.curvature.gram.columns import count_columns
 
     columns = count_columns(problem, mc_samples, subsample)
     return columns, 8 * columns**2
@@ -70,7 +70,7 @@ def choose_method(problem, *, curvature: str = "ggn", method: str = "auto", mc_s
     Raises:
         OptionError: ``method="gram"`` or ``mc_samples > 0`` and the Gram method does not fit the budget.
     """
-    from curvscope.curvature.columns import seed_bytes
+    from curvscope.curvature.gram.columns import seed_bytes
     from curvscope.curvature.memory import MemoryPlan, format_bytes
 
     plan = MemoryPlan.default(problem.device, max_memory)
@@ -111,7 +111,7 @@ def plan_spectrum(problem, *, curvature: str = "ggn", method: str = "auto", mc_s
     plan = choose_method(problem, curvature=curvature, method=method, mc_samples=mc_samples, subsample=subsample,
                          max_memory=max_memory)
     if eigenvectors:  # k x D numbers in memory and on disk: refuse what cannot fit
-        from curvscope.curvature.spectrum import DEFAULT_TOP_K
+        from curvscope.curvature.gram.spectrum import DEFAULT_TOP_K
 
         columns = plan.columns if plan.method == "gram" else gram_size(problem, mc_samples, subsample)[0]
         k = min(top_k or (DEFAULT_TOP_K if plan.method == "gram" else DEFAULT_LANCZOS_K), columns)

@@ -1,4 +1,4 @@
-"""Turn a :class:`~curvscope.curvature.spectrum.SpectrumResult` into report fields and tensor files.
+"""Turn a :class:`~curvscope.curvature.gram.spectrum.SpectrumResult` into report fields and tensor files.
 
 Writers only: every number here was computed by the engine. Field-by-field documentation: ``docs/report.md``.
 """
@@ -105,7 +105,7 @@ def spectrum_fields(result, batch_size: int, directional: bool = True, dtype: to
 
 
 def newton_fields(step, file: str | os.PathLike) -> dict[str, Any]:
-    """The ``newton`` section from a :class:`~curvscope.curvature.newton.NewtonStep`."""
+    """The ``newton`` section from a :class:`~curvscope.curvature.gram.newton.NewtonStep`."""
     return {
         "damping": step.damping,
         "predicted_decrease": float(step.predicted_decrease),

@@ -20,10 +20,10 @@ if TYPE_CHECKING:
     from torch import Tensor
     from torch.distributed import ProcessGroup
 
+    from curvscope.curvature.gram.newton import NewtonStep
+    from curvscope.curvature.gram.spectrum import SpectrumResult
     from curvscope.curvature.landscape import Landscape
     from curvscope.curvature.matfree.spectrum import MatfreeResult
-    from curvscope.curvature.newton import NewtonStep
-    from curvscope.curvature.spectrum import SpectrumResult
     from curvscope.problem import Problem
     from curvscope.progress import Progress
     from curvscope.report.writer import ReportWriter
@@ -114,7 +114,7 @@ class SpectrumOptions(Options):
 
     def parsed_damping(self) -> float | str:
         """The damping as the engine takes it."""
-        from curvscope.curvature.newton import parse_damping
+        from curvscope.curvature.gram.newton import parse_damping
 
         return _engine_parse("damping", parse_damping, self.damping)
 
@@ -131,14 +131,14 @@ class SpectrumOptions(Options):
     def gram_bytes(self, problem: Problem) -> tuple[int, int]:
         """``(columns, bytes)`` of the float64 Gram matrix this problem and these options need: N·C exact,
         N·M Monte-Carlo; for sequences N·T_v·C and N·T_v·M (T_v: the most valid tokens of one sequence)."""
-        from curvscope.curvature.columns import count_columns
+        from curvscope.curvature.gram.columns import count_columns
 
         columns = count_columns(problem, self.mc_samples, self.subsample)
         return columns, 8 * columns**2
 
     def resolved_method(self, problem: Problem) -> tuple[str, str | None]:
         """``("gram" | "lanczos", note)``: ``auto`` picks the Gram when it fits the memory budget."""
-        from curvscope.curvature.columns import seed_bytes
+        from curvscope.curvature.gram.columns import seed_bytes
         from curvscope.curvature.memory import MemoryPlan, format_bytes
 
         if self.curvature == "hessian" or self.method == "lanczos":
@@ -172,7 +172,7 @@ class SpectrumOptions(Options):
         columns, _ = self.gram_bytes(problem)
         budget = MemoryPlan.default(problem.device, self.parsed_memory()).budget
         if self.eigenvectors is not None:  # k x D numbers in memory and on disk: refuse what cannot fit
-            from curvscope.curvature.spectrum import DEFAULT_TOP_K
+            from curvscope.curvature.gram.spectrum import DEFAULT_TOP_K
 
             k = min(self.top_k or (DEFAULT_TOP_K if method == "gram" else DEFAULT_LANCZOS_K), columns)
             size = k * problem.num_params * next(iter(problem.params.values())).element_size()
@@ -264,8 +264,8 @@ def _run_gram(problem: Problem, options: SpectrumOptions, seed: int, progress: P
               process_group: ProcessGroup | None, comm: Any) -> SpectrumRun:
     from curvscope.curvature import distributed
     from curvscope.curvature.finite import check_finite
-    from curvscope.curvature.newton import newton_step
-    from curvscope.curvature.spectrum import compute_spectrum, eigenvectors
+    from curvscope.curvature.gram.newton import newton_step
+    from curvscope.curvature.gram.spectrum import compute_spectrum, eigenvectors
     from curvscope.report import spectrum_report as sr
 
     result = compute_spectrum(
@@ -300,7 +300,7 @@ def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress
                  process_group: ProcessGroup | None = None, comm: Any = None) -> SpectrumRun:
     from curvscope.curvature import distributed
     from curvscope.curvature.finite import check_finite
-    from curvscope.curvature.layout import make_layout
+    from curvscope.curvature.gram.layout import make_layout
     from curvscope.curvature.matfree.spectrum import compute_matfree_spectrum
     from curvscope.report import matfree_report as mr
 
@@ -340,7 +340,7 @@ def _ggn_beside(problem: Problem, options: SpectrumOptions, seed: int, progress:
                                   newton_step=None, landscape=False)
     method, _ = ggn_options.resolved_method(problem)
     if method == "gram":
-        from curvscope.curvature.spectrum import compute_spectrum
+        from curvscope.curvature.gram.spectrum import compute_spectrum
 
         g = compute_spectrum(problem, groups="all", directional=False, seed=seed, ghost=options.ghost,
                              max_memory=options.parsed_memory(), progress=progress,

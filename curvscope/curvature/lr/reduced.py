@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp
 
-from curvscope.curvature.generic import map_stacked
+from curvscope.curvature.gram.rows import map_stacked
 from curvscope.errors import CurvscopeError
 from curvscope.problem import ParamGroup, Problem
 

@@ -40,10 +40,10 @@ batches) Lanczos on GGN-vector products does, at the cost of a few dozen product
 
 def _largest_eigenvalues(problem: Problem, partition: str) -> tuple[float, dict[str, float]]:
     """``lambda_max`` of the whole GGN and of each block of ``partition`` (one pass)."""
-    from curvscope.curvature.columns import count_columns
+    from curvscope.curvature.gram.columns import count_columns
 
     if count_columns(problem) <= MAX_GRAM_COLUMNS:
-        from curvscope.curvature.spectrum import compute_spectrum
+        from curvscope.curvature.gram.spectrum import compute_spectrum
 
         # the whole model comes first (groups[0]), then the blocks of the partition
         spectrum = compute_spectrum(problem, groups=partition, directional=False, include_total=True).groups

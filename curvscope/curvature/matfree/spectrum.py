@@ -199,7 +199,7 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
         curvature: ``"hessian"`` (``H = d^2 L / d theta^2``, indefinite: top and bottom eigenvalues) or
             ``"ggn"`` (``G``, positive semi-definite: top eigenvalues only).
         groups: ``all`` (the whole model), ``layer`` or ``tensor`` (diagonal blocks, as in
-            :func:`~curvscope.curvature.spectrum.compute_spectrum`).
+            :func:`~curvscope.curvature.gram.spectrum.compute_spectrum`).
         top_k: eigenvalues wanted at each end (clipped to each group's dimension D_P).
         tol: relative residual tolerance of the Lanczos runs (use ``>= 1e-5`` in float32).
         max_steps: cap on Lanczos steps per group (default
@@ -244,7 +244,7 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
             for d in dims]
     traces = [min(trace_matvecs, d) for d in dims]
     lanczos_report, trace_report = stage(progress, "lanczos"), stage(progress, "trace")
-    from curvscope.curvature.layout import make_layout
+    from curvscope.curvature.gram.layout import make_layout
 
     layout = make_layout(problem, process_group)  # sharded: collective, the same problem on every rank
     loss_value = layout.loss_value(problem)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad
 
-from curvscope.curvature.generic import map_stacked
+from curvscope.curvature.gram.rows import map_stacked
 from curvscope.curvature.memory import format_bytes
 from curvscope.curvature.symmetry.factors import Factors, single_gradient_factors
 from curvscope.curvature.symmetry.groups import Structure

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from curvscope.curvature.generic import per_sample_gradients as per_sample_gradients_of
+from curvscope.curvature.gram.rows import per_sample_gradients as per_sample_gradients_of
 from curvscope.curvature.symmetry.chain import find_chain, parse_layers
 from curvscope.curvature.symmetry.coordinates import flatten
 from curvscope.curvature.symmetry.factors import (
@@ -138,9 +138,9 @@ def compute_factors(problem, symmetry: str = "orthogonal", source: str = "batch"
     elif source == "per-sample":
         factors, count = per_sample, N
     else:
-        from curvscope.curvature.gram import materialize_columns
+        from curvscope.curvature.gram import ColumnSpec, materialize_columns
 
-        cols = materialize_columns(problem, names, mc_samples=mc_samples, subsample=subsample, seed=seed)
+        cols = materialize_columns(problem, names, ColumnSpec(mc_samples=mc_samples, subsample=subsample, seed=seed))
         factors = outer_sum_factors(structure, cols, 1.0)
         count = next(iter(cols.values())).shape[0]
         if structure_check:

@@ -2,8 +2,8 @@
 
 ``docs/conventions.md`` §2 and §4. The GGN ``G = V V^T`` (D x D) is never formed: the Gram ``V^T V``
 (NK x NK) has the same nonzero eigenvalues, and every directional quantity follows from the extended Gram
-blocks ``vv``, ``vg`` of :mod:`curvscope.curvature.gram`. One driver serves one process and a
-``torch.distributed`` group alike (:mod:`curvscope.curvature.layout`): group i's Gram is assembled and
+blocks ``vv``, ``vg`` of :mod:`curvscope.curvature.gram.accumulate`. One driver serves one process and a
+``torch.distributed`` group alike (:mod:`curvscope.curvature.gram.layout`): group i's Gram is assembled and
 decomposed on process ``i mod R``, and the per-group results are broadcast.
 """
 
@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from curvscope.curvature.columns import Columns
-from curvscope.curvature.generic import apply_v
-from curvscope.curvature.gram import gram_rows
-from curvscope.curvature.layout import GroupGram, make_layout
+from curvscope.curvature.gram.accumulate import gram_rows
+from curvscope.curvature.gram.columns import Columns, ColumnSpec
+from curvscope.curvature.gram.layout import GroupGram, make_layout
+from curvscope.curvature.gram.rows import apply_v
 from curvscope.curvature.memory import MemoryPlan
 from curvscope.errors import CurvscopeError
 from curvscope.problem import GROUP_MODES
@@ -262,9 +262,9 @@ def compute_spectrum(problem, groups: str = "all", mc_samples: int = 0, subsampl
     if include_total and groups != "all":
         blocks = [("all", tuple(problem.params)), *blocks]
     vectors = directional if eigenvectors is None else (eigenvectors or directional)
+    spec = ColumnSpec(mc_samples=mc_samples, subsample=subsample, seed=seed)
     layout = make_layout(problem, process_group)
-    acc, columns, outputs = gram_rows(problem, blocks, layout, with_gradients=directional, mc_samples=mc_samples,
-                                      subsample=subsample, seed=seed, ghost=ghost,
+    acc, columns, outputs = gram_rows(problem, blocks, layout, with_gradients=directional, spec=spec, ghost=ghost,
                                       plan=MemoryPlan.default(problem.device, max_memory), progress=progress)
     with layout.stage():
         loss_value = float(problem.loss(outputs, problem.targets))
@@ -294,7 +294,7 @@ def compute_spectrum(problem, groups: str = "all", mc_samples: int = 0, subsampl
     report(len(blocks), len(blocks))
     rules = {g.name: acc.rules.get(g.name, "generic") for g in problem.groups("layer")}
     return SpectrumResult(groups=results, loss_value=loss_value, gradient_norm=sum(grad_sq.values()) ** 0.5,
-                          columns=columns, grouping=groups, mc_samples=mc_samples, subsample=subsample,
+                          columns=columns, grouping=groups, mc_samples=spec.mc_samples, subsample=spec.subsample,
                           path=problem.path, rules=rules)
 
 

@@ -2,7 +2,9 @@
 
 ``V = [v_nc]`` with ``v_nc = J_n^T s_nc / sqrt(N_V)`` (``docs/conventions.md`` §2), where ``N_V`` is the number
 of curvature samples (all N, or K with sub-sampling) and ``s_nc`` runs over the columns of the exact square root
-``S_n`` (C columns) or of a Monte-Carlo one (M columns).
+``S_n`` (C columns) or of a Monte-Carlo one (M columns). Which of these a computation uses is one value,
+:class:`ColumnSpec` (``mc_samples``, ``subsample``, ``seed``), passed down from the entry points
+(``compute_spectrum``, ``compute_gram``) to :func:`make_columns`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,37 @@ MAX_EXACT_SEQUENCE_COLUMNS = 2**16
 need 32 GiB): Monte-Carlo columns per token (``mc_samples``) are the tractable choice."""
 
 
+@dataclass(frozen=True)
+class ColumnSpec:
+    """Which columns of V to build.
+
+    Attributes:
+        mc_samples: 0 for the exact loss-Hessian square root (C columns per sample), M > 0 for M Monte-Carlo
+            columns per sample (per valid token for sequence outputs).
+        subsample: build V from the first ``subsample`` samples of the batch only (default: all N).
+        seed: seeds the Monte-Carlo columns (unused when exact).
+    """
+
+    mc_samples: int = 0
+    subsample: int | None = None
+    seed: int = 0
+
+    def check(self, batch_size: int) -> None:
+        """Refuse (a :class:`CurvscopeError`) a ``subsample`` below 1 or above ``batch_size``, or a negative
+        ``mc_samples``."""
+        if self.subsample is not None:
+            if self.subsample < 1:
+                raise CurvscopeError(f"subsample must be at least 1, got {self.subsample}")
+            if self.subsample > batch_size:
+                raise CurvscopeError(f"subsample {self.subsample} is larger than the batch ({batch_size} samples)")
+        if self.mc_samples < 0:
+            raise CurvscopeError(f"mc_samples must be 0 (exact) or positive, got {self.mc_samples}")
+
+    def num_samples(self, batch_size: int) -> int:
+        """N_V: the curvature samples of a batch of ``batch_size``."""
+        return batch_size if self.subsample is None else self.subsample
+
+
 @dataclass
 class Columns:
     """Backpropagation seeds for the columns of V.
@@ -31,12 +64,17 @@ class Columns:
             ``samples[n]`` gives column ``v_nk``. Columns are ordered sample-major: ``index = n * K + k``.
             Sequence outputs: C is ``T*C`` (flattened outputs) and K is ``T_v*C`` (``T_v*M`` with MC), the
             columns of the valid tokens, block-diagonal over tokens (``docs/conventions.md`` §8).
-        mc_samples: M (0 for the exact square root).
+        spec: the :class:`ColumnSpec` they were built from.
     """
 
     samples: Tensor
     seeds: Tensor
-    mc_samples: int = 0
+    spec: ColumnSpec = ColumnSpec()
+
+    @property
+    def mc_samples(self) -> int:
+        """M (0 for the exact square root)."""
+        return self.spec.mc_samples
 
     @property
     def num_samples(self) -> int:
@@ -54,39 +92,37 @@ class Columns:
         return self.seeds.shape[0] * self.seeds.shape[1]
 
 
-def make_columns(problem, outputs: Tensor | None = None, mc_samples: int = 0, subsample: int | None = None,
-                 seed: int = 0, max_bytes: float | None = None) -> Columns:
-    """The columns of V for ``problem``: exact (``mc_samples=0``) or Monte-Carlo, on all samples or on the first
-    ``subsample`` samples of the batch (the batch order is already the user's choice of samples).
+def make_columns(problem, outputs: Tensor | None = None, spec: ColumnSpec | None = None,
+                 max_bytes: float | None = None) -> Columns:
+    """The columns of V for ``problem`` as ``spec`` says (default :class:`ColumnSpec`: exact, every sample):
+    exact or Monte-Carlo, on all samples or on the first ``spec.subsample`` samples of the batch (the batch order is
+    already the user's choice of samples).
 
-    ``max_bytes``: refuse (a :class:`CurvscopeError`, before allocating) seeds larger than this
-    (:func:`seed_bytes`: for sequences every column's seed covers all T*C outputs of its sample).
+    ``outputs``: the model's outputs ``(N, C)`` on the batch (default: a forward pass). ``max_bytes``: refuse (a
+    :class:`CurvscopeError`, before allocating) seeds larger than this (:func:`seed_bytes`: for sequences every
+    column's seed covers all T*C outputs of its sample).
     """
+    spec = ColumnSpec() if spec is None else spec
     N = problem.batch_size
-    if subsample is not None:
-        if subsample < 1:
-            raise CurvscopeError(f"subsample must be at least 1, got {subsample}")
-        if subsample > N:
-            raise CurvscopeError(f"subsample {subsample} is larger than the batch ({N} samples)")
-    if mc_samples < 0:
-        raise CurvscopeError(f"mc_samples must be 0 (exact) or positive, got {mc_samples}")
-    samples = torch.arange(N if subsample is None else subsample, device=problem.device)
+    spec.check(N)
+    mc_samples = spec.mc_samples
+    samples = torch.arange(spec.num_samples(N), device=problem.device)
     if problem.is_sequence and not mc_samples:
         _check_exact_size(problem, samples)
     if max_bytes is not None:
-        _check_seed_bytes(problem, mc_samples, subsample, max_bytes)
+        _check_seed_bytes(problem, mc_samples, spec.subsample, max_bytes)
     if outputs is None:
         with torch.no_grad():
             outputs = problem.forward()
     out = outputs.detach()[samples]
     targets = problem.targets[samples]
     if mc_samples:
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(spec.seed)
         S = problem.loss.mc_sqrt(out, targets, mc_samples, generator)  # (N_V, C, M)
     else:
         S = problem.loss.hessian_sqrt(out, targets)  # (N_V, C, C)
     seeds = S.transpose(1, 2) / math.sqrt(samples.shape[0])  # (N_V, K, C)
-    return Columns(samples=samples, seeds=seeds.contiguous(), mc_samples=mc_samples)
+    return Columns(samples=samples, seeds=seeds.contiguous(), spec=spec)
 
 
 def columns_per_token_block(problem, samples: int) -> int:
@@ -130,7 +166,7 @@ def _check_exact_size(problem, samples: Tensor) -> None:
     if count > MAX_EXACT_SEQUENCE_COLUMNS:
         raise CurvscopeError(
             f"exact curvature needs {count:,} columns ({samples.numel()} sequences x {tokens} tokens x "
-            f"{problem.classes} classes): use mc_samples=1 (Monte-Carlo per token, --mc-samples 1), or fewer "
+            f"{problem.classes} classes): use mc_samples=1 (Monte-Carlo per token), or fewer "
             "sequences (subsample)")
 
 

@@ -5,7 +5,7 @@ In the eigenbasis of the GGN the damped Newton step splits into one-dimensional 
     delta_theta = sum_k s_k e_k,   s_k = -gamma_k / (lambda_k + delta_k)
 
 over the top-k nonzero directions of each parameter group (the flat directions get no step). The step is formed
-with one multiplication by V: ``V (sum_k s_k ~e_k / sqrt(lambda_k))`` (:func:`~curvscope.curvature.generic.apply_v`).
+with one multiplication by V: ``V (sum_k s_k ~e_k / sqrt(lambda_k))`` (:func:`~curvscope.curvature.gram.rows.apply_v`).
 With several groups (a block-diagonal GGN) the step is the sum of the per-group steps.
 
 Damping is either one constant ``delta`` for every direction, or ``"bootstrap"``: a per-direction ``delta_k``
@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 from torch.func import jvp
 
-from curvscope.curvature.generic import apply_v, is_fatal, not_differentiable
-from curvscope.curvature.layout import make_layout
+from curvscope.curvature.gram.layout import make_layout
+from curvscope.curvature.gram.rows import apply_v, is_fatal, not_differentiable
 from curvscope.errors import CurvscopeError
 from curvscope.progress import Progress, stage
 from curvscope.reprs import compact_repr

@@ -1,7 +1,7 @@
-"""The generic path: rows of V by ``torch.func``, valid for any differentiable model (``docs/conventions.md`` §2, §3).
+"""Rows of V, the generic path: by ``torch.func``, valid for any differentiable model (``docs/conventions.md`` §2, §3).
 
 A column of V is ``v_nc = J_n^T s_nc / sqrt(N_V)``: one vector-Jacobian product of sample n's outputs with a
-seed (:class:`~curvscope.curvature.columns.Columns`). :func:`per_sample_vjp` materializes the rows of V of some
+seed (:class:`~curvscope.curvature.gram.columns.Columns`). :func:`per_sample_vjp` materializes the rows of V of some
 parameters (``vmap`` over samples and seeds of ``vjp``); :func:`contribute` contracts them block pair by block
 pair into the Gram rows of a layout and discards them; :func:`apply_v` multiplies V by coefficient vectors
 without materializing anything (one batched VJP).
@@ -24,8 +24,8 @@ from torch import Tensor
 from torch.func import vjp, vmap
 from torch.utils import _pytree
 
-from curvscope.curvature.columns import Columns
-from curvscope.curvature.layout import GramAccumulator, Layout, make_layout
+from curvscope.curvature.gram.columns import Columns
+from curvscope.curvature.gram.layout import GramAccumulator, Layout, make_layout
 from curvscope.curvature.memory import ColumnBlock, MemoryPlan
 from curvscope.errors import CurvscopeError
 from curvscope.problem import one_line

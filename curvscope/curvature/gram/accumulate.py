@@ -8,9 +8,9 @@ Rows and columns of the *extended* Gram are indexed by two kinds of backpropagat
 
 For a parameter group P the engine accumulates ``vv = V_P^T V_P`` ``(N_V*K, N_V*K)``, ``vg = V_P^T G_P``
 ``(N_V*K, N)`` and ``gg = G_P^T G_P`` ``(N, N)`` as sums of per-parameter-tensor contributions
-(:func:`gram_rows`): layers with a fast rule add theirs without materializing rows (``ghost.py``), every other
-parameter goes through the generic path (``generic.py``: rows of V by ``torch.func``, contracted and discarded).
-Both contract blocks of columns as the :class:`~curvscope.curvature.layout.Layout` says: all columns in this
+(:func:`gram_rows`): layers with a fast rule add theirs without materializing rows (:mod:`.ghost`), every other
+parameter goes through the generic path (:mod:`.rows`: rows of V by ``torch.func``, contracted and discarded).
+Both contract blocks of columns as the :class:`~curvscope.curvature.gram.layout.Layout` says: all columns in this
 process, or each rank of a ``torch.distributed`` group its own columns against every rank's.
 """
 
@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from curvscope.curvature import generic
-from curvscope.curvature import ghost as ghost_rules
-from curvscope.curvature.columns import Columns, gradient_seeds, make_columns
-from curvscope.curvature.layout import GramAccumulator, GroupGram, Layout, make_layout
+from curvscope.curvature.gram import ghost as ghost_rules
+from curvscope.curvature.gram import rows
+from curvscope.curvature.gram.columns import Columns, ColumnSpec, gradient_seeds, make_columns
+from curvscope.curvature.gram.layout import GramAccumulator, GroupGram, Layout, make_layout
 from curvscope.curvature.memory import MemoryPlan
 from curvscope.errors import CurvscopeError
 from curvscope.progress import Progress, counter
@@ -34,11 +34,12 @@ if TYPE_CHECKING:
 
 
 def gram_rows(problem, groups: Sequence[tuple[str, Sequence[str]]], layout: Layout, columns: Columns | None = None,
-              with_gradients: bool = False, mc_samples: int = 0, subsample: int | None = None, seed: int = 0,
-              ghost: bool = True, plan: MemoryPlan | None = None, progress: Progress | None = None
+              with_gradients: bool = False, spec: ColumnSpec | None = None, ghost: bool = True,
+              plan: MemoryPlan | None = None, progress: Progress | None = None
               ) -> tuple[GramAccumulator, Columns, Tensor]:
     """The Gram rows of every group that ``layout`` holds here, in one pass over the parameters (collective for a
-    sharded layout). Arguments as :func:`compute_gram`.
+    sharded layout). Arguments as :func:`compute_gram`; ``spec``: which columns to build when ``columns`` is not
+    given (default :class:`~curvscope.curvature.gram.columns.ColumnSpec`: exact, every sample).
 
     Returns:
         ``(acc, columns, outputs)``: ``columns`` of all N_V samples and ``outputs`` ``(N, C)`` of the whole batch,
@@ -49,8 +50,7 @@ def gram_rows(problem, groups: Sequence[tuple[str, Sequence[str]]], layout: Layo
     num_g = problem.batch_size if with_gradients else None
     with layout.stage():
         if columns is None:
-            columns = make_columns(problem, outputs, mc_samples=mc_samples, subsample=subsample, seed=seed,
-                                   max_bytes=plan.limit)
+            columns = make_columns(problem, outputs, spec, max_bytes=plan.limit)
         grad_seeds = gradient_seeds(problem, outputs) if with_gradients else None
         acc = layout.accumulator(groups, columns, num_g)
     names = [n for n in problem.params if acc.wanted(n)]
@@ -62,7 +62,7 @@ def gram_rows(problem, groups: Sequence[tuple[str, Sequence[str]]], layout: Layo
             advance(len(handled))
     rest = [n for n in names if n not in handled]
     if rest:
-        generic.contribute(problem, rest, columns, grad_seeds, acc, plan, layout, advance)
+        rows.contribute(problem, rest, columns, grad_seeds, acc, plan, layout, advance)
     return acc, columns, outputs
 
 
@@ -94,21 +94,21 @@ def compute_gram(problem, groups: Sequence[tuple[str, Sequence[str]]], columns: 
     """
     if process_group is not None and columns is not None:
         raise CurvscopeError("compute_gram: pass mc_samples/subsample/seed, not columns, with a process_group")
+    spec = ColumnSpec(mc_samples=mc_samples, subsample=subsample, seed=seed)
     layout = make_layout(problem, process_group)
     acc, columns, outputs = gram_rows(problem, groups, layout, columns=columns, with_gradients=with_gradients,
-                                      mc_samples=mc_samples, subsample=subsample, seed=seed, ghost=ghost, plan=plan,
-                                      progress=progress)
+                                      spec=spec, ghost=ghost, plan=plan, progress=progress)
     grams = layout.assemble(acc, columns, [0] * len(groups))
     return [layout.broadcast(g, 0) for g in grams], columns, outputs
 
 
-def materialize_columns(problem, param_names: Sequence[str], mc_samples: int = 0, subsample: int | None = None,
-                        seed: int = 0) -> dict[str, Tensor]:
-    """The rows of ``V`` for ``param_names``: name -> ``(num_columns, *param.shape)``, columns sample-major.
+def materialize_columns(problem, param_names: Sequence[str], spec: ColumnSpec | None = None) -> dict[str, Tensor]:
+    """The rows of ``V`` for ``param_names``: name -> ``(num_columns, *param.shape)``, columns sample-major, V built
+    as ``spec`` says (default :class:`~curvscope.curvature.gram.columns.ColumnSpec`: exact, every sample).
 
     Materializes them: use it for small parameter sets (the factors engine's GGN source), not for spectra.
     """
-    columns = make_columns(problem, mc_samples=mc_samples, subsample=subsample, seed=seed)
+    columns = make_columns(problem, spec=spec)
     plan = MemoryPlan.default(problem.device)
-    rows = generic.rows_by_sample_chunks(problem, list(param_names), columns.samples, columns.seeds, plan)
-    return {k: v.reshape(columns.num_columns, *problem.params[k].shape) for k, v in rows.items()}
+    rows_of = rows.rows_by_sample_chunks(problem, list(param_names), columns.samples, columns.seeds, plan)
+    return {k: v.reshape(columns.num_columns, *problem.params[k].shape) for k, v in rows_of.items()}
