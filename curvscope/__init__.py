@@ -3,7 +3,8 @@
 The public API mirrors the CLI: build a :class:`Problem` with :func:`load_problem` (or directly from a
 model and a batch with :func:`make_problem`), then call :func:`spectrum`, :func:`suggest_lr` or
 :func:`factors` on it, or hold its curvature as a linear operator (:func:`ggn_operator`,
-:func:`hessian_operator`: ``op @ v``, ``op.to_scipy()``). Names are imported on first use, so ``import curvscope`` is instant.
+:func:`hessian_operator`: ``op @ v``, ``op.to_scipy()``). Names are imported on first use, so
+``import curvscope`` is instant.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from curvscope.curvature.gram.columns import Columns, ColumnSpec
 from curvscope.curvature.gram.layout import GroupGram, make_layout
 from curvscope.curvature.gram.rows import apply_v
 from curvscope.curvature.memory import MemoryPlan
+from curvscope.curvature.results import Spectrum, SpectrumGroup
 from curvscope.errors import CurvscopeError
 from curvscope.problem import GROUP_MODES
 from curvscope.progress import Progress, stage
@@ -63,7 +64,7 @@ class Directions:
 
 
 @dataclass
-class GroupSpectrum:
+class GroupSpectrum(SpectrumGroup):
     """The spectrum of one block of the (block-diagonal) GGN.
 
     Attributes:
@@ -86,11 +87,6 @@ class GroupSpectrum:
     gram_eigenvectors: Tensor | None = None
 
     @property
-    def lambda_max(self) -> float:
-        """The largest eigenvalue of the block (0.0 when its GGN is zero)."""
-        return float(self.eigenvalues[0]) if self.rank else 0.0
-
-    @property
     def effective_rank(self) -> float:
         """Participation ratio ``(sum lambda)^2 / sum lambda^2``: how many directions carry the curvature."""
         if not self.rank:
@@ -99,18 +95,13 @@ class GroupSpectrum:
         return float(ev.sum() ** 2 / (ev**2).sum())
 
     @property
-    def stability_lr(self) -> float:
-        """``2 / lambda_max``: plain gradient descent on this block is stable below this learning rate."""
-        return 2.0 / self.lambda_max if self.lambda_max > 0 else float("inf")
-
-    @property
     def top_k(self) -> int:
         """k: the number of top directions whose Gram eigenvectors were kept (0 without them)."""
         return 0 if self.gram_eigenvectors is None else self.gram_eigenvectors.shape[1]
 
 
 @dataclass
-class SpectrumResult:
+class SpectrumResult(Spectrum):
     """What :func:`compute_spectrum` returns.
 
     ``groups`` follows the requested grouping; with ``include_total=True`` and a grouping other than ``all``,
@@ -134,17 +125,16 @@ class SpectrumResult:
     extras: dict = field(default_factory=dict)
     path: str = "vmap"
     rules: dict = field(default_factory=dict)
+    eigenvectors: dict[str, Tensor] | None = None
+    """The top eigenvectors of ``groups[0]`` (``{name: (k, *shape)}``) when asked for (see :func:`eigenvectors`)."""
+
+    curvature = "ggn"  # the Gram method computes the GGN only (class constants: not fields)
+    method = "gram"
 
     @property
     def num_columns(self) -> int:
         """``N_V * K``: the number of columns of V (the size of each Gram)."""
         return self.columns.num_columns
-
-    def group(self, name: str) -> GroupSpectrum:
-        """The group called ``name`` (``KeyError`` when none is)."""
-        from curvscope.problem import group_named
-
-        return group_named(self.groups, name)
 
 
 # -- eigen-decomposition ---------------------------------------------------------------------------------
