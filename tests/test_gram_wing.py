@@ -11,7 +11,8 @@ import pkgutil
 
 import pytest
 import torch
-from helpers import CASES, assert_same_grams, dense_grams, make
+from cases import CASES, make
+from helpers import assert_same_grams, dense_grams
 from torch import nn
 
 from curvscope.curvature.distributed import Comm
