@@ -20,10 +20,7 @@ from torch.func import grad, jvp
 
 from curvscope.curvature.generic import map_stacked
 from curvscope.errors import CurvscopeError
-from curvscope.problem import ParamGroup, Problem
-
-CURVATURES = ("hessian", "ggn")
-"""The curvature ``H`` of ``H_bar``: the Hessian (may be indefinite) or the GGN (PSD)."""
+from curvscope.problem import CURVATURES, ParamGroup, Problem
 
 
 def group_tangents(direction: dict[str, Tensor], groups: list[ParamGroup]) -> dict[str, Tensor]:
