@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from curvscope.errors import CurvscopeError
 from curvscope.io.data import load_dataset
-from curvscope.io.inputs import KeywordInputs, call_model, describe_output, select_output
+from curvscope.io.inputs import KeywordInputs, call_model, probe_model, select_output
 from curvscope.problem import load_problem, make_problem
 
 VOCAB, T, C = 7, 5, 3
@@ -200,7 +200,7 @@ def test_output_selection(kind):
 
 def test_select_output_rules():
     t = torch.zeros(2, 3)
-    assert select_output(t) is t and describe_output(t) == "the output tensor"
+    assert select_output(t) is t and probe_model(nn.Identity(), {}, t)[1] == "the output tensor"
     assert select_output({"logits": t, "other": t + 1}) is t
     with pytest.raises(CurvscopeError, match="choose one with --output NAME"):
         select_output({"a": t, "b": t})

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from curvscope import commands
 from curvscope.errors import CurvscopeError
 from curvscope.report.format import exact as fmt
 
@@ -238,7 +239,8 @@ def compare(value: float, op: str, threshold: float) -> bool:
 
 # -- resolving paths in a report ---------------------------------------------------------------------------
 
-SECTION_COMMANDS = {"lr": "lr-suggest", "factors": "factors"}
+SECTION_COMMANDS = {c.key: c.command for c in commands.COMMANDS if c.key is not None}
+"""Report section -> the command that writes it (``lr`` -> ``lr-suggest``), from the registry."""
 
 
 @dataclass(frozen=True)
