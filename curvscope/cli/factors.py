@@ -19,7 +19,7 @@ from curvscope.cli.common import (
     progress_bars,
     warn,
 )
-from curvscope.cli.options import DebugOpt, ProblemArgs, flag, problem_options, workflow_options
+from curvscope.cli.options import DEFAULT_OUT, DebugOpt, ProblemArgs, flag, problem_options, workflow_options
 from curvscope.cli.root import app
 from curvscope.workflows.factors import FactorsOptions
 
@@ -57,7 +57,7 @@ def factors(
     out_dir: Annotated[Path, typer.Option(
         "--out", "-o", help="Output directory for report.json (section 'factors'), factors.safetensors and "
         "factors.png (a report of the same problem there is merged, not replaced).",
-        rich_help_panel=FILES_HELP)] = Path("curvscope-out"),
+        rich_help_panel=FILES_HELP)] = DEFAULT_OUT,
     debug: DebugOpt = False,
 ) -> None:
     """Symmetry-structured curvature factors of a Linear chain, their ensemble ground truth, and SymO.

@@ -21,7 +21,7 @@ from curvscope.cli.common import (
     progress_bars,
     warn,
 )
-from curvscope.cli.options import DebugOpt, ProblemArgs, flag, problem_options, workflow_options
+from curvscope.cli.options import DEFAULT_OUT, DebugOpt, ProblemArgs, flag, problem_options, workflow_options
 from curvscope.cli.root import app
 from curvscope.workflows.lr import LrOptions
 
@@ -81,7 +81,7 @@ def lr_suggest(
         "name -> rate).", rich_help_panel=OUTPUT_HELP)] = "none",
     out_dir: Annotated[Path, typer.Option(
         "--out", "-o", help="Output directory for report.json (section 'lr'; a report of the same problem "
-        "there is merged, not replaced) and lr.png.", rich_help_panel=OUTPUT_HELP)] = Path("curvscope-out"),
+        "there is merged, not replaced) and lr.png.", rich_help_panel=OUTPUT_HELP)] = DEFAULT_OUT,
     debug: DebugOpt = False,
 ) -> None:
     """Per-layer learning rates from the reduced Hessian (help text: :data:`HELP`)."""

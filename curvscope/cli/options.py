@@ -17,6 +17,8 @@ import typer
 from curvscope.cli.common import flag as flag_name
 
 PROBLEM_HELP = "Model and data"
+DEFAULT_OUT = Path("curvscope-out")
+"""The output directory of every command that writes a report (``--out``)."""
 
 CheckpointArg = Annotated[Optional[Path], typer.Argument(
     help="Checkpoint: a .safetensors state dict (self-describing ones name their model) or a .pt/.pth "

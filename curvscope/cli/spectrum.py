@@ -19,7 +19,7 @@ from curvscope.cli.common import (
     quiet_output,
     warn,
 )
-from curvscope.cli.options import DebugOpt, ProblemArgs, flag, problem_options, workflow_options
+from curvscope.cli.options import DEFAULT_OUT, DebugOpt, ProblemArgs, flag, problem_options, workflow_options
 from curvscope.cli.root import app
 from curvscope.errors import CurvscopeError
 from curvscope.workflows.spectrum import SpectrumOptions
@@ -61,7 +61,7 @@ def spectrum(
     options: SpectrumOptions,
     out_dir: Annotated[Path, typer.Option(
         "--out", "-o", help="Output directory for report.json, plots and directions.safetensors (a report of "
-        "the same problem there is merged, not replaced).", rich_help_panel=FILES_HELP)] = Path("curvscope-out"),
+        "the same problem there is merged, not replaced).", rich_help_panel=FILES_HELP)] = DEFAULT_OUT,
     debug: DebugOpt = False,
 ) -> None:
     """Exact GGN eigenspectrum of a batch, with per-sample directional derivatives and their noise.

@@ -168,9 +168,10 @@ def run_lr(problem: Problem, options: LrOptions | None = None, progress: Progres
                     cubic_weight=options.cubic_weight if options.cubic else None)
 
 
-def suggest_lr(problem: Problem, partition: str = "layer", curvature: str = "hessian",
-               direction: str = "gradient", ridge: float = 0.0, batches: int = 1, holdout: int = 0,
-               cubic: bool = False, cubic_weight: float = 1.0, stability: bool = True,
+def suggest_lr(problem: Problem, partition: str = LrOptions.partition, curvature: str = LrOptions.curvature,
+               direction: str = LrOptions.direction, ridge: float = LrOptions.ridge, batches: int = LrOptions.batches,
+               holdout: int = LrOptions.holdout, cubic: bool = LrOptions.cubic,
+               cubic_weight: float = LrOptions.cubic_weight, stability: bool = LrOptions.stability,
                progress: Progress | None = None) -> LRResult:
     """Per-group learning rates (``docs/conventions.md §6``), each rate set checked by the realized loss change.
 
