@@ -85,7 +85,8 @@ def reduced_hessian(problem: Problem, direction: dict[str, Tensor], groups: list
         CurvscopeError: ``curvature`` is none of :data:`CURVATURES`.
     """
     if curvature not in CURVATURES:
-        raise CurvscopeError(f"curvature '{curvature}': choose one of {', '.join(CURVATURES)}")
+        choices = sorted(CURVATURES, key=lambda c: c != "hessian")  # the default first
+        raise CurvscopeError(f"curvature '{curvature}': choose one of {', '.join(choices)}")
     U = group_tangents(direction, groups)
     if curvature == "hessian":
         gradient_fn = grad(problem.loss_value)
