@@ -22,6 +22,11 @@ from curvscope.losses import Loss, default_loss_name, get_loss
 from curvscope.losses import shift_labels as _shift_labels
 
 GROUP_MODES = ("all", "layer", "tensor")
+"""How parameters form groups (blocks): ``all`` (one group), ``layer`` (one per module with parameters) or
+``tensor`` (one per parameter tensor)."""
+CURVATURES = ("ggn", "hessian")
+"""The curvature matrices curvscope computes: ``ggn`` (the generalized Gauss-Newton, PSD; conventions §2) and
+``hessian`` (the loss Hessian, possibly indefinite; §9)."""
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 

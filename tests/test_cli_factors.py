@@ -139,9 +139,9 @@ def test_report_merges_with_other_commands(tmp_path, tiny_files):
     out = tmp_path / "out"
     (out).mkdir()
     problem = load_problem(ckpt, data, device="cpu")
-    from curvscope.report.schema import build_report, write_report
+    from curvscope.report.schema import REPORT_NAME, build_report
 
-    write_report(out, build_report("spectrum", problem, {"loss_value": 1.0}))
+    (out / REPORT_NAME).write_text(json.dumps(build_report("spectrum", problem, {"loss_value": 1.0})))
     run_factors(problem, out, {"plots": False})
     report = json.loads((out / "report.json").read_text())
     assert report["commands"] == ["spectrum", "factors"] and report["loss_value"] == 1.0 and "factors" in report

@@ -26,8 +26,7 @@ from curvscope.curvature.edge import (
     sharpness_ratio,
     threshold,
 )
-from curvscope.curvature.matfree import extreme_eigenpairs
-from curvscope.curvature.operators import hessian_operator
+from curvscope.curvature.matfree import extreme_eigenpairs, hessian_operator
 from curvscope.errors import CurvscopeError, OptionError
 from curvscope.problem import make_problem
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from curvscope.cli.common import as_flags
 from curvscope.errors import CurvscopeError
 from curvscope.io.data import load_dataset
-from curvscope.io.inputs import KeywordInputs, call_model, describe_output, select_output
+from curvscope.io.inputs import KeywordInputs, call_model, probe_model, select_output
 from curvscope.io.load import load_problem
 from curvscope.problem import make_problem
 
@@ -202,7 +202,7 @@ def test_output_selection(kind):
 
 def test_select_output_rules():
     t = torch.zeros(2, 3)
-    assert select_output(t) is t and describe_output(t) == "the output tensor"
+    assert select_output(t) is t and probe_model(nn.Identity(), {}, t)[1] == "the output tensor"
     assert select_output({"logits": t, "other": t + 1}) is t
     with pytest.raises(CurvscopeError, match="choose one with output=NAME"):  # Python words
         select_output({"a": t, "b": t})

@@ -14,6 +14,8 @@ from torch import nn
 from curvscope.curvature.gram.newton import newton_step
 from curvscope.curvature.gram.spectrum import compute_spectrum
 from curvscope.errors import CurvscopeError
+from curvscope.io.atomic import write_atomic
+from curvscope.io.tensors import safetensors_writer
 from curvscope.problem import make_problem
 from curvscope.report import plots
 from curvscope.report import spectrum_report as sr
@@ -99,7 +101,8 @@ def test_directions_and_eigenvector_tensors(layer_result, tmp_path):
         assert tensors[f"{name}/eigenvalues"].shape == (6,)
     assert tensors["0/newton_damping"].shape == (6,) and "all/newton_damping" not in tensors
     assert torch.equal(tensors["curvature_samples"], torch.arange(8))
-    path = sr.save_tensors(tmp_path / "d.safetensors", tensors, {"groups": ["all", "0", "2"]})
+    path = tmp_path / "d.safetensors"
+    write_atomic(path, safetensors_writer(tensors, {"groups": ["all", "0", "2"]}))
     back = load_file(str(path))
     assert set(back) == set(tensors)
     vec = {"w": torch.randn(2, 3, 4), "b": torch.randn(2, 3)}

@@ -11,11 +11,19 @@ import gc
 import sys
 from typing import Any
 
+from curvscope.commands import computing_commands
+
 
 def _load_app():
-    from curvscope.cli import check, factors, info, lr, show, spectrum  # noqa: F401  (each registers itself)
+    import importlib
+
+    from curvscope import commands
     from curvscope.cli.common import one_line_paragraphs
     from curvscope.cli.root import app
+
+    # each module registers its command: the registry's computing commands and the others, in name order
+    for module in sorted({*(c.cli_module for c in commands.COMMANDS), *(f"curvscope.cli.{m}" for m in OTHERS)}):
+        importlib.import_module(module)
 
     for command in app.registered_commands:  # help text flows to the terminal's width, not the source's lines
         doc = command.help or (command.callback.__doc__ if command.callback else None)
@@ -66,9 +74,12 @@ def _launched_distributed() -> bool:
     return torchrun_env() is not None
 
 
-COMPUTING = ("spectrum", "factors", "lr-suggest", "info")
-"""Commands that load a model (PyTorch). ``check`` does with ``--data`` (a checkpoint to compute); gating a
-saved report, ``show`` and ``--help`` start without it (a fifth of a second)."""
+OTHERS = ("check", "info", "show")
+"""The commands that are not computing commands of :data:`curvscope.commands.COMMANDS` (module names)."""
+COMPUTING = (*computing_commands(), "info")
+"""Commands that load a model (PyTorch): the registry's computing commands and ``info``. ``check`` does with
+``--data`` (a checkpoint to compute); gating a saved report, ``show`` and ``--help`` start without it (a fifth
+of a second)."""
 
 
 def needs_torch(args: list[str]) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import typer
 from rich.markup import escape
@@ -25,6 +24,7 @@ from curvscope.cli.common import (
     warn,
 )
 from curvscope.cli.options import (
+    DEFAULT_OUT,
     BaselineOpt,
     ConfigOpt,
     DebugOpt,
@@ -67,7 +67,7 @@ def check(
     max_decrease: MaxDecreaseOpt = None,
     junit: JunitOpt = None,
     json_output: JsonOpt = False,
-    out_dir: OutDirOpt = Path("curvscope-out"),
+    out_dir: OutDirOpt = DEFAULT_OUT,
     debug: DebugOpt = False,
 ) -> None:
     """Gate a checkpoint in CI: evaluate rules on a report, compare with a baseline, exit 0 / 1 / 2.

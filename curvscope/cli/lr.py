@@ -20,8 +20,9 @@ from curvscope.cli.common import (
     progress_bars,
     warn,
 )
-from curvscope.cli.options import DebugOpt, ProblemArgs, problem_options
+from curvscope.cli.options import DEFAULT_OUT, DebugOpt, ProblemArgs, flag, problem_options, workflow_options
 from curvscope.cli.root import app
+from curvscope.workflows.lr import LrOptions
 
 LR_HELP = "Learning rates"
 OUTPUT_HELP = "Output"
@@ -50,56 +51,44 @@ Example: [bold]curvscope lr-suggest sample_models/mlp-digits.safetensors --data 
 """
 
 
+OPTIONS = (
+    flag("partition", "--partition", "-p", panel=LR_HELP),
+    flag("direction", panel=LR_HELP),
+    flag("curvature", panel=LR_HELP),
+    flag("ridge", panel=LR_HELP),
+    flag("batches", "--batches", "-b", panel=LR_HELP),
+    flag("holdout", panel=LR_HELP),
+    flag("cubic", "--cubic/--no-cubic", panel=LR_HELP),
+    flag("cubic_weight", panel=LR_HELP),
+    "emit",
+    "out_dir",
+    flag("plot", "--plot/--no-plot", panel=OUTPUT_HELP),
+)
+"""The flags of :class:`~curvscope.workflows.lr.LrOptions` (defaults and help: its fields)."""
+
+
 @app.command("lr-suggest", help=one_line_paragraphs(HELP))
 @handle_errors
 @problem_options()
+@workflow_options(LrOptions, OPTIONS)
 def lr_suggest(
     args: ProblemArgs,
-    partition: Annotated[str, typer.Option(
-        "--partition", "-p", help="Parameter groups, one rate each: layer (one per module with parameters), "
-        "tensor (one per parameter tensor) or all (a single rate).", rich_help_panel=LR_HELP)] = "layer",
-    direction: Annotated[str, typer.Option(
-        "--direction", help="Step direction u: gradient (plain SGD) or symo (the SymO direction of the factors "
-        "engine).", rich_help_panel=LR_HELP)] = "gradient",
-    curvature: Annotated[str, typer.Option(
-        "--curvature", help="H in H-bar = u_s^T H u_t: hessian (as in the paper; may be indefinite) or ggn "
-        "(generalized Gauss-Newton, always PSD).", rich_help_panel=LR_HELP)] = "hessian",
-    ridge: Annotated[float, typer.Option(
-        "--ridge", help="Added to H-bar's diagonal for the joint Newton rates (H-bar + ridge I)^-1 g-hat (>= 0).",
-        rich_help_panel=LR_HELP)] = 0.0,
-    batches: Annotated[int, typer.Option(
-        "--batches", "-b", help="Repeat on B disjoint batches of --batch-size (the batch, then the next samples "
-        "in the same order) and report each rate's mean and std; a rate whose std exceeds its mean is flagged.",
-        rich_help_panel=LR_HELP)] = 1,
-    holdout: Annotated[int, typer.Option(
-        "--holdout", help="Also measure each step's realized loss decrease on N other samples (after the "
-        "batches).", rich_help_panel=LR_HELP)] = 0,
-    cubic: Annotated[bool, typer.Option(
-        "--cubic/--no-cubic", help="Also compute the order-3 diagonal d3_s = d^3 L/d eta_s^3 and the rates "
-        "minimizing the cubic-regularized model -eta.g + eta.H.eta/2 + w/6 sum |d3_s| |eta_s|^3.",
-        rich_help_panel=LR_HELP)] = False,
-    cubic_weight: Annotated[float, typer.Option(
-        "--cubic-weight", help="Weight w of the cubic term (> 0).", rich_help_panel=LR_HELP)] = 1.0,
+    options: LrOptions,
     emit: Annotated[str, typer.Option(
         "--emit", help="Print the recommended rates as code on stdout (tables go to stderr then): torch (a "
         "torch.optim.SGD([...]) with one param group per group; needs `model` in scope) or json (parameter "
         "name -> rate).", rich_help_panel=OUTPUT_HELP)] = "none",
     out_dir: Annotated[Path, typer.Option(
         "--out", "-o", help="Output directory for report.json (section 'lr'; a report of the same problem "
-        "there is merged, not replaced) and lr.png.", rich_help_panel=OUTPUT_HELP)] = Path("curvscope-out"),
-    plot: Annotated[bool, typer.Option(
-        "--plot/--no-plot", help="Write lr.png: rates per group on a log axis and H-bar as a correlation "
-        "heatmap.", rich_help_panel=OUTPUT_HELP)] = True,
+        "there is merged, not replaced) and lr.png.", rich_help_panel=OUTPUT_HELP)] = DEFAULT_OUT,
     debug: DebugOpt = False,
 ) -> None:
     """Per-layer learning rates from the reduced Hessian (help text: :data:`HELP`)."""
     from curvscope.report.lr_report import emit_json, emit_torch, notes, rates_tables, truth_table
     from curvscope.report.writer import ReportWriter
-    from curvscope.workflows.lr import LrOptions, run_lr, write_lr
+    from curvscope.workflows.lr import run_lr, write_lr
     from curvscope.workflows.options import one_of
 
-    options = LrOptions(partition=partition, direction=direction, curvature=curvature, ridge=ridge,
-                        batches=batches, holdout=holdout, cubic=cubic, cubic_weight=cubic_weight, plot=plot)
     options.validate()  # bad options fail before the files load
     one_of("emit", emit, EMITS)
     problem = args.load()

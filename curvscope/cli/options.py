@@ -5,13 +5,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 PROBLEM_HELP = "Model and data"
+DEFAULT_OUT = Path("curvscope-out")
+"""The output directory of every command that writes a report (``--out``)."""
 
 CheckpointArg = Annotated[Optional[Path], typer.Argument(
     help="Checkpoint: a .safetensors state dict (self-describing ones name their model) or a .pt/.pth "
@@ -112,21 +117,22 @@ OutDirOpt = Annotated[Path, typer.Option(
 # -- the shared problem options, declared once ---------------------------------------------------------------
 
 PROBLEM_PARAMS = (
-    ("checkpoint", CheckpointArg, None),
-    ("data", DataOpt, None),
-    ("model", ModelOpt, None),
-    ("model_kwargs", ModelKwargsOpt, None),
-    ("batch_size", BatchSizeOpt, 128),
-    ("shuffle", ShuffleOpt, False),
-    ("seed", SeedOpt, 0),
-    ("loss", LossOpt, None),
-    ("device", DeviceOpt, "auto"),
-    ("dtype", DtypeOpt, "float32"),
-    ("trust_model_code", TrustOpt, False),
-    ("output", OutputOpt, None),
-    ("shift_labels", ShiftLabelsOpt, None),
+    ("checkpoint", CheckpointArg),
+    ("data", DataOpt),
+    ("model", ModelOpt),
+    ("model_kwargs", ModelKwargsOpt),
+    ("batch_size", BatchSizeOpt),
+    ("shuffle", ShuffleOpt),
+    ("seed", SeedOpt),
+    ("loss", LossOpt),
+    ("device", DeviceOpt),
+    ("dtype", DtypeOpt),
+    ("trust_model_code", TrustOpt),
+    ("output", OutputOpt),
+    ("shift_labels", ShiftLabelsOpt),
 )
-"""The options of every command that loads a model and a batch: (name, typer annotation, default)."""
+"""The options of every command that loads a model and a batch: (name, typer annotation); their defaults are
+those of :class:`ProblemArgs`."""
 
 
 @dataclass
@@ -158,23 +164,120 @@ def problem_options(checkpoint: bool = True):
     """Decorator: the command gets every shared problem option (declared once, in :data:`PROBLEM_PARAMS`) and
     receives their values as one ``args: ProblemArgs`` argument. ``checkpoint=False`` leaves out the
     CHECKPOINT argument (``check`` names its own TARGET)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ProblemArgs)}
 
     def decorate(fn):
         own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "args"]
-        shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-                  for name, annotation, default in PROBLEM_PARAMS if checkpoint or name != "checkpoint"]
+        shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=defaults[name],
+                                    annotation=annotation)
+                  for name, annotation in PROBLEM_PARAMS if checkpoint or name != "checkpoint"]
         arguments = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
         first = [p for p in shared if p.name == "checkpoint"]
         params = [*first, *arguments, *[p for p in shared if p.name != "checkpoint"]]
-        names = {name for name, _, _ in PROBLEM_PARAMS}
+        names = {name for name, _ in PROBLEM_PARAMS}
 
         @functools.wraps(fn)
         def wrapper(**kwargs):
             values = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
             return fn(args=ProblemArgs(**values), **kwargs)
 
-        wrapper.__signature__ = inspect.Signature(params)
-        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        _set_signature(wrapper, params)
+        return wrapper
+
+    return decorate
+
+
+def _set_signature(wrapper, params: list[inspect.Parameter]) -> None:
+    wrapper.__signature__ = inspect.Signature(params)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+
+
+# -- the options of a workflow: defaults and help from its options dataclass ---------------------------------
+
+@dataclass(frozen=True)
+class Flag:
+    """How one field of a workflow's options dataclass appears on the command line. Its default and help text
+    are the field's (:func:`curvscope.workflows.options.option`): written there, once."""
+
+    field: str
+    """The options field (``top_k``)."""
+    decls: tuple[str, ...]
+    """typer's parameter declarations (``"--top-k", "-k"``; default: the field's flag)."""
+    panel: str
+    """The help panel the flag is listed in."""
+
+
+def flag(field: str, *decls: str, panel: str) -> Flag:
+    """A :class:`Flag` for options field ``field`` (declarations default to ``--field-name``)."""
+    return Flag(field, decls or ("--" + field.replace("_", "-"),), panel)
+
+
+RENAMED = {"out_dir": "--out"}
+"""Options whose flag is not ``--field-name``."""
+
+
+def flag_name(field: str, flags: dict[str, str] | None = None) -> str:
+    """The flag of an options field in help texts (``top_k`` -> ``--top-k``; ``flags`` and :data:`RENAMED`
+    override)."""
+    return (flags or {}).get(field) or RENAMED.get(field) or "--" + field.replace("_", "-")
+
+
+def flag_help(text: str, flags: dict[str, str] | None = None) -> str:
+    """An options help text in the CLI's words: ````name```` becomes the flag ``--name`` (``flags`` overrides),
+    ````name=value```` ``--name value``, ````name=False```` ``--no-name`` and ````name=True```` ``--name``."""
+    def render(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2)
+        if value == "False":
+            return "--no-" + name.replace("_", "-")
+        label = flag_name(name, flags)
+        return label if value in (None, "True") else f"{label} {value}"
+
+    return re.sub(r"``([a-z_][a-z0-9_]*)(?:=([^`]+))?``", render, text)
+
+
+def _cli_type(hint: Any) -> Any:
+    """The command-line type of an options field's type: ``str`` for a field that also takes a string (``str |
+    float``: parsed by the options), ``Optional[T]`` for an optional one."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    members = [a for a in args if a is not type(None)]
+    kind = members[0] if len(members) == 1 else str
+    return Optional[kind] if type(None) in args else kind  # noqa: UP045  (typer needs Optional)
+
+
+def workflow_options(options_type: type, flags: tuple[Flag | str, ...], names: dict[str, str] | None = None):
+    """Decorator: the command gets one typer option per :class:`Flag` (type, default and help text from the field
+    of ``options_type``) and receives their values as one ``options: options_type`` argument.
+
+    ``flags`` orders the command's options; a plain string in it places the command's own parameter of that name
+    (``"out_dir"``), so the help lists the options in the same order as before. ``names``: flag names that differ
+    from ``--field-name`` (for the help texts' references to other options)."""
+    hints = typing.get_type_hints(options_type)
+    fields = {f.name: f for f in dataclasses.fields(options_type)}
+
+    def decorate(fn):
+        own = {p.name: p for p in inspect.signature(fn, eval_str=True).parameters.values()}
+        generated = {}
+        for entry in flags:
+            if isinstance(entry, Flag):
+                f = fields[entry.field]
+                option = typer.Option(*entry.decls, help=flag_help(f.metadata["help"], names),
+                                      rich_help_panel=entry.panel, show_default=f.default is not None)
+                generated[entry.field] = inspect.Parameter(
+                    entry.field, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                    annotation=Annotated[_cli_type(hints[entry.field]), option])
+        placed = [p for p in flags if isinstance(p, str)]
+        params = [p for name, p in own.items() if name in ("args", "ctx")]
+        params += [generated[e.field] if isinstance(e, Flag) else own[e].replace(kind=inspect.Parameter.KEYWORD_ONLY)
+                   for e in flags]
+        params += [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for name, p in own.items()
+                   if name not in ("args", "ctx", "options", *placed)]
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs):
+            values = {k: kwargs.pop(k) for k in list(kwargs) if k in generated}
+            return fn(options=options_type(**values), **kwargs)
+
+        _set_signature(wrapper, params)
         return wrapper
 
     return decorate

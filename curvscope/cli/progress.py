@@ -9,25 +9,18 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.markup import escape
 
+from curvscope.commands import COMMANDS
+
 if TYPE_CHECKING:
     from curvscope.progress import Progress
 
 STAGE_LABELS = {
-    "gram": "Gram matrix (parameter tensors)",
-    "eigen": "eigendecomposition (groups)",
-    "directions": "directional derivatives",
-    "newton": "damped Newton step",
-    "lr": "learning rates",
-    "per-sample": "per-sample gradients",
-    "ensemble": "ensemble of models",
-    "symo": "SymO line search",
-    "lanczos": "Lanczos",
-    "trace": "trace (Hutch++)",
-    "density": "spectral density",
+    **{stage: label for command in COMMANDS for stage, label in command.stages.items()},
     "plots": "plots",
     "write": "writing files",
 }
-"""Labels of the engine's progress stages (a stage not listed shows its own key)."""
+"""Labels of the progress stages: the computing commands' (from the registry) and the writer's (a stage not
+listed shows its own key)."""
 
 
 @contextlib.contextmanager

@@ -374,7 +374,7 @@ def preconditioned_operator(op: Any, p_diag: Tensor, *, shift: Tensor | None = N
 
     Args:
         op: an object with ``.shape`` and ``@`` (a dense matrix too), an object with ``.matvec`` and ``.dim``
-            (:class:`curvscope.curvature.operators.Operator`), or a plain ``matvec`` function with ``dim``.
+            (:class:`curvscope.curvature.matfree.Operator`), or a plain ``matvec`` function with ``dim``.
         p_diag: ``(D,)`` the diagonal of P, every entry > 0 (``inf``: that entry does not move).
         shift: ``(D,)`` diagonal added to A before preconditioning (coupled weight decay), or ``None``.
         dim: D, for a plain ``matvec`` function.

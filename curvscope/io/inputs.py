@@ -221,12 +221,6 @@ def select_output(out: Any, output: str | None = None) -> Tensor:
     return _select(out, output)[0]
 
 
-def describe_output(out: Any, output: str | None = None) -> str:
-    """What :func:`select_output` picks from ``out``, in words: ``"the output tensor"``,
-    ``"logits (attribute of CausalLMOutputWithCrossAttentions)"``, ``"element 0 of tuple"``."""
-    return _select(out, output)[1]
-
-
 def _select(out: Any, output: str | None) -> tuple[Tensor, str]:
     kind = type(out).__name__
     if output is not None:

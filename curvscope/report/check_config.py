@@ -26,11 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from curvscope import commands
 from curvscope.errors import CurvscopeError, OptionError
 from curvscope.report.check import Key, Limit, Rule, Step, make_limit, parse_rule
 
-ENGINES = ("spectrum", "factors", "lr")
-"""Computations config mode can run, in the order it runs them (each merges into the same report)."""
+ENGINES = commands.names()
+"""Computations config mode can run, in the order it runs them (each merges into the same report); the
+registry's (:data:`curvscope.commands.COMMANDS`)."""
 TOP_LEVEL = ("rules", "problem", "baseline", *ENGINES)
 PROBLEM_KEYS = {"batch_size": int, "shuffle": bool, "seed": int, "loss": str, "device": str, "dtype": str,
                 "model": str, "model_kwargs": (dict, str), "output": str, "shift_labels": bool}
@@ -150,9 +152,10 @@ def _relative_model(spec: str, base: Path) -> str:
 
 
 def engine_for(path: tuple[Step, ...]) -> str:
-    """The computation that writes a path: ``lr.`` -> lr, ``factors.`` -> factors, else spectrum."""
-    first = path[0].name if path and isinstance(path[0], Key) else ""
-    return first if first in ("lr", "factors") else "spectrum"
+    """The computation that writes a path: the command whose report section the path's first key names
+    (``lr.`` -> lr, ``factors.`` -> factors), else the one whose fields are the report's top level (spectrum)."""
+    first = path[0].name if path and isinstance(path[0], Key) else None
+    return commands.section_owner(first).name
 
 
 def engines_needed(config: CheckConfig, paths: list[tuple[Step, ...]]) -> list[str]:

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 
 def factors_section(result: FactorsResult, ensemble: EnsembleResult | None, symo: SymoResult | None,
-                    ggn: dict[str, Any] | None, checkpoints: list[Path]) -> dict[str, Any]:
+                    ggn: dict[str, Any] | None, checkpoints: list[Path], symmetry_choice: str | None = None
+                    ) -> dict[str, Any]:
     """The report's ``factors`` section (plain data) without its ``files``.
 
     Args:
@@ -30,6 +31,8 @@ def factors_section(result: FactorsResult, ensemble: EnsembleResult | None, symo
         symo: the SymO direction and its line search, or ``None`` when not computed.
         ggn: ``{"mc_samples", "subsample"}`` of the GGN columns with source ``ggn`` (else ``None``).
         checkpoints: the ensemble's checkpoint files (empty when the models were drawn).
+        symmetry_choice: what symmetry ``auto`` chose and why (``None`` when the symmetry was given): the
+            section's ``symmetry_choice`` and its first note (instead of the note suggesting another symmetry).
     """
     structure = result.structure
     chain = structure.chain
@@ -70,6 +73,9 @@ def factors_section(result: FactorsResult, ensemble: EnsembleResult | None, symo
         }
     if symo is not None:
         section["symo"] = symo_fields(symo)
+    if symmetry_choice:
+        section["symmetry_choice"] = symmetry_choice
+        section["notes"] = [symmetry_choice, *[n for n in section.get("notes", []) if "try symmetry" not in n]]
     return section
 
 

@@ -70,16 +70,49 @@ def matfree_fields(result: MatfreeResult, batch_size: int) -> dict[str, Any]:
     }
 
 
-def comparison_fields(hessian: dict[str, Any], ggn: dict[str, Any]) -> dict[str, Any]:
-    """How much of the Hessian's curvature the GGN captures (whole model): both lambda_max and traces."""
-    h_trace, g_trace = hessian.get("trace"), ggn.get("trace")
+def lanczos_section(result: MatfreeResult, batch_size: int, *, gradient_norm: float | None, path: str,
+                    ggn: Any = None) -> dict[str, Any]:
+    """The report's top-level fields of a matrix-free ``spectrum`` run (without ``notes`` and ``files``).
+
+    Args:
+        result: the :class:`~curvscope.curvature.matfree.MatfreeResult`.
+        batch_size: N, the problem's batch size.
+        gradient_norm: the norm of the batch gradient.
+        path: how the products were computed.
+        ggn: with the Hessian, the whole-model GGN computed beside it (``lambda_max``, ``trace`` and ``method``
+            attributes, :class:`~curvscope.workflows.spectrum.GgnBeside`), for ``comparison``; else ``None``.
+
+    Returns:
+        :func:`matfree_fields` with ``gradient_norm``, then ``comparison``, ``landscape`` (``None``: filled in by
+        the caller when computed), ``path`` and ``rules`` (``None``: no rows of V, every product is a double
+        backward).
+    """
+    fields = matfree_fields(result, batch_size)
+    fields["gradient_norm"] = gradient_norm
+    fields["comparison"] = None
+    fields["landscape"] = None
+    fields["path"] = path
+    fields["rules"] = None
+    if ggn is not None:
+        fields["comparison"] = comparison_fields(fields["groups"][0], ggn.lambda_max, ggn.trace, ggn.method)
+    return fields
+
+
+def comparison_fields(hessian: dict[str, Any], ggn_lambda_max: float | None, ggn_trace: float | None,
+                      ggn_method: str = "gram") -> dict[str, Any]:
+    """How much of the Hessian's curvature the GGN captures (whole model): both lambda_max and traces.
+
+    ``hessian``: the whole model's group fields (:func:`group_fields`); the GGN's ``lambda_max`` and trace, and the
+    method that computed them (``gram`` or ``lanczos``).
+    """
+    h_trace, g_trace = hessian.get("trace"), ggn_trace
     return {
         "hessian_lambda_max": hessian.get("lambda_max"),
         "hessian_lambda_min": hessian.get("lambda_min"),
         "hessian_trace": h_trace,
-        "ggn_lambda_max": ggn.get("lambda_max"),
+        "ggn_lambda_max": ggn_lambda_max,
         "ggn_trace": g_trace,
-        "ggn_method": ggn.get("method", "gram"),
+        "ggn_method": ggn_method,
         "trace_ratio": g_trace / h_trace if h_trace and g_trace is not None and h_trace > 0 else None,
         "negative_mass": hessian.get("negative_mass"),
     }

@@ -19,7 +19,6 @@ from typing import Any
 
 from curvscope import __version__
 from curvscope.errors import CurvscopeError
-from curvscope.io.atomic import write_text_atomic
 
 SCHEMA_VERSION = "1.0"
 REPORT_NAME = "report.json"
@@ -131,15 +130,6 @@ def merge_reports(old: dict[str, Any] | None, report: dict[str, Any]) -> dict[st
     commands = [c for c in old.get("commands", [old.get("command")]) if c and c not in new_commands]
     merged["commands"] = [*commands, *new_commands]
     return merged
-
-
-def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> Path:
-    """Write ``report`` to ``out_dir/report.json`` atomically, merging into an existing report of the same
-    problem. Returns the path written."""
-    path = Path(out_dir) / REPORT_NAME
-    merged = merge_reports(existing_report(path), report)
-    write_text_atomic(path, json.dumps(merged, indent=2, allow_nan=False) + "\n", "report")
-    return path
 
 
 def _same_problem(a: Any, b: Any) -> bool:

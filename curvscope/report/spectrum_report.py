@@ -6,13 +6,10 @@ Writers only: every number here was computed by the engine. Field-by-field docum
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-
-from curvscope.io.atomic import write_atomic
 
 DIRECTIONS_FILE = "directions.safetensors"
 
@@ -104,6 +101,30 @@ def spectrum_fields(result, batch_size: int, directional: bool = True, dtype: to
     }
 
 
+def gram_section(result, batch_size: int, *, directional: bool, dtype: torch.dtype | None, path: str, step=None,
+                 newton_file: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The report's top-level fields of a Gram ``spectrum`` run (without ``notes`` and ``files``).
+
+    Args:
+        result: the :class:`~curvscope.curvature.gram.SpectrumResult`.
+        batch_size: N, the problem's batch size.
+        directional: whether the directional quantities were computed.
+        dtype: the dtype the Gram was built in (the problem's).
+        path: how the rows of V were computed (``vmap``, ``autograd``).
+        step: the :class:`~curvscope.curvature.gram.newton.NewtonStep`, or ``None``.
+        newton_file: where the Newton step is written (with ``step``).
+
+    Returns:
+        :func:`spectrum_fields`, then ``curvature``, ``method``, ``comparison``, ``landscape`` (``None``: the
+        Gram has no Hessian comparison, the landscape is filled in by the caller when computed), ``path`` and
+        ``newton``. Every key is set, so a merge replaces the stale sections of an older report of the problem.
+    """
+    fields = spectrum_fields(result, batch_size, directional=directional, dtype=dtype)
+    fields.update(curvature="ggn", method="gram", comparison=None, landscape=None, path=path)
+    fields["newton"] = None if step is None else newton_fields(step, newton_file)
+    return fields
+
+
 def newton_fields(step, file: str | os.PathLike) -> dict[str, Any]:
     """The ``newton`` section from a :class:`~curvscope.curvature.gram.newton.NewtonStep`."""
     return {
@@ -177,13 +198,3 @@ def eigenvector_tensors(vectors: dict[str, Tensor], eigenvalues: Tensor) -> dict
         for k in range(v.shape[0]):
             tensors[f"{k}/{name}"] = v[k].detach().cpu().contiguous()
     return tensors
-
-
-def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, Any] | None = None
-                 ) -> Path:
-    """Write a safetensors file atomically (outside a run's :class:`~curvscope.report.writer.ReportWriter`);
-    metadata values are stored as JSON strings."""
-    from curvscope.io.tensors import safetensors_writer
-
-    write_atomic(path, safetensors_writer(tensors, metadata))
-    return Path(path)

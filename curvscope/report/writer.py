@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from curvscope import commands
 from curvscope.errors import CurvscopeError
 from curvscope.io.atomic import Outputs, check_directory
 from curvscope.progress import Progress, or_silent
@@ -24,14 +25,9 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
-COMMAND_FILES = {
-    "spectrum": ("spectrum_plot", "directions_plot", "layers_plot", "landscape_plot", "directions", "eigenvectors",
-                 "newton_step"),
-    "lr-suggest": ("lr_plot",),
-    "factors": ("factors", "factors_plot", "symo_step"),
-}
-"""The ``files`` keys each command writes (a rerun of the command replaces all of them: one it no longer
-writes is dropped from the report, and removed when it lies in the output directory)."""
+COMMAND_FILES = {c.command: c.files for c in commands.COMMANDS}
+"""The ``files`` keys each command writes, from the registry (a rerun of the command replaces all of them: one it
+no longer writes is dropped from the report, and removed when it lies in the output directory)."""
 
 
 def _real(path: str | os.PathLike) -> Path:

@@ -1,16 +1,19 @@
 """The application layer between the CLI and the engine: one module per command.
 
 Each module has an options dataclass (:class:`~curvscope.workflows.options.Options`), a
-``run_*(problem, options, progress) -> result`` function and a :class:`Workflow` entry ``WORKFLOW`` that ties
-them to the report writer of its section; :func:`get` finds them by report-section name (``curvscope check``
+``run_*(problem, options, progress) -> result`` function, a ``write_*(writer, problem, result, options)``
+function and a :class:`Workflow` entry ``WORKFLOW`` that ties them to the command's line of the registry
+(:data:`curvscope.commands.COMMANDS`); :func:`get` finds them by the command's short name (``curvscope check``
 computes what its rules need through it).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from curvscope import commands
 from curvscope.errors import CurvscopeError
 from curvscope.workflows.base import Workflow
 
@@ -21,21 +24,16 @@ if TYPE_CHECKING:
 
 __all__ = ["NAMES", "Workflow", "get", "run_and_write"]
 
-NAMES = ("spectrum", "factors", "lr")
-"""The report sections a workflow computes, in the order ``check`` runs them."""
+NAMES = commands.names()
+"""The report sections a workflow computes, in the order ``check`` runs them (the registry's)."""
 
 
 def get(name: str) -> Workflow:
-    """The workflow computing report section ``name`` (``spectrum``, ``lr`` or ``factors``)."""
-    if name == "spectrum":
-        from curvscope.workflows.spectrum import WORKFLOW
-    elif name == "lr":
-        from curvscope.workflows.lr import WORKFLOW
-    elif name == "factors":
-        from curvscope.workflows.factors import WORKFLOW
-    else:
+    """The workflow computing report section ``name`` (``spectrum``, ``lr`` or ``factors``): the ``WORKFLOW``
+    of the registry's module for it."""
+    if name not in NAMES:
         raise CurvscopeError(f"no workflow computes '{name}' (known: {', '.join(NAMES)})")
-    return WORKFLOW
+    return importlib.import_module(commands.get(name).workflow_module).WORKFLOW
 
 
 def run_and_write(problem: Problem, out_dir: Any, jobs: dict[str, Options], progress: Progress | None = None,

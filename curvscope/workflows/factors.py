@@ -12,11 +12,12 @@ import glob
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
+from curvscope import commands
 from curvscope.progress import counter
 from curvscope.workflows.base import Workflow
-from curvscope.workflows.options import OptionError, Options, at_least, one_of
+from curvscope.workflows.options import OptionError, Options, at_least, one_of, option
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from curvscope.progress import Progress
     from curvscope.report.writer import ReportWriter
 
+COMMAND = commands.get("factors")
 FACTORS_FILE = "factors.safetensors"
 PLOT_FILE = "factors.png"
 
@@ -36,38 +38,42 @@ PLOT_FILE = "factors.png"
 class FactorsOptions(Options):
     """Options of the factors computation (the ``curvscope factors`` flags, in snake_case)."""
 
-    command: ClassVar[str] = "factors"
+    command: ClassVar[str] = COMMAND.command
 
-    symmetry: str = "auto"
-    """``auto`` (the largest group the chain's activations allow: orthogonal for linear chains,
-    signed-permutation for odd ones such as tanh, permutation otherwise, e.g. ReLU), ``orthogonal``,
-    ``signed-permutation`` (same factors), ``permutation`` or ``none`` (dense, small chains)."""
-    source: str = "batch"
-    """What R projects: ``batch`` (g g^T), ``per-sample`` (mean of g_n g_n^T) or ``ggn`` (V V^T)."""
-    layers: str | None = None
-    """Comma-separated Linear module names of the chain, in order (default: the Linear layers of an MLP)."""
-    mc_samples: int = 0
-    """Source ``ggn``: 0 for the exact loss-Hessian square root, M > 0 Monte-Carlo columns per sample."""
-    subsample: int | None = None
-    """Source ``ggn``: the GGN of the first K samples of the batch only."""
-    structure_check: bool = True
-    """Report the relative projection error of the per-sample second moment."""
-    ensemble: int = 0
-    """M models drawn from the initialization ``init`` (0: no ensemble)."""
-    ensemble_checkpoints: str | None = None
-    """A glob of checkpoints forming the ensemble instead of drawn models."""
-    init: str = "normal"
-    """Initialization of drawn models: ``normal`` or ``default``."""
-    ensemble_chunk: int = 0
-    """Models per vectorized chunk (0: automatic)."""
-    symo_step: Path | None = None
-    """Write the SymO direction to this safetensors file and report a line search."""
-    eps: float = 1e-8
-    """Damping of the SymO inverse square root."""
-    plots: bool = True
-    """Draw factors.png."""
-    seed: int | None = None
-    """Seed of drawn models and Monte-Carlo columns (None: the problem's seed, else 0)."""
+    symmetry: str = option("auto", "Weight-space symmetry group of the hidden units: auto (the largest group the "
+                           "chain's activations allow, said in the summary: orthogonal for linear chains, "
+                           "signed-permutation for odd activations such as tanh, permutation for the rest, e.g. "
+                           "ReLU), orthogonal, signed-permutation (the same factors as orthogonal), permutation, or "
+                           "none (the dense second moment; small chains only).")
+    source: str = option("batch", "What is projected: batch (the full-batch gradient g g^T, the paper's estimate), "
+                         "per-sample (mean of g_n g_n^T: a structured empirical Fisher) or ggn (the GGN V V^T from "
+                         "the spectrum engine's columns).")
+    layers: str | None = option(None, "Comma-separated Linear module names forming the chain, in order (e.g. "
+                                "1,3,5). Default: the Linear layers of an nn.Sequential MLP.")
+    mc_samples: int = option(0, "``source=ggn``: 0 for the exact loss-Hessian square root, M > 0 for M "
+                             "Monte-Carlo columns per sample.")
+    subsample: int | None = option(None, "``source=ggn``: build the GGN from the first K samples of the batch "
+                                   "only.")
+    structure_check: bool = option(True, "Report the relative Frobenius error between the per-sample-gradient "
+                                   "second moment and its structured projection (skipped for very large N x D).")
+    ensemble: int = option(0, "Draw M models from the initialization (see ``init``), compute the ground truth (the "
+                           "average of their single-gradient factors) and each model's correlation with it. 0: "
+                           "off.")
+    ensemble_checkpoints: str | None = option(None, "Use the checkpoints matching this glob (quote it, e.g. "
+                                              "'runs/seed*.pt') as the ensemble instead of drawing models.")
+    init: str = option("normal", "``ensemble`` initialization: normal (Linear weights N(0, 1/fan_in), biases "
+                       "zero) or default (each module's reset_parameters).")
+    ensemble_chunk: int = option(0, "Models per vectorized chunk (0: automatic, from a 256 MiB activation "
+                                 "budget).")
+    symo_step: Path | None = option(None, "Write the SymO direction (Sigma + eps I)^(-1/2) g to this safetensors "
+                                    "file (one tensor per parameter, zeros outside the chain; the update is theta - "
+                                    "step * direction) and report a line search: predicted vs realized loss "
+                                    "change.")
+    eps: float = option(1e-8, "Damping of the SymO inverse square root.")
+    plots: bool = option(True, "Write factors.png: heatmaps of the matrix factors (beside the ground truth with an "
+                         "ensemble) and a bar chart of the correlations.")
+    seed: int | None = option(None, "Seed of drawn models and Monte-Carlo columns (None: the problem's seed, else "
+                              "0).")
 
     def validate(self) -> None:
         """Check every value that needs no Problem (the ensemble glob is matched here)."""
@@ -124,17 +130,20 @@ class FactorsOptions(Options):
 
 @dataclass
 class FactorsRun:
-    """What :func:`run_factors` computed."""
+    """What :func:`run_factors` computed: the engine's results and the choices made (no report fields;
+    :func:`write_factors` makes those)."""
 
     result: FactorsResult
     ensemble: EnsembleResult | None = None
     symo: SymoResult | None = None
-    section: dict[str, Any] = field(default_factory=dict)
-    """The report's ``factors`` section, without ``files`` (added by :func:`write_factors`)."""
+    checkpoints: list[Path] = field(default_factory=list)
+    """The ensemble's checkpoint files (empty when the models were drawn)."""
+    symmetry_choice: str | None = None
+    """What symmetry ``auto`` chose and why (``None`` when the symmetry was given)."""
 
     def __repr__(self) -> str:
         return (f"FactorsRun(symmetry={self.result.structure.symmetry!r}, source={self.result.source!r}, "
-                f"blocks={len(self.section.get('blocks', []))}, ensemble={'yes' if self.ensemble else 'no'}, "
+                f"blocks={len(self.result.structure.blocks())}, ensemble={'yes' if self.ensemble else 'no'}, "
                 f"symo={'yes' if self.symo else 'no'})")
 
 
@@ -155,12 +164,12 @@ def resolve_symmetry(problem: Problem, options: FactorsOptions) -> tuple[str, st
 def run_factors(problem: Problem, options: FactorsOptions | None = None, progress: Progress | None = None
                 ) -> FactorsRun:
     """Compute the factors of ``problem``, the ensemble ground truth and the SymO step as ``options`` ask (no
-    files). ``progress`` gets stages ``per-sample``, ``ensemble`` and ``symo`` (:mod:`curvscope.progress`)."""
+    files, no report fields). ``progress(stage, done, total)`` gets stages ``per-sample``, ``ensemble`` and
+    ``symo`` (:mod:`curvscope.progress`)."""
     from curvscope.curvature.finite import check_finite, check_outputs
     from curvscope.curvature.symmetry.ensemble import ensemble_factors
     from curvscope.curvature.symmetry.estimate import compute_factors
     from curvscope.curvature.symmetry.symo import symo_step
-    from curvscope.report.factors_report import factors_section
 
     options = options or FactorsOptions()
     options.validate()
@@ -183,12 +192,7 @@ def run_factors(problem: Problem, options: FactorsOptions | None = None, progres
         advance = counter(progress, "symo", 1)
         symo = symo_step(problem, result, eps=float(options.eps))
         advance()
-    ggn = {"mc_samples": options.mc_samples, "subsample": options.subsample} if result.source == "ggn" else None
-    section = factors_section(result, ensemble, symo, ggn, paths)
-    if choice:
-        section["symmetry_choice"] = choice
-        section["notes"] = [choice, *[n for n in section.get("notes", []) if "try symmetry" not in n]]
-    return FactorsRun(result, ensemble, symo, section)
+    return FactorsRun(result, ensemble, symo, paths, choice)
 
 
 def _load_members(problem: Problem, paths: list[Path]) -> list[dict[str, Tensor]]:
@@ -216,14 +220,15 @@ def write_factors(writer: ReportWriter, problem: Problem, run: FactorsRun, optio
     from curvscope.report import factors_report as fr
     from curvscope.report.factors_plots import factors_file_plot
 
-    section = dict(run.section)
+    ggn = {"mc_samples": options.mc_samples, "subsample": options.subsample} if run.result.source == "ggn" else None
+    section = fr.factors_section(run.result, run.ensemble, run.symo, ggn, run.checkpoints, run.symmetry_choice)
     files = {"factors": str(writer.out_dir / FACTORS_FILE)}
     if options.plots:
         files["plot"] = str(writer.out_dir / PLOT_FILE)
     if run.symo is not None:
         files["symo_step"] = str(options.symo_step)
     section["files"] = files
-    writer.section("factors", {"factors": section})
+    writer.section(COMMAND.command, {COMMAND.key: section})
     tensors = fr.factors_tensors(run.result, run.ensemble)
     writer.tensors("factors", files["factors"], tensors, fr.factors_metadata(section))
     if run.symo is not None:
@@ -233,5 +238,4 @@ def write_factors(writer: ReportWriter, problem: Problem, run: FactorsRun, optio
         writer.plot("factors_plot", PLOT_FILE, lambda report: factors_file_plot(report["factors"], tensors))
 
 
-WORKFLOW = Workflow(name="factors", command="factors", options=FactorsOptions, run=run_factors,
-                    write=write_factors, claim=claim_factors)
+WORKFLOW = Workflow(COMMAND.name, options=FactorsOptions, run=run_factors, write=write_factors, claim=claim_factors)

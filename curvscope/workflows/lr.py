@@ -12,18 +12,17 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
-from curvscope.curvature.lr import CURVATURES, DIRECTIONS, PARTITIONS, LRResult, analyse_batch
-from curvscope.io.data import select_batch
+from curvscope import commands
 from curvscope.workflows.base import Workflow
-from curvscope.workflows.options import OptionError, Options, at_least, one_of
+from curvscope.workflows.options import OptionError, Options, at_least, one_of, option
 
 if TYPE_CHECKING:
+    from curvscope.curvature.lr import LRResult
     from curvscope.problem import Problem
     from curvscope.progress import Progress
     from curvscope.report.writer import ReportWriter
 
+COMMAND = commands.get("lr")
 PLOT_NAME = "lr.png"
 
 
@@ -31,35 +30,37 @@ PLOT_NAME = "lr.png"
 class LrOptions(Options):
     """Options of the learning-rate computation (the ``curvscope lr-suggest`` flags, in snake_case)."""
 
-    command: ClassVar[str] = "lr-suggest"
+    command: ClassVar[str] = COMMAND.command
 
-    partition: str = "layer"
-    """Parameter groups, one rate each: ``layer`` (one per module with parameters), ``tensor`` or ``all``."""
-    direction: str = "gradient"
-    """Step direction ``u``: ``gradient`` (plain SGD) or ``symo`` (the SymO direction)."""
-    curvature: str = "hessian"
-    """``H`` in ``H_bar = u_s^T H u_t``: ``hessian`` (may be indefinite) or ``ggn`` (PSD)."""
-    ridge: float = 0.0
-    """Added to ``H_bar``'s diagonal for the joint Newton rates (>= 0)."""
-    batches: int = 1
-    """Repeat on this many disjoint batches of the problem's batch size (mean and std of every rate)."""
-    holdout: int = 0
-    """Also measure each step's realized loss decrease on this many other samples."""
-    cubic: bool = False
-    """Also the order-3 diagonal and the cubic-regularized rates."""
-    cubic_weight: float = 1.0
-    """Weight of the cubic term (> 0)."""
-    stability: bool = True
-    """Compute the stability bounds (one GGN spectrum pass per batch); without them the rule has no caps."""
-    plot: bool = True
-    """Draw lr.png."""
+    partition: str = option("layer", "Parameter groups, one rate each: layer (one per module with parameters), "
+                            "tensor (one per parameter tensor) or all (a single rate).")
+    direction: str = option("gradient", "Step direction u: gradient (plain SGD) or symo (the SymO direction of the "
+                            "factors engine).")
+    curvature: str = option("hessian", "H in H-bar = u_s^T H u_t: hessian (as in the paper; may be indefinite) or "
+                            "ggn (generalized Gauss-Newton, always PSD).")
+    ridge: float = option(0.0, "Added to H-bar's diagonal for the joint Newton rates (H-bar + ridge I)^-1 g-hat "
+                          "(>= 0).")
+    batches: int = option(1, "Repeat on B disjoint batches of ``batch_size`` (the batch, then the next samples in "
+                          "the same order) and report each rate's mean and std; a rate whose std exceeds its mean "
+                          "is flagged.")
+    holdout: int = option(0, "Also measure each step's realized loss decrease on N other samples (after the "
+                          "batches).")
+    cubic: bool = option(False, "Also compute the order-3 diagonal d3_s = d^3 L/d eta_s^3 and the rates minimizing "
+                         "the cubic-regularized model -eta.g + eta.H.eta/2 + w/6 sum |d3_s| |eta_s|^3.")
+    cubic_weight: float = option(1.0, "Weight w of the cubic term (> 0).")
+    stability: bool = option(True, "Compute the stability bounds (one GGN spectrum pass per batch); without them "
+                             "the rule has no caps.")
+    plot: bool = option(True, "Write lr.png: rates per group on a log axis and H-bar as a correlation heatmap.")
 
     def validate(self) -> None:
         """Check every value that needs no Problem."""
+        from curvscope.curvature.lr import DIRECTIONS, PARTITIONS
+        from curvscope.problem import CURVATURES
+
         super().validate()
         one_of("partition", self.partition, PARTITIONS)
         one_of("direction", self.direction, DIRECTIONS)
-        one_of("curvature", self.curvature, CURVATURES)
+        one_of("curvature", self.curvature, sorted(CURVATURES, key=lambda c: c != "hessian"))  # the default first
         _finite("ridge", self.ridge, 0.0)
         _finite("cubic_weight", self.cubic_weight, 0.0, strict=True)
         at_least("batches", self.batches, 1)
@@ -90,6 +91,10 @@ def draw_batches(problem: Problem, batches: int, holdout: int) -> tuple[list[Pro
     Raises:
         OptionError: the problem has no dataset, or the dataset is too small.
     """
+    import torch
+
+    from curvscope.io.data import select_batch
+
     at_least("batches", batches, 1)
     at_least("holdout", holdout, 0)
     if batches == 1 and holdout == 0:
@@ -126,7 +131,8 @@ def run_lr(problem: Problem, options: LrOptions | None = None, progress: Progres
     Args:
         problem: the model, batch and loss (loaded from a data file for ``batches > 1`` or ``holdout > 0``).
         options: the knobs (default :class:`LrOptions`); validated first.
-        progress: reports stage ``"lr"``: done of ``batches x`` the steps of one batch.
+        progress: ``progress(stage, done, total)`` (:mod:`curvscope.progress`) of stage ``"lr"``: done of
+            ``batches x`` the steps of one batch.
 
     Returns:
         The rates of every batch, the problem's own first.
@@ -135,6 +141,7 @@ def run_lr(problem: Problem, options: LrOptions | None = None, progress: Progres
         OptionError: a bad option, or more samples asked for than the dataset has.
     """
     from curvscope.curvature.finite import check_finite, check_outputs
+    from curvscope.curvature.lr import LRResult, analyse_batch
 
     options = LrOptions() if options is None else options
     options.validate()
@@ -161,9 +168,10 @@ def run_lr(problem: Problem, options: LrOptions | None = None, progress: Progres
                     cubic_weight=options.cubic_weight if options.cubic else None)
 
 
-def suggest_lr(problem: Problem, partition: str = "layer", curvature: str = "hessian",
-               direction: str = "gradient", ridge: float = 0.0, batches: int = 1, holdout: int = 0,
-               cubic: bool = False, cubic_weight: float = 1.0, stability: bool = True,
+def suggest_lr(problem: Problem, partition: str = LrOptions.partition, curvature: str = LrOptions.curvature,
+               direction: str = LrOptions.direction, ridge: float = LrOptions.ridge, batches: int = LrOptions.batches,
+               holdout: int = LrOptions.holdout, cubic: bool = LrOptions.cubic,
+               cubic_weight: float = LrOptions.cubic_weight, stability: bool = LrOptions.stability,
                progress: Progress | None = None) -> LRResult:
     """Per-group learning rates (``docs/conventions.md §6``), each rate set checked by the realized loss change.
 
@@ -203,7 +211,7 @@ def write_lr(writer: ReportWriter, problem: Problem, result: LRResult, options: 
         from curvscope.report.lr_plots import lr_figure
 
         section["plot"] = str(writer.plot("lr_plot", PLOT_NAME, lambda r: lr_figure(r["lr"], r["problem"])))
-    writer.section("lr-suggest", {"lr": section})
+    writer.section(COMMAND.command, {COMMAND.key: section})
 
 
-WORKFLOW = Workflow(name="lr", command="lr-suggest", options=LrOptions, run=run_lr, write=write_lr, claim=None)
+WORKFLOW = Workflow(COMMAND.name, options=LrOptions, run=run_lr, write=write_lr, claim=None)

@@ -1,10 +1,12 @@
 """Options of a workflow as a typed dataclass: defaults, strict conversion of config values, validation.
 
 Every workflow (``spectrum``, ``lr``, ``factors``) has one options dataclass deriving from :class:`Options`.
-Its fields are the knobs of the computation, in the engine's words (``top_k``, not ``--top-k``); the CLI maps
-its flags onto them, ``curvscope check`` builds them from a TOML table with :meth:`Options.from_mapping`, and
-a notebook constructs them directly. :meth:`Options.validate` checks values that need no Problem and raises
-:class:`OptionError` naming the field, which the CLI turns back into the flag's name.
+Its fields are the knobs of the computation, in the engine's words (``top_k``, not ``--top-k``), each declared
+with :func:`option`: its default and its help text are written there once. The CLI makes its flags from them
+(``curvscope.cli.options.workflow_options``), ``curvscope check`` builds the options from a TOML table with
+:meth:`Options.from_mapping`, and a notebook constructs them directly. :meth:`Options.validate` checks values
+that need no Problem and raises :class:`OptionError` naming the field, which the CLI turns back into the flag's
+name.
 """
 
 from __future__ import annotations
@@ -20,9 +22,18 @@ from typing import Any, ClassVar, TypeVar, Union
 
 from curvscope.errors import MAX_INT, CurvscopeError, OptionError, at_least, one_of
 
-__all__ = ["OptionError", "Options", "at_least", "one_of"]
+__all__ = ["OptionError", "Options", "at_least", "one_of", "option"]
 
 T = TypeVar("T", bound="Options")
+
+
+def option(default: Any, help: str) -> Any:  # noqa: A002  (the word typer and argparse use)
+    """A field of an options dataclass: its default and its help text, written only here.
+
+    The CLI's flag of the field takes both; in ``help``, ````name```` names another option (the CLI writes its
+    flag, ``--name``) and ````name=value```` a setting of one (``--name value``; ``--no-name`` for ``False``).
+    """
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 
@@ -32,6 +43,19 @@ class Options:
 
     command: ClassVar[str] = ""
     """The CLI command the options belong to (for messages)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """The class docstring lists the fields' help texts (``help(SpectrumOptions)``)."""
+        super().__init_subclass__(**kwargs)
+        entries = [f"    {name}: {value.metadata['help']}" for name, value in vars(cls).items()
+                   if isinstance(value, dataclasses.Field) and "help" in value.metadata]
+        if entries and cls.__doc__:
+            cls.__doc__ = cls.__doc__.rstrip() + "\n\n    Attributes:\n" + "\n".join(f"    {e}" for e in entries)
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """The help text of option ``name`` (see :func:`option`)."""
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}[name]
 
     def validate(self) -> None:
         """Check values that need no Problem; raise :class:`OptionError`. Subclasses extend it."""

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from curvscope import commands
 from curvscope.errors import CurvscopeError
 from curvscope.workflows.base import Workflow
-from curvscope.workflows.options import OptionError, Options, at_least, one_of
+from curvscope.workflows.options import OptionError, Options, at_least, one_of, option
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -28,8 +29,7 @@ if TYPE_CHECKING:
     from curvscope.progress import Progress
     from curvscope.report.writer import ReportWriter
 
-GROUP_MODES = ("all", "layer", "tensor")
-CURVATURES = ("ggn", "hessian")
+COMMAND = commands.get("spectrum")
 METHODS = ("auto", "gram", "lanczos")
 DEFAULT_LANCZOS_K = 10
 MIN_MEMORY = 64 * 2**20
@@ -41,48 +41,57 @@ FILE_NAMES = {"directions": "directions.safetensors"}
 class SpectrumOptions(Options):
     """Options of the spectrum computation (the ``curvscope spectrum`` flags, in snake_case)."""
 
-    command: ClassVar[str] = "spectrum"
+    command: ClassVar[str] = COMMAND.command
 
-    groups: str = "all"
-    """``all`` (the full GGN), ``layer`` or ``tensor`` (block-diagonal; the whole model comes first)."""
-    mc_samples: int = 0
-    """0: exact loss-Hessian square root; M > 0: Monte-Carlo with M columns per sample."""
-    subsample: int | None = None
-    """Curvature from the first K samples only."""
-    top_k: int | None = None
-    """Directional quantities for the top K nonzero directions (default: all, at most 1000)."""
-    directions: bool = True
-    """Per-sample directional derivatives, their SNRs and gradient overlaps."""
-    eigenvectors: Path | None = None
-    """Write the top-k whole-model eigenvectors to this safetensors file."""
-    newton_step: Path | None = None
-    """Write the damped Newton step to this safetensors file."""
-    damping: str | float = "bootstrap"
-    """A constant damping >= 0, or ``bootstrap``."""
-    max_memory: str | int = "auto"
-    """Memory budget (``4GiB``, bytes, or ``auto``)."""
-    ghost: bool = True
-    """Fast per-layer Gram rules where cheaper."""
-    plots: bool = True
-    """Draw spectrum.png, directions.png, layers.png."""
-    seed: int | None = None
-    """Seed of Monte-Carlo sampling, the bootstrap and Lanczos (None: the problem's seed, else 0)."""
-    curvature: str = "ggn"
-    """``ggn``, or ``hessian`` (matrix-free: Lanczos, Hutch++, SLQ; the GGN is computed beside it)."""
-    method: str = "auto"
-    """``gram`` (exact, all eigenvalues), ``lanczos`` (matrix-free, the extremes) or ``auto`` (gram when
-    its Gram matrix fits the memory budget)."""
-    tol: float = 1e-6
-    """Lanczos: a Ritz value counts as converged when its residual is below tol * |lambda_max|."""
-    trace_samples: int = 60
-    """Lanczos: matrix-vector products for the Hutch++ trace (exact when at least the group's size)."""
-    density_vectors: int = 4
-    """Lanczos: random start vectors of the SLQ spectral density of the whole model (0: no density)."""
-    landscape: bool = False
-    """The batch loss along the top eigenvector and over the plane of the top two (landscape.png)."""
+    groups: str = option("all", "Parameter groups: all (the full GGN), layer (block-diagonal, one block per module "
+                         "with parameters) or tensor (one block per parameter tensor). With layer/tensor the whole "
+                         "model is reported first, then the blocks.")
+    mc_samples: int = option(0, "0: exact loss-Hessian square root (N*C columns). M > 0: Monte-Carlo approximation "
+                             "with M columns per sample (N*M columns).")
+    subsample: int | None = option(None, "Build the curvature from the first K samples of the batch only (the "
+                                   "gradient still uses the whole batch).")
+    top_k: int | None = option(None, "Directional quantities (and eigenvectors, Newton step) for the top K nonzero "
+                               "directions. Default: all nonzero, at most 1000.")
+    directions: bool = option(True, "Compute per-sample directional derivatives gamma_nk, curvatures lambda_nk, "
+                              "their SNRs and the gradient overlaps (``directions=False``: eigenvalues only, a bit "
+                              "faster).")
+    eigenvectors: Path | None = option(None, "Write the top-k eigenvectors of the whole-model GGN to this "
+                                       "safetensors file: key '{k}/{parameter}' (k = 0 for the largest eigenvalue) "
+                                       "holds eigenvector k's slice for that parameter, 'eigenvalues' the k "
+                                       "eigenvalues.")
+    newton_step: Path | None = option(None, "Write the damped Newton step along the eigen-directions (the sum of "
+                                      "the per-block steps with ``groups`` layer/tensor) to this safetensors file, "
+                                      "one tensor per parameter; its predicted and realized loss decrease go into "
+                                      "the report.")
+    damping: str | float = option("bootstrap", "Damping for ``newton_step``: a constant delta >= 0 (in units of "
+                                  "curvature, added to every eigenvalue), or bootstrap: a per-direction delta_k "
+                                  "picked by the 5th percentile of the bootstrapped predicted decrease (ViViT), "
+                                  "skipping directions with no reliable decrease.")
+    max_memory: str | int = option("auto", "Memory budget for the computation, e.g. 4GiB or 512MB; auto: a quarter "
+                                   "of the available RAM (half of the free GPU memory). Larger batches are split, "
+                                   "not refused.")
+    ghost: bool = option(True, "Use the fast per-layer Gram rules where cheaper (``ghost=False``: the generic "
+                         "torch.func path for every layer; for debugging).")
+    plots: bool = option(True, "Write spectrum.png, directions.png and (with ``groups`` layer/tensor) layers.png.")
+    seed: int | None = option(None, "Seed of Monte-Carlo sampling, the bootstrap and Lanczos (None: the problem's "
+                              "seed, else 0).")
+    curvature: str = option("ggn", "ggn, or hessian: the loss Hessian by Lanczos on Hessian-vector products (both "
+                            "ends of its spectrum, a Hutch++ trace, an SLQ density), with the GGN's lambda_max and "
+                            "trace beside it.")
+    method: str = option("auto", "gram (exact: every eigenvalue, from the N*C x N*C Gram), lanczos (matrix-free: "
+                         "the ``top_k`` extremes, Hutch++ trace, SLQ density) or auto: gram when it fits "
+                         "``max_memory``, else lanczos.")
+    tol: float = option(1e-6, "Lanczos: converged when every residual is below tol * |lambda_max|.")
+    trace_samples: int = option(60, "Lanczos: products for the Hutch++ trace (exact when at least the group's "
+                                "parameter count).")
+    density_vectors: int = option(4, "Lanczos: random vectors of the SLQ spectral density (0: none).")
+    landscape: bool = option(False, "Also write landscape.png: the batch loss along the top eigenvector with the "
+                             "quadratic model, and over the plane of the top two.")
 
     def validate(self) -> None:
         """Check every value that needs no Problem."""
+        from curvscope.problem import CURVATURES, GROUP_MODES
+
         super().validate()
         one_of("groups", self.groups, GROUP_MODES)
         if self.mc_samples is None or self.mc_samples < 0:
@@ -201,9 +210,20 @@ def _engine_parse(parameter: str, parse: Callable[[Any], Any], value: Any) -> An
         raise OptionError(parameter, text[len(parameter) + 1:]) from None
 
 
+@dataclass(frozen=True)
+class GgnBeside:
+    """The whole-model GGN computed beside a Hessian spectrum: how much of the curvature it captures."""
+
+    lambda_max: float | None
+    trace: float | None
+    method: str
+    """``gram`` (exact, when it fits the memory budget) or ``lanczos``."""
+
+
 @dataclass
 class SpectrumRun:
-    """What :func:`run_spectrum` computed."""
+    """What :func:`run_spectrum` computed: the engine's results and how they were obtained (no report fields;
+    :func:`write_spectrum` makes those)."""
 
     result: SpectrumResult | None = None
     """The Gram spectrum (method ``gram``)."""
@@ -215,28 +235,51 @@ class SpectrumRun:
     """Top eigenvectors ``{parameter: (k, *shape)}`` (``options.eigenvectors`` or the landscape)."""
     landscape: Landscape | None = None
     """The loss along the top eigenvectors (``options.landscape``)."""
-    fields: dict[str, Any] | None = None
-    """The report fields (set by :func:`run_spectrum`)."""
     notes: list[str] = field(default_factory=list)
     """What the user should know about how the numbers were computed (printed by the CLI)."""
+    method: str = "gram"
+    """The method used: ``gram`` or ``lanczos`` (``auto`` resolved)."""
+    curvature: str = "ggn"
+    """``ggn`` or ``hessian``."""
+    path: str = "vmap"
+    """How the curvature products were computed (``vmap``, ``autograd``, ``autograd (double backward)``)."""
+    gradient_norm: float | None = None
+    """The norm of the batch gradient."""
+    ggn: GgnBeside | None = None
+    """With the Hessian: the whole-model GGN beside it."""
+
+    @property
+    def top_eigenvalues(self) -> Tensor:
+        """The whole model's (``groups[0]``) eigenvalues, descending: all nonzero ones (Gram) or the top
+        ``top_k`` (Lanczos)."""
+        if self.result is not None:
+            return self.result.groups[0].eigenvalues
+        if self.matfree is not None:
+            return self.matfree.groups[0].top
+        raise CurvscopeError("the run has no spectrum (use run_spectrum)")
 
     def __repr__(self) -> str:
-        g = (self.fields or {}).get("groups", [{}])[0]
-        return (f"SpectrumRun(method={(self.fields or {}).get('method', 'gram')}, groups="
-                f"{len((self.fields or {}).get('groups', []))}, lambda_max={g.get('lambda_max')}, "
-                f"newton={'yes' if self.step is not None else 'no'})")
+        groups = (self.result or self.matfree).groups if (self.result or self.matfree) is not None else []
+        lambda_max = None if not groups else groups[0].lambda_max
+        lambda_max = None if lambda_max is None else float(lambda_max)
+        return (f"SpectrumRun(method={self.method}, curvature={self.curvature}, groups={len(groups)}, "
+                f"lambda_max={lambda_max}, newton={'yes' if self.step is not None else 'no'}, "
+                f"landscape={'yes' if self.landscape is not None else 'no'})")
 
 
 def run_spectrum(problem: Problem, options: SpectrumOptions | None = None, progress: Progress | None = None,
                  process_group: ProcessGroup | None = None) -> SpectrumRun:
-    """Compute the spectrum of ``problem`` (no files).
+    """Compute the spectrum of ``problem`` (no files, no report fields).
 
     Args:
         problem: the model, batch and loss.
         options: :class:`SpectrumOptions` (defaults when ``None``); validated here.
-        progress: the progress protocol (:mod:`curvscope.progress`).
+        progress: the progress protocol ``progress(stage, done, total)`` (:mod:`curvscope.progress`).
         process_group: an initialized ``torch.distributed`` group: the call is collective (every rank passes
             the same problem and options) and every rank returns the same numbers (Gram method only).
+
+    Returns:
+        A :class:`SpectrumRun`: the engine's results, the method chosen and the notes.
     """
     from curvscope.curvature import distributed
     from curvscope.curvature.finite import check_outputs
@@ -256,7 +299,7 @@ def run_spectrum(problem: Problem, options: SpectrumOptions | None = None, progr
     if note:
         run.notes.append(note)
     if options.landscape:
-        run.landscape, run.fields["landscape"] = _landscape(problem, run, options)
+        run.landscape = _landscape(problem, run)
     return run
 
 
@@ -266,7 +309,6 @@ def _run_gram(problem: Problem, options: SpectrumOptions, seed: int, progress: P
     from curvscope.curvature.finite import check_finite
     from curvscope.curvature.gram.newton import newton_step
     from curvscope.curvature.gram.spectrum import compute_spectrum, eigenvectors
-    from curvscope.report import spectrum_report as sr
 
     result = compute_spectrum(
         problem, groups=options.groups, mc_samples=options.mc_samples, subsample=options.subsample,
@@ -277,7 +319,8 @@ def _run_gram(problem: Problem, options: SpectrumOptions, seed: int, progress: P
         check_finite("the loss and gradient", loss=result.loss_value, gradient_norm=result.gradient_norm)
         for group in result.groups:
             check_finite(f"the curvature of group {group.name}", eigenvalues=group.eigenvalues, trace=group.trace)
-    run = SpectrumRun(result=result)
+    run = SpectrumRun(result=result, method="gram", curvature="ggn", path=getattr(result, "path", "vmap"),
+                      gradient_norm=float(result.gradient_norm))
     if options.newton_step is not None:
         if progress is not None:
             progress("newton", 0, 1)
@@ -286,13 +329,6 @@ def _run_gram(problem: Problem, options: SpectrumOptions, seed: int, progress: P
             progress("newton", 1, 1)
     if options.eigenvectors is not None or options.landscape:
         run.vectors = eigenvectors(problem, result, group=0, process_group=process_group)
-    with distributed.stage(comm):
-        run.fields = sr.spectrum_fields(result, problem.batch_size, directional=options.directions,
-                                        dtype=problem.dtype)
-        # replaces stale sections when merging into an older report of this problem
-        run.fields.update(curvature="ggn", method="gram", comparison=None, landscape=None,
-                          path=getattr(result, "path", "vmap"))
-        run.fields["newton"] = None if run.step is None else sr.newton_fields(run.step, options.newton_step)
     return run
 
 
@@ -302,7 +338,6 @@ def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress
     from curvscope.curvature.finite import check_finite
     from curvscope.curvature.gram.layout import make_layout
     from curvscope.curvature.matfree.spectrum import compute_matfree_spectrum
-    from curvscope.report import matfree_report as mr
 
     def matfree(curvature: str, groups: str, top_k: int, vectors: bool, density: int):
         return compute_matfree_spectrum(
@@ -316,25 +351,20 @@ def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress
     with distributed.stage(comm):
         for group in result.groups:
             check_finite(f"the curvature of group {group.name}", eigenvalues=group.top, trace=group.trace)
-    run = SpectrumRun(matfree=result, vectors=result.eigenvectors)
-    run.fields = mr.matfree_fields(result, problem.batch_size)
     gradient = make_layout(problem, process_group, check=False).gradient(problem)
-    run.fields["gradient_norm"] = float(sum(float((g.double() ** 2).sum()) for g in gradient.values()) ** 0.5)
-    run.fields["comparison"] = None
-    run.fields["landscape"] = None
-    run.fields["path"] = "autograd (double backward)"
-    run.fields["rules"] = None  # no rows of V: every product is a double backward
+    run = SpectrumRun(matfree=result, vectors=result.eigenvectors, method="lanczos", curvature=result.curvature,
+                      path="autograd (double backward)",  # no rows of V: every product is a double backward
+                      gradient_norm=float(sum(float((g.double() ** 2).sum()) for g in gradient.values()) ** 0.5))
     if not result.converged:
         run.notes.append(f"Lanczos did not reach the tolerance {options.tol:g} for every eigenvalue (residuals are in "
                          "the report): loosen the tolerance or ask for fewer eigenvalues (top_k)")
     if options.curvature == "hessian":  # how much of the curvature the GGN captures
-        ggn = _ggn_beside(problem, options, seed, progress, matfree, process_group)
-        run.fields["comparison"] = mr.comparison_fields(run.fields["groups"][0], ggn)
+        run.ggn = _ggn_beside(problem, options, seed, progress, matfree, process_group)
     return run
 
 
 def _ggn_beside(problem: Problem, options: SpectrumOptions, seed: int, progress: Progress | None, matfree: Any,
-                process_group: ProcessGroup | None = None) -> dict[str, Any]:
+                process_group: ProcessGroup | None = None) -> GgnBeside:
     """The whole-model GGN's lambda_max and trace: exact by Gram when it fits, else by Lanczos."""
     ggn_options = options.replace(curvature="ggn", method="auto", groups="all", directions=False, eigenvectors=None,
                                   newton_step=None, landscape=False)
@@ -345,24 +375,21 @@ def _ggn_beside(problem: Problem, options: SpectrumOptions, seed: int, progress:
         g = compute_spectrum(problem, groups="all", directional=False, seed=seed, ghost=options.ghost,
                              max_memory=options.parsed_memory(), progress=progress,
                              process_group=process_group).groups[0]
-        return {"lambda_max": float(g.lambda_max), "trace": float(g.trace), "method": "gram"}
+        return GgnBeside(lambda_max=float(g.lambda_max), trace=float(g.trace), method="gram")
     g = matfree("ggn", "all", 1, False, 0).groups[0]
-    return {"lambda_max": g.lambda_max, "trace": g.trace, "method": "lanczos"}
+    return GgnBeside(lambda_max=g.lambda_max, trace=g.trace, method="lanczos")
 
 
-def _landscape(problem: Problem, run: SpectrumRun, options: SpectrumOptions) -> tuple[Landscape, dict[str, Any]]:
+def _landscape(problem: Problem, run: SpectrumRun) -> Landscape:
     from curvscope.curvature.landscape import loss_landscape
-    from curvscope.report import matfree_report as mr
 
     if not run.vectors:
         raise OptionError("landscape", "needs at least one nonzero eigen-direction of the whole model")
-    top = run.fields["groups"][0]["eigenvalues"]
-    top = [float(v) for v in (top.tolist() if hasattr(top, "tolist") else top)]
+    top = [float(v) for v in run.top_eigenvalues.tolist()]
     k = min(2, next(iter(run.vectors.values())).shape[0])
     directions = {n: v[:k] for n, v in run.vectors.items()}
-    land = loss_landscape(problem, directions, eigenvalue=top[0] if top and top[0] > 0 else None,
+    return loss_landscape(problem, directions, eigenvalue=top[0] if top and top[0] > 0 else None,
                           points_2d=15 if k > 1 else 0)
-    return land, mr.landscape_fields(land, top)
 
 
 def claim_spectrum(writer: ReportWriter, options: SpectrumOptions) -> None:
@@ -373,13 +400,31 @@ def claim_spectrum(writer: ReportWriter, options: SpectrumOptions) -> None:
             writer.claim_option(path, name)
 
 
+def report_fields(problem: Problem, run: SpectrumRun, options: SpectrumOptions) -> dict[str, Any]:
+    """The report fields of ``run`` (the report's top level; without ``notes`` and ``files``), made by the report
+    builders of :mod:`curvscope.report.spectrum_report` (Gram) and :mod:`curvscope.report.matfree_report`."""
+    from curvscope.report import matfree_report as mr
+    from curvscope.report import spectrum_report as sr
+
+    if run.result is not None:
+        fields = sr.gram_section(run.result, problem.batch_size, directional=options.directions, dtype=problem.dtype,
+                                 path=run.path, step=run.step, newton_file=options.newton_step)
+    elif run.matfree is not None:
+        fields = mr.lanczos_section(run.matfree, problem.batch_size, gradient_norm=run.gradient_norm, path=run.path,
+                                    ggn=run.ggn)
+    else:
+        raise CurvscopeError("write_spectrum: the run has no results (use run_spectrum)")
+    if run.landscape is not None:
+        fields["landscape"] = mr.landscape_fields(run.landscape, [float(v) for v in run.top_eigenvalues.tolist()])
+    return fields
+
+
 def write_spectrum(writer: ReportWriter, problem: Problem, run: SpectrumRun, options: SpectrumOptions) -> None:
     """Add the spectrum fields, plots and tensor files of ``run`` to ``writer``."""
     from curvscope.report import spectrum_report as sr
 
-    if run.fields is None:
-        raise CurvscopeError("write_spectrum: the run has no report fields (use run_spectrum)")
-    writer.section("spectrum", {**run.fields, "notes": list(run.notes)})
+    fields = report_fields(problem, run, options)
+    writer.section(COMMAND.command, {**fields, "notes": list(run.notes)})
     result, step = run.result, run.step
     directions = sr.directions_tensors(result, step) if result is not None and options.directions else {}
     if directions:
@@ -387,12 +432,11 @@ def write_spectrum(writer: ReportWriter, problem: Problem, run: SpectrumRun, opt
                        {"format": "curvscope.directions", "grouping": options.groups,
                         "groups": [g.name for g in result.groups]})
     if options.eigenvectors is not None and run.vectors is not None:
-        top = run.fields["groups"][0]
         k = next(iter(run.vectors.values())).shape[0]
-        eigenvalues = result.groups[0].eigenvalues[:k] if result is not None else run.matfree.groups[0].top[:k]
-        writer.tensors("eigenvectors", options.eigenvectors, sr.eigenvector_tensors(run.vectors, eigenvalues),
-                       {"format": "curvscope.eigenvectors", "group": top["name"], "k": k,
-                        "curvature": run.fields.get("curvature", "ggn"), "parameters": list(problem.params)},
+        writer.tensors("eigenvectors", options.eigenvectors,
+                       sr.eigenvector_tensors(run.vectors, run.top_eigenvalues[:k]),
+                       {"format": "curvscope.eigenvectors", "group": fields["groups"][0]["name"], "k": k,
+                        "curvature": run.curvature, "parameters": list(problem.params)},
                        "eigenvectors")
     if step is not None:
         writer.tensors("newton_step", options.newton_step,
@@ -402,9 +446,9 @@ def write_spectrum(writer: ReportWriter, problem: Problem, run: SpectrumRun, opt
     if options.plots:
         from curvscope.report import plots  # matplotlib: only when drawing
 
-        for key, name, make in plots.spectrum_plots({**run.fields, "grouping": options.groups}):
+        for key, name, make in plots.spectrum_plots({**fields, "grouping": options.groups}):
             writer.plot(key, name, make)
 
 
-WORKFLOW = Workflow(name="spectrum", command="spectrum", options=SpectrumOptions, run=run_spectrum,
-                    write=write_spectrum, claim=claim_spectrum)
+WORKFLOW = Workflow(COMMAND.name, options=SpectrumOptions, run=run_spectrum, write=write_spectrum,
+                    claim=claim_spectrum)

@@ -20,10 +20,7 @@ from torch.func import grad, jvp
 
 from curvscope.curvature.gram.rows import map_stacked
 from curvscope.errors import CurvscopeError
-from curvscope.problem import ParamGroup, Problem
-
-CURVATURES = ("hessian", "ggn")
-"""The curvature ``H`` of ``H_bar``: the Hessian (may be indefinite) or the GGN (PSD)."""
+from curvscope.problem import CURVATURES, ParamGroup, Problem
 
 
 def group_tangents(direction: dict[str, Tensor], groups: list[ParamGroup]) -> dict[str, Tensor]:
@@ -88,7 +85,8 @@ def reduced_hessian(problem: Problem, direction: dict[str, Tensor], groups: list
         CurvscopeError: ``curvature`` is none of :data:`CURVATURES`.
     """
     if curvature not in CURVATURES:
-        raise CurvscopeError(f"curvature '{curvature}': choose one of {', '.join(CURVATURES)}")
+        choices = sorted(CURVATURES, key=lambda c: c != "hessian")  # the default first
+        raise CurvscopeError(f"curvature '{curvature}': choose one of {', '.join(choices)}")
     U = group_tangents(direction, groups)
     if curvature == "hessian":
         gradient_fn = grad(problem.loss_value)
