@@ -273,8 +273,9 @@ def test_seeds_over_the_memory_budget_are_refused_before_allocating():
         compute_spectrum(problem, mc_samples=1, max_memory=2**26)  # a third of it for the seeds
     assert make_columns(problem, spec=ColumnSpec(mc_samples=1), max_bytes=2**28).num_columns == 252
     with pytest.raises(OptionError, match=r"the seeds of the 252 columns \(one vector of 128,000 outputs each\)"):
-        SpectrumOptions(mc_samples=1, max_memory="64MiB").resolved_method(problem)
-    assert SpectrumOptions(mc_samples=1, max_memory="1GiB").resolved_method(problem) == ("gram", None)
+        SpectrumOptions(mc_samples=1, max_memory="64MiB").plan(problem)
+    plan = SpectrumOptions(mc_samples=1, max_memory="1GiB").plan(problem)
+    assert (plan.method, plan.note) == ("gram", None)
 
 
 @pytest.mark.parametrize(("kw", "match"), [

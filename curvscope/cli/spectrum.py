@@ -114,7 +114,7 @@ def _run(problem, options, out_dir: Path, comm, primary: bool):
         if primary:
             writer = ReportWriter(out_dir, problem, warn=warn)
             claim_spectrum(writer, options)
-        options.check_problem(problem)
+        options.plan(problem)  # refuse what cannot be computed before the bars start
     with progress_bars(quiet=not primary) as progress:
         run = run_spectrum(problem, options, progress, process_group=None if comm is None else comm.group)
         if writer is None:

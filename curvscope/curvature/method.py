@@ -85,10 +85,11 @@ def choose_method(problem, *, curvature: str = "ggn", method: str = "auto", mc_s
             f"the seeds of the {columns:,} columns (one vector of {problem.num_outputs:,} outputs each) need "
             f"{format_bytes(seeds)}")
     if method == "gram" or mc_samples:  # an explicit Gram request is refused, not replaced
-        given = mc_samples if mc_samples else ("the default" if max_memory is None else format_bytes(max_memory))
-        raise OptionError("mc_samples" if mc_samples else "max_memory",
-                          f"{given}: {what}, more than the memory budget ({format_bytes(budget)}); use fewer "
-                          "samples or Monte-Carlo columns, or method lanczos")
+        field = "mc_samples" if mc_samples else "max_memory"
+        given = mc_samples if mc_samples else ("auto" if max_memory is None else format_bytes(max_memory))
+        raise OptionError(field, lambda name: f"{name(field)} {given}: {what}, more than the memory budget "
+                          f"({format_bytes(budget)}); use fewer samples or Monte-Carlo columns, or "
+                          f"{name('method', 'lanczos')}")
     return SpectrumPlan("lanczos", (f"the exact Gram method does not fit the memory budget "
                                     f"({format_bytes(budget)}): {what}; used Lanczos on GGN-vector products (the "
                                     "extreme eigenvalues, a Hutch++ trace and an SLQ density)"),
@@ -117,7 +118,8 @@ def plan_spectrum(problem, *, curvature: str = "ggn", method: str = "auto", mc_s
         k = min(top_k or (DEFAULT_TOP_K if plan.method == "gram" else DEFAULT_LANCZOS_K), columns)
         size = k * problem.num_params * next(iter(problem.params.values())).element_size()
         if size > plan.budget:
-            raise OptionError("eigenvectors", f"up to {k} eigenvectors of {problem.num_params:,} parameters need "
-                              f"{format_bytes(size)}, more than the memory budget ({format_bytes(plan.budget)}): "
-                              "pass a smaller top_k")
+            text = (f"up to {k} eigenvectors of {problem.num_params:,} parameters need {format_bytes(size)}, more "
+                    f"than the memory budget ({format_bytes(plan.budget)})")
+            raise OptionError("eigenvectors", lambda name: f"{name('eigenvectors')} {text}: pass a smaller "
+                              f"{name('top_k')}")
     return plan

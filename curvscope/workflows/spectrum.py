@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from curvscope import commands
+from curvscope.curvature.method import DEFAULT_LANCZOS_K, METHODS
 from curvscope.errors import CurvscopeError
 from curvscope.workflows.base import Workflow
 from curvscope.workflows.options import OptionError, Options, at_least, one_of, option
@@ -25,13 +26,12 @@ if TYPE_CHECKING:
     from curvscope.curvature.gram.spectrum import SpectrumResult
     from curvscope.curvature.landscape import Landscape
     from curvscope.curvature.matfree.spectrum import MatfreeResult
+    from curvscope.curvature.method import SpectrumPlan
     from curvscope.problem import Problem
     from curvscope.progress import Progress
     from curvscope.report.writer import ReportWriter
 
 COMMAND = commands.get("spectrum")
-METHODS = ("auto", "gram", "lanczos")
-DEFAULT_LANCZOS_K = 10
 MIN_MEMORY = 64 * 2**20
 """The smallest memory budget accepted."""
 FILE_NAMES = {"directions": "directions.safetensors"}
@@ -137,59 +137,14 @@ class SpectrumOptions(Options):
                               "(smaller budgets only make the computation crawl)")
         return budget
 
-    def gram_bytes(self, problem: Problem) -> tuple[int, int]:
-        """``(columns, bytes)`` of the float64 Gram matrix this problem and these options need: N·C exact,
-        N·M Monte-Carlo; for sequences N·T_v·C and N·T_v·M (T_v: the most valid tokens of one sequence)."""
-        from curvscope.curvature.gram.columns import count_columns
+    def plan(self, problem: Problem) -> SpectrumPlan:
+        """How this spectrum will be computed (``auto`` resolved), after the checks that need the problem: the
+        engine's rule, :func:`~curvscope.curvature.method.plan_spectrum`."""
+        from curvscope.curvature.method import plan_spectrum
 
-        columns = count_columns(problem, self.mc_samples, self.subsample)
-        return columns, 8 * columns**2
-
-    def resolved_method(self, problem: Problem) -> tuple[str, str | None]:
-        """``("gram" | "lanczos", note)``: ``auto`` picks the Gram when it fits the memory budget."""
-        from curvscope.curvature.gram.columns import seed_bytes
-        from curvscope.curvature.memory import MemoryPlan, format_bytes
-
-        if self.curvature == "hessian" or self.method == "lanczos":
-            return "lanczos", None
-        columns, size = self.gram_bytes(problem)
-        plan = MemoryPlan.default(problem.device, self.parsed_memory())
-        budget = plan.budget
-        seeds = seed_bytes(problem, self.mc_samples, self.subsample)
-        if size <= budget and seeds <= plan.limit:
-            return "gram", None
-        what = (f"the Gram matrix of {columns:,} columns needs {format_bytes(size)}" if size > budget else
-                f"the seeds of the {columns:,} columns (one vector of {problem.num_outputs:,} outputs each) need "
-                f"{format_bytes(seeds)}")
-        if self.method == "gram" or self.mc_samples:  # an explicit Gram request is refused, not replaced
-            raise OptionError("mc_samples" if self.mc_samples else "max_memory",
-                              f"{self.mc_samples or self.max_memory}: {what}, more than the memory budget "
-                              f"({format_bytes(budget)}); use fewer samples or Monte-Carlo columns, or method "
-                              "lanczos")
-        return "lanczos", (f"the exact Gram method does not fit the memory budget ({format_bytes(budget)}): "
-                           f"{what}; used Lanczos on GGN-vector products (the extreme eigenvalues, a Hutch++ "
-                           "trace and an SLQ density)")
-
-    def check_problem(self, problem: Problem) -> None:
-        """Checks that need the Problem (before the long computation)."""
-        if self.subsample is not None and self.subsample > problem.batch_size:
-            raise OptionError("subsample", f"{self.subsample} is larger than the batch ({problem.batch_size} "
-                              "samples)")
-        from curvscope.curvature.memory import MemoryPlan, format_bytes
-
-        method, _ = self.resolved_method(problem)
-        columns, _ = self.gram_bytes(problem)
-        budget = MemoryPlan.default(problem.device, self.parsed_memory()).budget
-        if self.eigenvectors is not None:  # k x D numbers in memory and on disk: refuse what cannot fit
-            from curvscope.curvature.gram.spectrum import DEFAULT_TOP_K
-
-            k = min(self.top_k or (DEFAULT_TOP_K if method == "gram" else DEFAULT_LANCZOS_K), columns)
-            size = k * problem.num_params * next(iter(problem.params.values())).element_size()
-            if size > budget:
-                text = (f"up to {k} eigenvectors of {problem.num_params:,} parameters need {format_bytes(size)}, "
-                        f"more than the memory budget ({format_bytes(budget)})")
-                raise OptionError("eigenvectors", lambda name: f"{name('eigenvectors')} {text}: pass a smaller "
-                                  f"{name('top_k')}")
+        return plan_spectrum(problem, curvature=self.curvature, method=self.method, mc_samples=self.mc_samples,
+                             subsample=self.subsample, max_memory=self.parsed_memory(), top_k=self.top_k,
+                             eigenvectors=self.eigenvectors is not None)
 
 
 def _engine_parse(parameter: str, parse: Callable[[Any], Any], value: Any) -> Any:
@@ -288,9 +243,9 @@ def run_spectrum(problem: Problem, options: SpectrumOptions | None = None, progr
     comm = None if process_group is None else distributed.Comm.create(process_group, problem.device)
     with distributed.stage(comm):
         options.validate()
-        options.check_problem(problem)
+        plan = options.plan(problem)
         check_outputs(problem)
-        method, note = options.resolved_method(problem)
+    method, note = plan.method, plan.note
     seed = options.seed if options.seed is not None else int(problem.info.get("seed") or 0)
     if method == "gram":
         run = _run_gram(problem, options, seed, progress, process_group, comm)
@@ -368,8 +323,7 @@ def _ggn_beside(problem: Problem, options: SpectrumOptions, seed: int, progress:
     """The whole-model GGN's lambda_max and trace: exact by Gram when it fits, else by Lanczos."""
     ggn_options = options.replace(curvature="ggn", method="auto", groups="all", directions=False, eigenvectors=None,
                                   newton_step=None, landscape=False)
-    method, _ = ggn_options.resolved_method(problem)
-    if method == "gram":
+    if ggn_options.plan(problem).method == "gram":
         from curvscope.curvature.gram.spectrum import compute_spectrum
 
         g = compute_spectrum(problem, groups="all", directional=False, seed=seed, ghost=options.ghost,
