@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvscope.errors import CurvscopeError
+from curvscope.errors import OptionError
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
@@ -38,10 +38,13 @@ def parse_memory(text: str | int | None) -> int | None:
         return text
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise CurvscopeError(f"max_memory '{text}': expected a size like 4GiB, 512MB or 2e9 (bytes)")
-    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        raise OptionError("max_memory", f"'{str(text)[:40]}': expected a size like 4GiB, 512MB or 2e9 (bytes)")
+    try:
+        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    except OverflowError:
+        raise OptionError("max_memory", f"'{str(text)[:40]}' is out of range") from None
     if value < 2**20:
-        raise CurvscopeError(f"max_memory '{text}' is below 1 MiB")
+        raise OptionError("max_memory", f"'{text}' is below 1 MiB")
     return value
 
 

@@ -7,7 +7,6 @@ tensor files to a :class:`~curvscope.report.writer.ReportWriter`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -125,13 +124,13 @@ class SpectrumOptions(Options):
         """The damping as the engine takes it."""
         from curvscope.curvature.gram.newton import parse_damping
 
-        return _engine_parse("damping", parse_damping, self.damping)
+        return parse_damping(self.damping)
 
     def parsed_memory(self) -> int | None:
         """The memory budget in bytes (``None``: the default); at least :data:`MIN_MEMORY`."""
         from curvscope.curvature.memory import parse_memory
 
-        budget = _engine_parse("max_memory", parse_memory, self.max_memory)
+        budget = parse_memory(self.max_memory)
         if budget is not None and budget < MIN_MEMORY:
             raise OptionError("max_memory", f"'{self.max_memory}' is below the floor of {MIN_MEMORY // 2**20} MiB "
                               "(smaller budgets only make the computation crawl)")
@@ -145,24 +144,6 @@ class SpectrumOptions(Options):
         return plan_spectrum(problem, curvature=self.curvature, method=self.method, mc_samples=self.mc_samples,
                              subsample=self.subsample, max_memory=self.parsed_memory(), top_k=self.top_k,
                              eigenvectors=self.eigenvectors is not None)
-
-
-def _engine_parse(parameter: str, parse: Callable[[Any], Any], value: Any) -> Any:
-    """``parse(value)`` by the engine as a check of the option ``parameter``: the engine's refusal, a
-    :class:`CurvscopeError` in its own words that starts with the parameter's name (``damping 'x': expected
-    ...``), is raised as the :class:`OptionError` of that parameter (so the CLI names the flag). To go once
-    ``parse_damping`` and ``parse_memory`` raise :class:`OptionError` themselves."""
-    try:
-        return parse(value)
-    except (OverflowError, ValueError) as exc:
-        raise OptionError(parameter, f"'{str(value)[:40]}' is out of range ({type(exc).__name__})") from None
-    except OptionError:
-        raise
-    except CurvscopeError as exc:
-        text = str(exc)
-        if not text.startswith(parameter + " "):
-            raise
-        raise OptionError(parameter, text[len(parameter) + 1:]) from None
 
 
 @dataclass(frozen=True)

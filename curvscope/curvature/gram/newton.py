@@ -25,7 +25,7 @@ from torch.func import jvp
 
 from curvscope.curvature.gram.layout import make_layout
 from curvscope.curvature.gram.rows import apply_v, is_fatal, not_differentiable
-from curvscope.errors import CurvscopeError
+from curvscope.errors import CurvscopeError, OptionError
 from curvscope.progress import Progress, stage
 from curvscope.reprs import compact_repr
 
@@ -83,7 +83,7 @@ class NewtonStep:
 
 
 def parse_damping(value: float | str | None) -> float | str:
-    """``"bootstrap"`` or a constant ``delta >= 0`` (from a number or its text); raises CurvscopeError otherwise."""
+    """``"bootstrap"`` or a constant ``delta >= 0`` (from a number or its text); raises OptionError otherwise."""
     if value is None:
         return BOOTSTRAP
     if isinstance(value, str):
@@ -93,10 +93,13 @@ def parse_damping(value: float | str | None) -> float | str:
         try:
             value = float(text)
         except ValueError:
-            raise CurvscopeError(f"damping '{value}': expected a number >= 0 or 'bootstrap'") from None
-    value = float(value)
+            raise OptionError("damping", f"'{value}': expected a number >= 0 or 'bootstrap'") from None
+    try:
+        value = float(value)
+    except (OverflowError, TypeError, ValueError):
+        raise OptionError("damping", f"'{str(value)[:40]}': expected a number >= 0 or 'bootstrap'") from None
     if not math.isfinite(value) or value < 0:
-        raise CurvscopeError(f"damping {value}: expected a finite number >= 0 or 'bootstrap'")
+        raise OptionError("damping", f"{value}: expected a finite number >= 0 or 'bootstrap'")
     return value
 
 
