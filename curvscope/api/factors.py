@@ -65,14 +65,19 @@ def factors(model_or_problem: nn.Module | Problem, inputs: Any = None, targets: 
         run = curvscope.factors(model, x, y, loss="ce", dtype=torch.float64, ensemble=8)
         print(run.result.structure.symmetry, run.result.errors)
     """
-    from pathlib import Path
-
     from curvscope.workflows.factors import FactorsOptions, run_factors
 
     options = FactorsOptions(symmetry=symmetry, source=source, layers=layers, mc_samples=mc_samples,
                              subsample=subsample, structure_check=structure_check, ensemble=ensemble,
-                             ensemble_checkpoints=ensemble_checkpoints, init=init, eps=eps, plots=False, seed=seed,
-                             symo_step=Path("symo.safetensors") if symo else None)
+                             ensemble_checkpoints=ensemble_checkpoints, init=init, eps=eps, plots=False, seed=seed)
     options.validate()
     problem = as_problem("factors", model_or_problem, inputs, targets, loss=loss, device=device, dtype=dtype)
-    return run_factors(problem, options, progress)
+    run = run_factors(problem, options, progress)
+    if symo:  # the CLI's symo_step names the file it is written to; here it is only computed
+        from curvscope.curvature.symmetry.symo import symo_step
+        from curvscope.progress import counter
+
+        advance = counter(progress, "symo", 1)
+        run.symo = symo_step(problem, run.result, eps=float(eps))
+        advance()
+    return run
