@@ -54,7 +54,8 @@ def factors(model_or_problem: nn.Module | Problem, inputs: Any = None, targets: 
 
     Returns:
         A :class:`~curvscope.workflows.factors.FactorsRun`: ``result`` (the
-        :class:`~curvscope.curvature.symmetry.FactorsResult`: ``structure``, ``factors``, ``errors``, ``notes``),
+        :class:`~curvscope.curvature.symmetry.FactorsResult`: ``structure``, ``factors``, ``structure_error``,
+        ``notes``),
         ``ensemble`` (or ``None``), ``symo`` (or ``None``).
 
     Raises:
@@ -63,7 +64,7 @@ def factors(model_or_problem: nn.Module | Problem, inputs: Any = None, targets: 
     Example::
 
         run = curvscope.factors(model, x, y, loss="ce", dtype=torch.float64, ensemble=8)
-        print(run.result.structure.symmetry, run.result.errors)
+        print(run.result.structure.symmetry, run.result.structure_error)
     """
     from curvscope.workflows.factors import FactorsOptions, run_factors
 
