@@ -18,8 +18,9 @@ together, so a cluster (values within ``10 tol ||A||``) of fewer than b copies i
 wanted pairs; it passes when the extreme Ritz pair of that space converges outside the wanted range, else the value
 found joins the wanted ones and another check follows.
 
-**Memory** (vectors of length dim; the operator's own not counted): the basis, the product block and the operator's
-result or a random vector, ``<= max_basis + 2 b`` (:func:`plan_block` reserves ``3 b``), counted in ``peak_vectors``.
+**Memory** (vectors of length dim, counted in ``peak_vectors``): the basis, the product block and the operator's result
+or a random vector, ``<= max_basis + 2 b``; :func:`plan_block` reserves ``3 b`` (a result that must be reshaped is
+copied once more), plus the returned vectors with ``want_vectors``. The operator's own memory is not counted.
 """
 
 from __future__ import annotations
@@ -152,8 +153,7 @@ class BlockEigenResult:
 
 
 def _doubt_free(values: list[float], block: int, ctol: float) -> int:
-    """How many leading ``values`` (from the extreme inwards) no missed copy can displace: those up to the end of
-    the first cluster of ``>= block`` values that ends before the last value."""
+    """How many leading ``values`` no missed copy can displace: up to the first cluster of >= block before the end."""
     first = 0
     for j in range(len(values) - 1):
         if abs(values[j + 1] - values[j]) > ctol:  # a cluster ends at j
@@ -193,8 +193,8 @@ class _Solver:
         self.live = self.peak = max_basis
         self.L = self.m = self.p = self.rows = self.matvecs = self.steps = self.restarts = self.checks = 0
         self.locked, self.locked_res = [], []  # values and residuals of the locked rows
-        self.norm, self.tiny, self.safety, self.round_found, self.full = 0.0, torch.finfo(dtype).eps ** 0.75, SAFETY, \
-            False, False
+        self.norm, self.tiny, self.safety = 0.0, torch.finfo(dtype).eps ** 0.75, SAFETY
+        self.round_found = self.full = False  # a value found in the final check under way; the basis spanned all
         self.checking, self.verified = set(), set()  # ends of the final check under way, ends it passed
 
     def hold(self, n: int) -> None:
