@@ -1,4 +1,4 @@
-"""The block Krylov eigensolver (curvscope.curvature.block_krylov) against dense float64 references."""
+"""The block Krylov eigensolver (curvscope.curvature.matfree.block) against dense float64 references."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from curvscope.curvature.block_krylov import BlockPlan, block_eigenpairs, min_basis, plan_block
+from curvscope.curvature.matfree.block import BlockPlan, block_eigenpairs, min_basis, plan_block
 from curvscope.errors import CurvscopeError, OptionError
 
 F64 = torch.float64
