@@ -54,7 +54,7 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Any = None, targets:
         groups: ``"all"`` (the whole model), ``"layer"`` or ``"tensor"`` (block-diagonal: one spectrum per
             block).
         top_k: Gram: directional quantities for the top-k nonzero directions (default all, at most 1000);
-            Lanczos: eigenvalues at each end (default 10).
+            Lanczos: eigenvalues at each end (default: up to 10, as many as ``max_memory`` holds).
         include_total: with ``groups != "all"``, the whole model comes first as ``groups[0]`` (as in the CLI).
         directional: Gram: the per-sample directional derivatives (``False``: eigenvalues only, 2-3x cheaper).
         eigenvectors: also return the top-k eigenvectors of ``groups[0]`` as ``result.eigenvectors``:
@@ -121,10 +121,9 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Any = None, targets:
     include_total = include_total and groups != "all"
     if plan.method == "lanczos":
         from curvscope.curvature.matfree import compute_matfree_spectrum
-        from curvscope.curvature.method import DEFAULT_LANCZOS_K
 
-        result = compute_matfree_spectrum(problem, curvature=curvature, groups=groups,
-                                          top_k=top_k or DEFAULT_LANCZOS_K, tol=tol, trace_matvecs=trace_matvecs,
+        result = compute_matfree_spectrum(problem, curvature=curvature, groups=groups, top_k=top_k, tol=tol,
+                                          max_memory=budget, trace_matvecs=trace_matvecs,
                                           density_vectors=density_vectors, eigenvectors=eigenvectors,
                                           include_total=include_total, seed=seed, progress=progress,
                                           process_group=process_group)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from curvscope import commands
-from curvscope.curvature.method import DEFAULT_LANCZOS_K, METHODS
+from curvscope.curvature.method import METHODS
 from curvscope.errors import CurvscopeError
 from curvscope.workflows.base import Workflow
 from curvscope.workflows.options import OptionError, Options, at_least, one_of, option
@@ -275,15 +275,16 @@ def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress
     from curvscope.curvature.gram.layout import make_layout
     from curvscope.curvature.matfree.spectrum import compute_matfree_spectrum
 
-    def matfree(curvature: str, groups: str, top_k: int, vectors: bool, density: int):
+    def matfree(curvature: str, groups: str, top_k: int | None, vectors: bool, density: int):
         return compute_matfree_spectrum(
             problem, curvature=curvature, groups=groups, top_k=top_k, tol=options.tol,
-            trace_matvecs=options.trace_samples, density_vectors=density, eigenvectors=vectors,
-            include_total=groups != "all", seed=seed, progress=progress, process_group=process_group)
+            max_memory=options.parsed_memory(), trace_matvecs=options.trace_samples, density_vectors=density,
+            eigenvectors=vectors, include_total=groups != "all", seed=seed, progress=progress,
+            process_group=process_group)
 
-    k = options.top_k or DEFAULT_LANCZOS_K
-    result = matfree(options.curvature, options.groups, k, options.eigenvectors is not None or options.landscape,
-                     options.density_vectors)
+    # top_k None: up to DEFAULT_LANCZOS_K eigenvalues per end, as many as the memory budget holds
+    result = matfree(options.curvature, options.groups, options.top_k,
+                     options.eigenvectors is not None or options.landscape, options.density_vectors)
     with distributed.stage(comm):
         for group in result.groups:
             check_finite(f"the curvature of group {group.name}", eigenvalues=group.top, trace=group.trace)
@@ -291,9 +292,11 @@ def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress
     run = SpectrumRun(matfree=result, vectors=result.eigenvectors, method="lanczos", curvature=result.curvature,
                       path="autograd (double backward)",  # no rows of V: every product is a double backward
                       gradient_norm=float(sum(float((g.double() ** 2).sum()) for g in gradient.values()) ** 0.5))
+    run.notes.extend(result.notes)
     if not result.converged:
         run.notes.append(f"Lanczos did not reach the tolerance {options.tol:g} for every eigenvalue (residuals are in "
-                         "the report): loosen the tolerance or ask for fewer eigenvalues (top_k)")
+                         "the report; a repeated eigenvalue may have copies not yet found): loosen the tolerance "
+                         "or ask for fewer eigenvalues (top_k)")
     if options.curvature == "hessian":  # how much of the curvature the GGN captures
         run.ggn = _ggn_beside(problem, options, seed, progress, matfree, process_group)
     return run

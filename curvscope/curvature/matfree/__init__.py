@@ -9,7 +9,10 @@ One concern per module:
 - :mod:`~curvscope.curvature.matfree.adapter`: :func:`as_matvec`, any operator (curvscope, SciPy, curvlinops,
   a dense tensor, a function) as ``v -> A v``;
 - :mod:`~curvscope.curvature.matfree.krylov`: the Lanczos loop and :func:`lanczos`;
-- :mod:`~curvscope.curvature.matfree.eigen`: :func:`extreme_eigenpairs` with true residuals;
+- :mod:`~curvscope.curvature.matfree.eigen`: :func:`extreme_eigenpairs`, single-vector Lanczos with true residuals
+  (a single Krylov vector sees each eigenvalue once: repeated extremes may be under-reported);
+- :mod:`~curvscope.curvature.matfree.block`: :func:`block_eigenpairs`, restarted block Krylov in a bounded basis
+  (multiplicities included, a final check for missed copies), and :func:`plan_block` (the basis from a budget);
 - :mod:`~curvscope.curvature.matfree.trace`: :func:`exact_trace`, :func:`hutchinson`, :func:`hutchpp`;
 - :mod:`~curvscope.curvature.matfree.density`: :func:`spectral_density` (stochastic Lanczos quadrature);
 - :mod:`~curvscope.curvature.matfree.spectrum`: :func:`compute_matfree_spectrum`, the matrix-free spectrum of
@@ -20,6 +23,7 @@ The estimators take any operator :func:`as_matvec` accepts; ``dim`` is needed on
 """
 
 from curvscope.curvature.matfree.adapter import MatVec, as_matvec
+from curvscope.curvature.matfree.block import BlockEigenResult, BlockPlan, block_eigenpairs, plan_block
 from curvscope.curvature.matfree.density import Density, default_sigma, gaussian_density, spectral_density
 from curvscope.curvature.matfree.eigen import EigenResult, default_max_steps, extreme_eigenpairs
 from curvscope.curvature.matfree.krylov import LanczosRun, lanczos
@@ -35,6 +39,8 @@ from curvscope.curvature.matfree.spectrum import MatfreeGroup, MatfreeResult, co
 from curvscope.curvature.matfree.trace import TraceEstimate, exact_trace, hutchinson, hutchpp
 
 __all__ = [
+    "BlockEigenResult",
+    "BlockPlan",
     "CURVATURES",
     "Density",
     "EigenResult",
@@ -45,6 +51,7 @@ __all__ = [
     "Operator",
     "TraceEstimate",
     "as_matvec",
+    "block_eigenpairs",
     "compute_matfree_spectrum",
     "curvature_operator",
     "default_max_steps",
@@ -58,5 +65,6 @@ __all__ = [
     "hutchpp",
     "lanczos",
     "loss_hessian_product",
+    "plan_block",
     "spectral_density",
 ]

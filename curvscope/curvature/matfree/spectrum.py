@@ -5,10 +5,12 @@
 :mod:`curvscope.curvature.matfree` (:mod:`~curvscope.curvature.matfree.eigen`,
 :mod:`~curvscope.curvature.matfree.trace`, :mod:`~curvscope.curvature.matfree.density`):
 
-- extreme eigenvalues by Lanczos with full reorthogonalization, each Ritz value with its true residual
-  ``||A q - theta q||``; converged when every residual is ``<= tol * max |theta|``. The Hessian is indefinite:
-  both ends are reported (top k largest and bottom k smallest algebraic eigenvalues); the GGN is positive
-  semi-definite and only its top k are computed;
+- extreme eigenvalues by a restarted block Krylov method in a basis bounded by the memory budget
+  (:func:`~curvscope.curvature.matfree.block.block_eigenpairs`: thick restart, locking, a final check for missed
+  copies of repeated eigenvalues), each Ritz value with its true residual ``||A q - theta q||``; converged when
+  every residual is ``<= tol * ||A||`` and no reported value can be displaced by a missed copy. The Hessian is
+  indefinite: both ends are reported (top k largest and bottom k smallest algebraic eigenvalues); the GGN is
+  positive semi-definite and only its top k are computed;
 - the trace by Hutch++ with Rademacher vectors and a standard error (the exact trace from ``dim`` unit vectors
   when the budget reaches ``dim``);
 - the spectral density by stochastic Lanczos quadrature (SLQ), for the first group only (the whole model
@@ -22,18 +24,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from curvscope.curvature.matfree.block import BlockPlan, block_eigenpairs, plan_block
 from curvscope.curvature.matfree.density import Density, spectral_density
-from curvscope.curvature.matfree.eigen import default_max_steps, extreme_eigenpairs
 from curvscope.curvature.matfree.operators import CURVATURES, curvature_operator
 from curvscope.curvature.matfree.trace import hutchpp
+from curvscope.curvature.method import DEFAULT_LANCZOS_K
 from curvscope.curvature.results import Spectrum, SpectrumGroup
-from curvscope.errors import CurvscopeError
+from curvscope.errors import CurvscopeError, OptionError
 from curvscope.problem import GROUP_MODES
 from curvscope.progress import Progress, or_silent, stage
 
@@ -69,6 +72,9 @@ class MatfreeGroup(SpectrumGroup):
             ``(1/n_v) sum_v sum_i tau_vi Phi(-theta_vi / sigma)`` (the exact integral of the Gaussian-kernel
             density over ``(-inf, 0)``), which counts about half of that cluster; ``None`` otherwise.
         matvecs: products with this group's operator (eigenvalues, residual checks, trace and density).
+        certain: how many of the top (and, for the Hessian, bottom) values are certain: within tolerance and not
+            displaceable by a missed copy of a repeated eigenvalue (``converged`` means all of them).
+        block_size, max_basis: the eigensolver's plan (vectors per product block, basis vectors at most).
     """
 
     name: str
@@ -88,6 +94,9 @@ class MatfreeGroup(SpectrumGroup):
     negative_mass: float | None
     density_below_zero: float | None
     matvecs: int
+    certain: int = 0
+    block_size: int = 1
+    max_basis: int = 0
 
     @property
     def eigenvalues(self) -> Tensor:
@@ -136,6 +145,8 @@ class MatfreeResult(Spectrum):
     seed: int
     grouping: str = "all"
     eigenvectors: dict[str, Tensor] | None = None
+    notes: list[str] = field(default_factory=list)
+    """How the plan was fitted to the memory budget (fewer eigenvalues than the default, ...)."""
 
     @property
     def density(self) -> Density | None:
@@ -187,10 +198,44 @@ def _density_below_zero(density: Density) -> float:
     return float((density.weights.to(torch.float64) * cdf).sum() / density.nodes.shape[0])
 
 
-def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str = "all", top_k: int = 10,
-                             tol: float = 1e-6, max_steps: int | None = None, trace_matvecs: int = 60,
-                             density_vectors: int = 4, density_steps: int = 40, eigenvectors: bool = False,
-                             include_total: bool = True, seed: int = 0, progress: Progress | None = None,
+def plan_eigen(dim: int, top_k: int | None, which: str, budget: int, itemsize: int, *, want_vectors: bool = False,
+               default_k: int = DEFAULT_LANCZOS_K) -> tuple[int, BlockPlan, str | None]:
+    """``(k, plan, note)``: the eigensolver's plan for a ``dim``-dimensional operator within ``budget`` bytes of
+    vectors. An explicit ``top_k`` that does not fit raises :class:`~curvscope.errors.OptionError` (``max_memory``,
+    naming the bytes needed); ``top_k=None`` takes the most of ``default_k`` that fit, at least 1, with a note
+    when that is fewer."""
+    if top_k is not None:
+        return top_k, plan_block(dim, top_k, which, budget, itemsize, want_vectors=want_vectors), None
+    first_error = None
+    for k in range(min(default_k, dim), 0, -1):
+        try:
+            plan = plan_block(dim, k, which, budget, itemsize, want_vectors=want_vectors)
+        except OptionError as exc:
+            first_error = first_error or exc
+            continue
+        note = None if k == min(default_k, dim) else (
+            f"the memory budget holds the basis for {k} extreme eigenvalue(s) per end of the {dim:,}-dimensional "
+            f"curvature, not {default_k} (a larger max_memory or an explicit top_k asks for more)")
+        return k, plan, note
+    raise first_error
+
+
+def vector_budget(problem, max_memory: int | None, dims: list[int]) -> int:
+    """Bytes the eigensolver's vectors may take: the memory budget less what one product needs beside them (the
+    model's gradient and its double-backward graph, about three vectors of the largest group)."""
+    from curvscope.curvature.memory import MemoryPlan
+
+    budget = MemoryPlan.default(problem.device, max_memory).budget
+    itemsize = torch.empty(0, dtype=problem.dtype).element_size()
+    return max(budget - 3 * max(dims) * itemsize, 0)
+
+
+def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str = "all",
+                             top_k: int | None = 10, tol: float = 1e-6, max_steps: int | None = None,
+                             max_matvecs: int | None = None, max_memory: int | None = None,
+                             trace_matvecs: int = 60, density_vectors: int = 4, density_steps: int = 40,
+                             eigenvectors: bool = False, include_total: bool = True, seed: int = 0,
+                             start: Tensor | None = None, progress: Progress | None = None,
                              process_group: ProcessGroup | None = None) -> MatfreeResult:
     """Extreme eigenvalues, trace and spectral density of the Hessian or GGN per parameter group (§9).
 
@@ -200,20 +245,27 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
             ``"ggn"`` (``G``, positive semi-definite: top eigenvalues only).
         groups: ``all`` (the whole model), ``layer`` or ``tensor`` (diagonal blocks, as in
             :func:`~curvscope.curvature.gram.spectrum.compute_spectrum`).
-        top_k: eigenvalues wanted at each end (clipped to each group's dimension D_P).
-        tol: relative residual tolerance of the Lanczos runs (use ``>= 1e-5`` in float32).
-        max_steps: cap on Lanczos steps per group (default
-            :func:`~curvscope.curvature.matfree.eigen.default_max_steps`); the basis holds ``max_steps * D_P``
-            numbers.
+        top_k: eigenvalues wanted at each end (clipped to each group's dimension D_P); ``None``: up to 10, as
+            many as the memory budget holds (a note says when fewer).
+        tol: relative residual tolerance of the eigensolver (use ``>= 1e-5`` in float32).
+        max_steps: cap on the products that build the Krylov basis, per group (the residual checks come on top);
+            default: :func:`~curvscope.curvature.matfree.block.block_eigenpairs`' product budget.
+        max_matvecs: cap on the eigensolver's products per group, residual checks included (instead of
+            ``max_steps``).
+        max_memory: the memory budget in bytes (default: a safe share of the device's free memory); the
+            eigensolver's basis is sized to fit it beside one product's own memory
+            (:func:`vector_budget`, :func:`plan_eigen`).
         trace_matvecs: Hutch++ budget per group; the exact trace when ``>= D_P`` (``stderr`` 0); 0 skips it.
         density_vectors: SLQ start vectors (n_v) for the density of ``groups[0]``; 0 skips it.
         density_steps: Lanczos steps per SLQ vector (m).
         eigenvectors: also return the unit Ritz vectors of ``groups[0].top`` (parameter-shaped).
         include_total: with ``groups != "all"``, prepend the whole model as ``groups[0]``.
         seed: seeds every random vector (start vectors, Hutch++ and SLQ vectors).
-        progress: ``progress(stage, done, total)`` (:mod:`curvscope.progress`); stages ``"lanczos"`` (Lanczos
-            steps, summed over the groups), ``"trace"`` (products, summed over the groups) and ``"density"``
-            (Lanczos steps).
+        start: ``(D,)`` or ``(D, s)`` start vectors for ``groups[0]``'s eigensolver (a warm start, e.g. the
+            previous checkpoint's top eigenvectors flattened in the problem's parameter order).
+        progress: ``progress(stage, done, total)`` (:mod:`curvscope.progress`); stages ``"lanczos"`` (products
+            of the eigensolver, summed over the groups), ``"trace"`` (products, summed over the groups) and
+            ``"density"`` (Lanczos steps).
         process_group: an initialized ``torch.distributed`` group: the call is collective (every rank passes the
             same full problem and arguments); each product is split over the ranks' contiguous slices of the
             batch and summed (bitwise the same on every rank, so every rank runs the same iterations), and every
@@ -221,17 +273,24 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
 
     Returns:
         :class:`MatfreeResult`; shapes: ``top``/``bottom`` ``(min(k, D_P),)``, density ``(G,)``.
+
+    Raises:
+        OptionError: ``max_memory`` too small for even one eigenvalue (or for an explicit ``top_k``), naming the
+            bytes needed; bad counts.
     """
     if curvature not in CURVATURES:
         raise CurvscopeError(f"unknown curvature '{curvature}': choose one of {', '.join(CURVATURES)}")
     if groups not in GROUP_MODES:
         raise CurvscopeError(f"groups '{groups}': choose one of {', '.join(GROUP_MODES)}")
-    top_k = _checked("top_k", top_k, 1)
+    if top_k is not None:
+        top_k = _checked("top_k", top_k, 1)
     trace_matvecs = _checked("trace_matvecs", trace_matvecs, 0)
     density_vectors = _checked("density_vectors", density_vectors, 0)
     density_steps = _checked("density_steps", density_steps, 1)
     if max_steps is not None:
         max_steps = _checked("max_steps", max_steps, 1)
+    if max_matvecs is not None:
+        max_matvecs = _checked("max_matvecs", max_matvecs, 1)
     if not tol > 0:
         raise CurvscopeError(f"tol must be positive, got {tol}")
     progress = or_silent(progress)
@@ -240,8 +299,19 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
         blocks = [("all", tuple(problem.params)), *blocks]
     which = "both" if curvature == "hessian" else "largest"
     dims = [sum(problem.params[n].numel() for n in names) for _, names in blocks]
-    caps = [default_max_steps(d, min(top_k, d), which) if max_steps is None else min(d, max(max_steps, top_k))
-            for d in dims]
+    itemsize = torch.empty(0, dtype=problem.dtype).element_size()
+    budget = vector_budget(problem, max_memory, dims)
+    notes: list[str] = []
+    plans = []
+    for i, d in enumerate(dims):
+        k, plan, note = plan_eigen(d, top_k, which, budget, itemsize, want_vectors=eigenvectors and i == 0)
+        if note and not notes:
+            notes.append(note)
+        kt = (2 if which == "both" else 1) * min(k, d)
+        cap = (max_matvecs if max_matvecs is not None else
+               max_steps + kt if max_steps is not None else max(400, 40 * kt))
+        plans.append((k, plan, cap))
+    caps = [cap for _, _, cap in plans]
     traces = [min(trace_matvecs, d) for d in dims]
     lanczos_report, trace_report = stage(progress, "lanczos"), stage(progress, "trace")
     from curvscope.curvature.gram.layout import make_layout
@@ -264,9 +334,11 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
                     part = op.matvec(v)
                 return layout.sum_to_all(part)
         kw = {"dtype": problem.dtype, "device": problem.device}
-        eig = extreme_eigenpairs(matvec, op.dim, top_k, which=which, tol=tol, max_steps=caps[i],
-                                 generator=_generator(seed, i, _EIGEN), want_vectors=eigenvectors and i == 0,
-                                 progress=_share(lanczos_report, caps, i), **kw)
+        k, plan, cap = plans[i]
+        eig = block_eigenpairs(matvec, op.dim, k, which=which, tol=tol, block_size=plan.block_size,
+                               max_basis=plan.max_basis, max_matvecs=cap, start=start if i == 0 else None,
+                               generator=_generator(seed, i, _EIGEN), want_vectors=eigenvectors and i == 0,
+                               progress=_share(lanczos_report, caps, i), **kw)
         lanczos_report(sum(caps[: i + 1]), sum(caps))
         if eigenvectors and i == 0:
             vectors = _parameter_vectors(problem, op, eig.top_vectors)
@@ -292,10 +364,12 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
             trace_method=None if trace is None else trace.method, density=density,
             negative_mass=_negative_mass(density) if hessian and density is not None else None,
             density_below_zero=_density_below_zero(density) if hessian and density is not None else None,
-            matvecs=op.count))
+            matvecs=op.count, certain=min(eig.certain_top, eig.certain_bottom) if hessian else eig.certain_top,
+            block_size=eig.block_size, max_basis=eig.max_basis))
         del op  # frees the group's autograd graphs
     return MatfreeResult(groups=results, curvature=curvature, method="lanczos", loss_value=loss_value,
-                         matvecs=sum(g.matvecs for g in results), seed=seed, grouping=groups, eigenvectors=vectors)
+                         matvecs=sum(g.matvecs for g in results), seed=seed, grouping=groups, eigenvectors=vectors,
+                         notes=notes)
 
 
 def _parameter_vectors(problem, op, rows: Tensor) -> dict[str, Tensor]:
