@@ -87,3 +87,38 @@ def test_a_warm_start_from_the_top_eigenvector_needs_fewer_products():
                                     start=start + 1e-3 * torch.randn_like(start))
     assert warm.groups[0].lambda_max == pytest.approx(cold.groups[0].lambda_max, rel=1e-7)
     assert warm.groups[0].matvecs < cold.groups[0].matvecs
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="reads /proc")
+def test_a_two_million_parameter_model_stays_within_a_tight_budget():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1000, 1000), nn.Tanh(), nn.Linear(1000, 1000), nn.Tanh(), nn.Linear(1000, 10))
+    x, y = torch.randn(16, 1000), torch.randint(0, 10, (16,))
+    problem = curvscope.make_problem(model, x, y, loss="ce", dtype=torch.float32)
+    D = problem.num_params
+    assert D > 2_000_000
+    budget = 128 * 2**20
+    peak, base = [0], _rss()
+
+    def watch(stage, done, total):
+        peak[0] = max(peak[0], _rss() - base)
+
+    res = compute_matfree_spectrum(problem, curvature="ggn", top_k=1, max_memory=budget, tol=1e-4,
+                                   trace_matvecs=0, density_vectors=0, progress=watch)
+    g = res.groups[0]
+    assert g.converged and (g.max_basis + 3 * g.block_size) * D * 4 <= budget
+    # the basis and work vectors within the budget; the products' own graphs come on top (a few vectors)
+    assert peak[0] <= budget + 6 * D * 4, (peak[0] / 2**20, budget / 2**20)
+    G = curvscope.ggn_operator(problem)  # an independent power iteration on the same products
+    v = torch.randn(D, generator=torch.Generator().manual_seed(3))
+    for _ in range(200):
+        v = G @ (v / v.norm())
+    assert g.lambda_max == pytest.approx(float(v.norm()), rel=1e-3)
