@@ -14,7 +14,7 @@ from curvscope.lazy import lazy_exports
 __version__ = "0.1.0"
 
 __all__ = ["CurvscopeError", "Problem", "__version__", "factors", "get_loss", "ggn_operator", "hessian_operator",
-           "load_problem", "make_problem", "spectrum", "suggest_lr"]
+           "load_problem", "make_problem", "spectrum", "suggest_lr", "Monitor"]
 
 __getattr__, __dir__ = lazy_exports(globals(), {
     "CurvscopeError": "curvscope.errors",
@@ -27,4 +27,5 @@ __getattr__, __dir__ = lazy_exports(globals(), {
     "factors": "curvscope.api",
     "ggn_operator": "curvscope.api",
     "hessian_operator": "curvscope.api",
+    "Monitor": "curvscope.monitor",
 })

@@ -57,6 +57,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("factors", "factors", "factors", ("factors", "factors_plot", "symo_step"),
             {"per-sample": "per-sample gradients", "ensemble": "ensemble of models", "symo": "SymO line search"}),
     Command("lr", "lr-suggest", "lr", ("lr_plot",), {"lr": "learning rates"}),
+    Command("track", "track", "track", ("track_plot",), {"checkpoints": "checkpoints"}),
 )
 """Every computing command, in the order ``curvscope check`` runs them (each merges into the same report)."""
 

@@ -73,6 +73,48 @@ LANGUAGE_MODELS = {
 }
 
 
+# -- a run at the edge of stability (curvscope track) ------------------------------------------------------
+
+EOS_RUN = "eos-run"
+EOS_SPEC = "curvscope.models:mlp"
+EOS_KWARGS = {"in_features": 10, "hidden": [32, 32], "out_features": 1, "activation": "tanh"}
+EOS_BATCH = 256
+"""Full-batch gradient descent on the first 256 samples of diabetes.safetensors (``--batch-size 256``)."""
+EOS_LR = 0.1
+"""SGD's threshold 2/lr = 20: the sharpness starts near 5, rises past 20 by step 600 and then hovers at 20."""
+EOS_STEPS = (0, 100, 200, 300, 400, 500, 600, 700, 800, 1000, 1500, 2000)
+
+
+def make_eos_run() -> dict[str, dict]:
+    """``eos-run/step_<n>.pt``: training checkpoints (model state, SGD's state dict, step) of full-batch GD on
+    diabetes.safetensors' first EOS_BATCH samples with MSE, read from the data file already in this folder."""
+    from safetensors.torch import load_file
+
+    data = load_file(str(HERE / "diabetes.safetensors"))
+    x, y = data["x"][:EOS_BATCH], data["y"][:EOS_BATCH]
+    model = build_model(EOS_SPEC, EOS_KWARGS, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=EOS_LR)
+    out = HERE / EOS_RUN
+    out.mkdir(exist_ok=True)
+    for old in out.glob("step_*.pt"):
+        old.unlink()
+    losses = {}
+    for step in range(EOS_STEPS[-1] + 1):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        if step in EOS_STEPS:
+            losses[step] = loss.item()
+            torch.save({"model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                        "optimizer": opt.state_dict(), "step": step,
+                        "curvscope.model": EOS_SPEC, "curvscope.model_kwargs": json.dumps(EOS_KWARGS),
+                        "curvscope.loss": "mse"}, out / f"step_{step}.pt")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    result = {"first_loss": round(losses[EOS_STEPS[0]], 4), "last_loss": round(losses[EOS_STEPS[-1]], 4)}
+    print(EOS_RUN, json.dumps(result))
+    return {EOS_RUN: result}
+
+
 def python_text() -> str:
     """The Zen of Python (``this.py`` stores it rot13-encoded) and the source of TEXT_MODULES, lowercased."""
     with contextlib.redirect_stdout(io.StringIO()):
@@ -204,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
                              "the other entries")
     args = parser.parse_args(argv)
     only = set(args.only) if args.only else None
-    known = set(MODELS) | set(LANGUAGE_MODELS)
+    known = set(MODELS) | set(LANGUAGE_MODELS) | {EOS_RUN}
     if only and only - known:
         parser.error(f"unknown sample {sorted(only - known)}: choose from {', '.join(sorted(known))}")
     torch.set_num_threads(1)
@@ -212,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     if only is None or only & set(MODELS):
         results.update(make_classic(only))
     results.update(make_language_models(only))
+    if only is None or EOS_RUN in only:
+        results.update(make_eos_run())
     metrics_path = HERE / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if only and metrics_path.exists() else {}
     metrics.update(results)

@@ -17,7 +17,7 @@ from curvscope.errors import CurvscopeError
 @handle_errors
 def show(
     report: Annotated[Path, typer.Argument(
-        help="A report.json written by spectrum, lr-suggest, factors or check (or the directory holding it).",
+        help="A report.json written by spectrum, lr-suggest, factors, track or check (or the directory holding it).",
         show_default=False)],
     plots: Annotated[bool, typer.Option(
         "--plots/--no-plots", help="Draw the report's plots again (--no-plots: only print the summary).")] = True,
@@ -39,7 +39,7 @@ def show(
     doc = read_report(path)
     shown = _print_sections(doc, path)
     if not shown:
-        raise CurvscopeError(f"{path}: the report has no section curvscope can show (spectrum, lr, factors)")
+        raise CurvscopeError(f"{path}: the report has no section curvscope can show (spectrum, lr, factors, track)")
     if plots:
         with progress_bars() as progress:
             written = redraw(doc, out_dir if out_dir is not None else path.parent, progress)
@@ -70,4 +70,16 @@ def _print_sections(doc: dict[str, Any], path: Path) -> list[str]:
         for table in factors_tables(doc["factors"]):
             out.print(table)
         shown.append("factors")
+    if doc.get("track"):
+        from rich.markup import escape
+
+        from curvscope.report.track_report import groups_table, notes, track_table
+
+        out.print(track_table(doc["track"]))
+        table = groups_table(doc["track"])
+        if table is not None:
+            out.print(table)
+        for line in notes(doc["track"]):
+            out.print(escape(line))
+        shown.append("track")
     return shown

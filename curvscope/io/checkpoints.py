@@ -40,6 +40,16 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint file (``.safetensors``, ``.pt`` or ``.pth``)."""
     path = Path(path)
     state, meta = read_tensors(path, "checkpoint", CHECKPOINT_SUFFIXES)
+    return checkpoint_from_state(path, state, meta)
+
+
+def checkpoint_from_state(path: str | os.PathLike, state: dict[str, Tensor], metadata: dict[str, Any]
+                          ) -> Checkpoint:
+    """A :class:`Checkpoint` of tensors already read (a training run's checkpoint, ``curvscope.io.runs``): what
+    its ``curvscope.*`` metadata says about the model and loss (other metadata values are kept as strings)."""
+    path = Path(path)
+    meta = {str(k): v if isinstance(v, str) else json.dumps(v) if isinstance(v, (int, float, bool)) else str(v)
+            for k, v in metadata.items()}
     kwargs: dict[str, Any] = {}
     if META_KWARGS in meta:
         try:

@@ -30,7 +30,8 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.Pat
         checkpoint: ``.safetensors`` / ``.pt`` / ``.pth`` state dict, or a Hugging Face directory
             (``config.json`` + ``model.safetensors`` or a sharded index; needs ``curvscope[hf]``).
             Self-describing safetensors checkpoints carry ``curvscope.model``, ``curvscope.model_kwargs``,
-            ``curvscope.loss`` (and ``curvscope.shift_labels``) metadata.
+            ``curvscope.loss`` (and ``curvscope.shift_labels``) metadata. A
+            :class:`~curvscope.io.checkpoints.Checkpoint` already read is taken as it is.
         data: dataset file (``.safetensors``, ``.npz``, ``.pt``) with tensors ``x`` and ``y``, or keyword
             inputs: without ``x`` every tensor but the targets (``y`` or ``labels``) is passed to the model
             as a keyword argument under its name (``input_ids``, ``attention_mask``, ...).
@@ -99,11 +100,12 @@ def _load_model(checkpoint: str | os.PathLike | None, model: str | None,
                 ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """The model with its weights in ``dtype``, the provenance for ``info``, and the defaults its files give:
     ``{"loss": str | None, "shift_labels": bool | None, "loss_reason": str}``."""
-    from curvscope.io.checkpoints import apply_state_dict, load_checkpoint
+    from curvscope.io.checkpoints import Checkpoint, apply_state_dict, load_checkpoint
     from curvscope.io.hf import is_hf_directory, load_hf_model
     from curvscope.io.spec import build_model, canonical_spec, check_trusted, parse_model_kwargs
 
-    if checkpoint is not None and is_hf_directory(checkpoint):
+    loaded = isinstance(checkpoint, Checkpoint)  # a checkpoint already read (curvscope track's first one)
+    if checkpoint is not None and not loaded and is_hf_directory(checkpoint):
         if model is not None or model_kwargs:
             raise OptionError("model", lambda name: f"{checkpoint}: a Hugging Face directory names its model in "
                               f"config.json; {name('model')} and {name('model_kwargs')} cannot be used with it")
@@ -111,7 +113,7 @@ def _load_model(checkpoint: str | os.PathLike | None, model: str | None,
         info = {"checkpoint": str(checkpoint), "model": f"transformers:{hf.architecture}", "model_kwargs": {},
                 **hf.info}
         return hf.model, info, {"loss": hf.loss, "shift_labels": hf.shift_labels, "loss_reason": hf.loss_reason}
-    ckpt = load_checkpoint(checkpoint) if checkpoint is not None else None
+    ckpt = checkpoint if loaded else load_checkpoint(checkpoint) if checkpoint is not None else None
     spec = model or (ckpt.model_spec if ckpt else None)
     if spec is None:
         if ckpt is None:
@@ -142,8 +144,8 @@ def _load_model(checkpoint: str | os.PathLike | None, model: str | None,
         for n, p in net.named_parameters():
             if not torch.isfinite(p).all():
                 raise CurvscopeError(f"model '{spec}': initial weights '{n}' contain NaN or Inf")
-    info = {"checkpoint": str(checkpoint) if checkpoint is not None else None, "model": spec,
-            "model_kwargs": kwargs}
+    given = ckpt.path if loaded else checkpoint
+    info = {"checkpoint": str(given) if checkpoint is not None else None, "model": spec, "model_kwargs": kwargs}
     loss = ckpt.loss if ckpt else None
     reason = f"{loss} from the checkpoint's metadata" if loss else "by the targets' dtype (ce for integer labels)"
     shift = ckpt.shift_labels if ckpt else None

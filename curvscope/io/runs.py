@@ -109,6 +109,18 @@ class RunCheckpoint:
             names.append(name)
         return {"path": str(self.path), "size": size, "sha256": digest.hexdigest(), "files": names}
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """The model tensors' shapes by name, read without loading the tensors (safetensors headers; a ``.pt`` file
+        memory-mapped where possible)."""
+        if self.kind == "torch":
+            model, _, _ = _training_parts(_torch_load(self.path, mmap=True), self.path)
+            return {k: tuple(v.shape) for k, v in model.items()}
+        files = [f for f in self.files if f.suffix == ".safetensors"]
+        shapes: dict[str, tuple[int, ...]] = {}
+        for f in files:
+            shapes.update(_safetensors_shapes(f))
+        return shapes
+
     def load(self) -> TrainingState:
         """Read the checkpoint: tensors safely (safetensors, or ``torch.load`` with ``weights_only=True``)."""
         if self.kind == "safetensors":
@@ -259,6 +271,17 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        read_safetensors(path)  # raises curvscope's one-line error for this file
+        raise CurvscopeError(f"{path}: not a valid safetensors file") from exc
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(check_file(path, "checkpoint")), framework="pt") as handle:
+            return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         read_safetensors(path)  # raises curvscope's one-line error for this file
         raise CurvscopeError(f"{path}: not a valid safetensors file") from exc

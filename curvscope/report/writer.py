@@ -175,6 +175,10 @@ def redraw(report: dict[str, Any], out_dir: str | os.PathLike, progress: Progres
         from curvscope.report.lr_plots import lr_figure
 
         jobs.append(("lr.png", lambda r: lr_figure(r["lr"], r.get("problem"))))
+    if (report.get("track") or {}).get("points"):
+        from curvscope.report.track_plots import track_figure
+
+        jobs.append(("track.png", lambda r: track_figure(r["track"], r.get("problem"))))
     factors_file = ((report.get("factors") or {}).get("files") or {}).get("factors")
     if factors_file and Path(factors_file).is_file():
         jobs.append(("factors.png", lambda r: _factors_figure(r["factors"], Path(factors_file))))
