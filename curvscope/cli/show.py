@@ -33,16 +33,19 @@ def show(
     Example: [bold]curvscope show curvscope-out/report.json --out figures[/bold]
     """
     from curvscope.report.schema import REPORT_NAME, read_report
-    from curvscope.report.writer import redraw
+    from curvscope.report.writer import redraw, redraw_jobs
 
     path = report / REPORT_NAME if report.is_dir() else report
     doc = read_report(path)
+    plot_dir = out_dir if out_dir is not None else path.parent
+    if plots:
+        redraw_jobs(doc, plot_dir)  # a target that cannot be written is refused before anything is printed
     shown = _print_sections(doc, path)
     if not shown:
         raise CurvscopeError(f"{path}: the report has no section curvscope can show (spectrum, lr, factors)")
     if plots:
         with progress_bars() as progress:
-            written = redraw(doc, out_dir if out_dir is not None else path.parent, progress)
+            written = redraw(doc, plot_dir, progress)
         for file in written:
             console.print(f"drew {file}", soft_wrap=True, highlight=False)
 
