@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 
 from curvscope.cli.common import console, handle_errors, out, progress_bars
 from curvscope.cli.options import DebugOpt
@@ -47,7 +48,7 @@ def show(
         with progress_bars() as progress:
             written = redraw(doc, plot_dir, progress)
         for file in written:
-            console.print(f"drew {file}", soft_wrap=True, highlight=False)
+            console.print(f"drew {escape(str(file))}", soft_wrap=True, highlight=False)
 
 
 def _print_sections(doc: dict[str, Any], path: Path) -> list[str]:
