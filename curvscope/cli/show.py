@@ -37,7 +37,7 @@ def show(
     from curvscope.report.writer import redraw, redraw_jobs
 
     path = report / REPORT_NAME if report.is_dir() else report
-    doc = read_report(path)
+    doc = read_report(path, complete=True)  # every field printed or drawn has the shape curvscope writes
     plot_dir = out_dir if out_dir is not None else path.parent
     if plots:
         redraw_jobs(doc, plot_dir)  # a target that cannot be written is refused before anything is printed

@@ -196,7 +196,14 @@ def redraw_jobs(report: dict[str, Any], out_dir: str | os.PathLike) -> list[tupl
         jobs.append(("lr.png", lambda r: lr_figure(r["lr"], r.get("problem"))))
     factors_file = ((report.get("factors") or {}).get("files") or {}).get("factors")
     if factors_file and Path(factors_file).is_file():
-        jobs.append(("factors.png", lambda r: _factors_figure(r["factors"], Path(factors_file))))
+        tensors = _factors_tensors(Path(factors_file))  # checked before anything is drawn
+
+        def factors_figure(r: dict[str, Any]) -> Figure:
+            from curvscope.report.factors_plots import factors_file_plot
+
+            return factors_file_plot(r["factors"], tensors)
+
+        jobs.append(("factors.png", factors_figure))
     for name, _ in jobs:
         check_replaceable(out_dir / name)
     return [(out_dir / name, make) for name, make in jobs]
@@ -219,9 +226,16 @@ def redraw(report: dict[str, Any], out_dir: str | os.PathLike, progress: Progres
     return outputs.commit(progress)
 
 
-def _factors_figure(section: dict[str, Any], path: Path) -> Figure:
+def _factors_tensors(path: Path) -> dict[str, Tensor]:
+    """The tensors of a ``factors.safetensors`` file, checked: written by curvscope, finite matrices."""
     from curvscope.io.tensors import read_tensors
-    from curvscope.report.factors_plots import factors_file_plot
 
-    tensors, _ = read_tensors(path, "factors", (".safetensors",))
-    return factors_file_plot(section, tensors)
+    tensors, metadata = read_tensors(path, "factors", (".safetensors",))
+    if metadata.get("format") != "curvscope.factors":
+        raise CurvscopeError(f"{path}: not a factors file written by curvscope (metadata format "
+                             f"{str(metadata.get('format'))[:40]!r}); not drawn")
+    for key, t in tensors.items():
+        if t.ndim > 2 or t.is_complex() or not bool(t.double().isfinite().all()):
+            raise CurvscopeError(f"{path}: tensor {key!r} is not a finite matrix (shape {tuple(t.shape)}, "
+                                 f"{str(t.dtype).replace('torch.', '')}); not drawn")
+    return tensors
