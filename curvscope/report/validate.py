@@ -165,7 +165,8 @@ DIRECTIONS = obj({"top_k": INTN, **{k: NUMS for k in ("lambda", "gamma_abs", "la
                   **{k: NUM for k in ("flat_overlap", "lambda_consistency", "snr_gt1_share",
                                       "lambda_snr_gt1_share")}}, nullable=True)
 GROUP = obj({"name": STR, "parameters": STRS, "num_params": INT, "rank": INTN, "matvecs": INTN,
-             **{k: NUMS for k in ("eigenvalues", "eigenvalues_bottom", "residuals", "residuals_bottom")},
+             **{k: list_of(NUM, nullable=True) for k in ("eigenvalues", "eigenvalues_bottom", "residuals",
+                                                         "residuals_bottom")},
              **{k: NUM for k in ("trace", "trace_stderr", "lambda_max", "lambda_min", "negative_mass",
                                  "effective_rank", "stability_lr", "gradient_norm", "eigenvalue_floor",
                                  "tolerance")},

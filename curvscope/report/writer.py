@@ -227,7 +227,8 @@ def redraw(report: dict[str, Any], out_dir: str | os.PathLike, progress: Progres
 
 
 def _factors_tensors(path: Path) -> dict[str, Tensor]:
-    """The tensors of a ``factors.safetensors`` file, checked: written by curvscope, finite matrices."""
+    """The tensors of a ``factors.safetensors`` file, checked: written by curvscope, float matrices (NaN marks an
+    undefined correlation; no infinities)."""
     from curvscope.io.tensors import read_tensors
 
     tensors, metadata = read_tensors(path, "factors", (".safetensors",))
@@ -235,7 +236,7 @@ def _factors_tensors(path: Path) -> dict[str, Tensor]:
         raise CurvscopeError(f"{path}: not a factors file written by curvscope (metadata format "
                              f"{str(metadata.get('format'))[:40]!r}); not drawn")
     for key, t in tensors.items():
-        if t.ndim > 2 or t.is_complex() or not bool(t.double().isfinite().all()):
-            raise CurvscopeError(f"{path}: tensor {key!r} is not a finite matrix (shape {tuple(t.shape)}, "
-                                 f"{str(t.dtype).replace('torch.', '')}); not drawn")
+        if t.ndim > 2 or t.is_complex() or not t.is_floating_point() or bool(t.double().isinf().any()):
+            raise CurvscopeError(f"{path}: tensor {key!r} is not a float matrix without infinities (shape "
+                                 f"{tuple(t.shape)}, {str(t.dtype).replace('torch.', '')}); not drawn")
     return tensors
