@@ -105,7 +105,7 @@ def check(
 
 def _check(ctx, target, rule_texts, config_path, baseline_path, increases, decreases, junit, json_output,
            out_dir, args: ProblemArgs) -> None:
-    from curvscope.workflows.check import prepare_check, problem_values, run_check
+    from curvscope.workflows.check import check_junit, outside_outputs, prepare_check, problem_values, run_check
 
     started = time.perf_counter()
     given = {name for name in ("data", "out_dir", *PROBLEM_OPTIONS) if _explicit(ctx, name)}
@@ -113,8 +113,11 @@ def _check(ctx, target, rule_texts, config_path, baseline_path, increases, decre
     plan = prepare_check(target, rule_texts, config_path, baseline_path, increases, decreases, given)
     if junit is not None:
         check_writable(junit, "junit")
+        check_junit(plan, junit, out_dir, args.data)
     load = None
     if plan.computes:
+        for warning in outside_outputs(plan, out_dir):
+            warn(warning)
         values = problem_values(plan, given, {k: getattr(args, k) for k in PROBLEM_OPTIONS}, args.trust_model_code)
         check_directory(out_dir, "out_dir")
 

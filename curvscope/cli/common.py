@@ -71,16 +71,43 @@ def handle_errors(fn):
         except MemoryError:
             console.print("[bold red]error:[/bold red] out of memory: lower --batch-size or --max-memory")
             raise typer.Exit(EXIT_BAD_INPUT) from None
-        except Exception as exc:  # a bug, or a model curvscope cannot differentiate
+        except OSError as exc:  # the machine refused (a full disk, a name too long, no permission): not a bug
             if debug:
                 traceback.print_exc()
-            lines = str(exc).strip().splitlines()
-            first = escape(lines[0]) if lines else ""
-            console.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {first} "
-                          f"(curvscope {__version__}; rerun with --debug for the traceback)", soft_wrap=True)
-            raise typer.Exit(EXIT_INTERNAL) from None
+            where = f"{exc.filename}: " if exc.filename else ""
+            console.print(f"[bold red]error:[/bold red] {_one_line(where + (exc.strerror or str(exc)))}",
+                          soft_wrap=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except RuntimeError as exc:
+            if not _allocation_failed(exc):
+                return _internal(exc, debug)
+            if debug:
+                traceback.print_exc()
+            console.print("[bold red]error:[/bold red] out of memory (an allocation failed): lower --batch-size or "
+                          "--max-memory", soft_wrap=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except Exception as exc:  # a bug, or a model curvscope cannot differentiate
+            return _internal(exc, debug)
 
     return wrapper
+
+
+def _internal(exc: Exception, debug: bool):
+    """Report an unexpected exception (a bug) in one line and exit 3."""
+    if debug:
+        traceback.print_exc()
+    lines = str(exc).strip().splitlines()
+    first = escape(lines[0][:300]) if lines else ""
+    console.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {first} "
+                  f"(curvscope {__version__}; rerun with --debug for the traceback)", soft_wrap=True)
+    raise typer.Exit(EXIT_INTERNAL) from None
+
+
+def _allocation_failed(exc: RuntimeError) -> bool:
+    """PyTorch's words for a failed allocation (CPU: "DefaultCPUAllocator: can't allocate memory"; CUDA: "CUDA out
+    of memory", raised as ``torch.OutOfMemoryError``, a RuntimeError)."""
+    text = str(exc)
+    return type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in text or "out of memory" in text
 
 
 def _one_line(text: str) -> str:

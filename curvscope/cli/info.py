@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.table import Table
 
 from curvscope.cli.common import (
@@ -37,14 +38,14 @@ def info(
     layers.add_column("count", justify="right")
     for row in summary["layers"]:
         shapes = ", ".join(f"{n} {tuple(s)}" for n, s in row["shapes"].items())
-        layers.add_row(row["module"], row["type"], shapes, f"{row['count']:,}")
+        layers.add_row(escape(row["module"]), escape(row["type"]), escape(shapes), f"{row['count']:,}")
     out.print(layers)
 
     facts = Table(show_header=False, title="Problem", title_justify="left")
     facts.add_column(style="bold", no_wrap=True)
     facts.add_column(overflow="fold")  # paths stay whole (copy-pasteable), folded rather than cut
     for key, value in summary["facts"].items():
-        facts.add_row(key, value)
+        facts.add_row(escape(key), escape(value))
     out.print(facts)
 
 

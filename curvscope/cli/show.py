@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 
 from curvscope.cli.common import console, handle_errors, out, progress_bars
 from curvscope.cli.options import DebugOpt
@@ -33,18 +34,21 @@ def show(
     Example: [bold]curvscope show curvscope-out/report.json --out figures[/bold]
     """
     from curvscope.report.schema import REPORT_NAME, read_report
-    from curvscope.report.writer import redraw
+    from curvscope.report.writer import redraw, redraw_jobs
 
     path = report / REPORT_NAME if report.is_dir() else report
-    doc = read_report(path)
+    doc = read_report(path, complete=True)  # every field printed or drawn has the shape curvscope writes
+    plot_dir = out_dir if out_dir is not None else path.parent
+    if plots:
+        redraw_jobs(doc, plot_dir)  # a target that cannot be written is refused before anything is printed
     shown = _print_sections(doc, path)
     if not shown:
         raise CurvscopeError(f"{path}: the report has no section curvscope can show (spectrum, lr, factors, track)")
     if plots:
         with progress_bars() as progress:
-            written = redraw(doc, out_dir if out_dir is not None else path.parent, progress)
+            written = redraw(doc, plot_dir, progress)
         for file in written:
-            console.print(f"drew {file}", soft_wrap=True, highlight=False)
+            console.print(f"drew {escape(str(file))}", soft_wrap=True, highlight=False)
 
 
 def _print_sections(doc: dict[str, Any], path: Path) -> list[str]:

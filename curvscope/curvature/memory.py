@@ -78,15 +78,28 @@ class MemoryPlan:
 
     budget: int
     activation_factor: float = 4.0
+    requested: int | None = None
+    """The ``max_memory`` asked for when it was more than the device has (the budget is then what it has)."""
 
     @classmethod
     def default(cls, device: torch.device, max_memory: int | None = None) -> MemoryPlan:
         """The plan for ``device``: a budget of ``max_memory`` bytes when given, else half the free GPU memory
-        (a quarter of the available RAM on the CPU)."""
+        (a quarter of the available RAM on the CPU). A ``max_memory`` beyond the memory the device has available
+        is capped at it (``requested`` keeps the value asked for): a plan never counts on memory that is not
+        there, so a Gram matrix too large for the machine is planned as Lanczos or refused, never allocated."""
         if max_memory is not None:
+            available = available_memory(device)
+            if max_memory > available:
+                return cls(budget=available, requested=max_memory)
             return cls(budget=max_memory)
         share = 0.5 if device.type == "cuda" else 0.25
         return cls(budget=int(available_memory(device) * share))
+
+    def describe(self) -> str:
+        """The budget for messages: ``"4 GiB"``, or ``"22 GiB available (max_memory 1 TiB is more)"``."""
+        if self.requested is None:
+            return format_bytes(self.budget)
+        return f"{format_bytes(self.budget)} available; the {format_bytes(self.requested)} asked for is more"
 
     @property
     def limit(self) -> float:

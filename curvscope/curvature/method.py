@@ -88,10 +88,10 @@ def choose_method(problem, *, curvature: str = "ggn", method: str = "auto", mc_s
         field = "mc_samples" if mc_samples else "max_memory"
         given = mc_samples if mc_samples else ("auto" if max_memory is None else format_bytes(max_memory))
         raise OptionError(field, lambda name: f"{name(field)} {given}: {what}, more than the memory budget "
-                          f"({format_bytes(budget)}); use fewer samples or Monte-Carlo columns, or "
+                          f"({plan.describe()}); use fewer samples or Monte-Carlo columns, or "
                           f"{name('method', 'lanczos')}")
     return SpectrumPlan("lanczos", (f"the exact Gram method does not fit the memory budget "
-                                    f"({format_bytes(budget)}): {what}; used Lanczos on GGN-vector products (the "
+                                    f"({plan.describe()}): {what}; used Lanczos on GGN-vector products (the "
                                     "extreme eigenvalues, a Hutch++ trace and an SLQ density)"),
                         columns, size, budget)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import stat
 import tempfile
@@ -32,6 +33,7 @@ def check_writable(path: str | os.PathLike, option: str) -> Path:
     that exists must be a regular file (a directory, FIFO or device is never replaced). Returns ``path`` as a
     ``Path``."""
     path = Path(path)
+    _check_name_lengths(path, option)
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -57,11 +59,33 @@ def check_writable(path: str | os.PathLike, option: str) -> Path:
     return path
 
 
+def _check_name_lengths(path: Path, option: str) -> None:
+    """Refuse a path with a component (or a whole) too long for the file system it would be made on."""
+    existing = Path(os.path.abspath(path))
+    while not os.path.exists(existing):  # the file system it would be made on: its nearest existing parent's
+        existing = existing.parent
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+        path_max = os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max, path_max = 255, 4096
+    for part in path.parts:
+        if len(os.fsencode(part)) > name_max:
+            raise OptionError(option, f"{path}: the name '{part[:24]}...' is {len(os.fsencode(part))} bytes, "
+                              f"longer than the file system allows ({name_max}); choose a shorter one")
+    if len(os.fsencode(os.path.abspath(path))) >= path_max:
+        raise OptionError(option, f"{path}: the path is longer than the file system allows ({path_max} bytes)")
+
+
 def check_directory(path: str | os.PathLike, option: str) -> Path:
     """An output directory: absent (it will be made) or a writable directory."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OptionError(option, f"{path}: exists and is not a directory")
+    _check_name_lengths(path, option)
+    try:
+        if path.exists() and not path.is_dir():
+            raise OptionError(option, f"{path}: exists and is not a directory")
+    except OSError as exc:
+        raise OptionError(option, f"{path}: cannot be inspected ({exc.strerror or exc})") from None
     check_writable(path / ".curvscope-probe", option)
     return path
 
@@ -146,17 +170,22 @@ class Outputs:
         progress = or_silent(progress)
         pending = [o for o in self._outputs.values() if o.write is not _unset]
         staged: list[tuple[_Output, Path]] = []
+        made: list[Path] = []  # directories this commit created: removed again when it fails
         try:
             for i, output in enumerate(pending):
                 progress("write", i, len(pending))
-                staged.append((output, _stage(output)))
+                staged.append((output, _stage(output, made)))
             with _signals_held():
                 _move_all(staged, self._removals)
-            staged = []
+            staged, made = [], []
             progress("write", len(pending), len(pending))
         finally:
             for _, tmp in staged:
-                tmp.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+            for directory in reversed(made):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()  # only when empty: nothing else was put there meanwhile
         return [o.path for o in pending]
 
 
@@ -168,11 +197,34 @@ def _key(path: Path) -> Path:
     return Path(os.path.abspath(path))
 
 
-def _stage(output: _Output) -> Path:
+def _make_parents(directory: Path, made: list[Path]) -> None:
+    """``mkdir -p directory``, recording in ``made`` each directory created (outermost first)."""
+    missing = []
+    while not os.path.exists(directory):
+        missing.append(directory)
+        directory = directory.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+        made.append(d)
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """``exc`` as an :class:`OSError` when it is one, or a writer library's wrapping of one (safetensors reports a
+    full disk as ``SafetensorError: ... I/O error: No space left on device (os error 28)``)."""
+    if isinstance(exc, OSError):
+        return exc
+    text = str(exc)
+    match = re.search(r"I/O error: (.*?) \(os error (\d+)\)", text)
+    if match:
+        return OSError(int(match.group(2)), match.group(1))
+    return None
+
+
+def _stage(output: _Output, made: list[Path] | None = None) -> Path:
     """Write one output to a hidden temporary file beside its target (same file system: the rename is atomic)."""
     path = output.path
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_parents(path.parent, made if made is not None else [])
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise OptionError(output.option, f"{path}: cannot write ({exc.strerror or exc})") from exc
@@ -183,12 +235,14 @@ def _stage(output: _Output) -> Path:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OptionError(output.option, f"{path}: cannot write ({exc.strerror or exc})") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        error = _os_error(exc) if isinstance(exc, Exception) else None
+        if error is None:
+            raise
+        raise OptionError(output.option, f"{path}: cannot write ({error.strerror or error}); nothing was "
+                          "written or changed") from None
     return tmp
 
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from curvscope.errors import CurvscopeError
 from curvscope.io.atomic import write_atomic
 from curvscope.io.tensors import read_tensors, safetensors_writer
+from curvscope.jsontext import loads
 from curvscope.losses import LOSS_NAMES
 
 META_MODEL = "curvscope.model"
@@ -21,6 +22,9 @@ META_KWARGS = "curvscope.model_kwargs"
 META_LOSS = "curvscope.loss"
 META_SHIFT_LABELS = "curvscope.shift_labels"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
+REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""The weight dtypes a floating-point parameter or buffer is loaded from (copied exactly into the model's dtype);
+fp8, complex, quantized and integer tensors are refused instead of silently converted."""
 
 
 @dataclass
@@ -53,9 +57,9 @@ def checkpoint_from_state(path: str | os.PathLike, state: dict[str, Tensor], met
     kwargs: dict[str, Any] = {}
     if META_KWARGS in meta:
         try:
-            kwargs = json.loads(meta[META_KWARGS])
-        except json.JSONDecodeError as exc:
-            raise CurvscopeError(f"{path}: metadata '{META_KWARGS}' is not valid JSON") from exc
+            kwargs = loads(meta[META_KWARGS])
+        except ValueError as exc:
+            raise CurvscopeError(f"{path}: metadata '{META_KWARGS}' is not valid JSON ({exc})") from None
         if not isinstance(kwargs, dict):
             raise CurvscopeError(f"{path}: metadata '{META_KWARGS}' must be a JSON object")
     loss = meta.get(META_LOSS) or None
@@ -88,6 +92,12 @@ def apply_state_dict(model: nn.Module, state: dict[str, Tensor], source: str) ->
     if problems:
         raise CurvscopeError(f"{source}: checkpoint does not match the model: {'; '.join(problems)}")
     for k, v in state.items():
+        if expected[k].is_floating_point() and v.dtype not in REAL_DTYPES:
+            kind = ("complex" if v.is_complex() else "quantized" if v.is_quantized else
+                    "8-bit float" if v.is_floating_point() else "integer or boolean")
+            raise CurvscopeError(f"{source}: weights '{k}' are {str(v.dtype).replace('torch.', '')} ({kind}), not "
+                                 "a real float type (float16, bfloat16, float32, float64): curvscope does not "
+                                 "dequantize or convert them; save float weights")
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise CurvscopeError(f"{source}: weights '{k}' contain NaN or Inf")
     model.load_state_dict(state, strict=True)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from curvscope.errors import CurvscopeError, Metavar, OptionError
+from curvscope.jsontext import loads
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -55,9 +56,9 @@ def is_hf_directory(path: str | os.PathLike) -> bool:
 def read_config(path: Path) -> dict[str, Any]:
     """``config.json`` as a dict, refusing one that asks for custom code (``auto_map``)."""
     try:
-        config = json.loads((path / CONFIG).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CurvscopeError(f"{path / CONFIG}: cannot be read as JSON ({exc})") from exc
+        config = loads((path / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and absurd JSON are ValueErrors
+        raise CurvscopeError(f"{path / CONFIG}: cannot be read as JSON ({exc})") from None
     if not isinstance(config, dict):
         raise CurvscopeError(f"{path / CONFIG}: expected a JSON object")
     if config.get("auto_map"):
@@ -147,7 +148,7 @@ def _shift_labels_metadata(path: Path) -> bool | None:
     files = [path / WEIGHTS] if (path / WEIGHTS).is_file() else []
     if not files and (path / WEIGHTS_INDEX).is_file():
         try:
-            index = json.loads((path / WEIGHTS_INDEX).read_text())
+            index = loads((path / WEIGHTS_INDEX).read_text())
             files = [path / sorted(set(index["weight_map"].values()))[0]]
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             raise CurvscopeError(f"{path / WEIGHTS_INDEX}: not a valid safetensors index ({exc})") from exc
@@ -190,7 +191,7 @@ def load_hf_model(path: str | os.PathLike, dtype: torch.dtype) -> HFModel:
         raise CurvscopeError(f"{path}: a Hugging Face directory needs {WEIGHTS} or {WEIGHTS_INDEX} next to "
                              f"{CONFIG} (found {found}); pickled weights (pytorch_model.bin) are not loaded")
     architectures = config_dict.get("architectures") or []
-    if not architectures or not isinstance(architectures[0], str):
+    if not isinstance(architectures, list) or not architectures or not isinstance(architectures[0], str):
         raise CurvscopeError(f"{path / CONFIG}: no 'architectures' entry says which model class to build")
     architecture = architectures[0]
     transformers = import_transformers()

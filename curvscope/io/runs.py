@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -356,10 +355,12 @@ def _hf_files(path: Path) -> tuple[Path, ...]:
 
 
 def _read_json(path: Path) -> Any:
+    from curvscope.jsontext import loads
+
     try:
-        return json.loads(check_file(path, "JSON").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CurvscopeError(f"{path}: cannot be read as JSON ({exc})") from exc
+        return loads(check_file(path, "JSON").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and absurd JSON are ValueErrors
+        raise CurvscopeError(f"{path}: cannot be read as JSON ({exc})") from None
 
 
 def _hf_step(path: Path) -> int | None:

@@ -80,10 +80,16 @@ def read_npz(path: Path) -> dict[str, Tensor]:
     """
     import numpy as np
 
+    if not zipfile.is_zipfile(path):  # np.load would read a .npy (one array) or text without complaint
+        with open(path, "rb") as f:
+            head = f.read(6)
+        kind = "a single .npy array" if head == b"\x93NUMPY" else "not a zip archive"
+        raise CurvscopeError(f"{path}: not a valid .npz file ({kind}); save named arrays with "
+                             "numpy.savez(path, x=..., y=...)")
     try:
         with np.load(str(path), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
         raise CurvscopeError(f"{path}: not a valid .npz file ({_first_line(exc)})") from exc
     out = {}
     for k, a in arrays.items():

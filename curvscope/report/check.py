@@ -108,6 +108,8 @@ def parse_rule(text: str, source: str | None = None) -> Rule:
     if not NUMBER.match(number):
         column = pos + len(stripped[pos:]) - len(stripped[pos:].lstrip())
         raise bad(f"expected a number, got {number!r}", column)
+    if not math.isfinite(float(number)):
+        raise bad(f"the number {number} is not finite", len(stripped) - len(number))
     return Rule(path=path, op=op, threshold=float(number), number=number, source=source or "rule")
 
 
@@ -208,6 +210,8 @@ def evaluate_rule(report: dict, rule: Rule) -> RuleResult:
     for m, value in zip(matches, values, strict=True):
         if value is None:
             result.checks.append(Check(m.path, None, rule.threshold, False, "value is null (not finite)"))
+        elif not math.isfinite(value):  # NaN != 0.5, inf > 1, -inf < 0: a non-finite value passes no rule
+            result.checks.append(Check(m.path, None, rule.threshold, False, f"value is {value} (not finite)"))
         elif compare(value, rule.op, rule.threshold):
             result.checks.append(Check(m.path, value, rule.threshold, True))
         else:
@@ -216,6 +220,11 @@ def evaluate_rule(report: dict, rule: Rule) -> RuleResult:
     if not matches:
         result.empty_reason = f"no values: '{format_path(rule.path)}' selects an empty list"
     return result
+
+
+def _finite(value: float | None) -> float | None:
+    """``value`` for a :class:`Check` (whose numbers are finite or ``None``: JSON output has no NaN)."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 # -- baselines ---------------------------------------------------------------------------------------------
@@ -262,6 +271,8 @@ def _amount(amount: Any) -> tuple[float, bool]:
     if not NUMBER.match(number):
         raise ValueError(f"the amount {text!r} is not a number or a percentage like '20%'")
     value = float(number)
+    if not math.isfinite(value):
+        raise ValueError(f"the amount {text!r} is not finite")
     if value < 0:
         raise ValueError(f"the amount {text!r} must not be negative")
     return (value / 100.0 if relative else value), relative
@@ -308,16 +319,18 @@ def evaluate_limit(report: dict, baseline: dict, limit: Limit) -> RuleResult:
     old_values = {m.pair: numeric(m, where="the baseline") for m in old}
     for m, value in zip(new, new_values, strict=True):
         if m.pair not in old_values:
-            result.checks.append(Check(m.path, value, None, False, "not in the baseline"))
+            result.checks.append(Check(m.path, _finite(value), None, False, "not in the baseline"))
             continue
         before = old_values[m.pair]
-        if before is None:
-            result.checks.append(Check(m.path, value, None, False, "baseline value is null (not finite)"))
+        if before is None or not math.isfinite(before):
+            what = "null" if before is None else before
+            result.checks.append(Check(m.path, _finite(value), None, False, f"baseline value is {what} (not finite)"))
             continue
         step = abs(before) * limit.amount if limit.relative else limit.amount
         bound = before + step if limit.direction == "increase" else before - step
-        if value is None:
-            result.checks.append(Check(m.path, None, bound, False, "value is null (not finite)", before))
+        if value is None or not math.isfinite(value):
+            what = "null" if value is None else value
+            result.checks.append(Check(m.path, None, bound, False, f"value is {what} (not finite)", before))
             continue
         passed = value <= bound if limit.direction == "increase" else value >= bound
         change = value - before
@@ -333,7 +346,7 @@ def evaluate_limit(report: dict, baseline: dict, limit: Limit) -> RuleResult:
     for m in old:
         if m.pair not in new_pairs:
             result.checks.append(Check(m.path, None, None, False, "in the baseline but not in the report",
-                                       old_values[m.pair]))
+                                       _finite(old_values[m.pair])))
     if not new and not old:
         result.empty_reason = f"no values: '{format_path(limit.path)}' selects an empty list"
     return result

@@ -10,6 +10,7 @@ baselines that use them: :mod:`curvscope.report.check`.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Union
@@ -344,7 +345,10 @@ def numeric(match: Match, *, where: str = "the report") -> float | None:
     if value is None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond the float range: as infinite as it gets
+            return math.inf if value > 0 else -math.inf
     if isinstance(value, list):
         raise CurvscopeError(f"'{match.path}' in {where} is a list of {len(value)} values, not a number: use "
                              f"'{match.path}[*]' (every element must pass) or '{match.path}[0]'")

@@ -143,14 +143,15 @@ def factors_tables(section: dict[str, Any]) -> list[Table]:
     from rich.table import Table
 
     corr = (section.get("ensemble") or {}).get("correlation", {})
-    table = Table(title=f"Factors ({section['symmetry']}, source {section['source']})", title_justify="left")
+    table = Table(title=escape(f"Factors ({section['symmetry']}, source {section['source']})"), title_justify="left")
     for col, kw in (("factor", {}), ("shape", {}), ("parameters", {}), ("value or norm", {"justify": "right"})):
         table.add_column(col, **kw)
     if corr:
         table.add_column("r vs truth", justify="right", no_wrap=True)
     for b in section["blocks"]:
         shape = "x".join(str(s) for s in b["shape"]) or "scalar"
-        row = [escape(b["name"]), shape, escape(", ".join(b["params"])), num(b.get("value", b["frobenius"]), 4)]
+        row = [escape(str(b["name"])), escape(shape), escape(", ".join(b["params"])),
+               num(b.get("value", b["frobenius"]), 4)]
         if corr:
             c = corr.get(b["name"], {})
             row.append("-" if c.get("mean") is None else f"{num(c['mean'])} ± {num(c['std'])}")
@@ -158,18 +159,19 @@ def factors_tables(section: dict[str, Any]) -> list[Table]:
     facts = Table(show_header=False, title="Summary", title_justify="left")
     facts.add_column(style="bold")
     facts.add_column()
-    widths = "-".join(map(str, section["widths"]))
+    widths = escape("-".join(map(str, section["widths"])))
     facts.add_row("chain", escape(f"{', '.join(section['layers'])} (widths {widths})"))
     allowed = section["activation_symmetry"] or "unknown (named layers)"
-    facts.add_row("symmetry", f"{section['symmetry']} (activations allow: {allowed})")
+    facts.add_row("symmetry", escape(f"{section['symmetry']} (activations allow: {allowed})"))
     count = section["num_vectors"]
-    facts.add_row("source", f"{section['source']} ({count} vector{'s' if count != 1 else ''})")
+    facts.add_row("source", f"{escape(str(section['source']))} ({count} vector{'s' if count != 1 else ''})")
     for key, value in section["structure_error"].items():
         text = "skipped" if value is None else f"{num(value, 4)} (relative Frobenius)"
-        facts.add_row(f"structure error ({key})", text)
+        facts.add_row(escape(f"structure error ({key})"), text)
     if section.get("ensemble"):
         e = section["ensemble"]
-        facts.add_row("ensemble", f"{e['models']} models ({e['init']}), mean loss {num(e['loss_mean'], 4)}")
+        facts.add_row("ensemble",
+                      f"{e['models']} models ({escape(str(e['init']))}), mean loss {num(e['loss_mean'], 4)}")
     if section.get("symo"):
         s = section["symo"]
         best = s["best"]
@@ -178,7 +180,7 @@ def factors_tables(section: dict[str, Any]) -> list[Table]:
                  f"realized {num(best['realized_decrease'], 4)}" if best else "no step lowers the loss"))
         facts.add_row("SymO", text)
     for note in section["notes"]:
-        facts.add_row("note", escape(note))
+        facts.add_row("note", escape(str(note)))
     for key, path in section.get("files", {}).items():
-        facts.add_row(key, escape(path))
+        facts.add_row(escape(str(key)), escape(str(path)))
     return [table, facts]

@@ -151,8 +151,8 @@ def rates_table(section: dict[str, Any], labels: list[str] | None = None) -> Tab
     recommended, and the number of the rule that gave the recommended rate (:func:`rule_legend`).
     """
     batches = section["batches"]
-    title = (f"Learning rates per {section['partition']} group ({section['curvature']}, direction "
-             f"{section['direction']})")
+    title = escape(f"Learning rates per {section['partition']} group ({section['curvature']}, direction "
+                   f"{section['direction']})")
     if batches > 1:
         title += f"; ±std over {batches} batches, ! = std > mean"
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=0)
@@ -194,7 +194,7 @@ def truth_table(section: dict[str, Any]) -> Table:
     for name, step in section["steps"].items():
         realized = step["realized_decrease"]
         style = "green" if realized is not None and realized > 0 else "red"
-        cells = [name, num(step["predicted_decrease"]), f"[{style}]{num(realized)}[/{style}]"]
+        cells = [escape(str(name)), num(step["predicted_decrease"]), f"[{style}]{num(realized)}[/{style}]"]
         if holdout:
             cells.append(num(step["realized_decrease_holdout"]))
         if "cubic" in section:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from curvscope.report.format import finite_or_none
@@ -155,7 +156,7 @@ def matfree_table(report: dict[str, Any], labels: list[str] | None = None) -> Ta
         table.add_column(header, justify="right", no_wrap=True)
     groups = report.get("groups", [])
     for g, label in zip(groups, labels or [str(g["name"]) for g in groups], strict=True):
-        row = [label, fmt(g.get("num_params")), fmt(g.get("lambda_max"))]
+        row = [escape(label), fmt(g.get("num_params")), fmt(g.get("lambda_max"))]
         if hessian:
             mass = g.get("negative_mass")
             row += [fmt(g.get("lambda_min")), "-" if mass is None else f"{mass:.1%}"]

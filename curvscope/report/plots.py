@@ -192,9 +192,11 @@ def directions_figure(group: dict[str, Any], problem: dict[str, Any] | None = No
         b.set_ylabel("Σ γₖ² / ‖g‖² over the bin")
         overlap = _floats(d.get("gradient_overlap"))
         ok = np.isfinite(lam) & (lam > 0) & np.isfinite(overlap)
+        sums = edges = None
         if ok.any():
             bins = _log_bins(lam[ok], per_decade=4, min_bins=8)
             sums, edges = np.histogram(lam[ok], bins=bins, weights=overlap[ok])
+        if sums is not None and (sums > 0).any():  # a zero gradient has no overlap to draw on a log axis
             pos = sums > 0
             b.bar(edges[:-1][pos], sums[pos], width=np.diff(edges)[pos], align="edge", color=BLUE, alpha=0.85,
                   edgecolor="white", linewidth=0.4)

@@ -25,6 +25,7 @@ STYLE = {
     "legend.fontsize": 8,
     "xtick.labelsize": 8,
     "ytick.labelsize": 8,
+    "text.parse_math": False,  # names, paths and labels are drawn literally: a '$' in a layer name is no mathtext
 }
 """rcParams of every curvscope figure (apply with :func:`style` while building the figure)."""
 

@@ -9,7 +9,6 @@ Field-by-field documentation: ``docs/report.md``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -67,22 +66,41 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def read_report(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a report, with a one-line error when it is missing or not a curvscope report."""
+def parse_json(text: str) -> Any:
+    """JSON text as Python values; absurd input (nested thousands deep, a 5000-digit integer) is a one-line
+    :class:`ValueError`, like any other invalid JSON (:func:`curvscope.jsontext.loads`)."""
+    from curvscope.jsontext import loads
+
+    return loads(text)
+
+
+def read_report(path: str | os.PathLike, complete: bool = False) -> dict[str, Any]:
+    """Load a report, with a one-line error when it is missing, not a curvscope report, or malformed (a field
+    of the wrong type, a non-finite number: :func:`curvscope.report.validate.validate_report`; ``complete``:
+    also every field that ``show`` prints present)."""
+    from curvscope.report.validate import MalformedReport, validate_report
+
     path = Path(path)
+    if path.is_dir():
+        raise CurvscopeError(f"{path}: no {REPORT_NAME} in this directory")
     if not path.is_file():
         raise CurvscopeError(f"{path}: report file not found")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CurvscopeError(f"{path}: not valid JSON ({exc})") from exc
+        data = parse_json(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CurvscopeError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise CurvscopeError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if not isinstance(data, dict) or "schema_version" not in data:
         raise CurvscopeError(f"{path}: not a curvscope report (no 'schema_version')")
     major = str(data["schema_version"]).split(".")[0]
     if major != SCHEMA_VERSION.split(".")[0]:
-        raise CurvscopeError(f"{path}: report schema {data['schema_version']} is not supported by curvscope "
-                             f"{__version__} (schema {SCHEMA_VERSION})")
-    return data
+        raise CurvscopeError(f"{path}: report schema {str(data['schema_version'])[:40]} is not supported by "
+                             f"curvscope {__version__} (schema {SCHEMA_VERSION})")
+    try:
+        return validate_report(data, complete)
+    except MalformedReport as exc:
+        raise CurvscopeError(f"{path}: malformed report, {exc}") from None
 
 
 def build_report(command: str, problem, fields: dict[str, Any]) -> dict[str, Any]:
@@ -105,17 +123,24 @@ def existing_report(path: str | os.PathLike) -> dict[str, Any] | None:
     Raises:
         CurvscopeError: the file exists but is not a readable curvscope report (it is never overwritten).
     """
+    from curvscope.report.validate import MalformedReport, validate_report
+
     path = Path(path)
     if not path.exists():
         return None
     try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        old = parse_json(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise CurvscopeError(f"{path}: exists and is not a curvscope report ({type(exc).__name__}); move it away "
                              "or choose another output directory") from None
     if not isinstance(old, dict) or "schema_version" not in old:
         raise CurvscopeError(f"{path}: exists and is not a curvscope report; move it away or choose another "
                              "output directory")
+    try:
+        validate_report(old, complete=False)
+    except MalformedReport as exc:
+        raise CurvscopeError(f"{path}: exists and is a malformed curvscope report ({exc}); move it away or "
+                             "choose another output directory") from None
     return old
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from curvscope.report.format import num as fmt
@@ -37,7 +38,7 @@ def fit_names(build, names: list[str], width: int = 80, header: str = "group") -
     legend.add_column(overflow="fold")
     for label, name in zip(labels, names, strict=True):
         if label != name:
-            legend.add_row(label, name)
+            legend.add_row(escape(label), escape(name))
     return [build(labels), legend]
 
 
@@ -61,7 +62,7 @@ def spectrum_table(report: dict[str, Any], labels: list[str] | None = None) -> T
     for g, label in zip(groups, labels, strict=True):
         d = g.get("directions") or {}
         table.add_row(
-            label, fmt(g.get("num_params")), fmt(g.get("rank")),
+            escape(label), fmt(g.get("num_params")), fmt(g.get("rank")),
             "<floor" if not g.get("rank") and (g.get("trace") or 0) > 0 else fmt(g.get("lambda_max")),
             fmt(g.get("trace")), fmt(g.get("effective_rank")),
             _share(d.get("snr_gt1_share")), _share(d.get("lambda_snr_gt1_share")),
@@ -80,7 +81,7 @@ def facts_table(report: dict[str, Any], out_dir: str | None = None, top_k: int =
     for g in report.get("groups", [])[:1]:
         shown = (g.get("eigenvalues") or [])[:top_k]
         top = " ".join(fmt(v) for v in shown) or "-"
-        table.add_row(f"top-{len(shown)} eigenvalues" if shown else "eigenvalues", f"{top} ({g['name']})")
+        table.add_row(f"top-{len(shown)} eigenvalues" if shown else "eigenvalues", f"{top} ({escape(str(g['name']))})")
         d = g.get("directions") or {}
         if d.get("flat_overlap") is not None:
             flat = d["flat_overlap"]
@@ -94,7 +95,7 @@ def facts_table(report: dict[str, Any], out_dir: str | None = None, top_k: int =
                       f"count as zero in rank and SNR shares{hint}")
     path = report.get("path")
     if path and path.startswith("autograd (") and report.get("method") != "lanczos":
-        table.add_row("per-sample path", f"{path}: slower than vmap, same numbers")
+        table.add_row("per-sample path", f"{escape(path)}: slower than vmap, same numbers")
     newton = report.get("newton")
     if newton:
         damping = newton.get("damping")
@@ -104,22 +105,22 @@ def facts_table(report: dict[str, Any], out_dir: str | None = None, top_k: int =
                       f"{newton.get('skipped_directions', 0)} of {newton.get('num_directions', 0)} directions "
                       "skipped)")
         for warning in newton.get("warnings") or []:
-            table.add_row("[bold yellow]warning[/bold yellow]", f"Newton step: {warning}")
+            table.add_row("[bold yellow]warning[/bold yellow]", f"Newton step: {escape(str(warning))}")
     from curvscope.report.matfree_report import comparison_rows
 
     for label, text in comparison_rows(report):
-        table.add_row(label, text)
+        table.add_row(escape(label), escape(text))
     land = report.get("landscape")
     if land:
         table.add_row("landscape", f"loss {fmt(land.get('loss0'), 4)} at 0, {fmt(min(land.get('loss_1d') or [0]), 4)}"
                       f" to {fmt(max(land.get('loss_1d') or [0]), 4)} for |t| <= {fmt(land.get('radius'))}")
     for note in report.get("notes") or []:
-        table.add_row("note", note)
+        table.add_row("note", escape(str(note)))
     files = report.get("files") or {}
     if out_dir is not None:
-        table.add_row("report", f"{out_dir}/report.json")
+        table.add_row("report", escape(f"{out_dir}/report.json"))
     for key, path in files.items():
-        table.add_row(key.replace("_", " "), str(path))
+        table.add_row(escape(key.replace("_", " ")), escape(str(path)))
     return table
 
 

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from curvscope import commands
-from curvscope.errors import CurvscopeError
+from curvscope.errors import CurvscopeError, OptionError
 from curvscope.io.atomic import Outputs, check_directory
 from curvscope.progress import Progress, or_silent
+from curvscope.report.owned import check_replaceable, is_own_name, written_by_curvscope
 from curvscope.report.schema import REPORT_NAME, build_report, existing_report, merge_reports
 
 if TYPE_CHECKING:
@@ -52,7 +53,13 @@ class ReportWriter:
     The outputs of a run replace those of the previous run in the directory: a file the previous report lists
     there, of a kind this run writes (a plot, the directions file, ...), that this run does not write again is
     removed with the commit (``--no-plots`` leaves no old plots behind). A report of another problem is not
-    merged: it is replaced, and every file it listed in the directory is removed.
+    merged: it is replaced, and the files it listed in the directory are removed.
+
+    Only files curvscope wrote itself are ever removed or overwritten in the directory
+    (:mod:`curvscope.report.owned`: one of its own names, and the content it writes under that name). A path
+    the old report lists that is anything else (``train.py``, a user's ``notes.txt``, a PNG someone else drew)
+    is left where it is; a file with one of curvscope's names that curvscope did not write is never
+    overwritten (one-line error before anything is written).
     """
 
     def __init__(self, out_dir: str | os.PathLike, problem, option: str = "out_dir",
@@ -81,7 +88,19 @@ class ReportWriter:
 
     def claim_option(self, path: str | os.PathLike, field: str) -> Path:
         """:meth:`claim` for the output path of an options field: a refusal is an
-        :class:`~curvscope.errors.OptionError` of ``field`` (the CLI names the flags)."""
+        :class:`~curvscope.errors.OptionError` of ``field`` (the CLI names the flags). A path that is one of the
+        run's inputs (the checkpoint, the data) or one of curvscope's own files in the output directory is
+        refused too."""
+        target = _real(path)
+        info = getattr(self.problem, "info", None) or {}
+        for what in ("checkpoint", "data"):
+            value = info.get(what)
+            if isinstance(value, str) and value and _real(value) == target:
+                raise OptionError(field, f"{path}: is an input of this run (the {what}); give the output its "
+                                  "own path")
+        if is_own_name(path) and target.parent == _real(self.out_dir):
+            raise OptionError(field, lambda name: f"{name(field)} {path}: the same file as curvscope's own "
+                              f"{Path(path).name} in {name(self.option)}; give each output its own path")
         return self.claim(path, field)
 
     def section(self, command: str, fields: dict[str, Any]) -> None:
@@ -95,6 +114,8 @@ class ReportWriter:
         """A safetensors file, listed in the report's ``files`` under ``key``."""
         from curvscope.io.tensors import safetensors_writer
 
+        if _real(Path(path).parent) == _real(self.out_dir):
+            check_replaceable(path)
         path = self.outputs.add(path, safetensors_writer(tensors, metadata), option or self.option)
         self.files[key] = str(path)
         return path
@@ -102,7 +123,10 @@ class ReportWriter:
     def plot(self, key: str, name: str, make: Callable[[dict[str, Any]], Figure]) -> Path:
         """A PNG file ``out_dir/name`` drawn at commit time by ``make(report)`` from the report being written
         (plain JSON-able fields, so a saved report can be re-plotted the same way); listed under ``key``."""
+        if not is_own_name(name):
+            raise CurvscopeError(f"{name}: not one of curvscope's own output names (report/owned.py)")
         path = self.out_dir / name
+        check_replaceable(path)
         self.outputs.claim(path, self.option)
         self._plots.append((key, path, make))
         self.files[key] = str(path)
@@ -154,21 +178,16 @@ class ReportWriter:
             path = Path(value) if isinstance(value, str) else None
             if path is None or _real(path).parent != _real(self.out_dir) or _real(path) in written:
                 continue
-            if path.is_file() and (replaced or key in owned):
+            if written_by_curvscope(path) and (replaced or key in owned):
                 stale.append(path)
         return stale
 
 
-def redraw(report: dict[str, Any], out_dir: str | os.PathLike, progress: Progress | None = None) -> list[Path]:
-    """Draw the plots of a saved report again into ``out_dir`` (all of them or none). Returns the files.
-
-    Spectrum and lr figures come from the report's fields alone; the factors figure from the
-    ``factors.safetensors`` file the report names (skipped when that file is gone).
-    """
+def redraw_jobs(report: dict[str, Any], out_dir: str | os.PathLike) -> list[tuple[Path, Callable]]:
+    """The plots :func:`redraw` draws for ``report`` into ``out_dir``: (target, ``make(report) -> Figure``),
+    every target checked first (a file there that curvscope did not write is never overwritten)."""
     from curvscope.report.plots import spectrum_plots
-    from curvscope.report.render import render_png
 
-    progress = or_silent(progress)
     out_dir = check_directory(out_dir, "out_dir")
     jobs = [(name, make) for _, name, make in spectrum_plots(report)]
     if report.get("lr"):
@@ -181,17 +200,47 @@ def redraw(report: dict[str, Any], out_dir: str | os.PathLike, progress: Progres
         jobs.append(("track.png", lambda r: track_figure(r["track"], r.get("problem"))))
     factors_file = ((report.get("factors") or {}).get("files") or {}).get("factors")
     if factors_file and Path(factors_file).is_file():
-        jobs.append(("factors.png", lambda r: _factors_figure(r["factors"], Path(factors_file))))
+        tensors = _factors_tensors(Path(factors_file))  # checked before anything is drawn
+
+        def factors_figure(r: dict[str, Any]) -> Figure:
+            from curvscope.report.factors_plots import factors_file_plot
+
+            return factors_file_plot(r["factors"], tensors)
+
+        jobs.append(("factors.png", factors_figure))
+    for name, _ in jobs:
+        check_replaceable(out_dir / name)
+    return [(out_dir / name, make) for name, make in jobs]
+
+
+def redraw(report: dict[str, Any], out_dir: str | os.PathLike, progress: Progress | None = None) -> list[Path]:
+    """Draw the plots of a saved report again into ``out_dir`` (all of them or none). Returns the files.
+
+    Spectrum and lr figures come from the report's fields alone; the factors figure from the
+    ``factors.safetensors`` file the report names (skipped when that file is gone).
+    """
+    from curvscope.report.render import render_png
+
+    progress = or_silent(progress)
+    jobs = redraw_jobs(report, out_dir)
     outputs = Outputs()
-    for i, (name, make) in enumerate(jobs):
+    for i, (path, make) in enumerate(jobs):
         progress("plots", i, len(jobs))
-        outputs.add_bytes(out_dir / name, render_png(make(report)), "out_dir")
+        outputs.add_bytes(path, render_png(make(report)), "out_dir")
     return outputs.commit(progress)
 
 
-def _factors_figure(section: dict[str, Any], path: Path) -> Figure:
+def _factors_tensors(path: Path) -> dict[str, Tensor]:
+    """The tensors of a ``factors.safetensors`` file, checked: written by curvscope, float matrices (NaN marks an
+    undefined correlation; no infinities)."""
     from curvscope.io.tensors import read_tensors
-    from curvscope.report.factors_plots import factors_file_plot
 
-    tensors, _ = read_tensors(path, "factors", (".safetensors",))
-    return factors_file_plot(section, tensors)
+    tensors, metadata = read_tensors(path, "factors", (".safetensors",))
+    if metadata.get("format") != "curvscope.factors":
+        raise CurvscopeError(f"{path}: not a factors file written by curvscope (metadata format "
+                             f"{str(metadata.get('format'))[:40]!r}); not drawn")
+    for key, t in tensors.items():
+        if t.ndim > 2 or t.is_complex() or not t.is_floating_point() or bool(t.double().isinf().any()):
+            raise CurvscopeError(f"{path}: tensor {key!r} is not a float matrix without infinities (shape "
+                                 f"{tuple(t.shape)}, {str(t.dtype).replace('torch.', '')}); not drawn")
+    return tensors

@@ -151,6 +151,53 @@ def problem_values(plan: CheckPlan, given: set[str], values: dict[str, Any], tru
     return merged
 
 
+def check_junit(plan: CheckPlan, junit: Path, out_dir: Path, data: Path | None = None) -> None:
+    """Refuse a JUnit path that is the report, an input of the check (the target, the baseline, the config, the
+    data) or one of the files the computations write into ``out_dir``: the XML would replace it.
+
+    Raises:
+        OptionError: of ``junit``, naming the file it collides with.
+    """
+    import os
+
+    from curvscope.report.owned import is_own_name
+
+    def real(path) -> Path:
+        return Path(os.path.realpath(path))
+
+    target = real(junit)
+    taken = {"the checkpoint" if plan.computes else "the report checked": plan.target,
+             "the baseline report": plan.baseline_file, "the config": plan.config.path, "the data": data}
+    if plan.computes:
+        taken["the report written"] = Path(out_dir) / REPORT_NAME
+    for what, path in taken.items():
+        if path is not None and real(path) == target:
+            raise OptionError("junit", lambda name, what=what: f"{name('junit')} {junit}: is {what}; write the "
+                              "JUnit XML to a file of its own")
+    if plan.computes and is_own_name(junit) and target.parent == real(out_dir):
+        raise OptionError("junit", lambda name: f"{name('junit')} {junit}: the same file as curvscope's own "
+                          f"{Path(junit).name} in {name('out_dir')}; write the JUnit XML to a file of its own")
+
+
+def outside_outputs(plan: CheckPlan, out_dir: Path) -> list[str]:
+    """Warnings for the output files a config's computation tables name outside ``out_dir`` (its
+    ``eigenvectors = "../victim.bin"`` is the config's explicit choice, but it should not go unseen)."""
+    import dataclasses
+    import os
+
+    inside = os.path.realpath(out_dir)
+    warnings = []
+    for name, options in plan.options.items():
+        for f in dataclasses.fields(options):
+            value = getattr(options, f.name)
+            if f.name not in plan.config.engines.get(name, {}) or not isinstance(value, Path):
+                continue
+            if os.path.commonpath([inside, os.path.realpath(value)]) != inside:
+                warnings.append(f"{plan.config.path}: [{name}] {f.name} = {str(value)!r} writes outside the "
+                                f"output directory {out_dir} ({os.path.abspath(value)})")
+    return warnings
+
+
 def run_check(plan: CheckPlan, out_dir: Path, load: Callable[[], Problem] | None = None,
               progress: Progress | None = None, started: float | None = None,
               warn: Callable[[str], None] | None = None) -> CheckOutcome:
