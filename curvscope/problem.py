@@ -75,6 +75,8 @@ class Problem:
         use_vmap: try the vmapped per-sample paths (``False``: plain autograd everywhere).
         vmap_error: why ``vmap`` failed on this model (set by the engine when it fell back), else ``None``;
             :attr:`path` says which path ran.
+        forward_ad_error: why forward-mode AD failed on this model (the second-order products then ran by double
+            backward, :mod:`curvscope.curvature.products`), else ``None``; :attr:`path` says so.
     """
 
     model: nn.Module
@@ -94,6 +96,8 @@ class Problem:
     output: str | None = None
     vmap_error: str | None = None
     vmap_checked: bool = field(default=False, repr=False)
+    forward_ad_error: str | None = None
+    forward_ad_checked: bool = field(default=False, repr=False)
 
     def __repr__(self) -> str:
         shape = "x".join(str(d) for d in (self.output_shape or (self.num_outputs,)))
@@ -139,12 +143,18 @@ class Problem:
     @property
     def path(self) -> str:
         """Which per-sample differentiation path the engine took: ``vmap``, ``autograd (vmap failed: ...)``, or
-        ``autograd`` when nothing needed vmap (the ghost rules backpropagate with autograd's batched backward)."""
+        ``autograd`` when nothing needed vmap (the ghost rules backpropagate with autograd's batched backward);
+        followed by ``; double backward (forward AD failed: ...)`` when the second-order products could not use
+        forward-mode AD."""
         if not self.use_vmap:
-            return "autograd (vmap disabled)"
-        if self.vmap_error is not None:
-            return f"autograd (vmap failed: {self.vmap_error})"
-        return "vmap" if self.vmap_checked else "autograd"
+            path = "autograd (vmap disabled)"
+        elif self.vmap_error is not None:
+            path = f"autograd (vmap failed: {self.vmap_error})"
+        else:
+            path = "vmap" if self.vmap_checked else "autograd"
+        if self.forward_ad_error is not None:
+            path += f"; double backward (forward AD failed: {self.forward_ad_error})"
+        return path
 
     def note_vmap_failure(self, exc: BaseException | str) -> None:
         """Record that a vmapped path failed on this model (the engine then uses plain autograd)."""

@@ -1,0 +1,111 @@
+"""Models nobody here wrote (issue #23; factories in ``outside_models.py``) against dense float64 references:
+the Hessian by ``torch.autograd.functional.hessian``, the GGN from plain-autograd Jacobians."""
+
+from __future__ import annotations
+
+import json
+
+import outside_models as om
+import pytest
+import torch
+from conftest import invoke, write_data
+from helpers import dense_any
+from torch import nn
+from torch.func import functional_call
+
+from curvscope import make_problem
+from curvscope.curvature.lr import reduced_hessian, third_order_diagonal
+from curvscope.curvature.products import twice_differentiable
+from curvscope.io.inputs import KeywordInputs
+
+MODELS_FILE = om.__file__
+
+
+def _outputs(problem, params):
+    state = {**problem.buffers, **params}
+    if isinstance(problem.inputs, KeywordInputs):
+        return functional_call(problem.model, state, args=(), kwargs=dict(problem.inputs.items()))
+    return functional_call(problem.model, state, (problem.inputs,))
+
+
+def moved(problem, u, groups, eta):
+    """theta(eta) = theta - sum_s eta_s u_s, differentiable in eta."""
+    params = dict(problem.params)
+    for s, group in enumerate(groups):
+        for n in group.param_names:
+            params[n] = params[n] - eta[s] * u[n]
+    return params
+
+
+def dense_h_bar(problem, u, groups, batch_loss):
+    """H-bar = d^2 L(theta(eta)) / d eta^2 at 0, by torch.autograd.functional.hessian."""
+    eta = torch.zeros(len(groups), dtype=torch.float64)
+    with twice_differentiable():
+        return torch.autograd.functional.hessian(
+            lambda e: batch_loss(_logits(_outputs(problem, moved(problem, u, groups, e)))), eta)
+
+
+def dense_d3(problem, u, groups, batch_loss, h: float = 1e-4):
+    """d^3 L(theta(eta)) / d eta_s^3 at 0: central differences of autograd's second derivative."""
+    out = []
+    for s in range(len(groups)):
+        def second(t, s=s):
+            e = torch.zeros(len(groups), dtype=torch.float64)
+            e[s] = t
+            return dense_h_bar_at(problem, u, groups, batch_loss, e)[s, s]
+        out.append((second(h) - second(-h)) / (2 * h))
+    return torch.stack(out)
+
+
+def dense_h_bar_at(problem, u, groups, batch_loss, eta0):
+    with twice_differentiable():
+        return torch.autograd.functional.hessian(
+            lambda e: batch_loss(_logits(_outputs(problem, moved(problem, u, groups, e)))), eta0)
+
+
+def _logits(out):
+    return getattr(out, "logits", out)
+
+
+def dense_ggn_h_bar(problem, u, groups, batch_loss):
+    """(J U^T)^T H (J U^T) from the dense Jacobian and PyTorch's loss Hessian."""
+    with twice_differentiable():
+        dense = dense_any(problem, batch_loss)
+    flat = torch.cat([u[n].reshape(-1) for n in problem.params])
+    masks = torch.cat([torch.stack([torch.full((p.numel(),), float(n in g.param_names), dtype=torch.float64)
+                                    for g in groups]) for n, p in problem.params.items()], dim=1)
+    B = dense.factor @ (masks * flat).T
+    return B.T @ B
+
+
+def ce(y):
+    return lambda out: nn.CrossEntropyLoss()(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+# -- 1. forward-mode AD missing: every command falls back to double backward ---------------------------------------
+
+def test_packed_lstm_products_fall_back_to_double_backward_and_match_autograd():
+    x, y = om.sequences()
+    torch.manual_seed(0)
+    problem = make_problem(om.lstm(packed=True).eval(), x, y, loss="ce", dtype=torch.float64)
+    groups, u = problem.groups("layer"), problem.gradient()
+    h_bar = reduced_hessian(problem, u, groups, "hessian")
+    assert "double backward (forward AD failed" in problem.path
+    torch.testing.assert_close(h_bar, dense_h_bar(problem, u, groups, ce(y)), rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(reduced_hessian(problem, u, groups, "ggn"),
+                               dense_ggn_h_bar(problem, u, groups, ce(y)), rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(third_order_diagonal(problem, u, groups), dense_d3(problem, u, groups, ce(y)),
+                               rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_lr_suggest_runs_on_an_lstm_and_says_which_path(tmp_path, packed):
+    x, y = om.sequences(12)
+    data = write_data(tmp_path / "seq.safetensors", x, y)
+    result = invoke("lr-suggest", "--model", f"{MODELS_FILE}:lstm", "--model-kwargs", json.dumps({"packed": packed}),
+                    "--data", data, "--curvature", "ggn", "--cubic", "--device", "cpu", "--no-plot", "--out",
+                    tmp_path / "out")
+    assert result.exit_code == 0, result.stderr
+    section = json.loads((tmp_path / "out" / "report.json").read_text())["lr"]
+    assert "double backward (forward AD failed" in section["path"]
+    assert all(r["recommended"] > 0 for r in section["groups"])
