@@ -109,3 +109,85 @@ def test_lr_suggest_runs_on_an_lstm_and_says_which_path(tmp_path, packed):
     section = json.loads((tmp_path / "out" / "report.json").read_text())["lr"]
     assert "double backward (forward AD failed" in section["path"]
     assert all(r["recommended"] > 0 for r in section["groups"])
+
+
+# -- 2. attention differentiated twice: PyTorch's math kernel ------------------------------------------------------
+
+def _attention_problem(name: str):
+    torch.manual_seed(0)
+    if name == "mha":
+        x, y = om.sequences()
+        model = om.mha()
+    else:
+        x = torch.randint(1, 16, (6, 5), generator=torch.Generator().manual_seed(0))
+        y = torch.arange(6) % om.CLASSES
+        model = om.t5()
+        x = KeywordInputs({"input_ids": x})
+    return make_problem(model.eval(), x, y, loss="ce", dtype=torch.float64, device="cpu"), y
+
+
+def _attention_names(problem, name):
+    key = "attention" if name == "mha" else "SelfAttention"
+    return [n for n in problem.params if key in n]
+
+
+@pytest.mark.parametrize("name", ["mha", "t5"])
+def test_attention_hessian_and_ggn_operators_match_dense_references(name):
+    import curvscope
+
+    problem, y = _attention_problem(name)
+    names = _attention_names(problem, name)
+    x, y, model = problem.inputs, problem.targets, problem.model  # the API's verbs on the model itself
+    H = curvscope.hessian_operator(model, x, y, names=names, loss="ce", dtype=torch.float64, device="cpu").dense()
+    G = curvscope.ggn_operator(model, x, y, names=names, loss="ce", dtype=torch.float64, device="cpu").dense()
+    flat = torch.cat([problem.params[n].reshape(-1) for n in names])
+
+    def loss_of(theta):
+        params, i = dict(problem.params), 0
+        for n in names:
+            k = problem.params[n].numel()
+            params[n] = theta[i:i + k].reshape(problem.params[n].shape)
+            i += k
+        return ce(y)(_logits(_outputs(problem, params)))
+
+    with twice_differentiable():
+        ref_h = torch.autograd.functional.hessian(loss_of, flat)
+        dense = dense_any(problem, ce(y)) if name == "mha" else None
+    # T5's RMS norm and softmax compute in float32 whatever the dtype: agreement to float32 rounding only
+    rtol, atol = (1e-8, 1e-11) if name == "mha" else (1e-4, 1e-6 * float(ref_h.abs().max()))
+    torch.testing.assert_close(H, ref_h, rtol=rtol, atol=atol)
+    if dense is not None:
+        from helpers import group_index
+
+        idx = group_index(problem.params, names)
+        torch.testing.assert_close(G, dense.G[idx][:, idx], rtol=1e-8, atol=1e-11)
+    # lr-suggest's reduced Hessian takes forward-mode AD through the math kernel (no fallback needed)
+    groups, u = problem.groups("layer"), problem.gradient()
+    ref = dense_h_bar(problem, u, groups, ce(y))
+    torch.testing.assert_close(reduced_hessian(problem, u, groups, "hessian"), ref, rtol=rtol,
+                               atol=1e-12 if name == "mha" else 1e-6 * float(ref.abs().max()))
+    assert "double backward" not in problem.path
+
+
+def test_lr_suggest_and_hessian_spectrum_run_on_t5(tmp_path):
+    from safetensors.torch import save_file
+
+    ids = torch.randint(1, 16, (8, 5), generator=torch.Generator().manual_seed(0))
+    data = tmp_path / "t5.safetensors"
+    save_file({"input_ids": ids, "y": torch.arange(8) % om.CLASSES}, str(data))
+    for command, extra in (("lr-suggest", ["--no-plot"]), ("spectrum", ["--curvature", "hessian", "--no-plots"])):
+        result = invoke(command, "--model", f"{MODELS_FILE}:t5", "--data", data, "--device", "cpu", *extra, "--out",
+                        tmp_path / command)
+        assert result.exit_code == 0, result.stderr
+
+
+def test_hessian_spectrum_of_a_llama_with_sdpa_attention(tmp_path):
+    from safetensors.torch import save_file
+
+    ids = torch.randint(0, 12, (4, 6), generator=torch.Generator().manual_seed(0))
+    data = tmp_path / "lm.safetensors"
+    save_file({"input_ids": ids, "labels": ids.clone()}, str(data))
+    result = invoke("spectrum", "--model", f"{MODELS_FILE}:llama", "--model-kwargs", '{"attn": "sdpa"}', "--data", data,
+                    "--shift-labels", "--curvature", "hessian", "--top-k", "3", "--device", "cpu", "--no-plots",
+                    "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.stderr

@@ -16,7 +16,9 @@ the loss give zero rows and columns.
   graph of ``J^T u`` are built once and reused. The result equals ``V V^T v`` of the Gram engine.
 
 Only ``torch.autograd.grad`` is used: no forward-mode AD and no ``torch.func.hessian``, which returned a wrong,
-non-symmetric Hessian through LayerNorm + GELU in torch 2.14 (§9).
+non-symmetric Hessian through LayerNorm + GELU in torch 2.14 (§9). The graphs are built under
+:func:`~curvscope.curvature.products.twice_differentiable` (attention by PyTorch's math kernel, which has a double
+backward), so the products work on ``nn.MultiheadAttention`` and ``scaled_dot_product_attention`` models.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor
 
 from curvscope.curvature.matfree.operator import Operator
+from curvscope.curvature.products import twice_differentiable
 from curvscope.errors import CurvscopeError
 
 CURVATURES = ("hessian", "ggn")
@@ -116,7 +119,7 @@ def hessian_operator(problem, names: Sequence[str] | None = None, samples: tuple
     names = _check_names(problem, names)
     if samples is not None and samples[1] <= samples[0]:
         return _zero_operator(problem, names, "hessian")
-    with torch.enable_grad():
+    with torch.enable_grad(), twice_differentiable():
         leaves, params = _leaves(problem, names)
         loss = _part_loss(problem, params, samples)
         if loss.requires_grad:
@@ -208,7 +211,7 @@ def ggn_operator(problem, names: Sequence[str] | None = None, samples: tuple[int
     if b1 <= b0:
         return _zero_operator(problem, names, "ggn")
     inputs = problem.inputs if samples is None else problem.inputs[b0:b1]
-    with torch.enable_grad():
+    with torch.enable_grad(), twice_differentiable():
         leaves, params = _leaves(problem, names)
         outputs = problem.forward(params, inputs)
         hessian = loss_hessian_product(problem.loss, outputs, problem.targets[b0:b1])
