@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from curvscope.errors import CurvscopeError, OptionError
 from curvscope.io.inputs import call_model, cast_inputs, nonfinite_inputs, probe_model
+from curvscope.io.precision import probe_precision
 from curvscope.losses import Loss, default_loss_name, get_loss
 from curvscope.losses import shift_labels as _shift_labels
 
@@ -75,6 +76,9 @@ class Problem:
         use_vmap: try the vmapped per-sample paths (``False``: plain autograd everywhere).
         vmap_error: why ``vmap`` failed on this model (set by the engine when it fell back), else ``None``;
             :attr:`path` says which path ran.
+        compute_dtype: the lowest precision the model really computes in when it is below ``dtype`` (a Hugging
+            Face Llama upcasts to float32 in RMSNorm and softmax, also at float64; :mod:`curvscope.io.precision`),
+            else ``None``. :attr:`precision` is the dtype whose rounding the numbers carry.
         forward_ad_error: why forward-mode AD failed on this model (the second-order products then ran by double
             backward, :mod:`curvscope.curvature.products`), else ``None``; :attr:`path` says so.
     """
@@ -98,6 +102,7 @@ class Problem:
     vmap_checked: bool = field(default=False, repr=False)
     forward_ad_error: str | None = None
     forward_ad_checked: bool = field(default=False, repr=False)
+    compute_dtype: torch.dtype | None = None
 
     def __repr__(self) -> str:
         shape = "x".join(str(d) for d in (self.output_shape or (self.num_outputs,)))
@@ -108,6 +113,17 @@ class Problem:
                 f"device={self.device}, path={self.path!r})")
 
     # -- sizes -------------------------------------------------------------------------------------
+    @property
+    def precision(self) -> torch.dtype:
+        """The dtype whose rounding the model's numbers carry: :attr:`compute_dtype` when the model computes
+        below :attr:`dtype`, else :attr:`dtype`. Rank floors and self-check tolerances use its eps."""
+        return self.compute_dtype or self.dtype
+
+    @property
+    def eps(self) -> float:
+        """``torch.finfo(self.precision).eps``."""
+        return torch.finfo(self.precision).eps
+
     @property
     def batch_size(self) -> int:
         """N: the number of samples in the batch."""
@@ -366,7 +382,11 @@ def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | 
     if shift_labels:
         targets = _shift_labels(targets)
     loss = loss.for_batch(targets)
+    info = {**(info or {}), "output": chosen}
+    reduced = probe_precision(model, lambda: call_model(model, {**buffers, **params}, x0, output), dtype)
+    if reduced is not None:
+        info["precision_note"] = reduced.note(dtype)
     return Problem(model=model, params=params, buffers=buffers, inputs=inputs, targets=targets, loss=loss,
-                   device=device, dtype=dtype, num_outputs=num_outputs, info={**(info or {}), "output": chosen},
+                   device=device, dtype=dtype, num_outputs=num_outputs, info=info,
                    dataset=dataset, output_shape=output_shape, shift_labels=shift_labels, use_vmap=use_vmap,
-                   output=output)
+                   output=output, compute_dtype=None if reduced is None else reduced.dtype)

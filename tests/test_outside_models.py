@@ -191,3 +191,94 @@ def test_hessian_spectrum_of_a_llama_with_sdpa_attention(tmp_path):
                     "--shift-labels", "--curvature", "hessian", "--top-k", "3", "--device", "cpu", "--no-plots",
                     "--out", tmp_path / "out")
     assert result.exit_code == 0, result.stderr
+
+
+# -- 3. models that compute below the run's dtype ---------------------------------------------------------------
+
+def _lm_batch(n: int = 6):
+    ids = torch.randint(0, 12, (n, 6), generator=torch.Generator().manual_seed(0))
+    return KeywordInputs({"input_ids": ids}), ids
+
+
+def test_a_float64_llama_is_found_computing_in_float32_and_its_h_bar_passes_the_self_check():
+    torch.manual_seed(0)
+    x, ids = _lm_batch()
+    problem = make_problem(om.llama("eager").eval(), x, ids, loss="ce", dtype=torch.float64, shift_labels=True)
+    assert problem.dtype == torch.float64 and problem.compute_dtype == torch.float32
+    assert problem.precision == torch.float32 and problem.eps == torch.finfo(torch.float32).eps
+    note = problem.info["precision_note"]
+    assert "float32 at dtype float64" in note and "LlamaRMSNorm" in note
+    groups, u = problem.groups("layer"), problem.gradient()
+    h_bar = reduced_hessian(problem, u, groups, "hessian")  # raised SelfCheckError (5e-8 > 1.5e-8) before
+
+    def batch_loss(out):
+        return nn.CrossEntropyLoss()(out[:, :-1].reshape(-1, out.shape[-1]), ids[:, 1:].reshape(-1))
+
+    ref = dense_h_bar(problem, u, groups, batch_loss)
+    # the reference computes through the same float32 internals: agreement to float32 rounding, not float64
+    torch.testing.assert_close(h_bar, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+
+
+def test_the_products_are_exact_when_the_internals_are_float64():
+    """The cause of the asymmetry is the model's float32 RMSNorm, not the products: the same model with its
+    norms in float64 gives a float64-symmetric H-bar."""
+    from curvscope.curvature import products
+    from curvscope.curvature.lr.reduced import _pairwise, group_tangents
+
+    class Norm(nn.Module):
+        def __init__(self, upcast):
+            super().__init__()
+            self.upcast, self.weight = upcast, nn.Parameter(torch.ones(6))
+
+        def forward(self, h):
+            x = h.to(torch.float32) if self.upcast else h
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return self.weight * x.to(h.dtype)
+
+    asym = {}
+    for upcast in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), Norm(upcast), nn.Tanh(), nn.Linear(6, 6), Norm(upcast),
+                              nn.Linear(6, om.CLASSES))
+        problem = make_problem(model, torch.randn(8, 4), torch.arange(8) % om.CLASSES, loss="ce",
+                               dtype=torch.float64)
+        assert problem.compute_dtype == (torch.float32 if upcast else None)
+        groups, u = problem.groups("layer"), problem.gradient()
+        U = group_tangents(u, groups)
+        h = _pairwise(U, products.hessian_vector_products(problem, U))
+        asym[upcast] = float((h - h.T).abs().max() / h.abs().max())
+    assert asym[False] < 1e-14 < 1e-9 < asym[True] < 1e-5
+
+
+@pytest.mark.parametrize("name", ["mha", "lstm", "zoo"])
+def test_models_computing_in_their_dtype_are_not_flagged(name):
+    x, y = om.sequences()
+    if name == "zoo":
+        x = torch.randn(6, 4)
+    problem = make_problem(getattr(om, name)().eval(), x, y, loss="ce", dtype=torch.float64)
+    assert problem.compute_dtype is None and problem.precision == torch.float64
+    assert "precision_note" not in problem.info
+
+
+def test_lr_suggest_and_spectrum_on_a_float64_llama_report_its_float32_internals(tmp_path):
+    from safetensors.torch import save_file
+
+    _, ids = _lm_batch(8)
+    data = tmp_path / "lm.safetensors"
+    save_file({"input_ids": ids, "labels": ids.clone()}, str(data))
+    common = ["--model", f"{MODELS_FILE}:llama", "--data", data, "--shift-labels", "--dtype", "float64", "--device",
+              "cpu", "--out", tmp_path / "out"]
+    result = invoke("lr-suggest", *common, "--no-plot")
+    assert result.exit_code == 0, result.stderr  # exit 3 (the self-check) before
+    assert "computes parts of itself in float32 at dtype float64" in result.stderr
+    result = invoke("spectrum", *common, "--no-plots", "--top-k", "3")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["problem"]["dtype"] == "float64" and report["problem"]["compute_dtype"] == "float32"
+    assert "LlamaRMSNorm" in report["problem"]["precision_note"]
+    assert report["precision"] == "float32"  # the rank floor is float32's
+    group = report["groups"][0]
+    eps = torch.finfo(torch.float32).eps
+    assert group["eigenvalue_floor"] == pytest.approx(group["lambda_max"] * report["approximation"]["num_columns"]
+                                                      * eps)
+    assert "lr" in report

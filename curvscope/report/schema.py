@@ -46,6 +46,8 @@ def problem_section(problem) -> dict[str, Any]:
         "positions": getattr(problem, "positions", 1),
         "shift_labels": bool(getattr(problem, "shift_labels", False)),
         "architecture": info.get("architecture"),
+        "compute_dtype": str(getattr(problem, "precision", problem.dtype)).replace("torch.", ""),
+        "precision_note": info.get("precision_note"),
     }
 
 

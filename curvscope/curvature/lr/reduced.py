@@ -89,7 +89,7 @@ def reduced_hessian(problem: Problem, direction: dict[str, Tensor], groups: list
     from curvscope.curvature.finite import check_finite
 
     check_finite(f"the reduced {curvature} H_bar", h_bar=h_bar.detach())
-    check_symmetric(h_bar.detach(), curvature)
+    check_symmetric(h_bar.detach(), curvature, problem.eps)
     return ((h_bar + h_bar.T) / 2).detach()
 
 
@@ -98,20 +98,22 @@ class SelfCheckError(RuntimeError):
     for this model): an internal error, never silently repaired."""
 
 
-def check_symmetric(h_bar: Tensor, curvature: str) -> float:
+def check_symmetric(h_bar: Tensor, curvature: str, eps: float | None = None) -> float:
     """The relative asymmetry ``max|A - A^T| / max|A|`` of ``H_bar``, checked before it is symmetrized.
 
     Rounding of the products leaves an asymmetry of order eps; a wrong Hessian-vector product (as
-    ``torch.func.hessian`` is through LayerNorm + GELU in torch 2.14) leaves a large one.
+    ``torch.func.hessian`` is through LayerNorm + GELU in torch 2.14) leaves a large one. ``eps`` is that of the
+    precision the model really computes in (``problem.eps``: float32's for a Llama whose RMSNorm and softmax
+    upcast to float32 only, even in a float64 run); default: ``h_bar``'s dtype's.
 
     Raises:
-        SelfCheckError: the asymmetry exceeds ``sqrt(eps(dtype))`` (3.5e-4 in float32, 1.5e-8 in float64).
+        SelfCheckError: the asymmetry exceeds ``sqrt(eps)`` (3.5e-4 in float32, 1.5e-8 in float64).
     """
     scale = float(h_bar.abs().max()) if h_bar.numel() else 0.0
     if scale == 0.0 or not math.isfinite(scale):
         return 0.0
     asymmetry = float((h_bar - h_bar.T).abs().max()) / scale
-    tolerance = math.sqrt(torch.finfo(h_bar.dtype).eps)
+    tolerance = math.sqrt(torch.finfo(h_bar.dtype).eps if eps is None else eps)
     if asymmetry > tolerance:
         raise SelfCheckError(f"self-check failed: the reduced {curvature} H_bar is asymmetric beyond rounding "
                              f"(relative {asymmetry:.2e} > {tolerance:.1e}); its {curvature}-vector products are "
