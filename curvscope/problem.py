@@ -19,8 +19,9 @@ from torch import Tensor, nn
 from curvscope.errors import CurvscopeError, OptionError
 from curvscope.io.inputs import call_model, cast_inputs, nonfinite_inputs, probe_model
 from curvscope.io.precision import probe_precision
-from curvscope.losses import Loss, default_loss_name, get_loss
+from curvscope.losses import Loss, check_loss_outputs, default_loss_name, get_loss
 from curvscope.losses import shift_labels as _shift_labels
+from curvscope.user_loss import check_per_sample
 
 GROUP_MODES = ("all", "layer", "tensor")
 """How parameters form groups (blocks): ``all`` (one group), ``layer`` (one per module with parameters) or
@@ -327,7 +328,10 @@ def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | 
         targets: class labels ``(N,)`` for ``ce``; ``(N, C)`` floats for ``mse``/``bce``. Sequence outputs:
             token labels ``(N, T)`` for ``ce`` (``-100``: no loss at that position), ``(N, T, C)`` floats for
             ``mse``/``bce``.
-        loss: ``"ce"``, ``"mse"``, ``"bce"``; default ``ce`` for integer targets, ``mse`` for float ones.
+        loss: ``"ce"``, ``"mse"``, ``"bce"``, ``"nll"``, ``"huber"``, ``"smooth-l1"``, a
+            :class:`~curvscope.losses.Loss` with options (:func:`~curvscope.losses.get_loss`: label smoothing,
+            class weights, delta), a user loss ``"file.py:fn"`` or the function itself; default ``ce`` for
+            integer targets, ``mse`` for float ones.
         device: ``"auto"`` (default), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         dtype: ``float32`` (default) or ``float64``.
         info: provenance recorded in :attr:`Problem.info` (with ``"output"``, the output that was chosen).
@@ -375,13 +379,16 @@ def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | 
     num_outputs = out[0].numel()
     if out.dim() > 2:
         loss = loss.sequence(positions=num_outputs // out.shape[-1], classes=out.shape[-1])
-    if shift_labels and not (loss.positions and loss.name == "ce"):
+    check_loss_outputs(loss, out)
+    if shift_labels and not (loss.positions and loss.is_categorical and loss.user is None):
         raise CurvscopeError("shift_labels needs sequence outputs (N, T, C) and loss 'ce' (a causal LM), got "
                              f"outputs {tuple(out.shape[1:])} per sample and loss '{loss.name}'")
     inputs, targets = _prepare_batch(inputs, targets, loss, num_outputs, device, dtype, source)
     if shift_labels:
         targets = _shift_labels(targets)
     loss = loss.for_batch(targets)
+    if loss.user is not None:
+        check_per_sample(loss, out.reshape(out.shape[0], -1), targets[:out.shape[0]])
     info = {**(info or {}), "output": chosen}
     reduced = probe_precision(model, lambda: call_model(model, {**buffers, **params}, x0, output), dtype)
     if reduced is not None:

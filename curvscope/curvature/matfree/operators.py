@@ -152,23 +152,8 @@ def loss_hessian_product(loss, outputs: Tensor, targets: Tensor) -> Callable[[Te
             losses).
     """
     outputs = outputs.detach()
-    if getattr(loss, "positions", 0):  # (a loss object of another kind has one output vector per sample)
-        n, T, C = outputs.shape[0], loss.positions, loss.classes
-        valid = loss.valid_tokens(targets).reshape(n * T, 1).to(outputs.dtype)
-        token_targets = targets.reshape(n * T, *targets.shape[2:])
-        token = loss_hessian_product(loss.token_loss(), outputs.reshape(n * T, C), token_targets)
-        weight = valid * loss.token_scale
-        return lambda w: (token(w.reshape(n * T, C)) * weight).reshape(w.shape)
-    C = outputs.shape[-1]
-    if loss.name == "ce":
-        p = outputs.softmax(dim=-1)
-        return lambda w: p * w - p * (p * w).sum(dim=-1, keepdim=True)
-    if loss.name == "mse":
-        return lambda w: (2.0 / C) * w
-    if loss.name == "bce":
-        s = torch.sigmoid(outputs)
-        weight = s * (1 - s) / C
-        return lambda w: weight * w
+    if hasattr(loss, "hessian_product"):  # a curvscope Loss: closed forms, per token for sequences
+        return loss.hessian_product(outputs, targets)
     with torch.enable_grad():
         f = outputs.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(loss(f, targets) * outputs.shape[0], f, create_graph=True)
