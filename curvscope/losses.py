@@ -12,6 +12,9 @@ mse     (1/C) ||f_n - y_n||^2           (2/C) I                           sqrt(2
 bce     (1/C) sum_c bce(f_nc, y_nc)     diag(s(1-s)) / C                  diag(sqrt(s(1-s)/C))
 ======  ==============================  ================================  ===============================
 
+Also ``nll`` (on log-probabilities), ``huber``, ``smooth-l1``, label smoothing and class weights for ``ce``
+(:mod:`curvscope.loss_kinds` has their formulas), and a user loss (:mod:`curvscope.user_loss`).
+
 Sequence outputs (``docs/conventions.md`` §8): a loss with ``positions = T`` and ``classes = C`` takes outputs
 flattened to ``(N, T*C)`` (the Problem flattens ``(N, T, C)``) and targets ``(N, T)`` (``ce``, ``-100`` marks a
 token without loss) or ``(N, T, C)`` (``mse``/``bce``). The loss is PyTorch's mean over the valid tokens, and a
@@ -23,15 +26,20 @@ square root is block-diagonal over tokens, ``sqrt(N/|T|) S_nt``; the columns of 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from curvscope import loss_kinds
 from curvscope.errors import CurvscopeError, OptionError
 
-LOSS_NAMES = ("ce", "mse", "bce")
+LOSS_NAMES = ("ce", "mse", "bce", "nll", "huber", "smooth-l1")
+"""The built-in losses; ``--loss file.py:fn`` (or a callable in Python) names a user loss instead."""
+CATEGORICAL = loss_kinds.CATEGORICAL
+"""Losses with class labels (``ce`` on logits, ``nll`` on log-probabilities)."""
 IGNORE_INDEX = -100
 """Token labels equal to this carry no loss (PyTorch's and Hugging Face's ``ignore_index``)."""
 
@@ -41,23 +49,49 @@ class Loss:
     """A loss in curvscope's conventions. Use :func:`get_loss` to obtain one.
 
     Attributes:
-        name: ``ce``, ``mse`` or ``bce``.
+        name: one of :data:`LOSS_NAMES`, or a user loss's spec (``file.py:fn``).
         positions: T for sequence outputs (each sample's outputs flattened to ``T*C``), 0 for one output vector
             per sample.
         classes: C, outputs per position (sequence outputs only).
-        token_scale: ``N/|T|`` of the batch this loss belongs to (sequence outputs only; see :meth:`for_batch`).
+        token_scale: the batch's normalization (see :meth:`for_batch`): ``N/|T|`` for sequence outputs, with
+            class weights ``N / sum w_{y}`` over the batch's (valid) labels; 1 otherwise.
+        label_smoothing: ``ce`` only: PyTorch's ``label_smoothing`` (0 <= eps <= 1).
+        class_weights: ``ce``/``nll`` only: PyTorch's ``weight``, one per class (weighted mean over the batch).
+        delta: ``huber``'s delta, ``smooth-l1``'s beta.
+        user: a user loss's function ``fn(outputs, targets) -> per-sample losses`` (:mod:`curvscope.user_loss`).
     """
 
     name: str
     positions: int = 0
     classes: int = 0
     token_scale: float = 1.0
+    label_smoothing: float = 0.0
+    class_weights: tuple[float, ...] | None = None
+    delta: float = 1.0
+    user: Callable[[Tensor, Tensor], Tensor] | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:
+        options = "".join(f", {k}={v!r}" for k, v in self.options().items())
         if not self.positions:
-            return f"Loss({self.name!r})"
-        return (f"Loss({self.name!r}, positions={self.positions}, classes={self.classes}, "
+            return f"Loss({self.name!r}{options})"
+        return (f"Loss({self.name!r}{options}, positions={self.positions}, classes={self.classes}, "
                 f"token_scale={self.token_scale:.6g})")
+
+    def options(self) -> dict[str, Any]:
+        """The options that differ from the defaults (``label_smoothing``, ``class_weights``, ``delta``)."""
+        out: dict[str, Any] = {}
+        if self.label_smoothing:
+            out["label_smoothing"] = self.label_smoothing
+        if self.class_weights is not None:
+            out["class_weights"] = list(self.class_weights)
+        if self.name in ("huber", "smooth-l1"):
+            out["delta" if self.name == "huber" else "beta"] = self.delta
+        return out
+
+    @property
+    def is_categorical(self) -> bool:
+        """Class labels as targets (``ce``, ``nll``)."""
+        return self.name in CATEGORICAL
 
     @property
     def is_sequence(self) -> bool:
@@ -65,30 +99,45 @@ class Loss:
         return self.positions > 0
 
     def token_loss(self) -> Loss:
-        """The loss of one token (positions 0): what each position's ``C`` outputs get."""
-        return Loss(self.name)
+        """The loss of one token (positions 0, unscaled): what each position's ``C`` outputs get."""
+        return replace(self, positions=0, classes=0, token_scale=1.0)
 
     def sequence(self, positions: int, classes: int) -> Loss:
         """This loss on outputs with ``positions`` positions of ``classes`` entries each."""
         return replace(self, positions=positions, classes=classes)
 
     def valid_tokens(self, targets: Tensor) -> Tensor:
-        """``(n, T)`` bool: the tokens that carry loss (``ce``: target != -100; else all)."""
-        if self.name == "ce":
+        """``(n, T)`` bool: the tokens that carry loss (``ce``/``nll``: target != -100; else all)."""
+        if self.is_categorical and self.user is None:
             return targets != IGNORE_INDEX
         return torch.ones(targets.shape[:2], dtype=torch.bool, device=targets.device)
 
-    def for_batch(self, targets: Tensor) -> Loss:
-        """This loss with the token scale ``N/|T|`` of the batch ``targets`` (unchanged without positions).
+    def target_weights(self, targets: Tensor) -> Tensor:
+        """The weight of each sample ``(N,)`` or token ``(N, T)`` in the batch's weighted mean: ``w_{y}`` with
+        class weights, else 1; 0 for ignored tokens."""
+        valid = self.valid_tokens(targets) if self.positions else torch.ones(targets.shape[0], dtype=torch.bool,
+                                                                               device=targets.device)
+        if self.class_weights is None:
+            return valid.to(torch.float64)
+        w = torch.tensor(self.class_weights, dtype=torch.float64, device=targets.device)
+        return torch.where(valid, w[torch.where(valid, targets, torch.zeros_like(targets))], torch.zeros_like(w[0]))
 
-        Raises :class:`CurvscopeError` when no token of the batch carries loss.
+    def for_batch(self, targets: Tensor) -> Loss:
+        """This loss with the batch normalization of ``targets``: ``token_scale = N / sum of the target
+        weights`` (``N/|T|`` for tokens; with class weights PyTorch's weighted mean ``sum w_y l / sum w_y``).
+        Unchanged for one output vector per sample without class weights, and for a user loss.
+
+        Raises :class:`CurvscopeError` when no token of the batch carries loss (or every weight is zero).
         """
-        if not self.positions:
+        if self.user is not None or (not self.positions and self.class_weights is None):
             return self
-        count = int(self.valid_tokens(targets).sum())
-        if count == 0:
-            raise CurvscopeError("no token of the batch carries loss: every target is -100 (ignore_index)")
-        return replace(self, token_scale=targets.shape[0] / count)
+        total = float(self.target_weights(targets).sum())
+        if total == 0:
+            if self.positions and not bool(self.valid_tokens(targets).any()):
+                raise CurvscopeError("no token of the batch carries loss: every target is -100 (ignore_index)")
+            raise CurvscopeError("the class weights of the batch's labels are all zero: the weighted mean is "
+                                 "undefined (PyTorch returns NaN)")
+        return replace(self, token_scale=targets.shape[0] / total)
 
     def _tokens(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(n*T, C)`` outputs, ``(n*T, ...)`` targets and ``(n, T)`` valid mask."""
@@ -96,7 +145,7 @@ class Loss:
         out = outputs.reshape(n * self.positions, self.classes)
         tgt = targets.reshape(n * self.positions, *targets.shape[2:])
         valid = self.valid_tokens(targets)
-        if self.name == "ce":
+        if self.is_categorical:
             tgt = torch.where(valid.reshape(-1), tgt, torch.zeros_like(tgt))
         return out, tgt, valid
 
@@ -119,16 +168,16 @@ class Loss:
 
         Sequence outputs: ``l_n = token_scale * sum_{t valid} l_nt`` from outputs ``(N, T*C)``.
         """
+        if self.user is not None:
+            from curvscope.user_loss import user_values
+
+            return user_values(self, outputs, targets)
         if self.positions:
             out, tgt, valid = self._tokens(outputs, targets)
             per_token = self.token_loss().per_sample(out, tgt).reshape(valid.shape)
             per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
             return per_token.sum(1) * self.token_scale
-        if self.name == "ce":
-            return F.cross_entropy(outputs, targets, reduction="none")
-        if self.name == "mse":
-            return ((outputs - targets) ** 2).mean(dim=-1)
-        return F.binary_cross_entropy_with_logits(outputs, targets, reduction="none").mean(dim=-1)
+        return loss_kinds.values(self, outputs, targets) * self.token_scale
 
     def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """The batch loss ``L``: equal to ``torch.nn.<Loss>(reduction="mean")``."""
@@ -136,17 +185,15 @@ class Loss:
 
     def output_gradient(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """``d l_n / d f_n``, shape ``(N, C)``: the per-sample gradient with respect to the outputs."""
+        if self.user is not None:
+            from curvscope.user_loss import user_gradient
+
+            return user_gradient(self, outputs, targets)
         if self.positions:
             out, tgt, valid = self._tokens(outputs, targets)
             g = self.token_loss().output_gradient(out, tgt).reshape(valid.shape[0], self.positions, self.classes)
             return (g * valid.unsqueeze(-1).to(g.dtype) * self.token_scale).reshape(outputs.shape)
-        if self.name == "ce":
-            p = outputs.softmax(dim=-1)
-            return p - F.one_hot(targets, outputs.shape[-1]).to(p.dtype)
-        C = outputs.shape[-1]
-        if self.name == "mse":
-            return 2.0 / C * (outputs - targets)
-        return (torch.sigmoid(outputs) - targets) / C
+        return loss_kinds.gradient(self, outputs, targets) * self.token_scale
 
     # -- curvature ----------------------------------------------------------------------------------
     def hessian_sqrt(self, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -156,20 +203,16 @@ class Loss:
         Sequence outputs: ``(N, T*C, T_v*C)``, block-diagonal ``sqrt(token_scale) S_nt`` over the valid tokens.
         """
         outputs = outputs.detach()
+        if self.user is not None:
+            from curvscope.user_loss import user_hessian_sqrt
+
+            return user_hessian_sqrt(self, outputs, targets)
         if self.positions:
             out, tgt, valid = self._tokens(outputs, targets)
             S = self.token_loss().hessian_sqrt(out, tgt) * math.sqrt(self.token_scale)
             return self._block_diagonal(S.reshape(*valid.shape, self.classes, self.classes), valid)
-        N, C = outputs.shape
-        if self.name == "ce":
-            p = outputs.softmax(dim=-1)
-            sqrt_p = p.sqrt()
-            return torch.diag_embed(sqrt_p) - p.unsqueeze(-1) * sqrt_p.unsqueeze(-2)
-        if self.name == "mse":
-            eye = torch.eye(C, dtype=outputs.dtype, device=outputs.device)
-            return math.sqrt(2.0 / C) * eye.expand(N, C, C).clone()
-        s = torch.sigmoid(outputs)
-        return torch.diag_embed((s * (1 - s) / C).sqrt())
+        S = loss_kinds.hessian_sqrt(self, outputs, targets)
+        return S if self.token_scale == 1.0 else S * math.sqrt(self.token_scale)
 
     def hessian(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """The loss Hessian ``H_n``, shape ``(N, C, C)`` (closed form; tests compare it to autograd);
@@ -190,33 +233,46 @@ class Loss:
         if mc_samples < 1:
             raise OptionError("mc_samples", f"must be at least 1, got {mc_samples}")
         outputs = outputs.detach()
+        if self.user is not None:  # S_n z / sqrt(M), z ~ N(0, I): E[S z z^T S^T] = S S^T
+            S = self.hessian_sqrt(outputs, targets)
+            z = torch.randn(*S.shape[:2], mc_samples, generator=generator, dtype=torch.float64)
+            return S @ z.to(S.device, S.dtype)[:, :S.shape[2]] / math.sqrt(mc_samples)
         if self.positions:
             out, tgt, valid = self._tokens(outputs, targets)
             S = self.token_loss().mc_sqrt(out, tgt, mc_samples, generator) * math.sqrt(self.token_scale)
             return self._block_diagonal(S.reshape(*valid.shape, self.classes, mc_samples), valid)
-        N, C = outputs.shape
-        M = mc_samples
-        cpu = outputs.to("cpu", torch.float64)
-        if self.name == "ce":
-            p = cpu.softmax(dim=-1)
-            draws = torch.multinomial(p, M, replacement=True, generator=generator)  # (N, M)
-            onehot = F.one_hot(draws, C).to(p.dtype).transpose(1, 2)  # (N, C, M)
-            S = (onehot - p.unsqueeze(-1)) / math.sqrt(M)
-        elif self.name == "mse":
-            z = torch.randn(N, C, M, generator=generator, dtype=torch.float64)
-            S = math.sqrt(2.0 / C) * z / math.sqrt(M)
-        else:
-            s = torch.sigmoid(cpu).unsqueeze(-1).expand(N, C, M)
-            b = torch.bernoulli(s, generator=generator)
-            S = (b - s) / math.sqrt(C * M)
+        S = loss_kinds.mc_sqrt(self, outputs, targets.detach(), mc_samples, generator)
+        if self.token_scale != 1.0:
+            S = S * math.sqrt(self.token_scale)
         return S.to(outputs.device, outputs.dtype)
 
+    def hessian_product(self, outputs: Tensor, targets: Tensor) -> Callable[[Tensor], Tensor]:
+        """``w -> (H_n w_n)_n`` for output-space vectors ``w`` ``(N, C)`` (``(N, T*C)`` for sequences), in closed
+        form where the loss has one (no ``C x C`` matrices); a user loss by double backward."""
+        outputs = outputs.detach()
+        if self.user is not None:
+            from curvscope.user_loss import user_hessian_product
+
+            return user_hessian_product(self, outputs, targets)
+        if self.positions:
+            n, T, C = outputs.shape[0], self.positions, self.classes
+            out, tgt, valid = self._tokens(outputs, targets)
+            token = self.token_loss().hessian_product(out, tgt)
+            weight = valid.reshape(n * T, 1).to(outputs.dtype) * self.token_scale
+            return lambda w: (token(w.reshape(n * T, C)) * weight).reshape(w.shape)
+        product = loss_kinds.hessian_product(self, outputs, targets)
+        if self.token_scale == 1.0:
+            return product
+        return lambda w: product(w) * self.token_scale
+
     def hessian_rank_per_sample(self, num_outputs: int) -> int:
-        """Upper bound on ``rank(H_n)``: ``C - 1`` for ``ce`` (softmax is shift invariant), else ``C``
+        """Upper bound on ``rank(H_n)``: ``C - 1`` for ``ce``/``nll`` (softmax is shift invariant), else ``C``
         (per token times T for sequence outputs)."""
+        if self.user is not None:
+            return num_outputs
         if self.positions:
             return self.positions * self.token_loss().hessian_rank_per_sample(self.classes)
-        return num_outputs - 1 if self.name == "ce" else num_outputs
+        return loss_kinds.rank_per_sample(self, num_outputs)
 
     # -- validation ---------------------------------------------------------------------------------
     def prepare_targets(self, targets: Tensor, num_outputs: int, dtype: torch.dtype, source: str = "targets"
@@ -227,18 +283,26 @@ class Loss:
         Sequence outputs (``positions`` set; ``num_outputs`` = T*C): ``ce`` labels ``(N, T)`` (or the position
         dims of the outputs, flattened) in ``[0, C)`` or ``-100``; ``mse``/``bce`` targets ``(N, T, C)``.
         """
+        if self.user is not None:
+            if targets.is_complex():
+                raise CurvscopeError(f"{source}: complex targets are not supported")
+            if targets.is_floating_point():
+                if not torch.isfinite(targets).all():
+                    raise CurvscopeError(f"{source}: targets contain NaN or Inf")
+                return targets.to(dtype)
+            return targets
         if self.positions:
             return self._prepare_sequence_targets(targets, dtype, source)
         C = num_outputs
         N = targets.shape[0]
-        if self.name == "ce":
+        if self.is_categorical:
             if targets.is_floating_point() or targets.is_complex():
-                raise _float_targets(source, "class", targets)
+                raise _float_targets(source, "class", targets, self.name)
             if targets.dim() == 2 and targets.shape[1] == 1:
                 targets = targets[:, 0]
             if targets.dim() != 1:
                 raise CurvscopeError(
-                    f"{source}: loss 'ce' needs one class label per sample, got targets of shape "
+                    f"{source}: loss '{self.name}' needs one class label per sample, got targets of shape "
                     f"{tuple(targets.shape)}")
             if N and (int(targets.min()) < 0 or int(targets.max()) >= C):
                 raise CurvscopeError(
@@ -262,13 +326,13 @@ class Loss:
 
     def _prepare_sequence_targets(self, targets: Tensor, dtype: torch.dtype, source: str) -> Tensor:
         N, T, C = targets.shape[0], self.positions, self.classes
-        if self.name == "ce":
+        if self.is_categorical:
             if targets.is_floating_point() or targets.is_complex():
-                raise _float_targets(source, "token", targets)
+                raise _float_targets(source, "token", targets, self.name)
             if targets[0].numel() != T:
                 raise CurvscopeError(
-                    f"{source}: loss 'ce' on outputs with {T} positions needs one label per position, got targets "
-                    f"of shape {tuple(targets.shape)}")
+                    f"{source}: loss '{self.name}' on outputs with {T} positions needs one label per position, got "
+                    f"targets of shape {tuple(targets.shape)}")
             targets = targets.reshape(N, T).long()
             bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= C))
             if bool(bad.any()):
@@ -302,18 +366,104 @@ def _dtype_name(t: Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
-def _float_targets(source: str, kind: str, targets: Tensor) -> OptionError:
-    """Loss ``ce`` refusing float targets, pointing to the losses that take them."""
-    return OptionError("loss", lambda name: f"{source}: loss 'ce' needs integer {kind} labels, got "
+def _float_targets(source: str, kind: str, targets: Tensor, loss: str = "ce") -> OptionError:
+    """Loss ``ce`` (or ``nll``) refusing float targets, pointing to the losses that take them."""
+    return OptionError("loss", lambda name: f"{source}: loss '{loss}' needs integer {kind} labels, got "
                        f"{_dtype_name(targets)} targets (use {name('loss', 'mse')} or {name('loss', 'bce')} for float "
                        "targets)")
 
 
-def get_loss(name: str) -> Loss:
-    """The loss called ``name`` (``"ce"``, ``"mse"`` or ``"bce"``)."""
+def get_loss(name: str | Callable[[Tensor, Tensor], Tensor], *, label_smoothing: float = 0.0,
+             class_weights: Sequence[float] | Tensor | None = None, huber_delta: float | None = None,
+             smooth_l1_beta: float | None = None) -> Loss:
+    """The loss called ``name``, exactly as PyTorch's ``reduction="mean"`` loss of that name and options.
+
+    Args:
+        name: ``"ce"`` (``CrossEntropyLoss``), ``"mse"``, ``"bce"`` (``BCEWithLogitsLoss``), ``"nll"``
+            (``NLLLoss`` on log-probabilities), ``"huber"`` (``HuberLoss``), ``"smooth-l1"`` (``SmoothL1Loss``);
+            a user loss ``"path/to/file.py:fn"`` / ``"package.module:fn"`` (imported: you named it), or the
+            function itself: ``fn(outputs, targets)`` returning the per-sample losses ``(N,)`` whose mean is
+            the batch loss (:mod:`curvscope.user_loss`).
+        label_smoothing: ``ce`` only, ``0 <= eps <= 1``.
+        class_weights: ``ce`` and ``nll`` only: one finite weight ``>= 0`` per class (PyTorch's ``weight``: the
+            batch loss is ``sum_n w_{y_n} l_n / sum_n w_{y_n}``).
+        huber_delta: ``huber`` only (default 1, ``> 0``).
+        smooth_l1_beta: ``smooth-l1`` only (default 1, ``>= 0``; 0 is the L1 loss).
+
+    Raises:
+        CurvscopeError: an unknown loss; OptionError: an option out of range or given to a loss without it.
+    """
+    from curvscope.user_loss import user_function
+
+    if callable(name) or (isinstance(name, str) and ":" in name):
+        spec, fn = user_function(name)
+        loss = Loss(spec, user=fn)
+        _only(loss.name, label_smoothing=label_smoothing, class_weights=class_weights, huber_delta=huber_delta,
+              smooth_l1_beta=smooth_l1_beta)
+        return loss
     if name not in LOSS_NAMES:
-        raise CurvscopeError(f"unknown loss '{name}': choose one of {', '.join(LOSS_NAMES)}")
-    return Loss(name)
+        raise CurvscopeError(f"unknown loss '{name}': choose one of {', '.join(LOSS_NAMES)}, or a user loss "
+                             "'path/to/file.py:fn'")
+    allowed = {"ce": ("label_smoothing", "class_weights"), "nll": ("class_weights",), "huber": ("huber_delta",),
+               "smooth-l1": ("smooth_l1_beta",)}.get(name, ())
+    given = {"label_smoothing": label_smoothing, "class_weights": class_weights, "huber_delta": huber_delta,
+             "smooth_l1_beta": smooth_l1_beta}
+    _only(name, **{k: v for k, v in given.items() if k not in allowed})
+    if not (isinstance(label_smoothing, int | float) and 0.0 <= label_smoothing <= 1.0):
+        raise OptionError("label_smoothing", f"must be a number in [0, 1], got {label_smoothing!r}")
+    delta = 1.0
+    if huber_delta is not None:
+        delta = _number("huber_delta", huber_delta, strict=True)
+    if smooth_l1_beta is not None:
+        delta = _number("smooth_l1_beta", smooth_l1_beta, strict=False)
+    weights = None if class_weights is None else _class_weights(class_weights)
+    return Loss(name, label_smoothing=float(label_smoothing), class_weights=weights, delta=delta)
+
+
+def _only(name: str, **options: Any) -> None:
+    """Refuse options that loss ``name`` does not have (``0``/``None``: not given)."""
+    for option, value in options.items():
+        if value is not None and not (option == "label_smoothing" and value == 0):
+            raise OptionError(option, lambda flag, option=option: f"{flag(option)} does not apply to loss "
+                              f"'{name}'")
+
+
+def _number(option: str, value: Any, strict: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0 \
+            or (strict and value == 0):
+        raise OptionError(option, f"must be a finite number {'>' if strict else '>='} 0, got {value!r}")
+    return float(value)
+
+
+def _class_weights(values: Sequence[float] | Tensor) -> tuple[float, ...]:
+    items = values.reshape(-1).tolist() if isinstance(values, Tensor) else list(values)
+    if not items or any(isinstance(v, bool) or not isinstance(v, int | float) for v in items):
+        raise OptionError("class_weights", "must be a non-empty list of numbers, one per class")
+    if any(not math.isfinite(v) or v < 0 for v in items):
+        raise OptionError("class_weights", "must be finite and >= 0")
+    if not any(v > 0 for v in items):
+        raise OptionError("class_weights", "are all zero: the weighted mean is undefined")
+    return tuple(float(v) for v in items)
+
+
+def check_loss_outputs(loss: Loss, outputs: Tensor, source: str = "the model") -> None:
+    """What a loss needs of the model's outputs (``(n, ..., C)``, a probe of a couple of samples): one class
+    weight per class; ``nll``: log-probabilities (``logsumexp`` 0 over the classes).
+
+    Raises:
+        OptionError: of ``class_weights`` (wrong count) or ``loss`` (``nll`` on outputs that are not
+            log-probabilities).
+    """
+    C = outputs.shape[-1]
+    if loss.class_weights is not None and len(loss.class_weights) != C:
+        raise OptionError("class_weights", f"{len(loss.class_weights)} class weights for a model with {C} "
+                          "classes")
+    if loss.name == "nll":
+        lse = outputs.detach().to(torch.float64).reshape(-1, C).logsumexp(-1).abs()
+        if lse.numel() and float(lse.max()) > 1e-3:
+            raise OptionError("loss", lambda flag: f"loss 'nll' needs log-probabilities (log_softmax outputs), but "
+                              f"{source}'s outputs exponentiate to sums up to {math.exp(float(lse.max())):.3g}, not "
+                              f"1: use {flag('loss', 'ce')} for logits")
 
 
 def default_loss_name(targets: Tensor) -> str:

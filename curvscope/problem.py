@@ -18,8 +18,10 @@ from torch import Tensor, nn
 
 from curvscope.errors import CurvscopeError, OptionError
 from curvscope.io.inputs import call_model, cast_inputs, nonfinite_inputs, probe_model
-from curvscope.losses import Loss, default_loss_name, get_loss
+from curvscope.io.precision import probe_precision
+from curvscope.losses import Loss, check_loss_outputs, default_loss_name, get_loss
 from curvscope.losses import shift_labels as _shift_labels
+from curvscope.user_loss import check_per_sample
 
 GROUP_MODES = ("all", "layer", "tensor")
 """How parameters form groups (blocks): ``all`` (one group), ``layer`` (one per module with parameters) or
@@ -75,6 +77,11 @@ class Problem:
         use_vmap: try the vmapped per-sample paths (``False``: plain autograd everywhere).
         vmap_error: why ``vmap`` failed on this model (set by the engine when it fell back), else ``None``;
             :attr:`path` says which path ran.
+        compute_dtype: the lowest precision the model really computes in when it is below ``dtype`` (a Hugging
+            Face Llama upcasts to float32 in RMSNorm and softmax, also at float64; :mod:`curvscope.io.precision`),
+            else ``None``. :attr:`precision` is the dtype whose rounding the numbers carry.
+        forward_ad_error: why forward-mode AD failed on this model (the second-order products then ran by double
+            backward, :mod:`curvscope.curvature.products`), else ``None``; :attr:`path` says so.
     """
 
     model: nn.Module
@@ -94,6 +101,9 @@ class Problem:
     output: str | None = None
     vmap_error: str | None = None
     vmap_checked: bool = field(default=False, repr=False)
+    forward_ad_error: str | None = None
+    forward_ad_checked: bool = field(default=False, repr=False)
+    compute_dtype: torch.dtype | None = None
 
     def __repr__(self) -> str:
         shape = "x".join(str(d) for d in (self.output_shape or (self.num_outputs,)))
@@ -104,6 +114,17 @@ class Problem:
                 f"device={self.device}, path={self.path!r})")
 
     # -- sizes -------------------------------------------------------------------------------------
+    @property
+    def precision(self) -> torch.dtype:
+        """The dtype whose rounding the model's numbers carry: :attr:`compute_dtype` when the model computes
+        below :attr:`dtype`, else :attr:`dtype`. Rank floors and self-check tolerances use its eps."""
+        return self.compute_dtype or self.dtype
+
+    @property
+    def eps(self) -> float:
+        """``torch.finfo(self.precision).eps``."""
+        return torch.finfo(self.precision).eps
+
     @property
     def batch_size(self) -> int:
         """N: the number of samples in the batch."""
@@ -139,12 +160,18 @@ class Problem:
     @property
     def path(self) -> str:
         """Which per-sample differentiation path the engine took: ``vmap``, ``autograd (vmap failed: ...)``, or
-        ``autograd`` when nothing needed vmap (the ghost rules backpropagate with autograd's batched backward)."""
+        ``autograd`` when nothing needed vmap (the ghost rules backpropagate with autograd's batched backward);
+        followed by ``; double backward (forward AD failed: ...)`` when the second-order products could not use
+        forward-mode AD."""
         if not self.use_vmap:
-            return "autograd (vmap disabled)"
-        if self.vmap_error is not None:
-            return f"autograd (vmap failed: {self.vmap_error})"
-        return "vmap" if self.vmap_checked else "autograd"
+            path = "autograd (vmap disabled)"
+        elif self.vmap_error is not None:
+            path = f"autograd (vmap failed: {self.vmap_error})"
+        else:
+            path = "vmap" if self.vmap_checked else "autograd"
+        if self.forward_ad_error is not None:
+            path += f"; double backward (forward AD failed: {self.forward_ad_error})"
+        return path
 
     def note_vmap_failure(self, exc: BaseException | str) -> None:
         """Record that a vmapped path failed on this model (the engine then uses plain autograd)."""
@@ -301,7 +328,10 @@ def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | 
         targets: class labels ``(N,)`` for ``ce``; ``(N, C)`` floats for ``mse``/``bce``. Sequence outputs:
             token labels ``(N, T)`` for ``ce`` (``-100``: no loss at that position), ``(N, T, C)`` floats for
             ``mse``/``bce``.
-        loss: ``"ce"``, ``"mse"``, ``"bce"``; default ``ce`` for integer targets, ``mse`` for float ones.
+        loss: ``"ce"``, ``"mse"``, ``"bce"``, ``"nll"``, ``"huber"``, ``"smooth-l1"``, a
+            :class:`~curvscope.losses.Loss` with options (:func:`~curvscope.losses.get_loss`: label smoothing,
+            class weights, delta), a user loss ``"file.py:fn"`` or the function itself; default ``ce`` for
+            integer targets, ``mse`` for float ones.
         device: ``"auto"`` (default), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         dtype: ``float32`` (default) or ``float64``.
         info: provenance recorded in :attr:`Problem.info` (with ``"output"``, the output that was chosen).
@@ -349,14 +379,21 @@ def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | 
     num_outputs = out[0].numel()
     if out.dim() > 2:
         loss = loss.sequence(positions=num_outputs // out.shape[-1], classes=out.shape[-1])
-    if shift_labels and not (loss.positions and loss.name == "ce"):
+    check_loss_outputs(loss, out)
+    if shift_labels and not (loss.positions and loss.is_categorical and loss.user is None):
         raise CurvscopeError("shift_labels needs sequence outputs (N, T, C) and loss 'ce' (a causal LM), got "
                              f"outputs {tuple(out.shape[1:])} per sample and loss '{loss.name}'")
     inputs, targets = _prepare_batch(inputs, targets, loss, num_outputs, device, dtype, source)
     if shift_labels:
         targets = _shift_labels(targets)
     loss = loss.for_batch(targets)
+    if loss.user is not None:
+        check_per_sample(loss, out.reshape(out.shape[0], -1), targets[:out.shape[0]])
+    info = {**(info or {}), "output": chosen}
+    reduced = probe_precision(model, lambda: call_model(model, {**buffers, **params}, x0, output), dtype)
+    if reduced is not None:
+        info["precision_note"] = reduced.note(dtype)
     return Problem(model=model, params=params, buffers=buffers, inputs=inputs, targets=targets, loss=loss,
-                   device=device, dtype=dtype, num_outputs=num_outputs, info={**(info or {}), "output": chosen},
+                   device=device, dtype=dtype, num_outputs=num_outputs, info=info,
                    dataset=dataset, output_shape=output_shape, shift_labels=shift_labels, use_vmap=use_vmap,
-                   output=output)
+                   output=output, compute_dtype=None if reduced is None else reduced.dtype)

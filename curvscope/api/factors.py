@@ -33,7 +33,8 @@ def factors(model_or_problem: nn.Module | Problem, inputs: Any = None, targets: 
             and ``targets`` (see :func:`curvscope.spectrum`).
         inputs: with a model: the batch inputs.
         targets: with a model: the batch targets.
-        loss: with a model: ``"ce"``, ``"mse"`` or ``"bce"``.
+        loss: with a model: a loss name (``"ce"``, ``"mse"``, ``"bce"``, ``"nll"``, ``"huber"``, ``"smooth-l1"``),
+            a :class:`~curvscope.losses.Loss` (:func:`~curvscope.losses.get_loss`) or a user loss function.
         symmetry: ``"auto"`` (the largest group the chain's activations allow), ``"orthogonal"``,
             ``"signed-permutation"``, ``"permutation"`` or ``"none"`` (dense, small chains).
         source: what ``R`` projects: ``"batch"`` (``g g^T``), ``"per-sample"`` (mean of ``g_n g_n^T``) or

@@ -34,7 +34,8 @@ def suggest_lr(model_or_problem: nn.Module | Problem, inputs: Any = None, target
             and ``targets`` (see :func:`curvscope.spectrum`).
         inputs: with a model: the batch inputs.
         targets: with a model: the batch targets.
-        loss: with a model: ``"ce"``, ``"mse"`` or ``"bce"``.
+        loss: with a model: a loss name (``"ce"``, ``"mse"``, ``"bce"``, ``"nll"``, ``"huber"``, ``"smooth-l1"``),
+            a :class:`~curvscope.losses.Loss` (:func:`~curvscope.losses.get_loss`) or a user loss function.
         partition: the groups, one rate each: ``"layer"`` (one per module with parameters), ``"tensor"`` or
             ``"all"``.
         curvature: ``H`` in ``H_bar``: ``"hessian"`` (may be indefinite) or ``"ggn"`` (positive semi-definite).

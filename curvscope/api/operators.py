@@ -30,7 +30,8 @@ def ggn_operator(model_or_problem: nn.Module | Problem, inputs: Any = None, targ
         targets: with a model: the batch targets.
         names: the parameters of the block (a parameter group, e.g. ``[g.param_names for g in
             problem.groups("layer")][0]``); default every trainable parameter. ``D`` is their total size.
-        loss: with a model: ``"ce"``, ``"mse"`` or ``"bce"``.
+        loss: with a model: a loss name (``"ce"``, ``"mse"``, ``"bce"``, ``"nll"``, ``"huber"``, ``"smooth-l1"``),
+            a :class:`~curvscope.losses.Loss` (:func:`~curvscope.losses.get_loss`) or a user loss function.
         device: with a model: the device.
         dtype: with a model: ``torch.float32`` (default) or ``torch.float64``.
 
@@ -66,7 +67,8 @@ def hessian_operator(model_or_problem: nn.Module | Problem, inputs: Any = None, 
         inputs: with a model: the batch inputs.
         targets: with a model: the batch targets.
         names: the parameters of the block (default: every trainable parameter).
-        loss: with a model: ``"ce"``, ``"mse"`` or ``"bce"``.
+        loss: with a model: a loss name (``"ce"``, ``"mse"``, ``"bce"``, ``"nll"``, ``"huber"``, ``"smooth-l1"``),
+            a :class:`~curvscope.losses.Loss` (:func:`~curvscope.losses.get_loss`) or a user loss function.
         device: with a model: the device.
         dtype: with a model: ``torch.float32`` (default) or ``torch.float64``.
 

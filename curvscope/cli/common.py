@@ -35,7 +35,15 @@ def build_problem(**options):
     with console.status("Loading model and data..."):
         from curvscope.io.load import load_problem
 
-        return load_problem(**options)
+        problem = load_problem(**options)
+    for note in problem_notes(problem):
+        warn(note)
+    return problem
+
+
+def problem_notes(problem) -> list[str]:
+    """What the loaded problem itself warns about (a model computing below the run's dtype)."""
+    return [n for n in (problem.info.get("precision_note"),) if n]
 
 
 def _debug_requested(kwargs) -> bool:

@@ -46,7 +46,9 @@ SeedOpt = Annotated[int, typer.Option(
     rich_help_panel=PROBLEM_HELP)]
 LossOpt = Annotated[Optional[str], typer.Option(
     "--loss",
-    help="Loss: ce, mse or bce. Default: the checkpoint's, else ce for integer targets, mse for float.",
+    help="Loss: ce, mse, bce, nll (on log-probabilities), huber, smooth-l1, or your own 'file.py:fn' (per-sample "
+    "losses of (outputs, targets), whose mean is the batch loss). Default: the checkpoint's, else ce for integer "
+    "targets, mse for float.",
     rich_help_panel=PROBLEM_HELP, show_default=False)]
 DeviceOpt = Annotated[str, typer.Option(
     "--device", help="auto (cuda when available), cpu, cuda or cuda:N.", rich_help_panel=PROBLEM_HELP)]
@@ -70,6 +72,17 @@ ShiftLabelsOpt = Annotated[Optional[bool], typer.Option(
     "--shift-labels/--no-shift-labels", help="Causal language models: score position t against token t+1 "
     "(logits[:, :-1] against labels[:, 1:], as Hugging Face does). Default: the checkpoint's metadata or the "
     "architecture (on for ...ForCausalLM), else off.", rich_help_panel=PROBLEM_HELP, show_default=False)]
+LabelSmoothingOpt = Annotated[float, typer.Option(
+    "--label-smoothing", help="ce's label smoothing in [0, 1] (PyTorch's label_smoothing): the loss and gradient "
+    "change, the GGN's loss Hessian does not.", rich_help_panel=PROBLEM_HELP)]
+ClassWeightsOpt = Annotated[Optional[str], typer.Option(
+    "--class-weights", help="ce/nll class weights, one per class: '1,2,0.5' or a file of them (PyTorch's weight: "
+    "the batch loss is the weighted mean).", rich_help_panel=PROBLEM_HELP, show_default=False)]
+HuberDeltaOpt = Annotated[Optional[float], typer.Option(
+    "--huber-delta", help="huber's delta (> 0; default 1).", rich_help_panel=PROBLEM_HELP, show_default=False)]
+SmoothL1BetaOpt = Annotated[Optional[float], typer.Option(
+    "--smooth-l1-beta", help="smooth-l1's beta (>= 0; default 1; 0 is the L1 loss).", rich_help_panel=PROBLEM_HELP,
+    show_default=False)]
 DebugOpt = Annotated[bool, typer.Option(
     "--debug", help="Show the full traceback on errors.", rich_help_panel="Output")]
 
@@ -130,6 +143,10 @@ PROBLEM_PARAMS = (
     ("trust_model_code", TrustOpt),
     ("output", OutputOpt),
     ("shift_labels", ShiftLabelsOpt),
+    ("label_smoothing", LabelSmoothingOpt),
+    ("class_weights", ClassWeightsOpt),
+    ("huber_delta", HuberDeltaOpt),
+    ("smooth_l1_beta", SmoothL1BetaOpt),
 )
 """The options of every command that loads a model and a batch: (name, typer annotation); their defaults are
 those of :class:`ProblemArgs`."""
@@ -152,6 +169,10 @@ class ProblemArgs:
     trust_model_code: bool = False
     output: str | None = None
     shift_labels: bool | None = None
+    label_smoothing: float = 0.0
+    class_weights: str | None = None
+    huber_delta: float | None = None
+    smooth_l1_beta: float | None = None
 
     def load(self, **overrides):
         """The Problem these options describe (``overrides`` replace values, e.g. a rank's ``device``)."""

@@ -63,9 +63,9 @@ def checkpoint_from_state(path: str | os.PathLike, state: dict[str, Tensor], met
         if not isinstance(kwargs, dict):
             raise CurvscopeError(f"{path}: metadata '{META_KWARGS}' must be a JSON object")
     loss = meta.get(META_LOSS) or None
-    if loss is not None and loss not in LOSS_NAMES:
+    if loss is not None and loss not in LOSS_NAMES and ":" not in loss:  # a user loss spec: trusted at load
         raise CurvscopeError(f"{path}: metadata '{META_LOSS}' is '{loss}', not one of "
-                             f"{', '.join(LOSS_NAMES)}")
+                             f"{', '.join(LOSS_NAMES)} or a user loss 'file.py:fn'")
     shift = meta.get(META_SHIFT_LABELS)
     if shift is not None:
         from curvscope.io.hf import parse_bool

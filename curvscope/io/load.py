@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from curvscope.errors import CurvscopeError, Metavar, OptionError
-from curvscope.losses import default_loss_name
+from curvscope.losses import default_loss_name, get_loss
 from curvscope.problem import Problem, make_problem, resolve_dtype
 
 SPEC = Metavar("SPEC")
@@ -23,7 +23,9 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.Pat
                  model: str | None = None, model_kwargs: dict[str, Any] | str | None = None,
                  batch_size: int | None = 128, shuffle: bool = False, seed: int = 0, loss: str | None = None,
                  device: str | None = "auto", dtype: str | None = "float32", trust_model_code: bool = False,
-                 output: str | None = None, shift_labels: bool | None = None) -> Problem:
+                 output: str | None = None, shift_labels: bool | None = None, label_smoothing: float = 0.0,
+                 class_weights: str | list[float] | None = None, huber_delta: float | None = None,
+                 smooth_l1_beta: float | None = None) -> Problem:
     """Build a :class:`Problem` from files, exactly as the CLI does.
 
     Args:
@@ -45,9 +47,10 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.Pat
             order.
         seed: seeds the batch permutation (with ``shuffle``) and a factory's initialization (without a
             checkpoint); between 0 and ``2**63 - 1``.
-        loss: ``ce``/``mse``/``bce``; default: the checkpoint's, else the Hugging Face architecture's
-            (``...ForCausalLM``: ``ce`` on next tokens; ``...ForSequenceClassification``/
-            ``...ForTokenClassification``: ``ce``), else by target dtype.
+        loss: ``ce``/``mse``/``bce``/``nll``/``huber``/``smooth-l1`` or a user loss ``file.py:fn`` (imported:
+            you named it); default: the checkpoint's (a user loss there needs ``trust_model_code``), else the
+            Hugging Face architecture's (``...ForCausalLM``: ``ce`` on next tokens;
+            ``...ForSequenceClassification``/``...ForTokenClassification``: ``ce``), else by target dtype.
         device: ``"auto"`` (default: ``cuda`` when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         dtype: the model is built in this dtype before the weights are copied in (a float64 checkpoint
             stays exact in float64; bfloat16/float16 weights are widened exactly).
@@ -59,6 +62,11 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.Pat
         shift_labels: targets ``(N, T)`` are the input tokens and position ``t`` predicts token ``t + 1``
             (Hugging Face's causal-LM convention); ``None``: the checkpoint's ``curvscope.shift_labels``
             metadata, else ``True`` for a causal LM architecture, else ``False``.
+        label_smoothing: ``ce``'s label smoothing (PyTorch's ``label_smoothing``).
+        class_weights: ``ce``/``nll`` class weights: a list, a string ``"1,2,0.5"``, or a file holding them
+            (``.json`` list, or numbers separated by commas or whitespace).
+        huber_delta: ``huber``'s delta (default 1).
+        smooth_l1_beta: ``smooth-l1``'s beta (default 1).
     """
     from curvscope.io.data import load_dataset, select_batch
     from curvscope.io.inputs import check_keywords
@@ -77,6 +85,12 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.Pat
     loss_name = loss or defaults["loss"]
     if loss_name is None:
         loss_name = default_loss_name(dataset.y)
+    if loss is None and defaults["loss"] is not None:  # a user loss named by the checkpoint: code from a file
+        from curvscope.user_loss import check_trusted_loss
+
+        check_trusted_loss(defaults["loss"], f"{checkpoint}: the checkpoint's metadata", trust_model_code)
+    loss_object = get_loss(loss_name, label_smoothing=label_smoothing, class_weights=parse_class_weights(class_weights),
+                           huber_delta=huber_delta, smooth_l1_beta=smooth_l1_beta)
     shift = shift_labels if shift_labels is not None else bool(defaults["shift_labels"])
     info.update({
         "data": str(Path(data)),
@@ -90,9 +104,39 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.Pat
     })
     if dataset.target_name != "y":
         info["targets"] = dataset.target_name
-    return make_problem(net, dataset.x[idx], dataset.y[idx], loss=loss_name, device=device, dtype=dtype,
+    return make_problem(net, dataset.x[idx], dataset.y[idx], loss=loss_object, device=device, dtype=dtype,
                         info=info, dataset=(dataset.x, dataset.y), source=str(data), shift_labels=shift,
                         output=output)
+
+
+def parse_class_weights(value: str | os.PathLike | list[float] | None) -> list[float] | None:
+    """Class weights from a list, a string ``"1,2,0.5"`` (or ``"[1, 2, 0.5]"``) or a file holding such text.
+
+    Raises:
+        OptionError: of ``class_weights``, for text that is not a list of numbers or a file that cannot be read.
+    """
+    import json
+    import re
+
+    if value is None or isinstance(value, list | tuple):
+        return None if value is None else list(value)
+    text = str(value)
+    if not re.fullmatch(r"[\s\[\]0-9eE.,+-]+", text):  # not a list of numbers: a file of them
+        try:
+            text = Path(text).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise OptionError("class_weights", lambda name: f"{name('class_weights')}: '{value}' is neither a list "
+                              f"of numbers nor a readable file ({reason})") from None
+    try:
+        values = json.loads(text) if text.strip().startswith("[") else [
+            float(v) for v in text.replace(",", " ").split()]
+    except (ValueError, RecursionError):
+        values = None
+    if not isinstance(values, list) or not values:
+        raise OptionError("class_weights", lambda name: f"{name('class_weights')}: expected numbers such as "
+                          "'1,2,0.5', a JSON list, or a file of them")
+    return values
 
 
 def _load_model(checkpoint: str | os.PathLike | None, model: str | None,

@@ -69,26 +69,30 @@ def check_trusted(spec: str, source: str, trusted: bool) -> None:
                       f"{name('model', Metavar('SPEC'))}")
 
 
-def resolve_factory(spec: str):
+def resolve_factory(spec: str, kind: str = "model"):
     """The callable a spec names.
 
     ``package.module`` is imported from the installed packages, else from the current directory (as with
-    ``python -m``); ``path/to/file.py`` is executed as a fresh module.
+    ``python -m``); ``path/to/file.py`` is executed as a fresh module. ``kind`` names the spec in messages
+    (``model``, ``loss``).
     """
+    if kind != "model" and ":" not in spec:
+        raise CurvscopeError(f"{kind} spec '{spec}': expected 'path/to/file.py:function' or "
+                             "'package.module:function'")
     if ":" not in spec and spec not in BUILTIN:
         raise CurvscopeError(
-            f"model spec '{spec}': expected 'path/to/file.py:factory', 'package.module:factory' or one "
+            f"{kind} spec '{spec}': expected 'path/to/file.py:factory', 'package.module:factory' or one "
             f"of the built-ins {', '.join(BUILTIN)}")
-    spec = canonical_spec(spec)
+    spec = canonical_spec(spec) if kind == "model" else spec
     target, _, name = spec.rpartition(":")
     if not target or not name:
         raise CurvscopeError(
-            f"model spec '{spec}': expected 'path/to/file.py:factory' or 'package.module:factory'")
+            f"{kind} spec '{spec}': expected 'path/to/file.py:factory' or 'package.module:factory'")
     if target.endswith(".py") or "/" in target or "\\" in target:
         path = Path(target)
         if not path.is_file():
-            raise CurvscopeError(f"model spec '{spec}': file {path} not found")
-        module_name = f"curvscope_user_model_{abs(hash(str(path.resolve())))}"
+            raise CurvscopeError(f"{kind} spec '{spec}': file {path} not found")
+        module_name = f"curvscope_user_{kind}_{abs(hash(str(path.resolve())))}"
         try:
             loader_spec = importlib.util.spec_from_file_location(module_name, path)
             module = importlib.util.module_from_spec(loader_spec)
@@ -96,7 +100,7 @@ def resolve_factory(spec: str):
             loader_spec.loader.exec_module(module)
         except Exception as exc:
             sys.modules.pop(module_name, None)
-            raise CurvscopeError(f"model spec '{spec}': importing {path} failed: {type(exc).__name__}: "
+            raise CurvscopeError(f"{kind} spec '{spec}': importing {path} failed: {type(exc).__name__}: "
                                  f"{_one_line(exc)}") from exc
     else:
         cwd = os.getcwd()
@@ -106,14 +110,14 @@ def resolve_factory(spec: str):
         try:
             module = importlib.import_module(target)
         except Exception as exc:
-            raise CurvscopeError(f"model spec '{spec}': cannot import module '{target}': "
+            raise CurvscopeError(f"{kind} spec '{spec}': cannot import module '{target}': "
                                  f"{type(exc).__name__}: {_one_line(exc)}") from exc
         finally:
             if added and cwd in sys.path:
                 sys.path.remove(cwd)
     factory = getattr(module, name, None)
     if factory is None or not callable(factory):
-        raise CurvscopeError(f"model spec '{spec}': '{name}' is not a callable in {target}")
+        raise CurvscopeError(f"{kind} spec '{spec}': '{name}' is not a callable in {target}")
     return factory
 
 

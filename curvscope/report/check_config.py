@@ -35,7 +35,9 @@ ENGINES = commands.names()
 registry's (:data:`curvscope.commands.COMMANDS`)."""
 TOP_LEVEL = ("rules", "problem", "baseline", *ENGINES)
 PROBLEM_KEYS = {"batch_size": int, "shuffle": bool, "seed": int, "loss": str, "device": str, "dtype": str,
-                "model": str, "model_kwargs": (dict, str), "output": str, "shift_labels": bool}
+                "model": str, "model_kwargs": (dict, str), "output": str, "shift_labels": bool,
+                "label_smoothing": (int, float), "class_weights": (list, str), "huber_delta": (int, float),
+                "smooth_l1_beta": (int, float)}
 BASELINE_KEYS = ("report", "max_increase", "max_decrease")
 
 
@@ -113,6 +115,8 @@ def parse_config(data: dict[str, Any], path: Path) -> CheckConfig:
         problem["model_kwargs"] = json.dumps(problem["model_kwargs"])
     if "model" in problem:
         problem["model"] = _relative_model(problem["model"], path.parent)
+    if ":" in str(problem.get("loss", "")):  # a user loss 'file.py:fn', relative to the config too
+        problem["loss"] = _relative_model(problem["loss"], path.parent)
     config.problem = problem
 
     for name in ENGINES:

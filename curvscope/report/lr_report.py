@@ -94,6 +94,8 @@ def lr_section(result: LRResult) -> dict[str, Any]:
                        "recommended": b.recommended, "realized_decrease": b.steps["recommended"].realized,
                        "h_bar_positive_definite": b.h_bar_positive_definite} for b in result.batches],
     }
+    if result.path is not None:
+        section["path"] = result.path
     if result.cubic_weight is not None:
         section["cubic"] = {"weight": result.cubic_weight, "note": main.cubic_note, "eta": main.cubic_eta}
     section["warnings"] = rate_warnings(section)

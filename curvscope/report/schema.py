@@ -21,7 +21,7 @@ from curvscope.errors import CurvscopeError
 
 SCHEMA_VERSION = "1.0"
 REPORT_NAME = "report.json"
-PROBLEM_IDENTITY = ("checkpoint", "model", "model_kwargs", "data", "loss", "batch_indices")
+PROBLEM_IDENTITY = ("checkpoint", "model", "model_kwargs", "data", "loss", "batch_indices", "loss_options")
 
 
 def problem_section(problem) -> dict[str, Any]:
@@ -45,6 +45,10 @@ def problem_section(problem) -> dict[str, Any]:
         "positions": getattr(problem, "positions", 1),
         "shift_labels": bool(getattr(problem, "shift_labels", False)),
         "architecture": info.get("architecture"),
+        "compute_dtype": str(getattr(problem, "precision", problem.dtype)).replace("torch.", ""),
+        **({"loss_options": problem.loss.options()} if getattr(problem.loss, "options", None) and
+           problem.loss.options() else {}),
+        "precision_note": info.get("precision_note"),
     }
 
 

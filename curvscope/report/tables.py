@@ -90,7 +90,10 @@ def facts_table(report: dict[str, Any], out_dir: str | None = None, top_k: int =
     first = (report.get("groups") or [{}])[0]
     if first.get("eigenvalue_floor") is not None:
         precision = report.get("precision") or "float32"
-        hint = "; dtype float64 resolves ~1e9x smaller ones" if precision == "float32" else ""
+        run_dtype = (report.get("problem") or {}).get("dtype", precision)
+        hint = "; dtype float64 resolves ~1e9x smaller ones" if precision == "float32" == run_dtype else ""
+        if precision != run_dtype:  # the model computes below the run's dtype (problem.precision_note)
+            hint = f"; the model computes in {precision} internally"
         table.add_row("precision floor", f"{fmt(first['eigenvalue_floor'])} ({precision}): smaller eigenvalues "
                       f"count as zero in rank and SNR shares{hint}")
     path = report.get("path")

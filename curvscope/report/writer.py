@@ -37,7 +37,7 @@ def _real(path: str | os.PathLike) -> Path:
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     a, b = old.get("problem") or {}, new.get("problem") or {}
-    keys = [k for k in ("checkpoint", "model", "data", "loss", "batch_indices") if a.get(k) != b.get(k)]
+    keys = [k for k in ("checkpoint", "model", "data", "loss", "batch_indices", "loss_options") if a.get(k) != b.get(k)]
     return ", ".join(keys) + " differ" if keys else "another problem"
 
 

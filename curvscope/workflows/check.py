@@ -27,7 +27,7 @@ RULE, LIMIT = Metavar("'PATH OP NUMBER'"), Metavar("PATH=AMOUNT")
 """A rule and a baseline limit in messages."""
 
 PROBLEM_OPTIONS = ("model", "model_kwargs", "batch_size", "shuffle", "seed", "loss", "device", "dtype", "output",
-                   "shift_labels")
+                   "shift_labels", "label_smoothing", "class_weights", "huber_delta", "smooth_l1_beta")
 """Options of the problem a ``[problem]`` table may set (command-line values win)."""
 
 
@@ -148,6 +148,10 @@ def problem_values(plan: CheckPlan, given: set[str], values: dict[str, Any], tru
             merged[key] = value
             if key == "model":
                 check_trusted(value, f"{plan.config.path}: [problem] model", trust_model_code)
+            if key == "loss":
+                from curvscope.user_loss import check_trusted_loss
+
+                check_trusted_loss(value, f"{plan.config.path}: [problem] loss", trust_model_code)
     return merged
 
 

@@ -165,7 +165,7 @@ def run_lr(problem: Problem, options: LrOptions | None = None, progress: Progres
                     ridge=options.ridge, groups=groups,
                     num_params=[sum(problem.params[n].numel() for n in g.param_names) for g in groups],
                     batches=results, holdout_size=options.holdout if held is not None else 0,
-                    cubic_weight=options.cubic_weight if options.cubic else None)
+                    cubic_weight=options.cubic_weight if options.cubic else None, path=problem.path)
 
 
 def suggest_lr(problem: Problem, partition: str = LrOptions.partition, curvature: str = LrOptions.curvature,

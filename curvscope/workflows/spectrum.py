@@ -345,8 +345,9 @@ def report_fields(problem: Problem, run: SpectrumRun, options: SpectrumOptions) 
     from curvscope.report import spectrum_report as sr
 
     if run.result is not None:
-        fields = sr.gram_section(run.result, problem.batch_size, directional=options.directions, dtype=problem.dtype,
-                                 path=run.path, step=run.step, newton_file=options.newton_step)
+        fields = sr.gram_section(run.result, problem.batch_size, directional=options.directions,
+                                 dtype=problem.precision, path=run.path, step=run.step,
+                                 newton_file=options.newton_step)
     elif run.matfree is not None:
         fields = mr.lanczos_section(run.matfree, problem.batch_size, gradient_norm=run.gradient_norm, path=run.path,
                                     ggn=run.ggn)

@@ -21,10 +21,9 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from torch.func import jvp
 
 from curvscope.curvature.gram.layout import make_layout
-from curvscope.curvature.gram.rows import apply_v, is_fatal, not_differentiable
+from curvscope.curvature.gram.rows import apply_v
 from curvscope.errors import CurvscopeError, OptionError
 from curvscope.progress import Progress, stage
 from curvscope.reprs import compact_repr
@@ -268,29 +267,12 @@ def newton_step(problem, result, damping: float | str = BOOTSTRAP, blocks: Seque
 
 def outputs_jvp(problem, inputs: Tensor, tangent: dict[str, Tensor]) -> Tensor:
     """``J d`` ``(n, C)``: the outputs' directional derivative along ``tangent`` on ``inputs``, by forward mode, or
-    by two reverse passes where forward mode is not available for the model."""
-    def f(p: dict[str, Tensor]) -> Tensor:
-        return problem.call({**problem.buffers, **p}, inputs)
+    by two reverse passes where forward mode is not available for the model
+    (:func:`curvscope.curvature.products.output_jvps`)."""
+    from curvscope.curvature.products import output_jvps
 
-    try:
-        with torch.no_grad():
-            return jvp(f, (dict(problem.params),), (tangent,))[1]
-    except Exception as exc:
-        if is_fatal(exc):
-            raise
-    try:
-        with torch.enable_grad():
-            leaves = {n: p.detach().requires_grad_(True) for n, p in problem.params.items()}
-            out = f(leaves)
-            w = torch.zeros_like(out, requires_grad=True)
-            vjps = torch.autograd.grad(out, list(leaves.values()), w, create_graph=True, allow_unused=True)
-            pairs = [(v, tangent[n]) for v, n in zip(vjps, leaves, strict=True) if v is not None]
-            jd = torch.autograd.grad([v for v, _ in pairs], w, [t for _, t in pairs], allow_unused=True)[0]
-    except Exception as exc:
-        if is_fatal(exc):
-            raise
-        raise not_differentiable(exc) from exc
-    return torch.zeros_like(out).detach() if jd is None else jd.detach()
+    stacked = {n: tangent[n].unsqueeze(0) for n in problem.params}
+    return output_jvps(problem, stacked, inputs)[0].detach()
 
 
 def quadratic_decrease(problem, columns, step: dict[str, Tensor], process_group: ProcessGroup | None = None

@@ -88,7 +88,7 @@ def _probe(problem) -> None:
     slow = _autograd_rows(problem, names, idx, seeds)
     err = sum(float(((fast[k] - slow[k]).to(torch.float64) ** 2).sum()) for k in names) ** 0.5
     ref = sum(float((slow[k].to(torch.float64) ** 2).sum()) for k in names) ** 0.5
-    if err > 10 * torch.finfo(problem.dtype).eps ** 0.5 * ref + torch.finfo(problem.dtype).tiny:
+    if err > 10 * problem.eps ** 0.5 * ref + torch.finfo(problem.dtype).tiny:
         problem.note_vmap_failure("its per-sample gradients disagree with plain autograd's (an op vmap gets "
                                   "wrong, or a forward that depends on the batch)")
 

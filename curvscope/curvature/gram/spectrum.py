@@ -291,7 +291,7 @@ def compute_spectrum(problem, groups: str = "all", mc_samples: int = 0, subsampl
 def _group_spectrum(problem, gg: GroupGram, evals: Tensor, evecs: Tensor | None, reference: float, top_k: int | None,
                     directional: bool, grad_sq: dict[str, float], columns: Columns) -> GroupSpectrum:
     """One group's spectrum from its Gram blocks and their eigen-decomposition (descending)."""
-    rank = numerical_rank(evals, gg.vv.shape[0], problem.dtype, reference)
+    rank = numerical_rank(evals, gg.vv.shape[0], problem.precision, reference)
     g_sq = sum(grad_sq[n] for n in gg.param_names)
     k = min(rank, top_k if top_k is not None else DEFAULT_TOP_K)
     directions, top_vecs = None, None

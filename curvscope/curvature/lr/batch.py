@@ -122,7 +122,7 @@ def analyse_batch(problem: Problem, groups: list[ParamGroup], partition: str = "
     h_bar = reduced_hessian(problem, u, groups, curvature).to("cpu", torch.float64)
     advance()
     evals = torch.linalg.eigvalsh(h_bar)
-    pd = bool(float(evals[0]) > rules.pd_tolerance(h_bar, problem.dtype))
+    pd = bool(float(evals[0]) > rules.pd_tolerance(h_bar, problem.precision))
 
     if stability:
         lam, lr_stab, lam_global, lr_stab_global = stability_bounds(problem, partition, groups)
@@ -139,7 +139,7 @@ def analyse_batch(problem: Problem, groups: list[ParamGroup], partition: str = "
             if not math.isfinite(float(lr_stab[s])) and diag_notes[s] != "zero gradient":
                 diag_notes[s] = "zero gradient (GGN block numerically zero)"
                 lr_diag[s] = math.nan
-    newton_eta, lr_newton, note = _joint_newton(g_hat, h_bar, diag_notes, ridge, problem.dtype)
+    newton_eta, lr_newton, note = _joint_newton(g_hat, h_bar, diag_notes, ridge, problem.precision)
 
     # The bounds are plain-GD learning rates: they cap (and back up) rates along the gradient only.
     along_gradient = direction == "gradient"

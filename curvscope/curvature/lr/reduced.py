@@ -6,19 +6,18 @@ For S parameter groups and a direction ``u`` (``u_s``: ``u`` restricted to group
     g_hat_s = g_s^T u_s,   H_bar_st = u_s^T H u_t   (S x S),
 
 with ``H`` the Hessian (S batched Hessian-vector products) or the GGN (S batched Jacobian-vector products), and
-``d3_s = d^3 L(theta(eta)) / d eta_s^3`` at ``eta = 0``.
+``d3_s = d^3 L(theta(eta)) / d eta_s^3`` at ``eta = 0``. The products are those of
+:mod:`curvscope.curvature.products`: forward-mode AD where the model supports it, else double backward.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp
 
-from curvscope.curvature.gram.rows import map_stacked
+from curvscope.curvature import products
 from curvscope.errors import CurvscopeError
 from curvscope.problem import CURVATURES, ParamGroup, Problem
 
@@ -39,15 +38,6 @@ def group_tangents(direction: dict[str, Tensor], groups: list[ParamGroup]) -> di
         rows = [u if name in group.param_names else torch.zeros_like(u) for group in groups]
         out[name] = torch.stack(rows)
     return out
-
-
-def _batched(problem: Problem, fn: Callable[[dict[str, Tensor]], object], tangents: dict[str, Tensor]):
-    """``fn`` applied to each of the S stacked tangents at once (``vmap``).
-
-    One by one when the model does something ``vmap`` does not support (recorded on the problem:
-    ``problem.path``).
-    """
-    return map_stacked(problem, fn, tangents)
 
 
 def _pairwise(a: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
@@ -89,17 +79,9 @@ def reduced_hessian(problem: Problem, direction: dict[str, Tensor], groups: list
         raise CurvscopeError(f"curvature '{curvature}': choose one of {', '.join(choices)}")
     U = group_tangents(direction, groups)
     if curvature == "hessian":
-        gradient_fn = grad(problem.loss_value)
-
-        def hvp(u: dict[str, Tensor]) -> dict[str, Tensor]:
-            return jvp(gradient_fn, (problem.params,), (u,))[1]
-
-        h_bar = _pairwise(U, _batched(problem, hvp, U))
+        h_bar = _pairwise(U, products.hessian_vector_products(problem, U))
     else:
-        def jvp_outputs(u: dict[str, Tensor]) -> Tensor:
-            return jvp(problem.forward, (problem.params,), (u,))[1]
-
-        JU = _batched(problem, jvp_outputs, U)  # (S, N, C)
+        JU = products.output_jvps(problem, U)  # (S, N, C)
         with torch.no_grad():
             outputs = problem.forward()
         H = problem.loss.hessian(outputs, problem.targets)  # (N, C, C)
@@ -107,7 +89,7 @@ def reduced_hessian(problem: Problem, direction: dict[str, Tensor], groups: list
     from curvscope.curvature.finite import check_finite
 
     check_finite(f"the reduced {curvature} H_bar", h_bar=h_bar.detach())
-    check_symmetric(h_bar.detach(), curvature)
+    check_symmetric(h_bar.detach(), curvature, problem.eps)
     return ((h_bar + h_bar.T) / 2).detach()
 
 
@@ -116,20 +98,22 @@ class SelfCheckError(RuntimeError):
     for this model): an internal error, never silently repaired."""
 
 
-def check_symmetric(h_bar: Tensor, curvature: str) -> float:
+def check_symmetric(h_bar: Tensor, curvature: str, eps: float | None = None) -> float:
     """The relative asymmetry ``max|A - A^T| / max|A|`` of ``H_bar``, checked before it is symmetrized.
 
     Rounding of the products leaves an asymmetry of order eps; a wrong Hessian-vector product (as
-    ``torch.func.hessian`` is through LayerNorm + GELU in torch 2.14) leaves a large one.
+    ``torch.func.hessian`` is through LayerNorm + GELU in torch 2.14) leaves a large one. ``eps`` is that of the
+    precision the model really computes in (``problem.eps``: float32's for a Llama whose RMSNorm and softmax
+    upcast to float32 only, even in a float64 run); default: ``h_bar``'s dtype's.
 
     Raises:
-        SelfCheckError: the asymmetry exceeds ``sqrt(eps(dtype))`` (3.5e-4 in float32, 1.5e-8 in float64).
+        SelfCheckError: the asymmetry exceeds ``sqrt(eps)`` (3.5e-4 in float32, 1.5e-8 in float64).
     """
     scale = float(h_bar.abs().max()) if h_bar.numel() else 0.0
     if scale == 0.0 or not math.isfinite(scale):
         return 0.0
     asymmetry = float((h_bar - h_bar.T).abs().max()) / scale
-    tolerance = math.sqrt(torch.finfo(h_bar.dtype).eps)
+    tolerance = math.sqrt(torch.finfo(h_bar.dtype).eps if eps is None else eps)
     if asymmetry > tolerance:
         raise SelfCheckError(f"self-check failed: the reduced {curvature} H_bar is asymmetric beyond rounding "
                              f"(relative {asymmetry:.2e} > {tolerance:.1e}); its {curvature}-vector products are "
@@ -147,18 +131,7 @@ def third_order_diagonal(problem: Problem, direction: dict[str, Tensor], groups:
         direction: ``u``, one tensor per parameter.
         groups: the S parameter groups.
     """
-    U = group_tangents(direction, groups)
-
-    def third(u: dict[str, Tensor]) -> Tensor:
-        def d1(p: dict[str, Tensor]) -> Tensor:
-            return jvp(problem.loss_value, (p,), (u,))[1]
-
-        def d2(p: dict[str, Tensor]) -> Tensor:
-            return jvp(d1, (p,), (u,))[1]
-
-        return -jvp(d2, (problem.params,), (u,))[1]
-
-    return _batched(problem, third, U).detach()
+    return -products.third_derivatives(problem, group_tangents(direction, groups)).detach()
 
 
 def step_params(params: dict[str, Tensor], direction: dict[str, Tensor], groups: list[ParamGroup],

@@ -113,6 +113,8 @@ class LRResult:
     batches: list[BatchRates]
     holdout_size: int = 0
     cubic_weight: float | None = None
+    path: str | None = None
+    """How the products were differentiated (:attr:`curvscope.problem.Problem.path`)."""
 
     @property
     def main(self) -> BatchRates:

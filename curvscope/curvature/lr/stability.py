@@ -20,7 +20,7 @@ def stability_bounds(problem: Problem, partition: str, groups: list[ParamGroup]
 
     Returns ``lambda_max`` of each group's GGN block ``(S,)``, the block bounds ``2 / lambda_max(G_PP)`` ``(S,)``,
     ``lambda_max(G)`` and ``2 / lambda_max(G)``. A block whose ``lambda_max`` is at or below
-    ``eps(dtype) * lambda_max(G)`` is numerically zero (its parameters do not move the outputs): no bound
+    ``eps(problem.precision) * lambda_max(G)`` is numerically zero (its parameters do not move the outputs): no bound
     (``nan``); likewise the whole bound when ``lambda_max(G) = 0``.
     """
     whole, blocks = _largest_eigenvalues(problem, partition)
@@ -28,7 +28,7 @@ def stability_bounds(problem: Problem, partition: str, groups: list[ParamGroup]
     if missing:
         raise RuntimeError(f"the spectrum engine returned no block for group(s) {missing}")
     lam = torch.tensor([float(blocks[g.name]) for g in groups], dtype=torch.float64)
-    resolved = lam > max(whole * torch.finfo(problem.dtype).eps, 0.0)
+    resolved = lam > max(whole * problem.eps, 0.0)
     bound = torch.where(resolved, 2.0 / lam, torch.full_like(lam, math.nan))
     return lam, bound, whole, (2.0 / whole if whole > 0 else math.nan)
 

@@ -16,7 +16,9 @@ the loss give zero rows and columns.
   graph of ``J^T u`` are built once and reused. The result equals ``V V^T v`` of the Gram engine.
 
 Only ``torch.autograd.grad`` is used: no forward-mode AD and no ``torch.func.hessian``, which returned a wrong,
-non-symmetric Hessian through LayerNorm + GELU in torch 2.14 (§9).
+non-symmetric Hessian through LayerNorm + GELU in torch 2.14 (§9). The graphs are built under
+:func:`~curvscope.curvature.products.twice_differentiable` (attention by PyTorch's math kernel, which has a double
+backward), so the products work on ``nn.MultiheadAttention`` and ``scaled_dot_product_attention`` models.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor
 
 from curvscope.curvature.matfree.operator import Operator
+from curvscope.curvature.products import twice_differentiable
 from curvscope.errors import CurvscopeError
 
 CURVATURES = ("hessian", "ggn")
@@ -116,7 +119,7 @@ def hessian_operator(problem, names: Sequence[str] | None = None, samples: tuple
     names = _check_names(problem, names)
     if samples is not None and samples[1] <= samples[0]:
         return _zero_operator(problem, names, "hessian")
-    with torch.enable_grad():
+    with torch.enable_grad(), twice_differentiable():
         leaves, params = _leaves(problem, names)
         loss = _part_loss(problem, params, samples)
         if loss.requires_grad:
@@ -149,23 +152,8 @@ def loss_hessian_product(loss, outputs: Tensor, targets: Tensor) -> Callable[[Te
             losses).
     """
     outputs = outputs.detach()
-    if getattr(loss, "positions", 0):  # (a loss object of another kind has one output vector per sample)
-        n, T, C = outputs.shape[0], loss.positions, loss.classes
-        valid = loss.valid_tokens(targets).reshape(n * T, 1).to(outputs.dtype)
-        token_targets = targets.reshape(n * T, *targets.shape[2:])
-        token = loss_hessian_product(loss.token_loss(), outputs.reshape(n * T, C), token_targets)
-        weight = valid * loss.token_scale
-        return lambda w: (token(w.reshape(n * T, C)) * weight).reshape(w.shape)
-    C = outputs.shape[-1]
-    if loss.name == "ce":
-        p = outputs.softmax(dim=-1)
-        return lambda w: p * w - p * (p * w).sum(dim=-1, keepdim=True)
-    if loss.name == "mse":
-        return lambda w: (2.0 / C) * w
-    if loss.name == "bce":
-        s = torch.sigmoid(outputs)
-        weight = s * (1 - s) / C
-        return lambda w: weight * w
+    if hasattr(loss, "hessian_product"):  # a curvscope Loss: closed forms, per token for sequences
+        return loss.hessian_product(outputs, targets)
     with torch.enable_grad():
         f = outputs.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(loss(f, targets) * outputs.shape[0], f, create_graph=True)
@@ -208,7 +196,7 @@ def ggn_operator(problem, names: Sequence[str] | None = None, samples: tuple[int
     if b1 <= b0:
         return _zero_operator(problem, names, "ggn")
     inputs = problem.inputs if samples is None else problem.inputs[b0:b1]
-    with torch.enable_grad():
+    with torch.enable_grad(), twice_differentiable():
         leaves, params = _leaves(problem, names)
         outputs = problem.forward(params, inputs)
         hessian = loss_hessian_product(problem.loss, outputs, problem.targets[b0:b1])

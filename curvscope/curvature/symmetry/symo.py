@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from torch.func import grad, jvp
 
 from curvscope.curvature.symmetry.chain import find_chain, parse_layers
 from curvscope.curvature.symmetry.factors import Factors, single_gradient_factors
@@ -95,9 +94,11 @@ def symo_step(problem, result: FactorsResult, eps: float = 1e-8, steps: Sequence
 def line_search(problem, direction: dict[str, Tensor], eps: float, steps: Sequence[float] = DEFAULT_STEPS
                 ) -> SymoResult:
     """Predicted (quadratic model with the exact Hessian) vs realized loss change along ``-direction``."""
+    from curvscope.curvature.products import hessian_vector_products
+
     params = problem.params
-    grad_fn = grad(problem.loss_value)
-    g, hu = jvp(grad_fn, (params,), (direction,))
+    g = problem.gradient()
+    hu = {n: t[0] for n, t in hessian_vector_products(problem, {n: direction[n].unsqueeze(0) for n in params}).items()}
     g_dot_u = float(sum((g[n].double() * direction[n].double()).sum() for n in params))
     curvature = float(sum((hu[n].double() * direction[n].double()).sum() for n in params))
     with torch.no_grad():
