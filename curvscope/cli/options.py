@@ -24,7 +24,10 @@ CheckpointArg = Annotated[Optional[Path], typer.Argument(
     show_default=False)]
 DataOpt = Annotated[Optional[Path], typer.Option(
     "--data", "-d",
-    help="Dataset file with tensors 'x' (inputs) and 'y' (targets): .safetensors, .npz or .pt.",
+    help="Data: a file with tensors 'x' (inputs) and 'y' (targets), or keyword inputs and 'y'/'labels' "
+         "(.safetensors, .npz, .pt); a .parquet or .arrow file or a Hugging Face save_to_disk directory (columns "
+         "by name); or a data factory 'path/to/file.py:factory' / 'package.module:factory' returning a Dataset, "
+         "DataLoader, iterable of batches or dict of tensors (docs/loading.md).",
     rich_help_panel=PROBLEM_HELP, show_default=False)]
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m",
@@ -70,6 +73,20 @@ ShiftLabelsOpt = Annotated[Optional[bool], typer.Option(
     "--shift-labels/--no-shift-labels", help="Causal language models: score position t against token t+1 "
     "(logits[:, :-1] against labels[:, 1:], as Hugging Face does). Default: the checkpoint's metadata or the "
     "architecture (on for ...ForCausalLM), else off.", rich_help_panel=PROBLEM_HELP, show_default=False)]
+DataKwargsOpt = Annotated[Optional[str], typer.Option(
+    "--data-kwargs", help="JSON object of keyword arguments for a data factory (--data file.py:factory).",
+    rich_help_panel=PROBLEM_HELP, show_default=False)]
+SplitOpt = Annotated[Optional[str], typer.Option(
+    "--split", help="The split of a Hugging Face DatasetDict (save_to_disk directory or a factory's), e.g. "
+    "train; needed when it has more than one.", rich_help_panel=PROBLEM_HELP, show_default=False)]
+ColumnsOpt = Annotated[Optional[str], typer.Option(
+    "--columns", help="Rename data columns before inputs and targets are chosen: NAME=COLUMN,... e.g. "
+    "'x=image,y=label' (x: the positional input, y: the targets; other names: keyword inputs).",
+    rich_help_panel=PROBLEM_HELP, show_default=False)]
+PadTokenOpt = Annotated[Optional[int], typer.Option(
+    "--pad-token", help="Pad ragged list columns of Parquet/Arrow/Hugging Face data to the longest row: inputs "
+    "with this id, masks with 0, targets with -100 (no loss). Without it ragged lists are an error.",
+    rich_help_panel=PROBLEM_HELP, show_default=False)]
 DebugOpt = Annotated[bool, typer.Option(
     "--debug", help="Show the full traceback on errors.", rich_help_panel="Output")]
 
@@ -130,6 +147,10 @@ PROBLEM_PARAMS = (
     ("trust_model_code", TrustOpt),
     ("output", OutputOpt),
     ("shift_labels", ShiftLabelsOpt),
+    ("data_kwargs", DataKwargsOpt),
+    ("split", SplitOpt),
+    ("columns", ColumnsOpt),
+    ("pad_token", PadTokenOpt),
 )
 """The options of every command that loads a model and a batch: (name, typer annotation); their defaults are
 those of :class:`ProblemArgs`."""
@@ -152,6 +173,10 @@ class ProblemArgs:
     trust_model_code: bool = False
     output: str | None = None
     shift_labels: bool | None = None
+    data_kwargs: str | None = None
+    split: str | None = None
+    columns: str | None = None
+    pad_token: int | None = None
 
     def load(self, **overrides):
         """The Problem these options describe (``overrides`` replace values, e.g. a rank's ``device``)."""

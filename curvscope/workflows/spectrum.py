@@ -234,6 +234,7 @@ def run_spectrum(problem: Problem, options: SpectrumOptions | None = None, progr
         run = _run_lanczos(problem, options, seed, progress, process_group, comm)
     if note:
         run.notes.append(note)
+    run.notes.extend(problem.info.get("data_notes") or [])  # how the samples were read (a DataLoader's batching)
     if options.landscape:
         run.landscape = _landscape(problem, run)
     return run
