@@ -339,3 +339,11 @@ def test_a_data_spec_in_checkpoint_metadata_is_never_run(tmp_path, fac):
     save_file({"x": x, "y": y}, str(tmp_path / "d.safetensors"))
     assert invoke("info", tmp_path / "m.safetensors", "--data", tmp_path / "d.safetensors").exit_code == 0
     assert not marker.exists()
+
+
+def test_without_pyarrow_tables_say_what_to_install(tmp_path, fac, monkeypatch):
+    spec, module = fac
+    pq.write_table(pa.table({k: v.tolist() for k, v in module.token_columns().items()}), tmp_path / "t.parquet")
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)
+    result = invoke("info", "--data", tmp_path / "t.parquet", "--model", spec("bag"))
+    assert_clean_error(result, "needs the 'pyarrow' package", 'pip install "curvscope[parquet]"')

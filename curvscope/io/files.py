@@ -3,8 +3,8 @@
 A file smaller than :data:`LAZY_BYTES` is read whole and checked whole (every input finite), as
 :func:`~curvscope.io.data.load_dataset` does. A larger file is never read whole: only the rows a batch uses,
 
-- ``.safetensors``: slices of each tensor (``safe_open(...).get_slice(name)[a:b]``, one per run of consecutive
-  rows);
+- ``.safetensors``: the bytes of the rows of each tensor (its header checked by ``safe_open``; one read per run
+  of consecutive rows);
 - ``.npz``: members stored uncompressed (``numpy.savez``) are memory-mapped (a compressed member,
   ``numpy.savez_compressed``, cannot be: it is read whole, with a note);
 - ``.pt``/``.pth``: ``torch.load(mmap=True, weights_only=True)``;
@@ -15,6 +15,8 @@ and each batch's rows are checked finite when they are read. Parquet, Arrow and 
 
 from __future__ import annotations
 
+import json
+import math
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from curvscope.io.data import load_dataset, plan_layout
 from curvscope.io.sources import ColumnSource, Source, TensorColumn, TensorSource
 from curvscope.io.tensors import SUFFIXES, _first_line, check_file, read_torch
 
-LAZY_BYTES = 256 * 2**20
+LAZY_BYTES = 64 * 2**20
 """Data files of at least this size are read row by row (only the rows a batch uses)."""
 TABLE_SUFFIXES = (".parquet", ".arrow")
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -61,7 +63,7 @@ def open_data_file(path: str | Path, columns: dict[str, str] | None = None, spli
     else:
         tensors, metadata = _torch_columns(path), {}
     layout = plan_layout(list(tensors), str(path), columns)
-    notes = [f"{path.stat().st_size / 2**30:.1f} GiB: only the rows used are read"]
+    notes = [f"{path.stat().st_size / 2**20:,.0f} MiB: only the rows used are read"]
     notes += [tensors[c].note for c in layout.columns if getattr(tensors[c], "note", None)]
     return ColumnSource({c: tensors[c] for c in layout.columns}, layout, name, notes=notes, metadata=metadata)
 
@@ -80,38 +82,50 @@ def _runs(indices: Tensor) -> tuple[list[tuple[int, int]], Tensor, Tensor]:
 
 
 class SafetensorsColumn:
-    """One tensor of a safetensors file, read by slices of rows."""
+    """One tensor of a safetensors file, read by plain reads of the bytes of its rows (one per run of consecutive
+    rows; no memory map, whose read-ahead would pull in pages around every row of a random batch)."""
 
-    def __init__(self, path: Path, key: str, shape: tuple[int, ...], dtype: torch.dtype):
-        self.path, self.key, self.shape, self.dtype = path, key, shape, dtype
+    def __init__(self, path: Path, key: str, shape: tuple[int, ...], dtype: torch.dtype, start: int):
+        self.path, self.key, self.shape, self.dtype, self.start = path, key, shape, dtype, start
+        self.row_bytes = math.prod(shape[1:]) * torch.empty((), dtype=dtype).element_size()
 
     def read(self, indices: Tensor) -> Tensor:
-        """The rows ``indices``: one slice per run of consecutive rows."""
-        from safetensors import safe_open
-
+        """The rows ``indices``."""
         runs, _, inverse = _runs(indices)
-        with safe_open(str(self.path), framework="pt") as f:
-            sl = f.get_slice(self.key)
-            parts = [sl[a:b] for a, b in runs]
-        rows = torch.cat(parts) if parts else torch.empty((0, *self.shape[1:]), dtype=self.dtype)
-        return rows[inverse]
+        data = bytearray(read_rows(self.path, self.start, self.row_bytes, runs))
+        rows = torch.frombuffer(data, dtype=self.dtype) if data else torch.empty(0, dtype=self.dtype)
+        return rows.reshape(-1, *self.shape[1:])[inverse]
+
+
+def read_rows(path: Path, start: int, row_bytes: int, runs: list[tuple[int, int]]) -> bytes:
+    """The bytes of rows ``[a, b)`` for each run, of a row-major array of ``row_bytes`` per row at ``start``."""
+    with open(path, "rb") as f:
+        parts = []
+        for a, b in runs:
+            f.seek(start + a * row_bytes)
+            parts.append(f.read((b - a) * row_bytes))
+    return b"".join(parts)
 
 
 def _safetensors_columns(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # validates the header
             metadata = dict(f.metadata() or {})
-            columns = {}
-            for key in f.keys():
-                sl = f.get_slice(key)
-                dtype = SAFETENSORS_DTYPES.get(sl.get_dtype())
-                if dtype is None:
-                    raise CurvscopeError(f"{path}: tensor '{key}' has unsupported dtype {sl.get_dtype()}")
-                columns[key] = SafetensorsColumn(path, key, tuple(sl.get_shape()), dtype)
+            dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+        with open(path, "rb") as raw:
+            size = int.from_bytes(raw.read(8), "little")
+            header = json.loads(raw.read(size))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CurvscopeError(f"{path}: not a valid safetensors file ({_first_line(exc)})") from exc
+    columns = {}
+    for key, kind in dtypes.items():
+        dtype = SAFETENSORS_DTYPES.get(kind)
+        if dtype is None:
+            raise CurvscopeError(f"{path}: tensor '{key}' has unsupported dtype {kind}")
+        entry = header[key]
+        columns[key] = SafetensorsColumn(path, key, tuple(entry["shape"]), dtype, 8 + size + entry["data_offsets"][0])
     return columns, metadata
 
 
@@ -128,6 +142,18 @@ class MemmapColumn:
         import numpy as np
 
         return torch.from_numpy(np.ascontiguousarray(self.array[indices.numpy()]))
+
+
+def _random_access(array: Any) -> None:
+    """Tell the kernel a memory map is read at random rows: no read-ahead around each (where it can be told)."""
+    import mmap
+
+    handle = getattr(array, "_mmap", None)
+    if handle is not None and hasattr(handle, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        try:
+            handle.madvise(mmap.MADV_RANDOM)
+        except OSError:  # pragma: no cover  (advice only)
+            pass
 
 
 def _npz_columns(path: Path) -> dict[str, Any]:
@@ -149,11 +175,13 @@ def _npz_columns(path: Path) -> dict[str, Any]:
                         int.from_bytes(header[28:30], "little")
                     raw.seek(start)
                     version = npy.read_magic(raw)
-                    shape, fortran, dtype = npy._read_array_header(raw, version)
+                    read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+                    shape, fortran, dtype = read_header(raw)
                     if dtype.hasobject:
                         raise CurvscopeError(f"{path}: array '{key}' has unsupported dtype {dtype}")
                     array = np.memmap(path, dtype=dtype, mode="r", offset=raw.tell(), shape=shape,
                                       order="F" if fortran else "C")
+                    _random_access(array)
                     note = None
                 else:
                     with archive.open(info) as member:

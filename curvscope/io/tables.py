@@ -201,7 +201,6 @@ class TableColumn:
         return self._tensor(self.table.take(self.column, indices))
 
     def _tensor(self, array: Any) -> Tensor:
-        import numpy as np
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -227,8 +226,7 @@ class TableColumn:
         if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type) or
                 pa.types.is_boolean(values.type)):
             raise CurvscopeError(f"{self.source}: column '{self.column}' holds {values.type} values, not numbers")
-        data = np.ascontiguousarray(values.to_numpy(zero_copy_only=False))
-        return torch.from_numpy(data).reshape(n, *dims)
+        return torch.from_numpy(_writable(values.to_numpy(zero_copy_only=False))).reshape(n, *dims)
 
     def _padded(self, flat: Any, lengths: Any) -> Tensor:
         import numpy as np
@@ -236,12 +234,20 @@ class TableColumn:
         if _is_list(flat.type):
             raise CurvscopeError(f"{self.source}: column '{self.column}' holds lists of lists; only lists of numbers "
                                  "can be padded")
-        data = torch.from_numpy(np.ascontiguousarray(flat.to_numpy(zero_copy_only=False)))
+        data = torch.from_numpy(_writable(flat.to_numpy(zero_copy_only=False)))
         out = torch.full((len(lengths), self.width), self.pad, dtype=data.dtype)
         starts = np.concatenate([[0], np.cumsum(lengths)])
         for i, length in enumerate(lengths.tolist()):
             out[i, :length] = data[int(starts[i]):int(starts[i]) + length]
         return out
+
+
+def _writable(array: Any) -> Any:
+    """A contiguous array torch may wrap (Arrow's zero-copy arrays are read-only: copied)."""
+    import numpy as np
+
+    array = np.ascontiguousarray(array)
+    return array if array.flags.writeable else array.copy()
 
 
 def _is_list(kind: Any) -> bool:
