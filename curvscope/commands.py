@@ -53,7 +53,7 @@ COMMANDS: tuple[Command, ...] = (
              "newton_step"),
             {"gram": "Gram matrix (parameter tensors)", "eigen": "eigendecomposition (groups)",
              "directions": "directional derivatives", "newton": "damped Newton step", "lanczos": "Lanczos",
-             "trace": "trace (Hutch++)", "density": "spectral density"}),
+             "trace": "trace (Hutch++)", "density": "spectral density", "batches": "batches"}),
     Command("factors", "factors", "factors", ("factors", "factors_plot", "symo_step"),
             {"per-sample": "per-sample gradients", "ensemble": "ensemble of models", "symo": "SymO line search"}),
     Command("lr", "lr-suggest", "lr", ("lr_plot",), {"lr": "learning rates"}),

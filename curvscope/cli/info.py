@@ -84,6 +84,7 @@ def describe(problem) -> dict:
         "dataset": f"inputs {x_desc}; targets {y_shape}",
         "batch": f"{n} samples: {which}",
         "batch indices": _indices(info.get("batch_indices")),
+        **({"data notes": "; ".join(info["data_notes"])} if info.get("data_notes") else {}),
         "loss": problem.loss.name + (f" per token ({int(problem.loss.valid_tokens(problem.targets).sum()):,} "
                                      "valid tokens, -100 ignored)" if problem.is_sequence else "")
         + (", labels shifted (position t scores token t+1)" if getattr(problem, "shift_labels", False) else "")

@@ -24,7 +24,10 @@ CheckpointArg = Annotated[Optional[Path], typer.Argument(
     show_default=False)]
 DataOpt = Annotated[Optional[Path], typer.Option(
     "--data", "-d",
-    help="Dataset file with tensors 'x' (inputs) and 'y' (targets): .safetensors, .npz or .pt.",
+    help="Data: a file with tensors 'x' (inputs) and 'y' (targets), or keyword inputs and 'y'/'labels' "
+         "(.safetensors, .npz, .pt); a .parquet or .arrow file or a Hugging Face save_to_disk directory (columns "
+         "by name); or a data factory 'path/to/file.py:factory' / 'package.module:factory' returning a Dataset, "
+         "DataLoader, iterable of batches or dict of tensors (docs/loading.md).",
     rich_help_panel=PROBLEM_HELP, show_default=False)]
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m",
@@ -83,6 +86,20 @@ HuberDeltaOpt = Annotated[Optional[float], typer.Option(
 SmoothL1BetaOpt = Annotated[Optional[float], typer.Option(
     "--smooth-l1-beta", help="smooth-l1's beta (>= 0; default 1; 0 is the L1 loss).", rich_help_panel=PROBLEM_HELP,
     show_default=False)]
+DataKwargsOpt = Annotated[Optional[str], typer.Option(
+    "--data-kwargs", help="JSON object of keyword arguments for a data factory (--data file.py:factory).",
+    rich_help_panel=PROBLEM_HELP, show_default=False)]
+SplitOpt = Annotated[Optional[str], typer.Option(
+    "--split", help="The split of a Hugging Face DatasetDict (save_to_disk directory or a factory's), e.g. "
+    "train; needed when it has more than one.", rich_help_panel=PROBLEM_HELP, show_default=False)]
+ColumnsOpt = Annotated[Optional[str], typer.Option(
+    "--columns", help="Rename data columns before inputs and targets are chosen: NAME=COLUMN,... e.g. "
+    "'x=image,y=label' (x: the positional input, y: the targets; other names: keyword inputs).",
+    rich_help_panel=PROBLEM_HELP, show_default=False)]
+PadTokenOpt = Annotated[Optional[int], typer.Option(
+    "--pad-token", help="Pad ragged list columns of Parquet/Arrow/Hugging Face data to the longest row: inputs "
+    "with this id, masks with 0, targets with -100 (no loss). Without it ragged lists are an error.",
+    rich_help_panel=PROBLEM_HELP, show_default=False)]
 DebugOpt = Annotated[bool, typer.Option(
     "--debug", help="Show the full traceback on errors.", rich_help_panel="Output")]
 
@@ -147,6 +164,10 @@ PROBLEM_PARAMS = (
     ("class_weights", ClassWeightsOpt),
     ("huber_delta", HuberDeltaOpt),
     ("smooth_l1_beta", SmoothL1BetaOpt),
+    ("data_kwargs", DataKwargsOpt),
+    ("split", SplitOpt),
+    ("columns", ColumnsOpt),
+    ("pad_token", PadTokenOpt),
 )
 """The options of every command that loads a model and a batch: (name, typer annotation); their defaults are
 those of :class:`ProblemArgs`."""
@@ -173,6 +194,10 @@ class ProblemArgs:
     class_weights: str | None = None
     huber_delta: float | None = None
     smooth_l1_beta: float | None = None
+    data_kwargs: str | None = None
+    split: str | None = None
+    columns: str | None = None
+    pad_token: int | None = None
 
     def load(self, **overrides):
         """The Problem these options describe (``overrides`` replace values, e.g. a rank's ``device``)."""

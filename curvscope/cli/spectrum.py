@@ -45,6 +45,7 @@ OPTIONS = (
     flag("trace_samples", panel=SPECTRUM_HELP),
     flag("density_vectors", panel=SPECTRUM_HELP),
     flag("landscape", panel=FILES_HELP),
+    flag("batches", "--batches", "-b", panel=SPECTRUM_HELP),
     flag("plots", "--plots/--no-plots", panel=FILES_HELP),
 )
 """The flags of :class:`~curvscope.workflows.spectrum.SpectrumOptions` (defaults and help: its fields)."""

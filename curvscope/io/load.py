@@ -4,9 +4,10 @@ imply, in the requested device and dtype."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,17 +16,22 @@ from curvscope.errors import CurvscopeError, Metavar, OptionError
 from curvscope.losses import default_loss_name, get_loss
 from curvscope.problem import Problem, make_problem, resolve_dtype
 
+if TYPE_CHECKING:
+    from curvscope.io.sources import Source
+
 SPEC = Metavar("SPEC")
 """A model spec in messages: ``model=SPEC`` (``--model SPEC`` on the command line)."""
 
 
-def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.PathLike | None = None,
+def load_problem(checkpoint: str | os.PathLike | None = None, data: Any = None,
                  model: str | None = None, model_kwargs: dict[str, Any] | str | None = None,
                  batch_size: int | None = 128, shuffle: bool = False, seed: int = 0, loss: str | None = None,
                  device: str | None = "auto", dtype: str | None = "float32", trust_model_code: bool = False,
-                 output: str | None = None, shift_labels: bool | None = None, label_smoothing: float = 0.0,
-                 class_weights: str | list[float] | None = None, huber_delta: float | None = None,
-                 smooth_l1_beta: float | None = None) -> Problem:
+                 output: str | None = None, shift_labels: bool | None = None,
+                 data_kwargs: dict[str, Any] | str | None = None, split: str | None = None,
+                 columns: str | dict[str, str] | None = None, pad_token: int | None = None,
+                 label_smoothing: float = 0.0, class_weights: str | list[float] | None = None,
+                 huber_delta: float | None = None, smooth_l1_beta: float | None = None) -> Problem:
     """Build a :class:`Problem` from files, exactly as the CLI does.
 
     Args:
@@ -34,9 +40,14 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.Pat
             Self-describing safetensors checkpoints carry ``curvscope.model``, ``curvscope.model_kwargs``,
             ``curvscope.loss`` (and ``curvscope.shift_labels``) metadata. A
             :class:`~curvscope.io.checkpoints.Checkpoint` already read is taken as it is.
-        data: dataset file (``.safetensors``, ``.npz``, ``.pt``) with tensors ``x`` and ``y``, or keyword
-            inputs: without ``x`` every tensor but the targets (``y`` or ``labels``) is passed to the model
-            as a keyword argument under its name (``input_ids``, ``attention_mask``, ...).
+        data: a dataset file (``.safetensors``, ``.npz``, ``.pt``) with tensors ``x`` and ``y``, or keyword
+            inputs: without ``x`` every tensor but the targets (``y``, ``labels`` or ``label``) is passed to the
+            model as a keyword argument under its name (``input_ids``, ``attention_mask``, ...); a ``.parquet`` or
+            ``.arrow`` file or a Hugging Face ``save_to_disk`` directory (columns as keyword inputs; needs
+            ``curvscope[parquet]``); a data factory ``path/to/file.py:factory`` or ``package.module:factory``
+            (called with ``data_kwargs``) returning a map-style ``Dataset``, a ``DataLoader``, an iterable of
+            batches or a dict of tensors; or such an object itself (docs/loading.md). Files of
+            ``curvscope.io.files.LAZY_BYTES`` or more are read row by row (only the rows used).
         model: a model spec (``path/to/file.py:factory``, ``package.module:factory`` or ``mlp``/``cnn``/
             ``transformer``/``char_lm``); overrides the checkpoint's. Without a checkpoint the factory's own
             initialization is used, seeded by ``seed``.
@@ -62,13 +73,18 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.Pat
         shift_labels: targets ``(N, T)`` are the input tokens and position ``t`` predicts token ``t + 1``
             (Hugging Face's causal-LM convention); ``None``: the checkpoint's ``curvscope.shift_labels``
             metadata, else ``True`` for a causal LM architecture, else ``False``.
+        data_kwargs: a data factory's keyword arguments (dict or JSON string).
+        split: the split of a Hugging Face ``DatasetDict`` (needed when it has more than one).
+        columns: renames columns before the inputs and targets are chosen: ``"x=image,y=label"`` (or a dict).
+        pad_token: pad ragged list columns of tables to the longest row: inputs with it, masks with 0, targets
+            with -100.
         label_smoothing: ``ce``'s label smoothing (PyTorch's ``label_smoothing``).
         class_weights: ``ce``/``nll`` class weights: a list, a string ``"1,2,0.5"``, or a file holding them
             (``.json`` list, or numbers separated by commas or whitespace).
         huber_delta: ``huber``'s delta (default 1).
         smooth_l1_beta: ``smooth-l1``'s beta (default 1).
     """
-    from curvscope.io.data import load_dataset, select_batch
+    from curvscope.io.data import select_batch
     from curvscope.io.inputs import check_keywords
 
     if data is None:
@@ -77,14 +93,20 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.Pat
     if not 0 <= seed < 2**63:
         raise CurvscopeError(f"seed must be between 0 and 2**63 - 1, got a {len(str(abs(seed)))}-digit number"
                              if abs(seed) >= 2**63 else f"seed must be at least 0, got {seed}")
+    if batch_size is not None and batch_size < 1:
+        raise OptionError("batch_size", f"must be at least 1, got {batch_size}")
     net, info, defaults = _load_model(checkpoint, model, model_kwargs, seed, dtype, trust_model_code)
     net.eval()
-    dataset = load_dataset(data)
-    check_keywords(net, dataset.x, str(data), dataset.target_name)
-    idx = select_batch(len(dataset), batch_size, shuffle=shuffle, seed=seed)
+    source = open_data(data, data_kwargs=data_kwargs, split=split, columns=columns, pad_token=pad_token,
+                       shuffle=shuffle, seed=seed)
+    dataset = source.pair()
+    check_keywords(net, dataset[0], source.name, source.target_name)
+    total = len(source) if source.sized else source.available(batch_size or 2**62)
+    idx = select_batch(total, batch_size, shuffle=shuffle, seed=seed)
+    x, y = source.read(idx)
     loss_name = loss or defaults["loss"]
     if loss_name is None:
-        loss_name = default_loss_name(dataset.y)
+        loss_name = default_loss_name(y)
     if loss is None and defaults["loss"] is not None:  # a user loss named by the checkpoint: code from a file
         from curvscope.user_loss import check_trusted_loss
 
@@ -93,8 +115,8 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.Pat
                            huber_delta=huber_delta, smooth_l1_beta=smooth_l1_beta)
     shift = shift_labels if shift_labels is not None else bool(defaults["shift_labels"])
     info.update({
-        "data": str(Path(data)),
-        "dataset_size": len(dataset),
+        "data": source.name,
+        "dataset_size": len(source) if source.sized else None,
         "shuffle": shuffle,
         "seed": seed,
         "batch_indices": idx.tolist(),
@@ -102,11 +124,12 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: str | os.Pat
         "shift_labels": shift,
         "output_name": output,
     })
-    if dataset.target_name != "y":
-        info["targets"] = dataset.target_name
-    return make_problem(net, dataset.x[idx], dataset.y[idx], loss=loss_object, device=device, dtype=dtype,
-                        info=info, dataset=(dataset.x, dataset.y), source=str(data), shift_labels=shift,
-                        output=output)
+    if source.target_name != "y":
+        info["targets"] = source.target_name
+    if source.notes:
+        info["data_notes"] = list(source.notes)
+    return make_problem(net, x, y, loss=loss_object, device=device, dtype=dtype, info=info, dataset=dataset,
+                        source=source.name, shift_labels=shift, output=output)
 
 
 def parse_class_weights(value: str | os.PathLike | list[float] | None) -> list[float] | None:
@@ -137,6 +160,60 @@ def parse_class_weights(value: str | os.PathLike | list[float] | None) -> list[f
         raise OptionError("class_weights", lambda name: f"{name('class_weights')}: expected numbers such as "
                           "'1,2,0.5', a JSON list, or a file of them")
     return values
+
+
+def open_data(data: Any, data_kwargs: dict[str, Any] | str | None = None, split: str | None = None,
+              columns: str | dict[str, str] | None = None, pad_token: int | None = None, shuffle: bool = False,
+              seed: int = 0) -> Source:
+    """The :class:`~curvscope.io.sources.Source` of ``data`` (a file, a directory, a data factory spec, or a
+    ``Dataset``/``DataLoader``/iterable/dict object); the arguments are :func:`load_problem`'s.
+
+    A data factory named here runs: the caller named it. A spec that comes from a file (a config) must pass
+    :func:`curvscope.io.spec.check_trusted` first.
+    """
+    from curvscope.io.data import parse_columns
+    from curvscope.io.factory import call_data_factory, from_object, is_data_spec
+    from curvscope.io.files import open_data_file
+    from curvscope.io.spec import parse_model_kwargs
+
+    mapping = parse_columns(columns)
+    if isinstance(data, (str, os.PathLike)):
+        text = str(data)
+        if is_data_spec(text):
+            kwargs = _data_kwargs(data_kwargs, parse_model_kwargs)
+            name = text + (f" {json.dumps(kwargs, sort_keys=True)}" if kwargs else "")
+            obj = call_data_factory(text, kwargs, seed=seed)
+            return from_object(obj, name, columns=mapping, shuffle=shuffle, split=split, pad_token=pad_token)
+        if data_kwargs:
+            raise OptionError("data_kwargs", lambda name: f"{name('data_kwargs')} is for a data factory "
+                              f"({name('data', Metavar('file.py:factory'))}); {text} is a file")
+        return open_data_file(Path(text), mapping, split=split, pad_token=pad_token,
+                              name=_qualified(str(Path(text)), split, mapping, pad_token))
+    if data_kwargs:
+        raise OptionError("data_kwargs", "is for a data factory named by a spec; the data is an object already")
+    name = f"<{type(data).__name__}>"
+    return from_object(data, name, columns=mapping, shuffle=shuffle, split=split, pad_token=pad_token)
+
+
+def _data_kwargs(value: dict[str, Any] | str | None, parse: Any) -> dict[str, Any]:
+    if value is None or isinstance(value, str):
+        try:
+            return parse(value)
+        except OptionError as exc:  # the same JSON rules as model_kwargs, named as data_kwargs
+            error = exc
+        raise OptionError("data_kwargs", lambda name: error.render(
+            lambda p, *v: name("data_kwargs" if p == "model_kwargs" else p, *v))) from None
+    if not isinstance(value, dict):
+        raise OptionError("data_kwargs", f"must be a dict or a JSON object, got {type(value).__name__}")
+    return dict(value)
+
+
+def _qualified(name: str, split: str | None, columns: dict[str, str], pad_token: int | None) -> str:
+    """The data's name in reports: the path, and how it was read when that changes the samples."""
+    extra = [f"split={split}"] if split else []
+    extra += [f"columns={','.join(f'{k}={v}' for k, v in columns.items())}"] if columns else []
+    extra += [f"pad_token={pad_token}"] if pad_token is not None else []
+    return name + (f" ({', '.join(extra)})" if extra else "")
 
 
 def _load_model(checkpoint: str | os.PathLike | None, model: str | None,

@@ -117,6 +117,10 @@ def facts_table(report: dict[str, Any], out_dir: str | None = None, top_k: int =
     if land:
         table.add_row("landscape", f"loss {fmt(land.get('loss0'), 4)} at 0, {fmt(min(land.get('loss_1d') or [0]), 4)}"
                       f" to {fmt(max(land.get('loss_1d') or [0]), 4)} for |t| <= {fmt(land.get('radius'))}")
+    from curvscope.report.batch_report import batch_rows
+
+    for label, text in batch_rows(report):
+        table.add_row(label, text)
     for note in report.get("notes") or []:
         table.add_row("note", escape(str(note)))
     files = report.get("files") or {}

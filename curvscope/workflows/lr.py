@@ -77,10 +77,11 @@ def draw_batches(problem: Problem, batches: int, holdout: int) -> tuple[list[Pro
     """Further batches and a holdout from the problem's dataset.
 
     Samples are taken in the order the batch was drawn (file order, or the shuffled order of the problem's
-    seed), skipping the problem's own batch.
+    seed), skipping the problem's own batch (:func:`curvscope.io.sources.batch_indices`, the rule every command's
+    ``batches`` follows).
 
     Args:
-        problem: a problem loaded from a data file (``problem.dataset`` and ``info["batch_indices"]``).
+        problem: a problem loaded from data (``problem.dataset`` and ``info["batch_indices"]``).
         batches: the number of batches in all, the problem's own included (>= 1).
         holdout: the number of holdout samples (>= 0).
 
@@ -91,35 +92,11 @@ def draw_batches(problem: Problem, batches: int, holdout: int) -> tuple[list[Pro
     Raises:
         OptionError: the problem has no dataset, or the dataset is too small.
     """
-    import torch
+    from curvscope.io.sources import batch_indices
 
-    from curvscope.io.data import select_batch
-
-    at_least("batches", batches, 1)
-    at_least("holdout", holdout, 0)
-    if batches == 1 and holdout == 0:
-        return [], None
-    field = "batches" if batches > 1 else "holdout"
-    if problem.dataset is None or problem.info.get("batch_indices") is None:
-        raise OptionError(field, "needs a problem loaded from a data file (the other samples are unknown)")
-    total = len(problem.dataset[0])
-    n = problem.batch_size
-    order = select_batch(total, None, shuffle=bool(problem.info.get("shuffle")),
-                         seed=int(problem.info.get("seed") or 0))
-    taken = set(problem.info["batch_indices"])
-    rest = order[torch.tensor([int(i) not in taken for i in order.tolist()], dtype=torch.bool)]
-    need = (batches - 1) * n + holdout
-    if need > rest.numel():
-        def message(name) -> str:
-            with_holdout = f" and {name('holdout', holdout)}" if holdout else ""
-            return (f"{name('batches', batches)} with {name('batch_size', n)}{with_holdout} needs "
-                    f"{batches * n + holdout} samples but the dataset has {total}; lower {name('batch_size')}, "
-                    f"{name('batches')} or {name('holdout')}")
-
-        raise OptionError("batches", message)
-    others = [problem.batch_from_dataset(rest[b * n:(b + 1) * n]) for b in range(batches - 1)]
-    held = problem.batch_from_dataset(rest[(batches - 1) * n:need]) if holdout else None
-    return others, held
+    others, held = batch_indices(problem, batches, holdout)
+    return ([problem.batch_from_dataset(idx) for idx in others],
+            problem.batch_from_dataset(held) if held is not None else None)
 
 
 def run_lr(problem: Problem, options: LrOptions | None = None, progress: Progress | None = None) -> LRResult:
@@ -129,7 +106,7 @@ def run_lr(problem: Problem, options: LrOptions | None = None, progress: Progres
     ``options.holdout`` other samples when > 0).
 
     Args:
-        problem: the model, batch and loss (loaded from a data file for ``batches > 1`` or ``holdout > 0``).
+        problem: the model, batch and loss (loaded from data for ``batches > 1`` or ``holdout > 0``).
         options: the knobs (default :class:`LrOptions`); validated first.
         progress: ``progress(stage, done, total)`` (:mod:`curvscope.progress`) of stage ``"lr"``: done of
             ``batches x`` the steps of one batch.

@@ -86,6 +86,10 @@ class SpectrumOptions(Options):
     density_vectors: int = option(4, "Lanczos: random vectors of the SLQ spectral density (0: none).")
     landscape: bool = option(False, "Also write landscape.png: the batch loss along the top eigenvector with the "
                              "quadratic model, and over the plane of the top two.")
+    batches: int = option(1, "Analyse B disjoint batches of ``batch_size`` one after another (the batch, then the "
+                          "next samples in the same order: file order, or the shuffled order of ``seed``); the report "
+                          "keeps each batch's numbers (per_batch) and their mean, std, min and max (batch_stats). "
+                          "Memory stays that of one batch; files and plots are of the first batch.")
 
     def validate(self) -> None:
         """Check every value that needs no Problem."""
@@ -106,6 +110,7 @@ class SpectrumOptions(Options):
         if not (0 < self.tol < 1):
             raise OptionError("tol", f"must lie in (0, 1), got {self.tol}")
         at_least("trace_samples", self.trace_samples, 0)
+        at_least("batches", self.batches, 1)
         at_least("density_vectors", self.density_vectors, 0)
         self.parsed_damping()
         self.parsed_memory()
@@ -157,6 +162,16 @@ class GgnBeside:
 
 
 @dataclass
+class BatchSpectrum:
+    """One batch of a spectrum over several batches (``options.batches``): its rows and its engine results."""
+
+    batch_indices: list[int]
+    """The dataset rows of the batch."""
+    run: SpectrumRun
+    """Its spectrum (no files: no Newton step, eigenvectors or landscape)."""
+
+
+@dataclass
 class SpectrumRun:
     """What :func:`run_spectrum` computed: the engine's results and how they were obtained (no report fields;
     :func:`write_spectrum` makes those)."""
@@ -183,6 +198,8 @@ class SpectrumRun:
     """The norm of the batch gradient."""
     ggn: GgnBeside | None = None
     """With the Hessian: the whole-model GGN beside it."""
+    batches: list[BatchSpectrum] = field(default_factory=list)
+    """With ``options.batches > 1``: every batch's spectrum, the problem's own first; else empty."""
 
     @property
     def top_eigenvalues(self) -> Tensor:
@@ -219,6 +236,7 @@ def run_spectrum(problem: Problem, options: SpectrumOptions | None = None, progr
     """
     from curvscope.curvature import distributed
     from curvscope.curvature.finite import check_outputs
+    from curvscope.io.sources import batch_indices
 
     options = options or SpectrumOptions()
     comm = None if process_group is None else distributed.Comm.create(process_group, problem.device)
@@ -226,14 +244,18 @@ def run_spectrum(problem: Problem, options: SpectrumOptions | None = None, progr
         options.validate()
         plan = options.plan(problem)
         check_outputs(problem)
+        further, _ = batch_indices(problem, options.batches)  # too few samples: said before computing
     method, note = plan.method, plan.note
     seed = options.seed if options.seed is not None else int(problem.info.get("seed") or 0)
-    if method == "gram":
-        run = _run_gram(problem, options, seed, progress, process_group, comm)
-    else:
-        run = _run_lanczos(problem, options, seed, progress, process_group, comm)
+    runner = _run_gram if method == "gram" else _run_lanczos
+    if further and progress is not None:
+        progress("batches", 0, options.batches)
+    run = runner(problem, options, seed, progress, process_group, comm)
+    if further:
+        run.batches = _further_batches(problem, options, run, further, runner, seed, progress, process_group, comm)
     if note:
         run.notes.append(note)
+    run.notes.extend(problem.info.get("data_notes") or [])  # how the samples were read (a DataLoader's batching)
     if options.landscape:
         run.landscape = _landscape(problem, run)
     return run
@@ -318,6 +340,30 @@ def _ggn_beside(problem: Problem, options: SpectrumOptions, seed: int, progress:
     return GgnBeside(lambda_max=g.lambda_max, trace=g.trace, method="lanczos")
 
 
+def _further_batches(problem: Problem, options: SpectrumOptions, run: SpectrumRun, further: list[Tensor], runner: Any,
+                     seed: int, progress: Progress | None, process_group: ProcessGroup | None, comm: Any
+                     ) -> list[BatchSpectrum]:
+    """The spectrum of each further batch, one batch at a time (each batch's problem is dropped after its run), by
+    the method of the first."""
+    from dataclasses import replace
+
+    from curvscope.curvature import distributed
+    from curvscope.curvature.finite import check_outputs
+
+    each = options.replace(eigenvectors=None, newton_step=None, landscape=False, method=run.method, batches=1)
+    out = [BatchSpectrum(list(problem.info["batch_indices"]), replace(run, step=None, vectors=None, landscape=None))]
+    for b, indices in enumerate(further, start=1):
+        batch = problem.batch_from_dataset(indices)
+        with distributed.stage(comm):
+            check_outputs(batch)
+        out.append(BatchSpectrum([int(i) for i in indices.tolist()],
+                                 runner(batch, each, seed, progress, process_group, comm)))
+        del batch
+        if progress is not None:
+            progress("batches", b + 1, options.batches)
+    return out
+
+
 def _landscape(problem: Problem, run: SpectrumRun) -> Landscape:
     from curvscope.curvature.landscape import loss_landscape
 
@@ -355,6 +401,14 @@ def report_fields(problem: Problem, run: SpectrumRun, options: SpectrumOptions) 
         raise CurvscopeError("write_spectrum: the run has no results (use run_spectrum)")
     if run.landscape is not None:
         fields["landscape"] = mr.landscape_fields(run.landscape, [float(v) for v in run.top_eigenvalues.tolist()])
+    fields["per_batch"] = fields["batch_stats"] = None  # set either way: a merge drops an older run's
+    if run.batches:
+        from curvscope.report.batch_report import batch_entry, batch_stats
+
+        each = options.replace(eigenvectors=None, newton_step=None, landscape=False, batches=1)
+        fields["per_batch"] = [batch_entry(fields if i == 0 else report_fields(problem, b.run, each), b.batch_indices)
+                               for i, b in enumerate(run.batches)]
+        fields["batch_stats"] = batch_stats(fields["per_batch"])
     return fields
 
 
