@@ -280,7 +280,7 @@ def test_columns_and_padding(tmp_path, fac):
               "labels": lists["labels"]}
     ragged["attention_mask"] = [[1] * len(r) for r in ragged["input_ids"]]
     pq.write_table(pa.table(ragged), tmp_path / "ragged.parquet", row_group_size=3)
-    with pytest.raises(CurvscopeError, match="column 'input_ids' holds lists of different lengths .* pad_token=ID"):
+    with pytest.raises(CurvscopeError, match="column .input_ids. holds lists of different lengths .* pad_token=ID"):
         load_problem(data=tmp_path / "ragged.parquet", model=spec("bag"))
     b = load_problem(data=tmp_path / "ragged.parquet", model=spec("bag"), pad_token=0, batch_size=10)
     assert b.inputs["input_ids"].shape == (10, 5)
