@@ -280,7 +280,7 @@ def test_columns_and_padding(tmp_path, fac):
               "labels": lists["labels"]}
     ragged["attention_mask"] = [[1] * len(r) for r in ragged["input_ids"]]
     pq.write_table(pa.table(ragged), tmp_path / "ragged.parquet", row_group_size=3)
-    with pytest.raises(CurvscopeError, match="column 'input_ids' holds lists of different lengths .* pad_token=ID"):
+    with pytest.raises(CurvscopeError, match="column .input_ids. holds lists of different lengths .* pad_token=ID"):
         load_problem(data=tmp_path / "ragged.parquet", model=spec("bag"))
     b = load_problem(data=tmp_path / "ragged.parquet", model=spec("bag"), pad_token=0, batch_size=10)
     assert b.inputs["input_ids"].shape == (10, 5)
@@ -347,3 +347,21 @@ def test_without_pyarrow_tables_say_what_to_install(tmp_path, fac, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)
     result = invoke("info", "--data", tmp_path / "t.parquet", "--model", spec("bag"))
     assert_clean_error(result, "needs the 'pyarrow' package", 'pip install "curvscope[parquet]"')
+
+
+def test_further_batches_from_an_iterable(tmp_path, fac):
+    """lr-suggest and spectrum --batches read an iterable on; too few samples: one line, nothing written."""
+    spec, module = fac
+    x, _ = module.samples()
+    model = ("--model", "mlp", "--model-kwargs", json.dumps(TINY_KWARGS), "--batch-size", "5")
+    result = invoke("spectrum", "--data", spec("batches"), *model, "--batches", "2", "--out", tmp_path / "s",
+                    "--dtype", "float64", "--no-plots")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert [b["batch_indices"] for b in report["per_batch"]] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    result = invoke("lr-suggest", "--data", spec("batches"), *model, "--batches", "3", "--out", tmp_path / "lr",
+                    "--no-plot")
+    assert_clean_error(result, "--batches 3 with --batch-size 5 needs 15 samples but the data yields only 12")
+    assert not (tmp_path / "lr").exists()
+    assert invoke("lr-suggest", "--data", spec("loader"), *model, "--batches", "2", "--no-plot", "--out",
+                  tmp_path / "lr").exit_code == 0

@@ -23,6 +23,10 @@ STAGE_LABELS = {
 listed shows its own key)."""
 
 
+RATES = ("samples",)
+"""Stages whose bar shows its rate per second."""
+
+
 @contextlib.contextmanager
 def bars(console: Console, quiet: bool = False) -> Iterator[Progress]:
     """A :class:`~curvscope.progress.Progress` drawing one rich bar per stage on stderr (a spinner when the
@@ -46,6 +50,10 @@ def bars(console: Console, quiet: bool = False) -> Iterator[Progress]:
         if stage not in tasks:
             tasks[stage] = bar.add_task(label, total=size)
         bar.update(tasks[stage], completed=done, total=size)
+        if stage in RATES:  # a count whose speed matters: "samples streamed 1,234/s"
+            speed = next(t.speed for t in bar.tasks if t.id == tasks[stage])
+            if speed:
+                bar.update(tasks[stage], description=f"{label} {speed:,.0f}/s")
 
     try:
         yield update

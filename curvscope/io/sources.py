@@ -115,20 +115,6 @@ class Source:
             x = Rows(self, "x", *inputs)
         return x, Rows(self, None, *targets)
 
-    def describe(self) -> str:
-        """``inputs x float32 (N, 4); targets int64 (N,)`` (N: the number of samples, ``≥ N`` when unknown)."""
-        inputs, (ydtype, yshape) = self.schema()
-        n = str(len(self)) if self.sized else f">={len(self)}"
-
-        def shape(dtype: torch.dtype, rest: tuple[int, ...]) -> str:
-            return f"{str(dtype).removeprefix('torch.')} ({', '.join([n, *map(str, rest)])}{',' if not rest else ''})"
-
-        if isinstance(inputs, dict):
-            xs = ", ".join(f"{k} {shape(*s)}" for k, s in inputs.items())
-        else:
-            xs = shape(*inputs)
-        return f"inputs {xs}; targets {shape(ydtype, yshape)}"
-
 
 def _widen(t: Tensor) -> Tensor:
     """Integer tensors as int64 (bool and floating ones unchanged)."""

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvscope.errors import CurvscopeError, OptionError
+from curvscope.errors import CurvscopeError, Metavar, OptionError
 from curvscope.io.data import plan_layout
 from curvscope.io.sources import ColumnSource, Source
 
@@ -218,9 +218,9 @@ class TableColumn:
             expect = self.dims[level] if self.dims is not None else (int(lengths[0]) if len(lengths) else 0)
             if len(lengths) and (lengths.min() != lengths.max() or lengths[0] != expect):
                 low, high = min(int(lengths.min()), expect), max(int(lengths.max()), expect)
-                raise CurvscopeError(
-                    f"{self.source}: column '{self.column}' holds lists of different lengths ({low} to {high}); "
-                    "pad them when the data is made, or pass pad_token=ID to pad them")
+                text = f"{self.source}: column '{self.column}' holds lists of different lengths ({low} to {high})"
+                raise OptionError("pad_token", lambda name, text=text: f"{text}; pad them when the data is made, or "
+                                  f"pass {name('pad_token', Metavar('ID'))} to pad them")
             dims.append(expect)
             values = flat
         if not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type) or

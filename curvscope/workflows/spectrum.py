@@ -297,12 +297,19 @@ def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress
     from curvscope.curvature.gram.layout import make_layout
     from curvscope.curvature.matfree.spectrum import compute_matfree_spectrum
 
+    chunk = None
+    if process_group is None:  # a batch whose graph does not fit the budget streams through in chunks
+        from curvscope.curvature.matfree.stream import chunk_samples, streamed_gradient
+
+        chunk = chunk_samples(problem, options.curvature, options.parsed_memory())
+    streamed = _Streamed(progress)
+
     def matfree(curvature: str, groups: str, top_k: int | None, vectors: bool, density: int):
         return compute_matfree_spectrum(
             problem, curvature=curvature, groups=groups, top_k=top_k, tol=options.tol,
             max_memory=options.parsed_memory(), trace_matvecs=options.trace_samples, density_vectors=density,
-            eigenvectors=vectors, include_total=groups != "all", seed=seed, progress=progress,
-            process_group=process_group)
+            eigenvectors=vectors, include_total=groups != "all", seed=seed, progress=streamed,
+            process_group=process_group, chunk_size=chunk)
 
     # top_k None: up to DEFAULT_LANCZOS_K eigenvalues per end, as many as the memory budget holds
     result = matfree(options.curvature, options.groups, options.top_k,
@@ -310,7 +317,10 @@ def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress
     with distributed.stage(comm):
         for group in result.groups:
             check_finite(f"the curvature of group {group.name}", eigenvalues=group.top, trace=group.trace)
-    gradient = make_layout(problem, process_group, check=False).gradient(problem)
+    if chunk is None:
+        gradient = make_layout(problem, process_group, check=False).gradient(problem)
+    else:
+        gradient = streamed_gradient(problem, chunk)
     run = SpectrumRun(matfree=result, vectors=result.eigenvectors, method="lanczos", curvature=result.curvature,
                       path="autograd (double backward)",  # no rows of V: every product is a double backward
                       gradient_norm=float(sum(float((g.double() ** 2).sum()) for g in gradient.values()) ** 0.5))
@@ -320,16 +330,48 @@ def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress
                          "the report; a repeated eigenvalue may have copies not yet found): loosen the tolerance "
                          "or ask for fewer eigenvalues (top_k)")
     if options.curvature == "hessian":  # how much of the curvature the GGN captures
-        run.ggn = _ggn_beside(problem, options, seed, progress, matfree, process_group)
+        run.ggn = _ggn_beside(problem, options, seed, progress, matfree, process_group, gram=chunk is None)
+    if chunk is not None:
+        run.notes.append(f"the batch of {problem.batch_size:,} samples streamed through every product in chunks of "
+                         f"{chunk:,} (one chunk's autograd graph in memory): {streamed.rate():,.0f} samples/s")
     return run
 
 
+class _Streamed:
+    """Passes progress on, and times the samples streamed through the products (stage ``samples``)."""
+
+    def __init__(self, progress: Progress | None):
+        import time
+
+        self.progress, self.clock, self.started = progress, time.perf_counter, None
+        self.base = self.last = 0  # each operator counts from 0: the samples of the operators before it, its own
+
+    def __call__(self, stage: str, done: int | None, total: int | None) -> None:
+        if stage == "samples":
+            self.started = self.started or self.clock()
+            if (done or 0) < self.last:
+                self.base += self.last
+            self.last = done or 0
+            done = self.samples
+        if self.progress is not None:
+            self.progress(stage, done, total)
+
+    @property
+    def samples(self) -> int:
+        """Samples streamed through the products so far."""
+        return self.base + self.last
+
+    def rate(self) -> float:
+        """Samples per second through the products."""
+        return self.samples / max(self.clock() - (self.started or self.clock()), 1e-9)
+
+
 def _ggn_beside(problem: Problem, options: SpectrumOptions, seed: int, progress: Progress | None, matfree: Any,
-                process_group: ProcessGroup | None = None) -> GgnBeside:
-    """The whole-model GGN's lambda_max and trace: exact by Gram when it fits, else by Lanczos."""
+                process_group: ProcessGroup | None = None, gram: bool = True) -> GgnBeside:
+    """The whole-model GGN's lambda_max and trace: exact by Gram when it fits (and ``gram``), else by Lanczos."""
     ggn_options = options.replace(curvature="ggn", method="auto", groups="all", directions=False, eigenvectors=None,
                                   newton_step=None, landscape=False)
-    if ggn_options.plan(problem).method == "gram":
+    if gram and ggn_options.plan(problem).method == "gram":
         from curvscope.curvature.gram.spectrum import compute_spectrum
 
         g = compute_spectrum(problem, groups="all", directional=False, seed=seed, ghost=options.ghost,

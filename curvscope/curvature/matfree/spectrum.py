@@ -236,7 +236,8 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
                              trace_matvecs: int = 60, density_vectors: int = 4, density_steps: int = 40,
                              eigenvectors: bool = False, include_total: bool = True, seed: int = 0,
                              start: Tensor | None = None, progress: Progress | None = None,
-                             process_group: ProcessGroup | None = None) -> MatfreeResult:
+                             process_group: ProcessGroup | None = None, chunk_size: int | None = None
+                             ) -> MatfreeResult:
     """Extreme eigenvalues, trace and spectral density of the Hessian or GGN per parameter group (§9).
 
     Args:
@@ -270,6 +271,9 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
             same full problem and arguments); each product is split over the ranks' contiguous slices of the
             batch and summed (bitwise the same on every rank, so every rank runs the same iterations), and every
             rank returns the same result, equal to the single-process one up to rounding.
+        chunk_size: stream the batch through every product in chunks of this many samples (one chunk's autograd
+            graph in memory; :mod:`curvscope.curvature.matfree.stream`), reporting ``"samples"`` progress; single
+            process only. ``None``: one graph of the whole batch, built once per group.
 
     Returns:
         :class:`MatfreeResult`; shapes: ``top``/``bottom`` ``(min(k, D_P),)``, density ``(G,)``.
@@ -317,13 +321,19 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
     from curvscope.curvature.gram.layout import make_layout
 
     layout = make_layout(problem, process_group)  # sharded: collective, the same problem on every rank
-    loss_value = layout.loss_value(problem)
+    if chunk_size is not None and process_group is None:
+        from curvscope.curvature.matfree.stream import streamed_loss, streamed_operator
+
+        loss_value = streamed_loss(problem, chunk_size)
+    else:
+        loss_value = layout.loss_value(problem)
 
     results: list[MatfreeGroup] = []
     vectors: dict[str, Tensor] | None = None
     for i, (name, names) in enumerate(blocks):
         if process_group is None:
-            op = curvature_operator(problem, names, curvature)
+            op = (curvature_operator(problem, names, curvature) if chunk_size is None else
+                  streamed_operator(problem, names, curvature, chunk_size, progress))
             matvec = op.matvec
         else:
             with layout.stage():  # a rank that cannot build its part ends every rank with its message

@@ -1,0 +1,115 @@
+"""Matrix-free curvature over a batch too large for one autograd graph: the samples stream through every product in
+chunks (§9).
+
+The batch's curvature is the sum of its chunks' parts, ``H = sum_c H_c`` with ``H_c`` the Hessian of
+``sum_{n in c} l_n / N`` (likewise the GGN; :func:`~curvscope.curvature.matfree.operators.curvature_operator` with
+``samples=``). :func:`streamed_operator` builds each chunk's graph inside the product and drops it before the
+next, so a product holds one chunk's graph (plus the Lanczos basis of the caller), never the whole batch's; it
+costs a forward and a first backward more per chunk than the stored-graph operator. :func:`chunk_samples` decides
+whether to stream: only when the whole batch's graph would not fit a third of the memory budget, measured on a
+probe of a few samples (the bytes autograd saves, by saved-tensor hooks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from curvscope.curvature.matfree.operator import Operator
+from curvscope.curvature.matfree.operators import _check_names, _operator, curvature_operator
+from curvscope.progress import Progress
+
+PROBE = 4
+"""Samples of the probe that measures a sample's graph."""
+WORK_FACTOR = 3.0
+"""A product's peak over its saved graph: the backward's own intermediates."""
+
+
+def graph_bytes_per_sample(problem, curvature: str = "hessian", names: Sequence[str] | None = None) -> float:
+    """Bytes the autograd graph of a product holds per sample: what autograd saves for the forward and the first
+    backward (``create_graph``) of a probe of :data:`PROBE` samples, divided by their number."""
+    n = min(PROBE, problem.batch_size)
+    saved = [0]
+
+    def pack(t: Tensor) -> Tensor:
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        op = curvature_operator(problem, names, curvature, samples=(0, n))
+        op.matvec(torch.zeros(op.dim, dtype=problem.dtype, device=problem.device))
+    return saved[0] / n
+
+
+def chunk_samples(problem, curvature: str, max_memory: int | None = None, names: Sequence[str] | None = None
+                  ) -> int | None:
+    """Samples per chunk so that a chunk's graph fits a third of the memory budget
+    (:class:`~curvscope.curvature.memory.MemoryPlan`), or ``None`` when the whole batch fits (no streaming)."""
+    from curvscope.curvature.memory import MemoryPlan
+
+    limit = MemoryPlan.default(problem.device, max_memory).limit
+    per_sample = graph_bytes_per_sample(problem, curvature, names) * WORK_FACTOR
+    chunk = max(1, int(limit // max(per_sample, 1.0)))
+    return None if chunk >= problem.batch_size else chunk
+
+
+def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
+    return [(b0, min(n, b0 + chunk)) for b0 in range(0, n, chunk)]
+
+
+class _Rate:
+    """Reports ``progress("samples", done, None)``: samples through the products so far (the CLI shows the rate)."""
+
+    def __init__(self, progress: Progress | None):
+        self.progress, self.done = progress, 0
+
+    def __call__(self, samples: int) -> None:
+        self.done += samples
+        if self.progress is not None:
+            self.progress("samples", self.done, None)
+
+
+def streamed_operator(problem, names: Sequence[str] | None = None, curvature: str = "hessian", chunk: int = 1024,
+                      progress: Progress | None = None) -> Operator:
+    """The curvature operator of the whole batch (as :func:`~curvscope.curvature.matfree.operators.curvature_operator`)
+    whose products stream the samples through in chunks of ``chunk``: each chunk's graph is built, used and dropped
+    within the product. ``progress("samples", done, None)`` counts the samples streamed."""
+    names = _check_names(problem, names)
+    rate = _Rate(progress)
+
+    def product(parts: list[Tensor]) -> list[Tensor]:
+        total: list[Tensor] | None = None
+        for b0, b1 in _chunks(problem.batch_size, chunk):
+            part = curvature_operator(problem, names, curvature, samples=(b0, b1))._product(parts)
+            total = part if total is None else [t + p for t, p in zip(total, part, strict=True)]
+            rate(b1 - b0)
+        return total
+
+    return _operator(problem, names, curvature, product)
+
+
+def streamed_loss(problem, chunk: int) -> float:
+    """The batch loss ``L = sum_n l_n / N``, chunk by chunk, without autograd."""
+    with torch.no_grad():
+        total = sum(float(problem.per_sample_loss(samples=c).double().sum()) for c in _chunks(problem.batch_size,
+                                                                                               chunk))
+    return total / problem.batch_size
+
+
+def streamed_gradient(problem, chunk: int) -> dict[str, Tensor]:
+    """The batch gradient ``g = dL/dtheta`` by name, chunk by chunk (one chunk's graph at a time)."""
+    names = list(problem.params)
+    grads = {n: torch.zeros_like(p) for n, p in problem.params.items()}
+    for c in _chunks(problem.batch_size, chunk):
+        with torch.enable_grad():
+            leaves = {n: p.detach().requires_grad_(True) for n, p in problem.params.items()}
+            part = problem.per_sample_loss(leaves, samples=c).sum() / problem.batch_size
+            if not part.requires_grad:
+                continue
+            found = torch.autograd.grad(part, [leaves[n] for n in names], allow_unused=True)
+        for n, g in zip(names, found, strict=True):
+            if g is not None:
+                grads[n] += g
+    return grads
