@@ -28,6 +28,7 @@ OWN_FILES = {
     "landscape.png": PNG,
     "lr.png": PNG,
     "factors.png": PNG,
+    "track.png": PNG,
     "directions.safetensors": "curvscope.directions",
     "factors.safetensors": "curvscope.factors",
 }
