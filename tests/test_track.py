@@ -295,3 +295,21 @@ def test_sigterm_in_the_middle_keeps_complete_points_and_a_rerun_finishes(tmp_pa
     assert again.returncode == 0, again.stderr
     section = json.loads(report.read_text())["track"]
     assert section["complete"] and [p["reused"] for p in section["points"]] == [True] * kept + [False] * (20 - kept)
+
+
+def test_the_summary_table_elides_long_series_and_fits_80_columns():
+    from rich.console import Console
+
+    from curvscope.report.track_report import SHOWN_ROWS, track_table
+
+    points = [{"step": 1000 * i, "loss": 1.0 / (i + 1), "gradient_norm": 0.5, "lambda_max": 1234.5 + i,
+               "preconditioned_lambda_max": 3.9e4, "threshold": 3.8e4, "sharpness_ratio": 1.02,
+               "optimizer": "adamw", "reused": i % 2 == 0} for i in range(40)]
+    console = Console(width=80, record=True)
+    console.print(track_table({"points": points, "checkpoints": 40, "curvature": "hessian"}))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "..." in text and "39,000" in text and "8,000" not in text.replace("38,000", "")
+    assert "λ(P⁻¹H)" in text and "edge" in text
+    rows = [line for line in text.splitlines() if line.startswith("│")]
+    assert len(rows) == SHOWN_ROWS + 1

@@ -83,10 +83,18 @@ def _sharpness_axis(ax, points: list[dict[str, Any]], steps: np.ndarray, section
             ax.plot(steps[over], values[over], "o", color=EDGE, ms=6, mfc="none", mew=1.4,
                     label="at or above the threshold")
     ax.set_ylabel("sharpness")
-    top = np.nanmax(np.concatenate([pre, lam, thr]), initial=0.0)
-    if np.isfinite(top) and top > 0:
-        ax.set_ylim(bottom=min(0.0, float(np.nanmin(lam, initial=0.0))), top=top * 1.12)
-    ax.legend(loc="lower right")
+    values = np.concatenate([pre, lam, thr])
+    top = np.nanmax(values, initial=0.0)
+    positive = values[np.isfinite(values) & (values > 0)]
+    if positive.size and np.all(lam[np.isfinite(lam)] > 0) and top / positive.min() > 20:
+        lean_log(ax, x=False, y=True)  # a sharpness far below its threshold (Adam): both readable
+        ax.set_ylim(bottom=positive.min() / 1.5, top=top * 30)  # room for the legend above the threshold
+        legend = "upper right"
+    else:
+        legend = "best"
+        if np.isfinite(top) and top > 0:
+            ax.set_ylim(bottom=min(0.0, float(np.nanmin(lam, initial=0.0))), top=top * 1.25)
+    ax.legend(loc=legend)
     summary = section.get("summary") or {}
     lines = [f"{len(points)} checkpoints, steps {fmt(int(steps[0]))}-{fmt(int(steps[-1]))}" if len(points) else ""]
     if summary.get("max_sharpness_ratio") is not None:

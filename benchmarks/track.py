@@ -1,0 +1,341 @@
+"""Curvature over training: warm against cold starts, per-point time against PyHessian, the monitor's overhead.
+
+    python -m benchmarks.track                 # about a minute on 2 CPU cores; results/track.json and track.md
+    python -m benchmarks.track --quick         # fewer repeats and training steps (a smoke run)
+
+Three questions, one process, one intra-op thread (``--threads``):
+
+1. **Warm against cold starts** over the bundled run ``sample_models/eos-run`` (12 checkpoints, D = 1,441, the
+   first 256 samples of diabetes): ``run_track`` with ``warm_start`` on and off at the default tolerance (1e-4)
+   and at 1e-8 (float64), the products and seconds of every point, and the largest relative difference of the
+   two runs' λ_max (which must stay within the tolerance).
+2. **Per-point time against PyHessian** (``hessian(model, criterion, data=(x, y)).eigenvalues(top_n=1)``, power
+   iteration) at the same accuracy, over the same checkpoints: each tool's loosest tolerance whose λ_max is
+   within 1e-4 (relative) of a reference from curvscope at 1e-10, then that setting's time per point. PyHessian
+   is optional (the ``bench`` extra): when it is not importable this part says so and is skipped. The same
+   power iteration written out here (Hessian-vector products by double backward, stopping on the eigenvalue's
+   relative change, as PyHessian does) is timed beside it so the part still has a baseline.
+3. **The monitor's overhead** on a sample training loop: ``mlp(64, [64, 64], 10)`` (8,970 parameters) on the
+   digits' training samples with SGD (lr 0.1, batches of 64, ``--train-steps`` steps), timed without a monitor
+   and with ``curvscope.Monitor`` at ``every`` = 10 and 100 on a fixed batch of 256 (report and plot written
+   after every point, and without the plot).
+
+Nothing here is a test; numbers depend on the machine and its load (recorded in the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_models"
+RUN = SAMPLES / "eos-run"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and training steps")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--train-steps", type=int, default=1000, help="steps of the sample training loop")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="output directory")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.train_steps = 1, 200
+    return args
+
+
+def _load() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+# -- 1. warm against cold ---------------------------------------------------------------------------------
+
+def _problem(dtype: str):
+    from curvscope.io.runs import find_checkpoints
+    from curvscope.workflows.track import run_problem
+
+    checkpoints = find_checkpoints([RUN])
+    problem = run_problem(checkpoints[0], checkpoints[0].load(), data=SAMPLES / "diabetes.safetensors",
+                          batch_size=256, device="cpu", dtype=dtype)
+    return problem, checkpoints
+
+
+def warm_cold(repeats: int) -> list[dict[str, Any]]:
+    from curvscope.workflows.track import TrackOptions, run_track
+
+    rows = []
+    for dtype, tol in (("float32", 1e-4), ("float64", 1e-4), ("float64", 1e-8)):
+        problem, checkpoints = _problem(dtype)
+        runs: dict[bool, Any] = {}
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(repeats):
+            for warm in (True, False):
+                started = time.perf_counter()
+                runs[warm] = run_track(problem, TrackOptions(tol=tol, warm_start=warm), checkpoints=checkpoints)
+                times[warm].append(time.perf_counter() - started)
+        diff = max(abs(a.measured.lambda_max - b.measured.lambda_max) / abs(b.measured.lambda_max)
+                   for a, b in zip(runs[True].points, runs[False].points, strict=True))
+        rows.append({
+            "dtype": dtype, "tol": tol, "points": len(checkpoints),
+            "warm_products": [p.measured.products for p in runs[True].points],
+            "cold_products": [p.measured.products for p in runs[False].points],
+            "warm_seconds": statistics.median(times[True]), "cold_seconds": statistics.median(times[False]),
+            "max_relative_difference": diff,
+        })
+    return rows
+
+
+# -- 2. per point against PyHessian ----------------------------------------------------------------------
+
+def _model_and_batch(state: dict[str, torch.Tensor]):
+    from curvscope.io.spec import build_model
+
+    entry = state
+    model = build_model("curvscope.models:mlp", json.loads(entry["curvscope.model_kwargs"]), seed=0)
+    model.load_state_dict(entry["model"])
+    from safetensors.torch import load_file
+
+    data = load_file(str(SAMPLES / "diabetes.safetensors"))
+    return model.eval(), data["x"][:256], data["y"][:256]
+
+
+def power_iteration(model, x, y, tol: float, max_iter: int = 1000, seed: int = 0) -> tuple[float, int]:
+    """The top Hessian eigenvalue by power iteration on Hessian-vector products (double backward), stopping when
+    the eigenvalue's relative change is below ``tol``: PyHessian's ``eigenvalues(top_n=1)`` method, written
+    out here. Returns the eigenvalue and the products used."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    g = torch.Generator().manual_seed(seed)
+    v = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    norm = math.sqrt(sum(float((u * u).sum()) for u in v))
+    v = [u / norm for u in v]
+    value, products = None, 0
+    for _ in range(max_iter):
+        hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
+        products += 1
+        new = sum(float((a * b).sum()) for a, b in zip(hv, v, strict=True))
+        norm = math.sqrt(sum(float((u * u).sum()) for u in hv))
+        v = [u.detach() / norm for u in hv]
+        if value is not None and abs(new - value) / (abs(value) + 1e-6) < tol:
+            return new, products
+        value = new
+    return value, products
+
+
+def _pyhessian(model, x, y, tol: float) -> float:
+    from pyhessian import hessian  # the bench extra
+
+    engine = hessian(model, torch.nn.MSELoss(), data=(x, y), cuda=False)
+    values, _ = engine.eigenvalues(maxIter=1000, tol=tol, top_n=1)
+    return float(values[0])
+
+
+def per_point(repeats: int, target: float = 1e-4) -> dict[str, Any]:
+    from curvscope.curvature.sharpness import sharpness
+    from curvscope.problem import make_problem
+
+    states = [torch.load(c, weights_only=True) for c in sorted(RUN.glob("*.pt"), key=lambda p: int(p.stem[5:]))]
+    try:
+        import pyhessian  # noqa: F401
+        peers = ["pyhessian", "power"]
+        missing = None
+    except ImportError:
+        peers = ["power"]
+        missing = "PyHessian is not importable here (pip install pyhessian, or the bench extra): skipped"
+    ladders = {"curvscope": (1e-2, 1e-3, 1e-4, 1e-5, 1e-6), "pyhessian": (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7),
+               "power": (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)}
+    chosen: dict[str, float | None] = {}
+    results: dict[str, Any] = {"target": target, "missing": missing}
+    references = []
+    for state in states:  # float64, to a residual of 1e-10
+        model, x, y = _model_and_batch(state)
+        references.append(sharpness(make_problem(model, x, y, loss="mse", device="cpu", dtype="float64"),
+                                    tol=1e-10).lambda_max)
+    for tool in ["curvscope", *peers]:
+        chosen[tool] = None
+        for tol in ladders[tool]:
+            ok = True
+            for state, reference in zip(states, references, strict=True):
+                model, x, y = _model_and_batch(state)
+                problem = make_problem(model, x, y, loss="mse", device="cpu", dtype="float32")
+                value = _run(tool, model, x, y, problem, tol)[0]
+                ok &= abs(value - reference) <= target * abs(reference)
+            if ok:
+                chosen[tool] = tol
+                break
+    for tool in ["curvscope", *peers]:
+        tol = chosen[tool]
+        if tol is None:
+            results[tool] = {"reached": False}
+            continue
+        seconds, products = [], []
+        for _ in range(repeats):
+            for state in states:
+                model, x, y = _model_and_batch(state)
+                problem = make_problem(model, x, y, loss="mse", device="cpu", dtype="float32")
+                started = time.perf_counter()
+                _, count = _run(tool, model, x, y, problem, tol)
+                seconds.append(time.perf_counter() - started)
+                products.append(count)
+        results[tool] = {"reached": True, "tol": tol, "median_seconds_per_point": statistics.median(seconds),
+                         "median_products_per_point": statistics.median(products)}
+    if chosen["curvscope"] is not None:  # what track spends per point: warm starts from the previous point
+        from curvscope.workflows.track import TrackOptions, run_track
+
+        problem, checkpoints = _problem("float32")
+        seconds, products = [], []
+        for _ in range(repeats):
+            run = run_track(problem, TrackOptions(tol=chosen["curvscope"]), checkpoints=checkpoints)
+            seconds += [p.seconds for p in run.points[1:]]
+            products += [p.measured.products for p in run.points[1:]]
+            values = [p.measured.lambda_max for p in run.points]
+        within = all(abs(v - r) <= target * abs(r) for v, r in zip(values, references, strict=True))
+        results["curvscope-warm"] = {"reached": within, "tol": chosen["curvscope"],
+                                     "median_seconds_per_point": statistics.median(seconds),
+                                     "median_products_per_point": statistics.median(products),
+                                     "note": "run_track's points 2-12 (loss, gradient norm and threshold included)"}
+    return results
+
+
+def _run(tool: str, model, x, y, problem, tol: float) -> tuple[float, int]:
+    from curvscope.curvature.sharpness import sharpness
+
+    if tool == "curvscope":
+        r = sharpness(problem, tol=tol)
+        return r.lambda_max, r.products
+    if tool == "pyhessian":
+        return _pyhessian(model, x, y, tol), -1
+    return power_iteration(model, x, y, tol)
+
+
+# -- 3. the monitor's overhead ---------------------------------------------------------------------------
+
+def train_loop(steps: int, every: int | None, plot: bool, out: Path) -> float:
+    from safetensors.torch import load_file
+
+    import curvscope
+    from curvscope.models import mlp
+
+    data = load_file(str(SAMPLES / "digits.safetensors"))
+    x, y = data["x"][:1437], data["y"][:1437]
+    torch.manual_seed(0)
+    model = mlp(64, [64, 64], 10, activation="tanh")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = curvscope.Monitor(model, (x[:256], y[:256]), optimizer=opt, every=every, out=out, plot=plot) \
+        if every else None
+    g = torch.Generator().manual_seed(1)
+    started = time.perf_counter()
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(x), (64,), generator=g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        if monitor is not None:
+            monitor.step(step)
+    return time.perf_counter() - started
+
+
+def overhead(steps: int, repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        train_loop(50, None, False, Path(tmp))  # warm-up
+        for every, plot in ((None, False), (10, False), (100, False), (100, True)):
+            times = [train_loop(steps, every, plot, Path(tmp) / f"m{every}{plot}") for _ in range(repeats)]
+            rows.append({"every": every, "plot": plot, "seconds": statistics.median(times)})
+    base = rows[0]["seconds"]
+    for row in rows:
+        row["overhead"] = row["seconds"] / base - 1
+        row["points"] = steps // row["every"] if row["every"] else 0
+        row["seconds_per_point"] = (row["seconds"] - base) / row["points"] if row["points"] else None
+        row["seconds_per_step"] = base / steps
+    return rows
+
+
+# -- output -----------------------------------------------------------------------------------------------
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = ["# Curvature over training: warm starts, per-point time, the monitor's overhead", "",
+             f"Command: `{results['command']}`  ",
+             f"Machine: {m['nproc']} CPU cores; torch {m['torch']}; {m['threads']} thread(s); load average "
+             f"{m['load_start']:.2f} at start, {m['load_end']:.2f} at end.", "",
+             "## Warm against cold starts (sample_models/eos-run, 12 points, D = 1,441)", "",
+             "| dtype | tol | products warm | products cold | ratio | seconds warm | seconds cold | max rel. diff |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results["warm_cold"]:
+        w, c = sum(r["warm_products"]), sum(r["cold_products"])
+        lines.append(f"| {r['dtype']} | {r['tol']:g} | {w} | {c} | {w / c:.2f} | {r['warm_seconds']:.3f} | "
+                     f"{r['cold_seconds']:.3f} | {r['max_relative_difference']:.1e} |")
+    p = results["per_point"]
+    lines += ["", f"## Per point at a relative accuracy of {p['target']:g} (same 12 checkpoints, float32)", ""]
+    if p.get("missing"):
+        lines.append(f"PyHessian: {p['missing']}.")
+        lines.append("")
+    lines += ["| tool | tolerance | seconds per point | products per point |", "|---|---|---|---|"]
+    names = {"curvscope": "curvscope sharpness (Lanczos, cold)",
+             "curvscope-warm": "curvscope track, per point (warm start; loss, gradient norm included)",
+             "pyhessian": "PyHessian eigenvalues(top_n=1)",
+             "power": "power iteration (PyHessian's method, written out)"}
+    for tool in ("curvscope", "curvscope-warm", "pyhessian", "power"):
+        r = p.get(tool)
+        if r is None:
+            continue
+        if not r["reached"]:
+            lines.append(f"| {names[tool]} | not reached | - | - |")
+            continue
+        products = "-" if r["median_products_per_point"] < 0 else f"{r['median_products_per_point']:g}"
+        lines.append(f"| {names[tool]} | {r['tol']:g} | {r['median_seconds_per_point']:.4f} | {products} |")
+    lines += ["", "## The monitor's overhead (mlp 8,970 parameters, SGD, batches of 64, monitor batch 256)", "",
+              "| every | track.png | points | seconds | overhead | seconds per point | in training steps |",
+              "|---|---|---|---|---|---|---|"]
+    for r in results["overhead"]:
+        every = "no monitor" if r["every"] is None else str(r["every"])
+        per = r.get("seconds_per_point")
+        steps = "-" if per is None else f"{per / r['seconds_per_step']:.0f}"
+        per = "-" if per is None else f"{per:.3f}"
+        lines.append(f"| {every} | {'yes' if r['plot'] else 'no'} | {r.get('points', '-')} | {r['seconds']:.2f} | "
+                     f"{r['overhead']:+.0%} | {per} | {steps} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    results: dict[str, Any] = {"command": "python -m benchmarks.track" + (" --quick" if args.quick else ""),
+                               "machine": {"nproc": os.cpu_count(), "torch": torch.__version__,
+                                           "python": platform.python_version(), "threads": args.threads,
+                                           "load_start": _load()}}
+    print("warm against cold ...", flush=True)
+    results["warm_cold"] = warm_cold(args.repeats)
+    print("per point ...", flush=True)
+    results["per_point"] = per_point(args.repeats)
+    print("monitor overhead ...", flush=True)
+    results["overhead"] = overhead(args.train_steps, args.repeats)
+    results["machine"]["load_end"] = _load()
+    results["seconds"] = time.time() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "track.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = markdown(results)
+    (args.out / "track.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
