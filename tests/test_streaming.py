@@ -241,6 +241,12 @@ PEAK_SCRIPT = textwrap.dedent("""
     }
     # warm up every kind of D-sized operation once (first calls keep a few buffers of their own)
     hutchpp(op, D, 3, max_vectors=3, **kw), spectral_density(op, D, num_vectors=1, steps=2, max_vectors=4, **kw)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as exc:
+        json.dump({"skip": f"cannot reset the peak resident set: {exc}"}, sys.stdout)
+        sys.exit(0)
     out = {}
     for name, run in runs.items():
         gc.collect()
@@ -261,6 +267,8 @@ def test_streamed_estimators_stay_within_a_budget_of_a_few_vectors():
     done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     peaks = json.loads(done.stdout)
+    if "skip" in peaks:
+        pytest.skip(peaks["skip"])
     vector = 2_000_000 * 4
     slack = 2**20  # allocator and interpreter bookkeeping, independent of the vectors' length (1/8 of a vector)
     for name, budget in (("hutchinson", 2), ("hutchpp", 5), ("density", 5)):
