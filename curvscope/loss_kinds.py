@@ -124,8 +124,8 @@ def mc_sqrt(loss, outputs: Tensor, targets: Tensor, M: int, generator: torch.Gen
     if loss.name in CATEGORICAL:
         p = cpu.softmax(dim=-1)
         draws = torch.multinomial(p, M, replacement=True, generator=generator)  # (N, M)
-        onehot = F.one_hot(draws, C).to(p.dtype).transpose(1, 2)  # (N, C, M)
-        S = (onehot - p.unsqueeze(-1)) / math.sqrt(M)
+        onehot = torch.zeros(N, M, C, dtype=p.dtype).scatter_(2, draws.unsqueeze(-1), 1.0)  # one_hot, in place
+        S = onehot.transpose(1, 2).sub_(p.unsqueeze(-1)).div_(math.sqrt(M))  # (onehot - p) / sqrt(M), (N, C, M)
         if loss.class_weights is not None:
             S = S * categorical_scale(loss, cpu, targets.to("cpu")).sqrt()[:, None, None]
         return S

@@ -265,6 +265,26 @@ class Loss:
             return product
         return lambda w: product(w) * self.token_scale
 
+    def token_blocks(self, outputs: Tensor, targets: Tensor, mc_samples: int = 0,
+                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Sequence outputs: the per-token blocks of :meth:`hessian_sqrt` (``mc_samples`` 0) or :meth:`mc_sqrt`
+        without their block-diagonal matrix: ``(blocks, order)`` with ``blocks`` ``(n, T, C, K_t)`` (``K_t`` = C or
+        M; ``sqrt(token_scale) S_nt``, zero at the ignored tokens; the same random draws as :meth:`mc_sqrt`) and
+        ``order`` ``(n, T_v)``, the tokens of the column blocks, valid tokens first. Column ``v*K_t + j`` of the
+        square root is ``blocks[n, order[n, v], :, j]`` at token ``order[n, v]`` and zero elsewhere."""
+        outputs = outputs.detach()
+        out, tgt, valid = self._tokens(outputs, targets)
+        if mc_samples:
+            S = self.token_loss().mc_sqrt(out, tgt, mc_samples, generator)
+        else:
+            S = self.token_loss().hessian_sqrt(out, tgt)
+        n, T = valid.shape  # in place on the fresh root: the numbers of hessian_sqrt and mc_sqrt, less memory
+        blocks = S.mul_(math.sqrt(self.token_scale)).reshape(n, T, self.classes, S.shape[-1])
+        blocks.mul_(valid[:, :, None, None].to(S.dtype))
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)  # valid tokens first
+        Tv = max(int(valid.sum(1).max()), 1) if n else 0
+        return blocks, order[:, :Tv]
+
     def hessian_rank_per_sample(self, num_outputs: int) -> int:
         """Upper bound on ``rank(H_n)``: ``C - 1`` for ``ce``/``nll`` (softmax is shift invariant), else ``C``
         (per token times T for sequence outputs)."""

@@ -255,26 +255,28 @@ def test_huge_exact_sequence_curvature_is_refused_with_advice():
 
 
 def test_seeds_over_the_memory_budget_are_refused_before_allocating():
-    """Monte-Carlo seeds of a large vocabulary: one T*C vector per column (4 x 63 columns x 64 x 2,000 outputs
-    x 4 bytes = 129 MB). Over the budget they are a clean error pointing at lanczos, in the engine and in the
+    """Monte-Carlo seeds of a large vocabulary are kept per token (4 sequences x 64 tokens x 2,000 classes x 1
+    draw) plus the dense seed of one column (64 x 2,000), in float32: 2.56 MB where one T*C vector per column
+    took 129 MB. Over the budget they are still a clean error pointing at lanczos, in the engine and in the
     spectrum workflow's method choice, not an allocation failure."""
     from curvscope.curvature.gram.columns import seed_bytes
+    from curvscope.curvature.method import choose_method
     from curvscope.errors import OptionError
     from curvscope.workflows.spectrum import SpectrumOptions
 
     torch.manual_seed(0)
     tokens = torch.randint(2000, (4, 64))
     problem = make_problem(TinyLM(vocab=2000, d=2), tokens, tokens, loss="ce", shift_labels=True)
-    assert seed_bytes(problem, mc_samples=1) == 4 * 63 * 64 * 2000 * 4
+    assert seed_bytes(problem, mc_samples=1) == (4 * 1 + 1) * 64 * 2000 * 4
     with pytest.raises(CurvscopeError, match=r"the seeds of 252 columns of V over 128,000 outputs per sample need "
-                                             r"123 MiB, more than the memory budget \(32 MiB\).*matrix-free method"):
-        make_columns(problem, spec=ColumnSpec(mc_samples=1), max_bytes=2**25)
+                                             r"2.44 MiB, more than the memory budget \(2 MiB\).*matrix-free method"):
+        make_columns(problem, spec=ColumnSpec(mc_samples=1), max_bytes=2**21)
     with pytest.raises(CurvscopeError, match="the seeds of 252 columns"):
-        compute_spectrum(problem, mc_samples=1, max_memory=2**26)  # a third of it for the seeds
-    assert make_columns(problem, spec=ColumnSpec(mc_samples=1), max_bytes=2**28).num_columns == 252
-    with pytest.raises(OptionError, match=r"the seeds of the 252 columns \(one vector of 128,000 outputs each\)"):
-        SpectrumOptions(mc_samples=1, max_memory="64MiB").plan(problem)
-    plan = SpectrumOptions(mc_samples=1, max_memory="1GiB").plan(problem)
+        compute_spectrum(problem, mc_samples=1, max_memory=2**22)  # a third of it for the seeds
+    assert make_columns(problem, spec=ColumnSpec(mc_samples=1), max_bytes=2**22).num_columns == 252
+    with pytest.raises(OptionError, match=r"the seeds of the 252 columns need 2.44 MiB"):
+        choose_method(problem, mc_samples=1, max_memory=2**20)
+    plan = SpectrumOptions(mc_samples=1, max_memory="64MiB").plan(problem)  # the dense seeds were refused here
     assert (plan.method, plan.note) == ("gram", None)
 
 

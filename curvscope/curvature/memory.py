@@ -161,14 +161,21 @@ class ColumnBlock:
 
     Attributes:
         samples: ``(b,)`` batch indices.
-        seeds: ``(b, k, C)``: ``seeds[n, c]`` is backpropagated through sample ``samples[n]``.
+        source: the seeds ``(b, k, C)``, or a function that builds them (read them as :attr:`seeds`; built
+            seeds exist only while the block is processed).
         index: ``(b*k,)`` positions in the extended Gram, sample-major: ``n * K + c`` for seed c of curvature
             sample position n (the ``vv`` index), ``N_V * K + m`` for the gradient of batch sample m.
     """
 
     samples: Tensor
-    seeds: Tensor
+    source: Tensor | Callable[[], Tensor]
     index: Tensor
+
+    @property
+    def seeds(self) -> Tensor:
+        """``(b, k, C)``: ``seeds[n, c]`` is backpropagated through sample ``samples[n]`` (built on each read
+        when the block holds a function)."""
+        return self.source if isinstance(self.source, Tensor) else self.source()
 
     @property
     def num_columns(self) -> int:
@@ -198,30 +205,47 @@ def column_blocks(columns, grad_seeds: Tensor | None, max_columns: int, curvatur
     c0, c1 = (0, N_V) if curvature is None else curvature
     samples = columns.samples[c0:c1]
     v_index = torch.arange(c0 * K, c1 * K, device=samples.device).reshape(c1 - c0, K)
-    units: list[tuple[Tensor, Tensor, Tensor]] = []  # (samples (m,), seeds (m, k, C), index (m, k))
+
+    def v_seeds(r0: int, r1: int, a: int, b: int) -> Tensor:
+        return columns.seed_chunk(c0 + r0, c0 + r1, a, b)
+
+    def joined(r0: int, r1: int, a: int, b: int) -> Tensor:  # [V seeds, gradient seed] of each sample
+        parts = [v_seeds(r0, r1, a, min(b, K))] if a < K else []
+        if b > K:
+            parts.append(grad_seeds[samples[r0:r1]])
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    # (samples (m,), seeds of samples [r0, r1) and columns [a, b) as (r1 - r0, b - a, C), index (m, k))
+    units: list[tuple[Tensor, Callable[[int, int, int, int], Tensor], Tensor]] = []
     if grad_seeds is None:
-        units.append((samples, columns.seeds[c0:c1], v_index))
+        units.append((samples, v_seeds, v_index))
     elif N_V == grad_seeds.shape[0]:
-        units.append((samples, torch.cat([columns.seeds[c0:c1], grad_seeds[samples]], dim=1),
-                      torch.cat([v_index, num_v + samples.unsqueeze(1)], dim=1)))
+        units.append((samples, joined, torch.cat([v_index, num_v + samples.unsqueeze(1)], dim=1)))
     else:
         b0, b1 = (0, grad_seeds.shape[0]) if batch is None else batch
         mine = torch.arange(b0, b1, device=samples.device)
-        units += [(samples, columns.seeds[c0:c1], v_index), (mine, grad_seeds[b0:b1], (num_v + mine).unsqueeze(1))]
+        units += [(samples, v_seeds, v_index),
+                  (mine, lambda r0, r1, a, b: grad_seeds[b0 + r0:b0 + r1, a:b], (num_v + mine).unsqueeze(1))]
     blocks = []
-    for idx, seeds, index in units:
+    for idx, take, index in units:
         m, k = index.shape
         if m == 0:
             continue
         if max_columns >= k:
             step = max_columns // k
-            blocks += [ColumnBlock(idx[i:i + step], seeds[i:i + step], index[i:i + step].reshape(-1))
-                       for i in range(0, m, step)]
+            blocks += [ColumnBlock(idx[i:i + step], _seeds(take, i, min(i + step, m), 0, k),
+                                   index[i:i + step].reshape(-1)) for i in range(0, m, step)]
         else:
             step = max_columns
-            blocks += [ColumnBlock(idx[n:n + 1], seeds[n:n + 1, c:c + step], index[n, c:c + step])
+            blocks += [ColumnBlock(idx[n:n + 1], _seeds(take, n, n + 1, c, min(c + step, k)), index[n, c:c + step])
                        for n in range(m) for c in range(0, k, step)]
     return blocks
+
+
+def _seeds(take: Callable[[int, int, int, int], Tensor], r0: int, r1: int, a: int, b: int) -> Callable[[], Tensor]:
+    """A block's seeds as a function of nothing: a view of the columns' tensor, or built for the block (sequence
+    outputs, or a sample's seeds joined with its gradient seed) each time the block is processed."""
+    return lambda: take(r0, r1, a, b)
 
 
 def pairwise(blocks: Sequence[ColumnBlock], compute: Callable[[ColumnBlock], Any],

@@ -82,8 +82,7 @@ def choose_method(problem, *, curvature: str = "ggn", method: str = "auto", mc_s
     if size <= budget and seeds <= plan.limit:
         return SpectrumPlan("gram", None, columns, size, budget)
     what = (f"the Gram matrix of {columns:,} columns needs {format_bytes(size)}" if size > budget else
-            f"the seeds of the {columns:,} columns (one vector of {problem.num_outputs:,} outputs each) need "
-            f"{format_bytes(seeds)}")
+            f"the seeds of the {columns:,} columns need {format_bytes(seeds)}")
     if method == "gram" or mc_samples:  # an explicit Gram request is refused, not replaced
         field = "mc_samples" if mc_samples else "max_memory"
         given = mc_samples if mc_samples else ("auto" if max_memory is None else format_bytes(max_memory))

@@ -110,5 +110,5 @@ def materialize_columns(problem, param_names: Sequence[str], spec: ColumnSpec | 
     """
     columns = make_columns(problem, spec=spec)
     plan = MemoryPlan.default(problem.device)
-    rows_of = rows.rows_by_sample_chunks(problem, list(param_names), columns.samples, columns.seeds, plan)
+    rows_of = rows.rows_by_sample_chunks(problem, list(param_names), columns.samples, columns, plan)
     return {k: v.reshape(columns.num_columns, *problem.params[k].shape) for k, v in rows_of.items()}

@@ -5,6 +5,11 @@ of curvature samples (all N, or K with sub-sampling) and ``s_nc`` runs over the 
 ``S_n`` (C columns) or of a Monte-Carlo one (M columns). Which of these a computation uses is one value,
 :class:`ColumnSpec` (``mc_samples``, ``subsample``, ``seed``), passed down from the entry points
 (``compute_spectrum``, ``compute_gram``) to :func:`make_columns`.
+
+Sequence outputs (``docs/conventions.md`` §8): a column's seed is a whole output vector of its sequence (``T*C``
+numbers) that is nonzero at one token only. Such seeds are kept per token (:class:`TokenSeeds`: ``T*C*K_t`` numbers
+per sample, ``K_t`` = M Monte-Carlo or C exact columns per token, instead of ``T_v*K_t`` vectors of ``T*C``) and
+built densely one block of columns at a time (:meth:`Columns.seed_chunk`), when that block is backpropagated.
 """
 
 from __future__ import annotations
@@ -55,21 +60,123 @@ class ColumnSpec:
 
 
 @dataclass
+class TokenSeeds:
+    """The seeds of sequence outputs, kept per token: ``(N_V, T_v*K_t, T*C)`` seeds without storing them densely.
+
+    Column ``v*K_t + j`` of sample n is zero except at token ``t = order[n, v]`` (the v-th valid token), where it
+    holds ``blocks[n, t, :, j]``: the j-th column of that token's (exact or Monte-Carlo) loss-Hessian root, scaled
+    by ``sqrt(token_scale / N_V)``; a sample with fewer valid tokens than T_v has zero columns at the end.
+
+    Attributes:
+        blocks: ``(N_V, T, C, K_t)``, zero at the ignored tokens.
+        order: ``(N_V, T_v)`` token positions, valid tokens first.
+    """
+
+    blocks: Tensor
+    order: Tensor
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(N_V, K, T*C)`` of the dense seeds, ``K = T_v*K_t``."""
+        n, T, C, k = self.blocks.shape
+        return n, self.order.shape[1] * k, T * C
+
+    def chunk(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
+        """The dense seeds of samples ``[r0, r1)`` and columns ``[c0, c1)``: ``(r1 - r0, c1 - c0, T*C)``."""
+        _n, T, C, k = self.blocks.shape
+        device = self.blocks.device
+        rows, cols = torch.arange(r0, r1, device=device), torch.arange(c0, c1, device=device)
+        tokens = self.order[r0:r1][:, cols // k]  # (b, m): the token of each column
+        out = torch.zeros(r1 - r0, c1 - c0, T, C, dtype=self.blocks.dtype, device=device)
+        out[rows[:, None] - r0, cols[None, :] - c0, tokens] = self.blocks[rows[:, None], tokens, :, (cols % k)[None, :]]
+        return out.reshape(r1 - r0, c1 - c0, T * C)
+
+    def _per_token(self, r0: int, r1: int) -> tuple[Tensor, Tensor]:
+        """``(blocks, order)`` of samples ``[r0, r1)``: the blocks of the column tokens ``(b, T_v, C, K_t)``."""
+        order = self.order[r0:r1]
+        rows = torch.arange(r0, r1, device=order.device)[:, None]
+        return self.blocks[rows, order], order
+
+    def combine(self, r0: int, r1: int, coeff: Tensor) -> Tensor:
+        """``sum_k seeds[n, k] coeff[n, k, j]`` for samples ``[r0, r1)``, coefficients ``(b, K, J)``:
+        ``(J, b, T*C)``, from the per-token blocks (a token's columns add into its slot)."""
+        _n, T, C, k = self.blocks.shape
+        b, J = r1 - r0, coeff.shape[-1]
+        blocks, order = self._per_token(r0, r1)  # (b, T_v, C, k), (b, T_v)
+        parts = torch.einsum("bvcm,bvmj->jbvc", blocks, coeff.reshape(b, order.shape[1], k, J))
+        out = torch.zeros(J, b, T, C, dtype=parts.dtype, device=parts.device)
+        out[:, torch.arange(b, device=order.device)[:, None], order] = parts  # distinct tokens per sample
+        return out.reshape(J, b, T * C)
+
+    def project(self, r0: int, r1: int, vectors: Tensor) -> Tensor:
+        """``seeds[n, k] . vectors[n]`` for samples ``[r0, r1)`` and output vectors ``(b, T*C)``: ``(b, K)``."""
+        _n, T, C, k = self.blocks.shape
+        blocks, order = self._per_token(r0, r1)
+        rows = torch.arange(r1 - r0, device=order.device)[:, None]
+        picked = vectors.reshape(r1 - r0, T, C).to(torch.float64)[rows, order]  # (b, T_v, C)
+        return torch.einsum("bvcm,bvc->bvm", blocks.to(torch.float64), picked).reshape(r1 - r0, -1)
+
+
+@dataclass
 class Columns:
     """Backpropagation seeds for the columns of V.
 
     Attributes:
         samples: indices into the batch of the curvature samples ``(N_V,)``.
-        seeds: ``(N_V, K, C)``: ``seeds[n, k]`` is ``s_nk / sqrt(N_V)``; backpropagating it through sample
-            ``samples[n]`` gives column ``v_nk``. Columns are ordered sample-major: ``index = n * K + k``.
-            Sequence outputs: C is ``T*C`` (flattened outputs) and K is ``T_v*C`` (``T_v*M`` with MC), the
-            columns of the valid tokens, block-diagonal over tokens (``docs/conventions.md`` §8).
+        source: the seeds ``(N_V, K, C)``: ``seeds[n, k]`` is ``s_nk / sqrt(N_V)``; backpropagating it through
+            sample ``samples[n]`` gives column ``v_nk``. Columns are ordered sample-major: ``index = n * K + k``.
+            A tensor, or for sequence outputs :class:`TokenSeeds`: C is ``T*C`` (flattened outputs) and K is
+            ``T_v*C`` (``T_v*M`` with MC), the columns of the valid tokens, block-diagonal over tokens
+            (``docs/conventions.md`` §8), built a block at a time by :meth:`seed_chunk`.
         spec: the :class:`ColumnSpec` they were built from.
     """
 
     samples: Tensor
-    seeds: Tensor
+    source: Tensor | TokenSeeds
     spec: ColumnSpec = ColumnSpec()
+
+    @property
+    def seeds(self) -> Tensor:
+        """All the seeds ``(N_V, K, C)`` as one dense tensor (built whole for sequence outputs: tiny problems
+        only; the engine takes them a block at a time with :meth:`seed_chunk`)."""
+        if isinstance(self.source, Tensor):
+            return self.source
+        return self.seed_chunk(0, self.num_samples)
+
+    def seed_chunk(self, r0: int, r1: int, c0: int = 0, c1: int | None = None) -> Tensor:
+        """The seeds of samples ``[r0, r1)`` (positions among the N_V) and columns ``[c0, c1)`` of each
+        (default: all K): ``(r1 - r0, c1 - c0, C)``, a view of the tensor or built for this chunk."""
+        c1 = self.per_sample if c1 is None else c1
+        if isinstance(self.source, Tensor):
+            return self.source[r0:r1, c0:c1]
+        return self.source.chunk(r0, r1, c0, c1)
+
+    def combine(self, r0: int, r1: int, coeff: Tensor) -> Tensor:
+        """``sum_k seeds[n, k] coeff[n, k, j]`` for samples ``[r0, r1)`` and coefficients ``(r1 - r0, K, J)``: the
+        cotangents ``(J, r1 - r0, C)`` that give ``V c_j`` in one backward pass (no dense seeds built)."""
+        if isinstance(self.source, Tensor):
+            return torch.einsum("nkc,nkj->jnc", self.source[r0:r1], coeff)
+        return self.source.combine(r0, r1, coeff)
+
+    def project(self, r0: int, r1: int, vectors: Tensor) -> Tensor:
+        """``seeds[n, k] . vectors[n]`` in float64 for samples ``[r0, r1)`` and output vectors ``(r1 - r0, C)``:
+        ``(r1 - r0, K)`` (no dense seeds built)."""
+        if isinstance(self.source, Tensor):
+            return torch.einsum("nkc,nc->nk", self.source[r0:r1].to(torch.float64), vectors.to(torch.float64))
+        return self.source.project(r0, r1, vectors.to(torch.float64))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The seeds' dtype."""
+        return self.source.dtype if isinstance(self.source, Tensor) else self.source.blocks.dtype
+
+    @property
+    def column_bytes(self) -> int:
+        """Bytes a block of columns builds per column when it takes its seeds (:meth:`seed_chunk`): one output
+        vector for :class:`TokenSeeds`, 0 for a tensor (its seeds are views)."""
+        if isinstance(self.source, Tensor):
+            return 0
+        return self.source.shape[2] * self.source.blocks.element_size()
 
     @property
     def mc_samples(self) -> int:
@@ -79,17 +186,17 @@ class Columns:
     @property
     def num_samples(self) -> int:
         """N_V: the number of curvature samples."""
-        return self.seeds.shape[0]
+        return self.source.shape[0]
 
     @property
     def per_sample(self) -> int:
         """K: columns per sample (C exact, M Monte-Carlo; per valid token for sequence outputs)."""
-        return self.seeds.shape[1]
+        return self.source.shape[1]
 
     @property
     def num_columns(self) -> int:
         """``N_V * K``: the number of columns of V."""
-        return self.seeds.shape[0] * self.seeds.shape[1]
+        return self.num_samples * self.per_sample
 
 
 def make_columns(problem, outputs: Tensor | None = None, spec: ColumnSpec | None = None,
@@ -116,13 +223,17 @@ def make_columns(problem, outputs: Tensor | None = None, spec: ColumnSpec | None
             outputs = problem.forward()
     out = outputs.detach()[samples]
     targets = problem.targets[samples]
+    generator = torch.Generator().manual_seed(spec.seed) if mc_samples else None
+    if problem.is_sequence:  # per token: (N_V, T, C, K_t) and the valid tokens' order
+        blocks, order = problem.loss.token_blocks(out, targets, mc_samples, generator)
+        blocks.div_(math.sqrt(samples.shape[0]))  # the dense seeds' division, in place
+        return Columns(samples=samples, source=TokenSeeds(blocks, order), spec=spec)
     if mc_samples:
-        generator = torch.Generator().manual_seed(spec.seed)
         S = problem.loss.mc_sqrt(out, targets, mc_samples, generator)  # (N_V, C, M)
     else:
         S = problem.loss.hessian_sqrt(out, targets)  # (N_V, C, C)
     seeds = S.transpose(1, 2) / math.sqrt(samples.shape[0])  # (N_V, K, C)
-    return Columns(samples=samples, seeds=seeds.contiguous(), spec=spec)
+    return Columns(samples=samples, source=seeds.contiguous(), spec=spec)
 
 
 def columns_per_token_block(problem, samples: int) -> int:
@@ -143,9 +254,14 @@ def count_columns(problem, mc_samples: int = 0, subsample: int | None = None) ->
 
 
 def seed_bytes(problem, mc_samples: int = 0, subsample: int | None = None) -> int:
-    """Bytes of the seeds :func:`make_columns` builds: one ``num_outputs`` vector per column (``T*C`` for
-    sequences, nonzero at one token: the columns x T x C numbers that make a large vocabulary expensive)."""
+    """Bytes of the seeds :func:`make_columns` builds: one ``num_outputs`` vector per column; for sequences the
+    per-token :class:`TokenSeeds` (``N_V * T * C * K_t`` numbers, ``K_t`` = M or C) and the dense seed of one
+    column (``T*C``), the least a block of columns builds (a block of b columns builds b of them, which the memory
+    plan counts with the block's work)."""
     element = torch.finfo(problem.dtype).bits // 8
+    if problem.is_sequence:
+        samples = problem.batch_size if subsample is None else subsample
+        return (samples * (mc_samples or problem.classes) + 1) * problem.num_outputs * element
     return count_columns(problem, mc_samples, subsample) * problem.num_outputs * element
 
 

@@ -285,7 +285,7 @@ def quadratic_decrease(problem, columns, step: dict[str, Tensor], process_group:
     layout = make_layout(problem, process_group, check=False)
     grad = layout.gradient(problem)
     c0, c1 = layout.curvature_range(columns)
-    samples, seeds = columns.samples[c0:c1], columns.seeds[c0:c1]
+    samples = columns.samples[c0:c1]
     g_dot = float(sum((grad[n].to(torch.float64) * step[n].to(torch.float64)).sum() for n in problem.params))
     with layout.stage():
         vtd_sq = torch.zeros((), dtype=torch.float64, device=problem.device)
@@ -293,7 +293,7 @@ def quadratic_decrease(problem, columns, step: dict[str, Tensor], process_group:
             inputs = problem.inputs[samples]
 
             jd = outputs_jvp(problem, inputs, {n: step[n] for n in problem.params})  # (n, C)
-            vtd = torch.einsum("nkc,nc->nk", seeds.to(torch.float64), jd.to(torch.float64))
+            vtd = columns.project(c0, c1, jd)  # (n, K) in float64
             vtd_sq = (vtd**2).sum()
     vtd_sq = layout.all_reduce_sum({"s": vtd_sq.reshape(1)})["s"][0]
     return -(g_dot + 0.5 * float(vtd_sq))

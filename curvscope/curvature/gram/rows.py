@@ -261,14 +261,18 @@ def per_sample_gradients(problem, names: Sequence[str], sample_idx: Tensor) -> d
     return {k: v[:, 0] for k, v in per_sample_vjp(problem, names, sample_idx, seeds).items()}
 
 
-def rows_by_sample_chunks(problem, names: list[str], sample_idx: Tensor, seeds: Tensor, plan: MemoryPlan
+def rows_by_sample_chunks(problem, names: list[str], sample_idx: Tensor, seeds: Tensor | Columns, plan: MemoryPlan
                           ) -> dict[str, Tensor]:
-    """:func:`per_sample_vjp` over sample chunks sized by the memory plan, concatenated."""
+    """:func:`per_sample_vjp` over sample chunks sized by the memory plan, concatenated; ``seeds`` ``(n, K, C)``
+    or the :class:`~curvscope.curvature.gram.columns.Columns` of ``sample_idx`` (their seeds built a chunk at a
+    time)."""
     n = sample_idx.shape[0]
-    step = plan.sample_chunk(problem, names, per_sample_rows=seeds.shape[1], num_samples=n)
+    per_sample = seeds.per_sample if isinstance(seeds, Columns) else seeds.shape[1]
+    step = plan.sample_chunk(problem, names, per_sample_rows=per_sample, num_samples=n)
     parts: dict[str, list[Tensor]] = {k: [] for k in names}
     for i in range(0, n, step):
-        out = per_sample_vjp(problem, names, sample_idx[i:i + step], seeds[i:i + step])
+        chunk = seeds.seed_chunk(i, min(i + step, n)) if isinstance(seeds, Columns) else seeds[i:i + step]
+        out = per_sample_vjp(problem, names, sample_idx[i:i + step], chunk)
         for k in names:
             parts[k].append(out[k].detach())
     return {k: torch.cat(v) for k, v in parts.items()}
@@ -297,7 +301,8 @@ def contribute(problem, names: list[str], columns: Columns, grad_seeds: Tensor |
     held_rows = layout.held_columns(columns, num_g)
     for chunk in plan.param_chunks(names, problem.params, rows=held_rows):
         row_bytes = sum(problem.params[n].numel() * problem.params[n].element_size() for n in chunk)
-        max_columns, held = plan.blocking(held_rows, row_bytes, row_bytes * plan.activation_factor)
+        max_columns, held = plan.blocking(held_rows, row_bytes, row_bytes * plan.activation_factor
+                                          + columns.column_bytes)  # a block builds its seeds
         sets = acc.owner_sets(chunk)
 
         def compute(block: ColumnBlock, chunk: list[str] = chunk) -> dict[str, Tensor]:
@@ -326,25 +331,27 @@ def apply_v(problem, columns: Columns, coefficients: Tensor, names: Sequence[str
     names = list(problem.params) if names is None else list(names)
     single = coefficients.dim() == 1
     coeff = coefficients.unsqueeze(-1) if single else coefficients  # (NK, k)
-    coeff = coeff.to(columns.seeds.dtype).reshape(columns.num_samples, columns.per_sample, -1)
+    coeff = coeff.to(columns.dtype).reshape(columns.num_samples, columns.per_sample, -1)
     layout = make_layout(problem, process_group, check=False)
     c0, c1 = layout.curvature_range(columns)
     with layout.stage():
-        out = _apply_v_samples(problem, columns.samples[c0:c1], columns.seeds[c0:c1], coeff[c0:c1], names)
+        out = _apply_v_samples(problem, columns.samples[c0:c1], lambda: columns.combine(c0, c1, coeff[c0:c1]),
+                               coeff.shape[-1], names)
     out = layout.all_reduce_sum(out)
     full = {k: out[k] if k in out else torch.zeros(coeff.shape[-1], *v.shape, dtype=v.dtype, device=v.device)
             for k, v in problem.params.items()}
     return {k: v[0] for k, v in full.items()} if single else full
 
 
-def _apply_v_samples(problem, samples: Tensor, seeds: Tensor, coeff: Tensor, names: list[str]
+def _apply_v_samples(problem, samples: Tensor, combined: Callable[[], Tensor], count: int, names: list[str]
                      ) -> dict[str, Tensor]:
-    """``sum_n J_n^T (sum_k seeds[n, k] coeff[n, k, j])`` over ``samples`` ``(n,)``: name -> ``(k, *shape)``
-    (zeros for no samples); seeds ``(n, K, C)``, coeff ``(n, K, k)``."""
+    """``sum_n J_n^T (sum_k seeds[n, k] coeff[n, k, j])`` over ``samples`` ``(n,)``: name -> ``(count, *shape)``
+    (zeros for no samples); ``combined()`` gives the cotangents ``sum_k seeds[n, k] coeff[n, k, j]``
+    ``(count, n, C)`` (:meth:`~curvscope.curvature.gram.columns.Columns.combine`)."""
     if samples.numel() == 0:
-        return {n: torch.zeros(coeff.shape[-1], *problem.params[n].shape, dtype=problem.params[n].dtype,
+        return {n: torch.zeros(count, *problem.params[n].shape, dtype=problem.params[n].dtype,
                                device=problem.params[n].device) for n in names}
-    cotangents = torch.einsum("nkc,nkj->jnc", seeds, coeff)  # (k, n, C)
+    cotangents = combined()  # (count, n, C)
     chosen, frozen = _split(problem, names)
     idx = batch_with_partner(problem, samples)
     if idx.numel() > samples.numel():

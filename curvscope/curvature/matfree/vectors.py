@@ -35,8 +35,13 @@ def _require_positive(**values: int) -> None:
 
 
 def _rademacher(dim: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A ``(dim,)`` vector of independent +-1 entries."""
-    z = torch.randint(0, 2, (dim,), generator=generator, device=generator.device)
+    """A ``(dim,)`` vector of independent +-1 entries.
+
+    On a CPU generator the bits are drawn as int8 (one byte per entry instead of eight): CPU ``randint`` draws
+    the same 32-bit numbers for every integer dtype when the range is below 2**32, so the vector is the same.
+    """
+    small = torch.int8 if generator.device.type == "cpu" else torch.int64
+    z = torch.randint(0, 2, (dim,), generator=generator, device=generator.device, dtype=small)
     return z.to(device=device, dtype=dtype).mul_(2).sub_(1)
 
 

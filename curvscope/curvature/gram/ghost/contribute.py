@@ -23,10 +23,11 @@ def block_factors(problem, layers: Sequence[GhostLayer], block: ColumnBlock) -> 
     ``bias`` ``(b*k, d_out)``; ``weight`` ``(b*k, d_out*d_in)`` (materialize) or the rule's
     :meth:`~.base.GhostRule.ghost_inputs` (``a`` ``(b, T, d_in)``, or an embedding's token ids and mask) and
     ``delta`` ``(b, k, T, d_out)`` (ghost)."""
-    b, k = block.seeds.shape[:2]
+    seeds = block.seeds  # built for this block when the columns keep their seeds per token
+    b, k = seeds.shape[:2]
     idx = batch_with_partner(problem, block.samples)  # the partner's rows are dropped
     inputs = problem.inputs[idx]
-    seeds = block.seeds.transpose(0, 1)  # (k, b, C)
+    seeds = seeds.transpose(0, 1)  # (k, b, C)
     if idx.numel() > b:
         seeds = torch.cat([seeds, torch.zeros_like(seeds[:, :1])], dim=1)
     probes = {PROBE + layer.module_name: torch.zeros(idx.numel(), *layer.out_shape, dtype=problem.dtype,
@@ -86,7 +87,8 @@ def contribute(problem, names: Sequence[str], columns: Columns, grad_seeds: Tens
     k = (columns.num_columns + (num_g or 0)) / num_samples
     elt = torch.finfo(problem.dtype).bits // 8
     kept, work = factor_bytes(layers, k, plan.activation_factor)  # numbers per column
-    max_columns, held = plan.blocking(layout.held_columns(columns, num_g), kept * elt, work * elt)
+    max_columns, held = plan.blocking(layout.held_columns(columns, num_g), kept * elt,
+                                      work * elt + columns.column_bytes)  # a block builds its seeds
     sets = acc.owner_sets([n for layer in layers for n in layer.names])
     set_of = {n: i for i, (_groups, members) in enumerate(sets) for n in members}
 
