@@ -112,7 +112,7 @@ def test_a_two_million_parameter_model_stays_within_a_tight_budget():
         peak[0] = max(peak[0], _rss() - base)
 
     res = compute_matfree_spectrum(problem, curvature="ggn", top_k=1, max_memory=budget, tol=1e-4,
-                                   trace_matvecs=0, density_vectors=0, progress=watch)
+                                   trace_matvecs=30, density_vectors=1, density_steps=20, progress=watch)
     g = res.groups[0]
     assert g.converged and (g.max_basis + 3 * g.block_size) * D * 4 <= budget
     # the basis and work vectors within the budget; the products' own graphs come on top (a few vectors)
@@ -122,3 +122,4 @@ def test_a_two_million_parameter_model_stays_within_a_tight_budget():
     for _ in range(200):
         v = G @ (v / v.norm())
     assert g.lambda_max == pytest.approx(float(v.norm()), rel=1e-3)
+    assert g.trace is not None and g.trace > 0 and res.density is not None  # streamed within the same budget

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from curvscope.curvature.matfree.block import BlockPlan, block_eigenpairs, plan_block
+from curvscope.curvature.matfree.budget import vectors_within
 from curvscope.curvature.matfree.density import Density, spectral_density
 from curvscope.curvature.matfree.operators import CURVATURES, curvature_operator
 from curvscope.curvature.matfree.trace import hutchpp
@@ -352,16 +353,19 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
         lanczos_report(sum(caps[: i + 1]), sum(caps))
         if eigenvectors and i == 0:
             vectors = _parameter_vectors(problem, op, eig.top_vectors)
+        # the trace and density stream their vectors within what the budget holds beside kept eigenvectors
+        kept = 0 if vectors is None else sum(v.numel() for v in vectors.values()) * itemsize
+        room = vectors_within(budget, op.dim, itemsize, reserve=kept)
         trace = None
         if trace_matvecs:
-            trace = hutchpp(matvec, op.dim, trace_matvecs, generator=_generator(seed, i, _TRACE),
+            trace = hutchpp(matvec, op.dim, trace_matvecs, generator=_generator(seed, i, _TRACE), max_vectors=room,
                             progress=_share(trace_report, traces, i), **kw)
             trace_report(sum(traces[: i + 1]), sum(traces))
         density = None
         if i == 0 and density_vectors:
             total = density_vectors * min(density_steps, op.dim)
             density = spectral_density(matvec, op.dim, num_vectors=density_vectors, steps=density_steps,
-                                       generator=_generator(seed, i, _DENSITY),
+                                       max_vectors=room, generator=_generator(seed, i, _DENSITY),
                                        progress=progress, **kw)
             progress("density", total, total)
         hessian = curvature == "hessian"
