@@ -390,7 +390,12 @@ def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | 
     if loss.user is not None:
         check_per_sample(loss, out.reshape(out.shape[0], -1), targets[:out.shape[0]])
     info = {**(info or {}), "output": chosen}
-    reduced = probe_precision(model, lambda: call_model(model, {**buffers, **params}, x0, output), dtype)
+    # below float64, only a model that casts down on purpose (a Hugging Face model's config, autocast) computes in
+    # less than the run's dtype: the probe (a dispatch mode, which imports PyTorch's symbolic-shape machinery and
+    # costs a quarter of a second) runs for float64 runs and Hugging Face models
+    probe = dtype == torch.float64 or hasattr(model, "config")
+    reduced = probe_precision(model, lambda: call_model(model, {**buffers, **params}, x0, output), dtype) if probe \
+        else None
     if reduced is not None:
         info["precision_note"] = reduced.note(dtype)
     return Problem(model=model, params=params, buffers=buffers, inputs=inputs, targets=targets, loss=loss,
