@@ -277,20 +277,22 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """``None`` -> ``float32``; ``"float32"``/``"float64"`` or the torch dtype itself; anything else is refused.
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
+    """``None``/``"auto"`` -> float64 on the CPU (reference-quality numbers where they are affordable: rank and
+    SNR shares are not set by float32's precision floor), float32 on a GPU (``device``: the resolved device;
+    ``None`` counts as the CPU); ``"float32"``/``"float64"`` or the torch dtype itself; anything else is refused.
 
     Raises:
-        OptionError: of ``dtype``, for a dtype other than float32 or float64.
+        OptionError: of ``dtype``, for a dtype other than auto, float32 or float64.
     """
-    if dtype is None:
-        return torch.float32
+    if dtype is None or dtype == "auto":
+        return torch.float32 if device is not None and torch.device(device).type == "cuda" else torch.float64
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise OptionError("dtype", f"{dtype} is not supported (use float32 or float64)")
         return dtype
     if dtype not in DTYPES:
-        raise OptionError("dtype", f"'{dtype}' is not supported (use float32 or float64)")
+        raise OptionError("dtype", f"'{dtype}' is not supported (use auto, float32 or float64)")
     return DTYPES[dtype]
 
 
@@ -333,7 +335,7 @@ def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | 
             class weights, delta), a user loss ``"file.py:fn"`` or the function itself; default ``ce`` for
             integer targets, ``mse`` for float ones.
         device: ``"auto"`` (default), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
-        dtype: ``float32`` (default) or ``float64``.
+        dtype: ``float32`` or ``float64``; default (``None``/``"auto"``): float64 on the CPU, float32 on a GPU.
         info: provenance recorded in :attr:`Problem.info` (with ``"output"``, the output that was chosen).
         dataset: the whole dataset ``(x, y)`` the batch came from, for :meth:`Problem.batch_from_dataset`.
         source: the name of the data in error messages (a file name).
@@ -345,7 +347,8 @@ def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | 
         use_vmap: ``False`` forces the plain-autograd paths (the engine also falls back by itself when ``vmap``
             cannot trace the model; :attr:`Problem.path` says which ran).
     """
-    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     check_module_modes(model)
     loss = loss if isinstance(loss, Loss) else get_loss(loss or default_loss_name(targets))
     params = {n: p.detach().to(device=device, dtype=dtype)

@@ -169,12 +169,17 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needles):
     assert not out.exists()
 
 
-def test_non_mlp_needs_layers(tmp_path):
-    out = tmp_path / "out"
+def test_a_transformer_s_mlp_block_is_found_or_named(tmp_path):
+    """The transformer sample is no MLP: its MLP block (Linear -> GELU -> Linear) is the chain, found by the
+    symmetry test (issue #23; it was refused before)."""
+    out = tmp_path / "found"
     ckpt = SAMPLES / "transformer-digits.safetensors"
-    result = invoke("factors", ckpt, "--data", DIGITS, "--batch-size", 8, "--device", "cpu", "--out", out)
-    assert_clean_error(result, "--layers")
-    assert not out.exists()
+    result = invoke("factors", ckpt, "--data", DIGITS, "--batch-size", 8, "--device", "cpu", "--out", out,
+                    "--no-plots")
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    sec = json.loads((out / "report.json").read_text())["factors"]
+    assert sec["layers"] == ["blocks.0.mlp.0", "blocks.0.mlp.2"] and sec["activation_symmetry"] == "permutation"
+    out = tmp_path / "out"
     result = invoke("factors", ckpt, "--data", DIGITS, "--batch-size", 8, "--device", "cpu", "--out", out,
                     "--layers", "blocks.0.mlp.0,blocks.0.mlp.2", "--no-plots")
     assert result.exit_code == 0, (result.stdout, result.stderr)

@@ -47,7 +47,7 @@ def test_info_on_a_tiny_checkpoint(tiny_files):
     assert result.exit_code == 0, result.stderr
     out = result.stdout
     for text in ("Linear", "weight (5, 4), bias (5,)", "parameters (D)", "43", "outputs (C)", "ce",
-                 "12 samples: the first 12 in file order", "batch accuracy", "cpu / float32", MLP):
+                 "12 samples: the first 12 in file order", "batch accuracy", "cpu / float64", MLP):
         assert text in out, text
     assert result.stderr == ""
 
@@ -307,7 +307,7 @@ def test_saved_checkpoint_is_self_describing_for_the_cli(tmp_path, tiny_data):
     data = write_data(tmp_path / "d.pt", *tiny_data)
     result = invoke("info", path, "--data", data)
     assert result.exit_code == 0, result.stderr
-    assert "43" in result.stdout and "cpu / float32" in result.stdout
+    assert "43" in result.stdout and "cpu / float64" in result.stdout
 
 
 def test_a_parameter_name_means_one_flag_in_every_command():

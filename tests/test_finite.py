@@ -25,9 +25,10 @@ def test_overflowing_weights_exit_2_and_write_nothing(tmp_path, tiny_data, scale
     x, y = tiny_data
     data = write_data(tmp_path / "d.safetensors", x, torch.nn.functional.one_hot(y, 3).float())
     out = tmp_path / "out"
-    assert_clean_error(invoke("spectrum", ckpt, "--data", data, "-o", out), needle)
+    assert_clean_error(invoke("spectrum", ckpt, "--data", data, "-o", out, "--dtype", "float32"), needle)
     assert not out.exists()
-    result = invoke("check", ckpt, "--data", data, "-o", out, "-r", "groups[0].lambda_max <= 50")
+    result = invoke("check", ckpt, "--data", data, "-o", out, "-r", "groups[0].lambda_max <= 50", "--dtype",
+                    "float32")
     assert_clean_error(result, needle)
     assert not (out / "report.json").exists()
 
@@ -39,7 +40,7 @@ def test_overflowing_inputs_name_the_samples(tmp_path, tiny_data):
     data = write_data(tmp_path / "d.safetensors", x, y)
     ckpt = tmp_path / "m.safetensors"
     save_checkpoint(ckpt, tiny_mlp(), model_spec="curvscope.models:mlp", model_kwargs=TINY_KWARGS, loss="ce")
-    result = invoke("spectrum", ckpt, "--data", data, "-o", tmp_path / "o")
+    result = invoke("spectrum", ckpt, "--data", data, "-o", tmp_path / "o", "--dtype", "float32")
     err = assert_clean_error(result)
     assert "not finite" in err or "overflow" in err
 
@@ -71,5 +72,5 @@ def test_lr_suggest_and_factors_refuse_overflow_too(tmp_path, tiny_data):
     data = write_data(tmp_path / "d.safetensors", *tiny_data)
     for command in ("lr-suggest", "factors"):
         out = tmp_path / command
-        assert_clean_error(invoke(command, ckpt, "--data", data, "-o", out), "overflow")
+        assert_clean_error(invoke(command, ckpt, "--data", data, "-o", out, "--dtype", "float32"), "overflow")
         assert not out.exists()

@@ -34,7 +34,7 @@ def test_self_describing_safetensors_needs_no_model(tiny_files):
     ckpt, data, model = tiny_files
     loaded = load_checkpoint(ckpt)
     assert loaded.model_spec == MLP and loaded.model_kwargs == TINY_KWARGS and loaded.loss == "ce"
-    problem = load_problem(ckpt, data)
+    problem = load_problem(ckpt, data, dtype="float32")
     assert params_equal(problem, model)
     assert problem.info["model"] == MLP and problem.info["model_kwargs"] == TINY_KWARGS
     x = load_dataset(data).x
@@ -357,4 +357,5 @@ def test_device_and_dtype(tiny_files):
     p = load_problem(ckpt, data, device="auto", dtype="float64")
     assert p.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert all(v.dtype == torch.float64 for v in p.params.values())
-    assert load_problem(ckpt, data, device="cpu").dtype == torch.float32
+    assert load_problem(ckpt, data, device="cpu").dtype == torch.float64  # auto on the CPU
+    assert load_problem(ckpt, data, device="cpu", dtype="float32").dtype == torch.float32

@@ -103,7 +103,8 @@ def test_lr_suggest_runs_on_an_lstm_and_says_which_path(tmp_path, packed):
     x, y = om.sequences(12)
     data = write_data(tmp_path / "seq.safetensors", x, y)
     result = invoke("lr-suggest", "--model", f"{MODELS_FILE}:lstm", "--model-kwargs", json.dumps({"packed": packed}),
-                    "--data", data, "--curvature", "ggn", "--cubic", "--device", "cpu", "--no-plot", "--out",
+                    "--data", data, "--curvature", "ggn", "--cubic", "--device", "cpu", "--dtype", "float32",
+                    "--no-plot", "--out",
                     tmp_path / "out")
     assert result.exit_code == 0, result.stderr
     section = json.loads((tmp_path / "out" / "report.json").read_text())["lr"]

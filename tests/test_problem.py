@@ -160,7 +160,10 @@ def test_bad_batches():
 def test_device_and_dtype_resolution():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve_dtype(None) == torch.float32 and resolve_dtype("float64") == torch.float64
+    # auto: float64 on the CPU (the rank is not float32's precision floor), float32 on a GPU
+    assert resolve_dtype(None) == torch.float64 == resolve_dtype("auto", "cpu")
+    assert resolve_dtype("float64") == torch.float64
+    assert resolve_dtype(None, "cuda") == torch.float32 == resolve_dtype("auto", torch.device("cuda:0"))
     assert resolve_dtype(torch.float64) == torch.float64
     for bad, match in [("tpu", "not a device"), ("meta", "unsupported device type")]:
         with pytest.raises(CurvscopeError, match=match):

@@ -266,7 +266,7 @@ def test_seeds_over_the_memory_budget_are_refused_before_allocating():
 
     torch.manual_seed(0)
     tokens = torch.randint(2000, (4, 64))
-    problem = make_problem(TinyLM(vocab=2000, d=2), tokens, tokens, loss="ce", shift_labels=True)
+    problem = make_problem(TinyLM(vocab=2000, d=2), tokens, tokens, loss="ce", shift_labels=True, dtype="float32")
     assert seed_bytes(problem, mc_samples=1) == (4 * 1 + 1) * 64 * 2000 * 4
     with pytest.raises(CurvscopeError, match=r"the seeds of 252 columns of V over 128,000 outputs per sample need "
                                              r"2.44 MiB, more than the memory budget \(2 MiB\).*matrix-free method"):

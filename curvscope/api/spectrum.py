@@ -69,7 +69,7 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Any = None, targets:
         max_memory: the memory budget: bytes or a size such as ``"4GiB"`` (default: a safe share of the free
             memory of the problem's device).
         device: with a model: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (default ``cuda`` when available).
-        dtype: with a model: ``torch.float32`` (default) or ``torch.float64`` for reference-quality numbers.
+        dtype: with a model: ``torch.float32`` or ``torch.float64``; default: float64 on the CPU, float32 on a GPU.
         process_group: an initialized ``torch.distributed`` group (e.g. ``torch.distributed.group.WORLD`` under
             ``torchrun``): the call is then collective. Every rank passes the *same full* batch and the same
             arguments; each rank computes its contiguous slice of the samples, and every rank returns the same

@@ -43,7 +43,8 @@ def build_problem(**options):
 
 def problem_notes(problem) -> list[str]:
     """What the loaded problem itself warns about (a model computing below the run's dtype)."""
-    return [n for n in (problem.info.get("precision_note"),) if n]
+    notes = [problem.info.get("precision_note"), problem.info.get("shift_labels_note")]
+    return [n.replace("shift_labels=True", "--shift-labels") for n in notes if n]
 
 
 def _debug_requested(kwargs) -> bool:

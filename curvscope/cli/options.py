@@ -56,10 +56,10 @@ LossOpt = Annotated[Optional[str], typer.Option(
 DeviceOpt = Annotated[str, typer.Option(
     "--device", help="auto (cuda when available), cpu, cuda or cuda:N.", rich_help_panel=PROBLEM_HELP)]
 DtypeOpt = Annotated[str, typer.Option(
-    "--dtype", help="Computation dtype: float32 (fast) or float64. The Gram matrix is built in it, so "
-    "eigenvalues below about lambda_max * columns * eps (eps 1.2e-7 in float32, 2.2e-16 in float64) are rounding "
-    "noise: rank and SNR shares depend on it (the report's eigenvalue_floor says where). float64 for "
-    "reference-quality numbers.",
+    "--dtype", help="Computation dtype: auto (float64 on the CPU, float32 on a GPU), float32 (fast) or float64. "
+    "The Gram matrix is built in it, so eigenvalues below about lambda_max * columns * eps (eps 1.2e-7 in float32, "
+    "2.2e-16 in float64) are rounding noise: rank and SNR shares depend on it (the report's eigenvalue_floor and "
+    "precision say where).",
     rich_help_panel=PROBLEM_HELP)]
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-model-code", help="Let the checkpoint's metadata (or a config's [problem] model) name a model "
@@ -186,7 +186,7 @@ class ProblemArgs:
     seed: int = 0
     loss: str | None = None
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = "auto"
     trust_model_code: bool = False
     output: str | None = None
     shift_labels: bool | None = None

@@ -31,9 +31,10 @@ from curvscope.curvature.gram.rows import is_fatal, map_stacked, not_differentia
 
 
 @contextlib.contextmanager
-def twice_differentiable() -> Iterator[None]:
+def twice_differentiable(model: torch.nn.Module | None = None) -> Iterator[None]:
     """Inside the block, attention is computed by ops that have every derivative: the math backend of
-    ``scaled_dot_product_attention`` and ``nn.MultiheadAttention`` without its fused inference path. The
+    ``scaled_dot_product_attention`` and ``nn.MultiheadAttention`` without its fused inference path; for a
+    ``model`` with recurrent layers cuDNN is off too (its RNN kernels have no double backward on a GPU). The
     values are the same to rounding; fused kernels are only faster."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -41,8 +42,9 @@ def twice_differentiable() -> Iterator[None]:
     fast = mha.get_fastpath_enabled() if mha is not None else None
     if mha is not None:
         mha.set_fastpath_enabled(False)
+    recurrent = model is not None and any(isinstance(m, torch.nn.RNNBase) for m in model.modules())
     try:
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH), torch.backends.cudnn.flags(enabled=not recurrent):
             yield
     finally:
         if mha is not None:
@@ -70,7 +72,7 @@ def forward_ad_usable(problem) -> bool:
         inputs = problem.inputs[idx]
         tangent = {n: torch.ones_like(p) for n, p in problem.params.items()}
         try:
-            with twice_differentiable(), torch.no_grad():
+            with twice_differentiable(problem.model), torch.no_grad():
                 jvp(lambda p: problem.call({**problem.buffers, **p}, inputs), (dict(problem.params),), (tangent,))
         except Exception as exc:
             if is_fatal(exc):
@@ -81,7 +83,7 @@ def forward_ad_usable(problem) -> bool:
 
 def _forward_or_fallback(problem, forward: Callable[[], Tensor | dict], fallback: Callable[[], Tensor | dict]):
     """``forward()`` when forward AD is usable and succeeds, else ``fallback()`` (the failure recorded)."""
-    with twice_differentiable():
+    with twice_differentiable(problem.model):
         if forward_ad_usable(problem):
             try:
                 return forward()

@@ -14,7 +14,7 @@ from torch import nn
 
 from curvscope.errors import CurvscopeError, Metavar, OptionError
 from curvscope.losses import default_loss_name, get_loss
-from curvscope.problem import Problem, make_problem, resolve_dtype
+from curvscope.problem import Problem, make_problem, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     from curvscope.io.sources import Source
@@ -26,7 +26,7 @@ SPEC = Metavar("SPEC")
 def load_problem(checkpoint: str | os.PathLike | None = None, data: Any = None,
                  model: str | None = None, model_kwargs: dict[str, Any] | str | None = None,
                  batch_size: int | None = 128, shuffle: bool = False, seed: int = 0, loss: str | None = None,
-                 device: str | None = "auto", dtype: str | None = "float32", trust_model_code: bool = False,
+                 device: str | None = "auto", dtype: str | None = "auto", trust_model_code: bool = False,
                  output: str | None = None, shift_labels: bool | None = None,
                  data_kwargs: dict[str, Any] | str | None = None, split: str | None = None,
                  columns: str | dict[str, str] | None = None, pad_token: int | None = None,
@@ -64,7 +64,8 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: Any = None,
             ``...ForSequenceClassification``/``...ForTokenClassification``: ``ce``), else by target dtype.
         device: ``"auto"`` (default: ``cuda`` when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         dtype: the model is built in this dtype before the weights are copied in (a float64 checkpoint
-            stays exact in float64; bfloat16/float16 weights are widened exactly).
+            stays exact in float64; bfloat16/float16 weights are widened exactly); ``"auto"``: float64 on the
+            CPU, float32 on a GPU.
         trust_model_code: allow the checkpoint's metadata to name a model factory outside curvscope's
             built-ins (importing it runs its code). Without it such a checkpoint is refused; ``model``
             given here is always trusted (you named it).
@@ -95,6 +96,7 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: Any = None,
                              if abs(seed) >= 2**63 else f"seed must be at least 0, got {seed}")
     if batch_size is not None and batch_size < 1:
         raise OptionError("batch_size", f"must be at least 1, got {batch_size}")
+    dtype = resolve_dtype(dtype, resolve_device(device))  # auto: float64 on the CPU, float32 on a GPU
     net, info, defaults = _load_model(checkpoint, model, model_kwargs, seed, dtype, trust_model_code)
     net.eval()
     source = open_data(data, data_kwargs=data_kwargs, split=split, columns=columns, pad_token=pad_token,
@@ -128,8 +130,49 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: Any = None,
         info["targets"] = source.target_name
     if source.notes:
         info["data_notes"] = list(source.notes)
-    return make_problem(net, x, y, loss=loss_object, device=device, dtype=dtype, info=info, dataset=dataset,
-                        source=source.name, shift_labels=shift, output=output)
+    problem = make_problem(net, x, y, loss=loss_object, device=device, dtype=dtype, info=info, dataset=dataset,
+                           source=source.name, shift_labels=shift, output=output)
+    if shift_labels is None and not shift:
+        note = unshifted_causal_lm(problem)
+        if note:
+            problem.info["shift_labels_note"] = note
+    return problem
+
+
+def unshifted_causal_lm(problem: Problem) -> str | None:
+    """A warning when the problem looks like a causal LM whose labels were not shifted: per-token ``ce`` whose
+    labels are the model's own input tokens, and scoring position t against token t+1 fits the model clearly
+    better than against token t (lower loss, higher accuracy) while the unshifted accuracy is near chance.
+    One forward pass of the batch; ``None`` otherwise."""
+    import torch
+
+    from curvscope.io.inputs import KeywordInputs
+    from curvscope.losses import IGNORE_INDEX
+
+    loss = problem.loss
+    if not (problem.is_sequence and loss.name == "ce" and loss.user is None) or problem.targets.dim() != 2:
+        return None
+    inputs = problem.inputs.values() if isinstance(problem.inputs, KeywordInputs) else [problem.inputs]
+    if not any(t.shape == problem.targets.shape and not t.is_floating_point() and bool((t == problem.targets).all())
+               for t in inputs):
+        return None  # labels that are not the inputs: a token classifier, not a causal LM
+    with torch.no_grad():
+        logits = problem.forward().reshape(problem.batch_size, problem.positions, problem.classes)[:, :-1]
+    scores = {}
+    for name, labels in (("unshifted", problem.targets[:, :-1]), ("shifted", problem.targets[:, 1:])):
+        valid = labels != IGNORE_INDEX
+        if not bool(valid.any()):
+            return None
+        flat = logits[valid].to(torch.float64)
+        target = labels[valid]
+        scores[name] = (float(torch.nn.functional.cross_entropy(flat, target)),
+                        float((flat.argmax(-1) == target).to(torch.float64).mean()))
+    (loss_u, acc_u), (loss_s, acc_s) = scores["unshifted"], scores["shifted"]
+    chance = 1.0 / problem.classes
+    if loss_s < 0.9 * loss_u and acc_s > acc_u and acc_u <= 2 * chance:
+        return (f"the labels are the input tokens and the model scores them as a causal LM: next-token labels fit "
+                f"(loss {loss_s:.3g}, accuracy {acc_s:.1%}) where unshifted ones score at chance (loss {loss_u:.3g}, "
+                f"accuracy {acc_u:.1%}); pass shift_labels=True unless position t really predicts token t")
 
 
 def parse_class_weights(value: str | os.PathLike | list[float] | None) -> list[float] | None:

@@ -5,11 +5,12 @@ Mistral and Qwen2 upcast to float32 (never to float64) in RMSNorm, the rotary em
 softmax, T5 in its layer norm and softmax. At ``dtype=float64`` such a model's outputs, gradients and curvature
 are float32-accurate, and a self-check sized for float64 rounding fails on a correct computation.
 
-:func:`probe_precision` runs the model once on (up to) two samples under a dispatch mode that sees every
-operation. An operation that takes a floating tensor of the run's dtype and returns a floating tensor of lower
-precision (a downcast: ``.float()``, ``.to(torch.float32)``, ``softmax(..., dtype=torch.float32)``) is recorded
-with the innermost module it ran in. Computations that merely start in a lower precision (an integer mask turned
-into float32) are not downcasts and are not recorded.
+:func:`probe_precision` runs the model once on (up to) two samples under a torch-function mode that sees every
+call of a torch function or tensor method (a dispatch mode would see the ATen operations too, but importing it
+costs a quarter second of start-up). A call that takes a floating tensor of the run's dtype and returns a
+floating tensor of lower precision (a downcast: ``.float()``, ``.to(torch.float32)``, ``softmax(...,
+dtype=torch.float32)``) is recorded with the innermost module it ran in. Computations that merely start in a
+lower precision (an integer mask turned into float32) are not downcasts and are not recorded.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class ReducedPrecision:
         dtype: the lowest precision found (``torch.float32``, ``torch.bfloat16``, ...).
         modules: ``(name, class name)`` of each module with a downcast, in the order first seen (``""``: the
             model itself).
-        ops: the downcasting operations (``aten._to_copy``, ``aten._softmax``, ...), in the order first seen.
+        ops: the downcasting calls (``Tensor.to``, ``Tensor.float``, ``softmax``, ...), in the order first seen.
     """
 
     dtype: torch.dtype
@@ -72,7 +73,7 @@ def probe_precision(model: nn.Module, call, dtype: torch.dtype) -> ReducedPrecis
         :class:`ReducedPrecision`, or ``None`` when every floating intermediate of the run's dtype stays in it
         (or when the probe itself cannot run: then nothing is claimed).
     """
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.overrides import TorchFunctionMode
 
     stack: list[tuple[str, str]] = [("", type(model).__name__)]
     found: dict[tuple[str, str], None] = {}
@@ -80,15 +81,15 @@ def probe_precision(model: nn.Module, call, dtype: torch.dtype) -> ReducedPrecis
     lowest: list[torch.dtype] = []
     run_eps = _eps(dtype)
 
-    class Downcasts(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    class Downcasts(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor) and t.is_floating_point()]
             if any(t.dtype == dtype for t in inputs):
                 for o in tree_flatten(out)[0]:
                     if isinstance(o, Tensor) and o.is_floating_point() and _eps(o.dtype) > run_eps:
                         found.setdefault(stack[-1])
-                        ops.setdefault(str(func.overloadpacket))
+                        ops.setdefault(getattr(func, "__qualname__", None) or getattr(func, "__name__", str(func)))
                         lowest.append(o.dtype)
             return out
 

@@ -77,6 +77,7 @@ def lr_section(result: LRResult) -> dict[str, Any]:
         "newton_note": main.newton_note,
         "lambda_max_global": finite_or_none(main.lambda_max_global),
         "lr_stability_global": finite_or_none(main.lr_stability_global),
+        "joint_sharpness": finite_or_none(main.joint_sharpness),
         "groups": groups,
         "loss_before": main.loss_before,
         "predicted_decrease": rec.predicted,
@@ -114,7 +115,12 @@ def rate_warnings(section: dict[str, Any]) -> list[str]:
         warnings.append(f"the recommended rates raise the held-out loss (realized decrease {num(held)}): they fit "
                         "this batch, not the data")
     bound = section.get("lr_stability_global")
-    if bound is not None:
+    joint = section.get("joint_sharpness")
+    if joint is not None:  # the bound of per-group rates: lambda_max(R^1/2 G R^1/2) < 2
+        if joint > 2.0 * (1 + 1e-3):
+            warnings.append(f"the recommended rates exceed the stability bound of per-group rates: "
+                            f"lambda_max(R^1/2 G R^1/2) = {num(joint)} > 2; such a step can diverge")
+    elif bound is not None:
         over = [g["name"] for g in section["groups"] if g.get("recommended") is not None and g["recommended"] > bound]
         if over:
             warnings.append(f"{len(over)} group(s) get a rate above the whole-model stability bound 2/lambda_max = "
@@ -220,6 +226,15 @@ def notes(section: dict[str, Any]) -> list[str]:
     if section["lr_stability_global"] is not None:
         lines.append(f"whole-model stability bound 2/lambda_max(G) = {num(section['lr_stability_global'], 4)} "
                      f"(lambda_max = {num(section['lambda_max_global'], 4)})")
+    joint = section.get("joint_sharpness")
+    if joint is not None:
+        bound = section.get("lr_stability_global")
+        above = [g["name"] for g in section["groups"] if bound is not None and g.get("recommended") is not None
+                 and g["recommended"] > bound]
+        lines.append(f"stability of the recommended per-group rates R: lambda_max(R^1/2 G R^1/2) = {num(joint, 4)} "
+                     "(stable below 2)" + (f"; {len(above)} group(s) exceed the single-rate bound 2/lambda_max(G), "
+                                           "which applies to one rate for all, not to per-group rates" if above
+                                           else ""))
     if "cubic" in section and section["cubic"]["note"] != "ok":
         lines.append(f"cubic: {escape(str(section['cubic']['note']))}")
     return lines

@@ -139,6 +139,9 @@ def newton_fields(step, file: str | os.PathLike) -> dict[str, Any]:
         "num_directions": int(step.num_directions),
         "skipped_directions": int(step.num_skipped),
         "file": str(file),
+        "scale": getattr(step, "scale", None),
+        "scaled_predicted_decrease": getattr(step, "scaled_predicted_decrease", None),
+        "scaled_realized_decrease": getattr(step, "scaled_realized_decrease", None),
         "warnings": newton_warnings(step),
     }
 
@@ -146,7 +149,20 @@ def newton_fields(step, file: str | os.PathLike) -> dict[str, Any]:
 def newton_warnings(step) -> list[str]:
     """When the damped Newton step is predicted or measured to hurt."""
     warnings = []
-    if float(step.realized_decrease) < 0:
+    blocks = len(step.blocks) > 1
+    if float(step.realized_decrease) < 0 and blocks:
+        interact = float(step.predicted_decrease) < float(step.predicted_decrease_blocks)
+        cause = (f"the {len(step.blocks)} per-block steps interact: each lowers its own block's quadratic model "
+                 f"(together {float(step.predicted_decrease_blocks):.3g}), but the whole model's predicts "
+                 f"{float(step.predicted_decrease):.3g} for their sum" if interact else
+                 f"predicted decrease {float(step.predicted_decrease):.3g}")
+        scale = getattr(step, "scale", None)
+        fix = (f"; scaled by {scale:.3g} (the whole model's optimal factor along it) it lowers the loss by "
+               f"{float(step.scaled_realized_decrease):.3g}: take {scale:.3g} x the step, or one whole-model step "
+               "(groups all)" if scale is not None else "; take one whole-model step (groups all)")
+        warnings.append(f"the step raises the batch loss (realized {float(step.realized_decrease):.3g}): {cause}"
+                        + fix)
+    elif float(step.realized_decrease) < 0:
         warnings.append(f"the step raises the batch loss (predicted decrease {float(step.predicted_decrease):.3g}, "
                         f"realized {float(step.realized_decrease):.3g}): do not take it"
                         + ("; a larger constant damping shortens it" if step.damping == "bootstrap" else

@@ -220,10 +220,48 @@ def run_check(plan: CheckPlan, out_dir: Path, load: Callable[[], Problem] | None
         report_path = plan.target
     report = read_report(report_path)
     warnings = [] if plan.baseline is None else different_problem(report, plan.baseline, plan.baseline_file)
+    if plan.baseline is not None:
+        warnings += different_precision(report, plan.baseline, plan.baseline_file, plan.limits)
     results = evaluate(report, plan.rules, plan.limits, plan.baseline)
     return CheckOutcome(results=results, report_path=report_path, computed=computed,
                         baseline_file=plan.baseline_file if plan.baseline is not None else None,
                         warnings=warnings, seconds=time.perf_counter() - started)
+
+
+PRECISION_BOUND = ("rank", "eigenvalue_floor", "eigenvalues", "snr_gt1_share", "lambda_snr_gt1_share",
+                   "flat_overlap")
+"""Report fields set by the precision floor (``docs/conventions.md`` §2): comparable only between reports computed
+in the same precision."""
+
+
+def report_precision(report: dict) -> str | None:
+    """The precision a report's numbers carry: its ``precision`` (the rank floor's), else the problem's
+    ``compute_dtype`` or ``dtype``."""
+    problem = report.get("problem") if isinstance(report.get("problem"), dict) else {}
+    return report.get("precision") or problem.get("compute_dtype") or problem.get("dtype")
+
+
+def different_precision(report: dict, old: dict, path: Path | None, limits: list) -> list[str]:
+    """Baselines compare like with like: limits on fields the precision floor sets (rank, SNR shares, ...) are
+    refused between a float32 and a float64 report; other limits get a warning.
+
+    Raises:
+        CurvscopeError: a limit on a precision-bound field, with the precisions of the report and the baseline.
+    """
+    from curvscope.report.check_paths import Key, format_path
+
+    new, before = report_precision(report), report_precision(old)
+    if new is None or before is None or new == before:
+        return []
+    for limit in limits:
+        keys = {step.name for step in limit.path if isinstance(step, Key)}
+        bound = sorted(keys & set(PRECISION_BOUND))
+        if bound:
+            raise CurvscopeError(f"'{format_path(limit.path)}': the baseline {path} was computed in {before} and "
+                                 f"the report in {new}; {bound[0]} counts or weighs eigenvalues above the precision "
+                                 f"floor, which moves about 1e9-fold between them: compute both in the same dtype")
+    return [f"the baseline {path} was computed in {before}, the report in {new}: their values agree only to the "
+            "rounding of the lower precision"]
 
 
 def different_problem(report: dict, old: dict, path: Path | None) -> list[str]:

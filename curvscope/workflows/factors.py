@@ -152,9 +152,9 @@ def resolve_symmetry(problem: Problem, options: FactorsOptions) -> tuple[str, st
     when the chain is named by ``layers`` and its activations are unknown); the note says what was chosen."""
     if options.symmetry != "auto":
         return options.symmetry, None
-    from curvscope.curvature.symmetry.chain import find_chain, parse_layers
+    from curvscope.curvature.symmetry.discover import problem_chain
 
-    chain = find_chain(problem.model, problem.params, parse_layers(options.layers))
+    chain = problem_chain(problem, options.layers)
     chosen = chain.activation_symmetry or "permutation"
     why = (f"the activations ({', '.join(chain.activations)}) allow it" if chain.activation_symmetry
            else "named layers: their activations are unknown, permutation holds for any elementwise one")

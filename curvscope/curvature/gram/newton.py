@@ -53,6 +53,11 @@ class NewtonStep:
         predicted_decrease_blocks: ``-sum_k (s_k gamma_k + 1/2 s_k^2 lambda_k)`` summed over the blocks: the
             block-diagonal model the step minimizes (equal to ``predicted_decrease`` for one group).
         realized_decrease: ``L(theta) - L(theta + d)``, re-evaluated on the batch.
+        scale: when the summed step of several blocks raises the loss (the per-block steps interact: each
+            minimizes its block's quadratic model, the cross-block curvature is ignored), the factor t that makes
+            ``t d`` lower it: the whole-model quadratic model's optimum along d, ``-g^T d / d^T G d`` (at most 1),
+            halved until the batch loss decreases; ``None`` when not needed (or no factor found).
+        scaled_predicted_decrease, scaled_realized_decrease: the two decreases of ``t d``.
     """
 
     __repr__ = compact_repr
@@ -69,6 +74,9 @@ class NewtonStep:
     loss_before: float
     loss_after: float
     step_norm: float
+    scale: float | None = None
+    scaled_predicted_decrease: float | None = None
+    scaled_realized_decrease: float | None = None
 
     @property
     def num_directions(self) -> int:
@@ -255,14 +263,34 @@ def newton_step(problem, result, damping: float | str = BOOTSTRAP, blocks: Seque
     moved = {n: p + step[n] for n, p in problem.params.items()}
     layout = make_layout(problem, process_group, check=False)
     loss_before, loss_after = layout.loss_value(problem), layout.loss_value(problem, moved)
-    report(len(blocks), len(blocks))
-    return NewtonStep(
+    g_dot, curvature = quadratic_terms(problem, result.columns, step, process_group=process_group)
+    result_step = NewtonStep(
         step=step, damping=damping, blocks=[result.groups[b].name for b in blocks], block_indices=blocks, deltas=deltas,
-        coefficients=coefficients,
-        predicted_decrease=quadratic_decrease(problem, result.columns, step, process_group=process_group),
+        coefficients=coefficients, predicted_decrease=-(g_dot + 0.5 * curvature),
         predicted_decrease_blocks=predicted_blocks, realized_decrease=loss_before - loss_after,
         loss_before=loss_before, loss_after=loss_after,
         step_norm=float(sum((t.to(torch.float64) ** 2).sum() for t in step.values()) ** 0.5))
+    if len(blocks) > 1 and not result_step.realized_decrease > 0 and g_dot < 0 < curvature:
+        _scale_down(problem, layout, result_step, g_dot, curvature)
+    report(len(blocks), len(blocks))
+    return result_step
+
+
+MAX_HALVINGS = 30
+
+
+def _scale_down(problem, layout, step: NewtonStep, g_dot: float, curvature: float) -> None:
+    """The factor ``t`` of :attr:`NewtonStep.scale`: the whole-model quadratic optimum along the summed step
+    (``-g^T d / d^T G d``, at most 1), halved until the batch loss decreases."""
+    t = min(1.0, -g_dot / curvature)
+    for _ in range(MAX_HALVINGS):
+        moved = {n: p + t * step.step[n] for n, p in problem.params.items()}
+        realized = step.loss_before - layout.loss_value(problem, moved)
+        if realized > 0:
+            step.scale, step.scaled_realized_decrease = t, realized
+            step.scaled_predicted_decrease = -(t * g_dot + 0.5 * t * t * curvature)
+            return
+        t /= 2
 
 
 def outputs_jvp(problem, inputs: Tensor, tangent: dict[str, Tensor]) -> Tensor:
@@ -282,6 +310,13 @@ def quadratic_decrease(problem, columns, step: dict[str, Tensor], process_group:
     ``d^T G d = ||V^T d||^2`` with ``(V^T d)_nk = seeds[n, k] . (J_n d)``: one Jacobian-vector product.
     With a ``process_group`` (collective) the gradient and the products are split over the ranks' samples.
     """
+    g_dot, curvature = quadratic_terms(problem, columns, step, process_group)
+    return -(g_dot + 0.5 * curvature)
+
+
+def quadratic_terms(problem, columns, step: dict[str, Tensor], process_group: ProcessGroup | None = None
+                    ) -> tuple[float, float]:
+    """``(g^T d, d^T G d)`` of :func:`quadratic_decrease`."""
     layout = make_layout(problem, process_group, check=False)
     grad = layout.gradient(problem)
     c0, c1 = layout.curvature_range(columns)
@@ -296,4 +331,4 @@ def quadratic_decrease(problem, columns, step: dict[str, Tensor], process_group:
             vtd = columns.project(c0, c1, jd)  # (n, K) in float64
             vtd_sq = (vtd**2).sum()
     vtd_sq = layout.all_reduce_sum({"s": vtd_sq.reshape(1)})["s"][0]
-    return -(g_dot + 0.5 * float(vtd_sq))
+    return g_dot, float(vtd_sq)

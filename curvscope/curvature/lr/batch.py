@@ -17,7 +17,7 @@ from curvscope.curvature.lr import rules
 from curvscope.curvature.lr.cubic import cubic_model, cubic_rates
 from curvscope.curvature.lr.reduced import reduced_gradient, reduced_hessian, step_params, third_order_diagonal
 from curvscope.curvature.lr.results import BatchRates, StepCheck
-from curvscope.curvature.lr.stability import stability_bounds
+from curvscope.curvature.lr.stability import joint_sharpness, stability_bounds
 from curvscope.errors import CurvscopeError
 from curvscope.problem import ParamGroup, Problem
 from curvscope.progress import Progress, counter
@@ -147,6 +147,16 @@ def analyse_batch(problem: Problem, groups: list[ParamGroup], partition: str = "
     recommended, rule_names = rules.recommend_rates(g_hat, h_bar, lr_newton, lr_diag, diag_notes, caps,
                                                     lr_stab_global if along_gradient else math.nan)
 
+    sharpness = math.nan
+    if stability and along_gradient and lam_global > 0:
+        # per-group rates are stable while lambda_max(R^1/2 G R^1/2) < 2: scale them all down to that bound
+        sharpness = joint_sharpness(problem, groups, recommended)
+        if sharpness > 2.0:
+            factor = 2.0 / sharpness
+            recommended = recommended * factor
+            rule_names = [f"{r}, joint stability x{factor:.3g}" for r in rule_names]
+            sharpness = 2.0
+
     def decreases(rates: Tensor) -> bool:  # False for NaN too
         return _loss(problem, step_params(problem.params, u, groups, rates)) < loss_before
 
@@ -160,13 +170,14 @@ def analyse_batch(problem: Problem, groups: list[ParamGroup], partition: str = "
             if not decreases(recommended):
                 suffix += ", no decrease found"
             rule_names = [f"{r}, {suffix}" for r in rule_names]
+            sharpness /= 2 ** halvings
 
     result = BatchRates(
         batch_indices=problem.info.get("batch_indices"), loss_before=loss_before, g_hat=g_hat, h_bar=h_bar,
         h_bar_eigenvalues=evals, h_bar_positive_definite=pd, h_bar_correlation=_correlation(h_bar),
         newton_eta=newton_eta, newton_note=note, lr_newton=lr_newton, lr_diag=lr_diag, diag_notes=diag_notes,
         lambda_max=lam, lr_stability=lr_stab, lambda_max_global=lam_global, lr_stability_global=lr_stab_global,
-        recommended=recommended, rules=rule_names, halvings=halvings)
+        recommended=recommended, rules=rule_names, halvings=halvings, joint_sharpness=sharpness)
 
     sets: dict[str, Tensor] = {"diag": lr_diag, "stability": lr_stab, "recommended": recommended}
     if not along_gradient:

@@ -47,6 +47,9 @@ class BatchRates:
         lr_stability: ``2/lambda_max(G_PP)`` per group; ``lambda_max`` the block eigenvalues.
         recommended, rules: see :func:`~curvscope.curvature.lr.rules.recommend_rates`; ``halvings``: how often
             the loss check halved them.
+        joint_sharpness: ``lambda_max(R^1/2 G R^1/2)`` of the recommended rates R (per parameter): their step is
+            stable on the GGN's quadratic model while it is below 2 (the rates were scaled down to 2 when
+            above); ``nan`` without stability bounds or along another direction than the gradient.
         d3, cubic_eta: order-3 diagonal and the minimizer of the cubic-regularized model (``cubic``);
             ``lr_cubic``: ``cubic_eta`` where positive, ``nan`` elsewhere.
         steps: rate-set name -> :class:`StepCheck`.
@@ -73,6 +76,7 @@ class BatchRates:
     recommended: Tensor
     rules: list[str]
     halvings: int
+    joint_sharpness: float = math.nan
     d3: Tensor | None = None
     cubic_eta: Tensor | None = None
     lr_cubic: Tensor | None = None

@@ -23,8 +23,9 @@ RECOMMENDED_RULE = (
     "joint Newton rates when those of all moving groups are positive; else the diagonal rates "
     "g-hat_s/H-bar_ss, all scaled by the best common factor t<=1 of the quadratic model; a group with neither "
     "(zero gradient or numerically zero GGN block, H-bar_ss<=0, g-hat_s<0) falls back to its block stability "
-    "bound, else the whole-model bound, else 0.01; every rate is capped at its block bound 2/lambda_max(G_PP) "
-    "(bounds only along the gradient); finally all are halved until the batch loss decreases.")
+    "bound, else the whole-model bound, else 0.01; every rate is capped at its block bound 2/lambda_max(G_PP), "
+    "then all are scaled down together until lambda_max(R^1/2 G R^1/2) <= 2 (the stability bound of per-group "
+    "rates R; bounds only along the gradient); finally all are halved until the batch loss decreases.")
 """The rule of :func:`recommend_rates` and of the loss check of
 :func:`~curvscope.curvature.lr.batch.analyse_batch` in one sentence (for reports)."""
 

@@ -56,3 +56,32 @@ def _largest_eigenvalues(problem: Problem, partition: str) -> tuple[float, dict[
         values = [(g.name, max(float(g.lambda_max), 0.0)) for g in result.groups]
     whole = values[0][1]
     return whole, dict(values if partition == "all" else values[1:])
+
+
+JOINT_TOL = 1e-4
+"""The Lanczos tolerance of :func:`joint_sharpness` (relative residual)."""
+
+
+def joint_sharpness(problem: Problem, groups: list[ParamGroup], rates: Tensor) -> float:
+    """``lambda_max(R^1/2 G R^1/2)``, R = diag(the rate of each parameter's group): the stability number of the
+    step ``theta - sum_s eta_s g_s`` with per-group rates (gradient descent on the GGN's quadratic model is
+    stable while it is below 2). With one rate for all it is ``eta lambda_max(G)``; the single-rate bound
+    ``eta < 2/lambda_max(G)`` is sufficient for per-group rates, not necessary: a group may exceed it when the
+    others are small. Lanczos on GGN-vector products (relative residual :data:`JOINT_TOL`).
+    """
+    from curvscope.curvature.matfree.eigen import extreme_eigenpairs
+    from curvscope.curvature.matfree.operators import ggn_operator
+
+    rate = {}
+    for s, group in enumerate(groups):
+        value = float(rates[s]) if math.isfinite(float(rates[s])) and float(rates[s]) > 0 else 0.0
+        for name in group.param_names:
+            rate[name] = value
+    root = torch.cat([torch.full((p.numel(),), math.sqrt(rate.get(n, 0.0)), dtype=problem.dtype,
+                                 device=problem.device) for n, p in problem.params.items()])
+    if not bool((root > 0).any()):
+        return 0.0
+    G = ggn_operator(problem)
+    result = extreme_eigenpairs(lambda v: root * G.matvec(root * v), dim=root.numel(), k=1, which="largest",
+                                tol=JOINT_TOL, dtype=problem.dtype, device=problem.device)
+    return max(float(result.top[0]), 0.0)

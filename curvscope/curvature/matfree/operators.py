@@ -119,7 +119,7 @@ def hessian_operator(problem, names: Sequence[str] | None = None, samples: tuple
     names = _check_names(problem, names)
     if samples is not None and samples[1] <= samples[0]:
         return _zero_operator(problem, names, "hessian")
-    with torch.enable_grad(), twice_differentiable():
+    with torch.enable_grad(), twice_differentiable(problem.model):
         leaves, params = _leaves(problem, names)
         loss = _part_loss(problem, params, samples)
         if loss.requires_grad:
@@ -196,7 +196,7 @@ def ggn_operator(problem, names: Sequence[str] | None = None, samples: tuple[int
     if b1 <= b0:
         return _zero_operator(problem, names, "ggn")
     inputs = problem.inputs if samples is None else problem.inputs[b0:b1]
-    with torch.enable_grad(), twice_differentiable():
+    with torch.enable_grad(), twice_differentiable(problem.model):
         leaves, params = _leaves(problem, names)
         outputs = problem.forward(params, inputs)
         hessian = loss_hessian_product(problem.loss, outputs, problem.targets[b0:b1])

@@ -81,6 +81,9 @@ class LinearChain:
     tensors: tuple[ChainTensor, ...]
     activation_symmetry: str | None
     activations: tuple[str, ...] = ()
+    found: tuple[str, ...] = ()
+    """Every chain found in the model (``a,b`` module names) when this one was discovered among several
+    (:mod:`curvscope.curvature.symmetry.discover`)."""
 
     @property
     def num_layers(self) -> int:

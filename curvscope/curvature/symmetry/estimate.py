@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from curvscope.curvature.gram.rows import per_sample_gradients as per_sample_gradients_of
-from curvscope.curvature.symmetry.chain import find_chain, parse_layers
 from curvscope.curvature.symmetry.coordinates import flatten
+from curvscope.curvature.symmetry.discover import problem_chain
 from curvscope.curvature.symmetry.factors import (
     Factors,
     add_factors,
@@ -99,12 +99,16 @@ def compute_factors(problem, symmetry: str = "orthogonal", source: str = "batch"
         progress: reports stage ``"per-sample"`` (samples done of N) while per-sample gradients are computed.
     """
     one_of("source", source, SOURCES)
-    chain = find_chain(problem.model, problem.params, parse_layers(layers))
+    chain = problem_chain(problem, layers)
     structure = build_structure(chain, symmetry)
     names = chain.param_names
     g_full = problem.gradient()
     g = {n: g_full[n] for n in names}
     notes: list[str] = []
+    if len(chain.found) > 1:
+        notes.append(f"found {len(chain.found)} chains a symmetry acts on ({', '.join(chain.found[:4])}"
+                     f"{', ...' if len(chain.found) > 4 else ''}): the factors are those of the first, "
+                     f"{chain.found[0]}; name another with layers")
     # orthogonal and signed permutations give the same factors: only a ReLU-type net is flagged
     if chain.activation_symmetry == "permutation" and symmetry in ("orthogonal", "signed-permutation"):
         notes.append(f"the activations ({', '.join(chain.activations)}) are only invariant under "

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from curvscope.curvature.symmetry.chain import find_chain, parse_layers
+from curvscope.curvature.symmetry.discover import problem_chain
 from curvscope.curvature.symmetry.factors import Factors, single_gradient_factors
 from curvscope.curvature.symmetry.groups import build_structure
 from curvscope.errors import OptionError
@@ -49,7 +49,7 @@ def symo_direction(problem, layers: str | Sequence[str] | None = None, symmetry:
     update is ``theta - lr * direction``. For two-layer nets this is the joint (Phi_1, Psi_1, Phi_2) inverse
     square root (the hidden bias joins it), for deeper nets one block per component.
     """
-    chain = find_chain(problem.model, problem.params, parse_layers(layers))
+    chain = problem_chain(problem, layers)
     structure = build_structure(chain, symmetry)
     g = problem.gradient()
     factors = single_gradient_factors(structure, {n: g[n] for n in chain.param_names})
