@@ -47,7 +47,10 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from curvscope.io.atomic import committed
+
         debug = _debug_requested(kwargs)
+        written_before = len(committed())
         try:
             with warnings.catch_warnings():
                 if not debug:
@@ -60,14 +63,8 @@ def handle_errors(fn):
                 traceback.print_exc()
             console.print(f"[bold red]error:[/bold red] {_one_line(cli_message(exc))}", soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
-        except signals.Terminated:
-            signals.ignore()
-            console.print("[bold red]terminated[/bold red] (SIGTERM): no output was written or changed")
-            raise typer.Exit(143) from None
-        except KeyboardInterrupt:
-            signals.ignore()
-            console.print("[bold red]interrupted[/bold red]: no output was written or changed")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            _stopped(143 if isinstance(exc, signals.Terminated) else 130, committed()[written_before:])
         except MemoryError:
             console.print("[bold red]error:[/bold red] out of memory: lower --batch-size or --max-memory")
             raise typer.Exit(EXIT_BAD_INPUT) from None
@@ -87,9 +84,27 @@ def handle_errors(fn):
                           "--max-memory", soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except Exception as exc:  # a bug, or a model curvscope cannot differentiate
+            if signals.exit_code() is not None:  # a signal that a library turned into another exception
+                _stopped(signals.exit_code(), committed()[written_before:])
             return _internal(exc, debug)
 
     return wrapper
+
+
+def _stopped(code: int, written: list) -> None:
+    """End a run stopped by SIGINT (130) or SIGTERM (143) with one line that says what is on disk: nothing
+    changed, or (a signal that came while the outputs were moved into place) all of them written."""
+    signals.ignore()
+    what = "[bold red]terminated[/bold red] (SIGTERM)" if code == 143 else "[bold red]interrupted[/bold red]"
+    if written:
+        shown = ", ".join(escape(str(p)) for p in written[:3]) + (f", ... ({len(written)} files)"
+                                                                   if len(written) > 3 else "")
+        text = f"{what}: stopped after its outputs were written ({shown})"
+    else:
+        text = f"{what}: no output was written or changed"
+    console.print(text, soft_wrap=True)
+    signals.report(code, "")  # said: main() adds no second line
+    raise typer.Exit(code) from None
 
 
 def _internal(exc: Exception, debug: bool):
