@@ -137,6 +137,12 @@ def progress_bars(quiet: bool = False):
     return bars(console, quiet)
 
 
+def explicit(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave option ``name`` (command line or environment), as opposed to its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and getattr(source, "name", "") not in ("DEFAULT", "DEFAULT_MAP")
+
+
 def warn(message: str) -> None:
     """A one-line warning on stderr."""
     console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)

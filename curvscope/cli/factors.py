@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from curvscope.cli.common import (
+    explicit,
     handle_errors,
     one_line_paragraphs,
     out,
@@ -52,6 +53,7 @@ OPTIONS = (
 @workflow_options(FactorsOptions, OPTIONS)
 def factors(
     args: ProblemArgs,
+    ctx: typer.Context,
     options: FactorsOptions,
     out_dir: Annotated[Path, typer.Option(
         "--out", "-o", help="Output directory for report.json (section 'factors'), factors.safetensors and "
@@ -82,7 +84,8 @@ def factors(
     options.validate()  # bad options fail before the files load
     problem = args.load()
     with progress_bars() as progress:  # claims the outputs, runs, writes everything together
-        report = run_and_write(problem, out_dir, {"factors": options}, progress, warn=warn)
+        report = run_and_write(problem, out_dir, {"factors": options}, progress, warn=warn,
+                               keep_other=not explicit(ctx, "out_dir"))
     for table in factors_tables(report["factors"]):
         out.print(table)
 

@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from curvscope.cli.common import (
+    explicit,
     handle_errors,
     out,
     progress_bars,
@@ -56,6 +57,7 @@ OPTIONS = (
 @workflow_options(SpectrumOptions, OPTIONS)
 def spectrum(
     args: ProblemArgs,
+    ctx: typer.Context,
     options: SpectrumOptions,
     out_dir: Annotated[Path, typer.Option(
         "--out", "-o", help="Output directory for report.json, plots and directions.safetensors (a report of "
@@ -82,7 +84,7 @@ def spectrum(
     options.validate()  # bad options fail before the files load
     if launch is None:
         problem = args.load()
-        report = _run(problem, options, out_dir, None, True)
+        report = _run(problem, options, out_dir, None, True, keep_other=not explicit(ctx, "out_dir"))
     else:
         try:
             rank_device = distributed.launch_device(launch, args.device)
@@ -93,7 +95,7 @@ def spectrum(
             comm = distributed.Comm.create(distributed.init_from_env(launch, rank_device), rank_device)
             with comm.stage():  # a file missing on one node ends every rank with that message
                 problem = args.load(device=str(rank_device))
-            report = _run(problem, options, out_dir, comm, launch.primary)
+            report = _run(problem, options, out_dir, comm, launch.primary, keep_other=not explicit(ctx, "out_dir"))
         finally:
             distributed.shutdown()
     if report is not None:
@@ -103,7 +105,7 @@ def spectrum(
             out.print(table)
 
 
-def _run(problem, options, out_dir: Path, comm, primary: bool):
+def _run(problem, options, out_dir: Path, comm, primary: bool, keep_other: bool = False):
     """Compute (collectively with ``comm``) and, on the primary process, write every output together."""
     from curvscope.curvature import distributed
     from curvscope.report.writer import ReportWriter
@@ -112,7 +114,7 @@ def _run(problem, options, out_dir: Path, comm, primary: bool):
     writer = None
     with distributed.stage(comm):
         if primary:
-            writer = ReportWriter(out_dir, problem, warn=warn)
+            writer = ReportWriter(out_dir, problem, warn=warn, keep_other=keep_other)
             claim_spectrum(writer, options)
         options.plan(problem)  # refuse what cannot be computed before the bars start
     with progress_bars(quiet=not primary) as progress:
