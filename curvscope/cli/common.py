@@ -137,6 +137,14 @@ def progress_bars(quiet: bool = False):
     return bars(console, quiet)
 
 
+def print_report(report: dict[str, Any]) -> None:
+    """The report as written, as JSON on stdout (``--json``): integers stay integers, no NaN (the report has
+    none)."""
+    import json
+
+    print(json.dumps(report, indent=2, allow_nan=False), flush=True)
+
+
 def explicit(ctx: typer.Context, name: str) -> bool:
     """Whether the user gave option ``name`` (command line or environment), as opposed to its default."""
     source = ctx.get_parameter_source(name)

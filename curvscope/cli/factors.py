@@ -12,14 +12,24 @@ from typing import Annotated
 import typer
 
 from curvscope.cli.common import (
+    console,
     explicit,
     handle_errors,
     one_line_paragraphs,
     out,
+    print_report,
     progress_bars,
     warn,
 )
-from curvscope.cli.options import DEFAULT_OUT, DebugOpt, ProblemArgs, flag, problem_options, workflow_options
+from curvscope.cli.options import (
+    DEFAULT_OUT,
+    DebugOpt,
+    ProblemArgs,
+    ReportJsonOpt,
+    flag,
+    problem_options,
+    workflow_options,
+)
 from curvscope.cli.root import app
 from curvscope.workflows.factors import FactorsOptions
 
@@ -59,6 +69,7 @@ def factors(
         "--out", "-o", help="Output directory for report.json (section 'factors'), factors.safetensors and "
         "factors.png (a report of the same problem there is merged, not replaced).",
         rich_help_panel=FILES_HELP)] = DEFAULT_OUT,
+    json_output: ReportJsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Symmetry-structured curvature factors of a Linear chain, their ensemble ground truth, and SymO.
@@ -86,8 +97,11 @@ def factors(
     with progress_bars() as progress:  # claims the outputs, runs, writes everything together
         report = run_and_write(problem, out_dir, {"factors": options}, progress, warn=warn,
                                keep_other=not explicit(ctx, "out_dir"))
+    screen = console if json_output else out
     for table in factors_tables(report["factors"]):
-        out.print(table)
+        screen.print(table)
+    if json_output:
+        print_report(report)
 
 
 factors.__doc__ = one_line_paragraphs(factors.__doc__ or "")

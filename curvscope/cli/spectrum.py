@@ -12,14 +12,24 @@ from typing import Annotated
 import typer
 
 from curvscope.cli.common import (
+    console,
     explicit,
     handle_errors,
     out,
+    print_report,
     progress_bars,
     quiet_output,
     warn,
 )
-from curvscope.cli.options import DEFAULT_OUT, DebugOpt, ProblemArgs, flag, problem_options, workflow_options
+from curvscope.cli.options import (
+    DEFAULT_OUT,
+    DebugOpt,
+    ProblemArgs,
+    ReportJsonOpt,
+    flag,
+    problem_options,
+    workflow_options,
+)
 from curvscope.cli.root import app
 from curvscope.errors import CurvscopeError
 from curvscope.workflows.spectrum import SpectrumOptions
@@ -62,6 +72,7 @@ def spectrum(
     out_dir: Annotated[Path, typer.Option(
         "--out", "-o", help="Output directory for report.json, plots and directions.safetensors (a report of "
         "the same problem there is merged, not replaced).", rich_help_panel=FILES_HELP)] = DEFAULT_OUT,
+    json_output: ReportJsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Exact GGN eigenspectrum of a batch, with per-sample directional derivatives and their noise.
@@ -101,8 +112,11 @@ def spectrum(
     if report is not None:
         from curvscope.report.tables import spectrum_summary
 
-        for table in spectrum_summary(report, str(out_dir), out.width):
-            out.print(table)
+        screen = console if json_output else out
+        for table in spectrum_summary(report, str(out_dir), screen.width):
+            screen.print(table)
+        if json_output:
+            print_report(report)
 
 
 def _run(problem, options, out_dir: Path, comm, primary: bool, keep_other: bool = False):

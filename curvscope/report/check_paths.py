@@ -350,16 +350,18 @@ def _unknown(report: dict, path: tuple[Step, ...], detail: str, where: str,
     return CurvscopeError(message)
 
 
-def numeric(match: Match, *, where: str = "the report") -> float | None:
-    """The number at ``match`` (``None`` for null); :class:`CurvscopeError` when it is not a number."""
+def numeric(match: Match, *, where: str = "the report") -> float | int | None:
+    """The number at ``match`` (``None`` for null; an integer stays an integer); :class:`CurvscopeError` when
+    it is not a number."""
     value = match.value
     if value is None:
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except OverflowError:  # an integer beyond the float range: as infinite as it gets
+    if isinstance(value, int) and not isinstance(value, bool):  # kept an integer (a JSON summary prints 23, not 23.0)
+        if abs(value) > 2**1000:  # beyond the float range: as infinite as it gets
             return math.inf if value > 0 else -math.inf
+        return value
+    if isinstance(value, float):
+        return value
     if isinstance(value, list):
         raise CurvscopeError(f"'{match.path}' in {where} is a list of {len(value)} values, not a number: use "
                              f"'{match.path}[*]' (every element must pass) or '{match.path}[0]'")

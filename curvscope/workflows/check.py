@@ -103,6 +103,12 @@ def prepare_check(target: Path, rule_texts: list[str], config_path: Path | None,
         plan.baseline = read_report(plan.baseline_file)
     if target.is_dir() and (target / REPORT_NAME).is_file():
         plan.target = target / REPORT_NAME
+    elif not target.exists():
+        kind = "report" if plan.computes is False else "report directory or checkpoint"
+        raise CurvscopeError(f"{target}: not found (expected a {kind})")
+    elif target.is_dir() and not (target / "config.json").is_file():
+        raise CurvscopeError(f"{target}: no {REPORT_NAME} in this directory (expected a report, its directory, "
+                             "or a checkpoint)")
     if not plan.computes:
         if given:
             names = sorted(given)
