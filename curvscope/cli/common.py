@@ -152,8 +152,18 @@ def explicit(ctx: typer.Context, name: str) -> bool:
 
 
 def warn(message: str) -> None:
-    """A one-line warning on stderr."""
-    console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
+    """A warning on stderr: one line in a log (easy to grep), wrapped to the terminal's width with a hanging
+    indent on a terminal."""
+    if not console.is_terminal:
+        console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
+        return
+    from rich.table import Table
+
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="yellow", no_wrap=True)
+    grid.add_column(overflow="fold")
+    grid.add_row("warning:", escape(message))
+    console.print(grid)
 
 
 def quiet_output(quiet: bool = True) -> None:

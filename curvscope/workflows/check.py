@@ -104,8 +104,9 @@ def prepare_check(target: Path, rule_texts: list[str], config_path: Path | None,
     if target.is_dir() and (target / REPORT_NAME).is_file():
         plan.target = target / REPORT_NAME
     elif not target.exists():
-        kind = "report" if plan.computes is False else "report directory or checkpoint"
-        raise CurvscopeError(f"{target}: not found (expected a {kind})")
+        if not plan.computes:
+            raise CurvscopeError(f"{target}: report file not found")
+        raise CurvscopeError(f"{target}: not found (expected a report, its directory, or a checkpoint)")
     elif target.is_dir() and not (target / "config.json").is_file():
         raise CurvscopeError(f"{target}: no {REPORT_NAME} in this directory (expected a report, its directory, "
                              "or a checkpoint)")
