@@ -3,8 +3,8 @@
 :class:`Outputs` collects a run's files (checked up front: writable, a regular file or absent, no two outputs
 on one path), stages each one as a hidden temporary file beside its target, and only when every file is
 staged moves them into place. A failure, Ctrl-C or SIGTERM before that removes the staged files and leaves
-the earlier outputs untouched; while the files are moved into place, SIGINT and SIGTERM are held back, and a
-failure there puts the previous files back.
+the earlier outputs untouched; while the files are moved into place, SIGINT and SIGTERM are held back
+(delivered once all are in place), and a failure there puts the previous files back.
 """
 
 from __future__ import annotations
@@ -301,16 +301,32 @@ def _move_all(staged: list[tuple[_Output, Path]], removals: list[Path] = ()) -> 
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back (delivered after the block) in the main thread."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    """Hold SIGINT and SIGTERM back during the block and deliver them after it (main thread only).
+
+    The Python-level handlers are swapped for one that only records the signal, then restored, and a recorded
+    signal is raised again. (A thread's signal mask would not do: a process-directed signal goes to any thread
+    that does not block it, PyTorch's worker threads included, and Python then runs the handler in the main
+    thread at once.)"""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    mask = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, mask)
+    pending: list[int] = []
+
+    def defer(signum, frame):  # noqa: ARG001
+        pending.append(signum)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, OSError, TypeError):
+            previous[sig] = signal.signal(sig, defer)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in previous.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for sig in dict.fromkeys(pending):
+            signal.raise_signal(sig)
 
 
 def _same_file(option: str, path: Path, other: str) -> OptionError:
