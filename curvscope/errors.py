@@ -74,6 +74,13 @@ def at_least(name: str, value: int | float | None, low: int | float, *, optional
         raise OptionError(name, f"must be at least {low}, got {value}")
 
 
+def at_most(name: str, value: int | float | None, high: int | float, why: str = "") -> None:
+    """``value <= high`` (``None`` passes); :class:`OptionError` otherwise: an absurd count is refused up front
+    instead of hanging the run (``why``: what the maximum is for)."""
+    if value is not None and value > high:
+        raise OptionError(name, f"must be at most {high:,}, got {value:,}" + (f" ({why})" if why else ""))
+
+
 def one_of(name: str, value: str, choices: Iterable[str]) -> None:
     """``value`` is one of ``choices``."""
     choices = list(choices)

@@ -1,17 +1,14 @@
 """Command-line interface: ``curvscope info | spectrum | factors | lr-suggest | check``.
 
-Nothing heavy is imported with this package: :func:`main` installs the signal handlers first, so that Ctrl-C
-or SIGTERM at any moment, imports included, ends with one line and exit 130 / 143, never a traceback.
+Nothing is imported with this package: :func:`main` installs the signal handlers first, so that Ctrl-C or
+SIGTERM at any moment after curvscope's first line runs, imports included, ends with one line and exit 130 /
+143, never a traceback or a death by signal.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import sys
 from typing import Any
-
-from curvscope.commands import computing_commands
 
 
 def _load_app():
@@ -36,8 +33,10 @@ def main() -> None:
     """Console-script entry point."""
     from curvscope.cli import signals
 
+    signals.install()  # first: a signal from here on ends with one line and 130 / 143
+    import gc
+
     try:
-        signals.install()  # first: a SIGTERM while PyTorch loads ends with one line too
         torch_needed = needs_torch(sys.argv[1:])
         gc.disable()  # imports make objects that live until exit: collecting among them is wasted (0.1 s)
         with _starting(torch_needed):
@@ -46,23 +45,30 @@ def main() -> None:
                 import torch  # noqa: F401  (the command will: now, under the spinner, and frozen below)
         gc.freeze()  # the libraries just imported live until exit: no collection scans them again
         gc.enable()
+        signals.arm()  # the command runs: a signal now unwinds it (its staged outputs are removed)
         app()
     except SystemExit as exc:
         gc.freeze()  # nor at exit: the interpreter's last collection of all objects takes longer than the run's
 
-        if exc.code in (130, 143):  # ended by a signal: leave now, before a late second one can kill us
-            signals.exit_now(int(exc.code))
+        code = signals.exit_code()  # a signal came (some library may have turned it into another exit)
+        if code is not None or exc.code in (130, 143):  # ended by a signal: leave now, before a late second one
+            code = code or int(exc.code)
+            signals.report(code)
+            signals.exit_now(code)
         if _launched_distributed() and (exc.code is None or isinstance(exc.code, int)):
             # a torchrun rank, its process group destroyed and its outputs written: skip the interpreter's
             # shutdown, where gloo's threads sometimes abort the process (std::terminate, about 1 run in 40 on
             # 2 cores), which torchrun reports as a failure of the whole run
             signals.exit_now(exc.code or 0)
         raise
-    except KeyboardInterrupt as exc:  # before the commands' own handling (imports, argument parsing)
-        terminated = isinstance(exc, signals.Terminated)
-        with contextlib.suppress(Exception):
-            sys.stderr.write("terminated (SIGTERM)\n" if terminated else "interrupted\n")
-        signals.exit_now(143 if terminated else 130)
+    except BaseException as exc:  # before the commands' own handling (imports, argument parsing), or a signal
+        code = signals.exit_code()  # that surfaced as another exception
+        if isinstance(exc, KeyboardInterrupt):
+            code = 143 if isinstance(exc, signals.Terminated) else (code or 130)
+        if code is None:
+            raise
+        signals.report(code)
+        signals.exit_now(code)
 
 
 def _launched_distributed() -> bool:
@@ -76,10 +82,15 @@ def _launched_distributed() -> bool:
 
 OTHERS = ("check", "info", "show")
 """The commands that are not computing commands of :data:`curvscope.commands.COMMANDS` (module names)."""
-COMPUTING = (*computing_commands(), "info")
-"""Commands that load a model (PyTorch): the registry's computing commands and ``info``. ``check`` does with
-``--data`` (a checkpoint to compute); gating a saved report, ``show`` and ``--help`` start without it (a fifth
-of a second)."""
+
+
+def computing() -> tuple[str, ...]:
+    """Commands that load a model (PyTorch): the registry's computing commands and ``info``. ``check`` does with
+    ``--data`` (a checkpoint to compute); gating a saved report, ``show`` and ``--help`` start without it (a
+    fifth of a second)."""
+    from curvscope.commands import computing_commands
+
+    return (*computing_commands(), "info")
 
 
 def needs_torch(args: list[str]) -> bool:
@@ -87,13 +98,15 @@ def needs_torch(args: list[str]) -> bool:
     only time: the command imports what it needs either way."""
     if not args or "-h" in args or "--help" in args:
         return False
-    if args[0] in COMPUTING:
+    if args[0] in computing():
         return True
     return args[0] == "check" and any(a == "--data" or a.startswith("--data=") for a in args)
 
 
 def _starting(torch_needed: bool):
     """A spinner on an interactive stderr while PyTorch loads (so that something shows within a second)."""
+    import contextlib
+
     if not torch_needed or not sys.stderr.isatty():
         return contextlib.nullcontext()
     from rich.console import Console
@@ -104,6 +117,8 @@ def _starting(torch_needed: bool):
 def __getattr__(name: str) -> Any:
     if name == "app":
         return _load_app()
+    if name == "COMPUTING":
+        return computing()
     raise AttributeError(name)
 
 

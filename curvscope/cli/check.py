@@ -18,6 +18,7 @@ from curvscope.cli.common import (
     EXIT_FAILED,
     cli_message,
     console,
+    explicit,
     handle_errors,
     out,
     progress_bars,
@@ -125,7 +126,7 @@ def _check(ctx, target, rule_texts, config_path, baseline_path, increases, decre
             return replace(args, checkpoint=plan.target, **values).load()
     # 2. the report: read it, or compute it from the checkpoint; 3. the verdict
     with progress_bars(json_output) as progress:
-        outcome = run_check(plan, out_dir, load, progress, started, warn)
+        outcome = run_check(plan, out_dir, load, progress, started, warn, keep_other="out_dir" not in given)
     if outcome.computed and not json_output:
         console.print(f"report: {escape(str(outcome.report_path))} (computed: {', '.join(outcome.computed)})")
     for warning in outcome.warnings:
@@ -147,8 +148,5 @@ def _check(ctx, target, rule_texts, config_path, baseline_path, increases, decre
         raise typer.Exit(EXIT_FAILED)
 
 
-def _explicit(ctx: typer.Context, name: str) -> bool:
-    """Whether the user gave option ``name`` (command line or environment), as opposed to its default."""
-    source = ctx.get_parameter_source(name)
-    return source is not None and getattr(source, "name", "") not in ("DEFAULT", "DEFAULT_MAP")
+_explicit = explicit
 

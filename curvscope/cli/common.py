@@ -56,7 +56,10 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from curvscope.io.atomic import committed
+
         debug = _debug_requested(kwargs)
+        written_before = len(committed())
         try:
             with warnings.catch_warnings():
                 if not debug:
@@ -69,14 +72,8 @@ def handle_errors(fn):
                 traceback.print_exc()
             console.print(f"[bold red]error:[/bold red] {_one_line(cli_message(exc))}", soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
-        except signals.Terminated:
-            signals.ignore()
-            console.print("[bold red]terminated[/bold red] (SIGTERM): no output was written or changed")
-            raise typer.Exit(143) from None
-        except KeyboardInterrupt:
-            signals.ignore()
-            console.print("[bold red]interrupted[/bold red]: no output was written or changed")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            _stopped(143 if isinstance(exc, signals.Terminated) else 130, committed()[written_before:])
         except MemoryError:
             console.print("[bold red]error:[/bold red] out of memory: lower --batch-size or --max-memory")
             raise typer.Exit(EXIT_BAD_INPUT) from None
@@ -96,9 +93,27 @@ def handle_errors(fn):
                           "--max-memory", soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except Exception as exc:  # a bug, or a model curvscope cannot differentiate
+            if signals.exit_code() is not None:  # a signal that a library turned into another exception
+                _stopped(signals.exit_code(), committed()[written_before:])
             return _internal(exc, debug)
 
     return wrapper
+
+
+def _stopped(code: int, written: list) -> None:
+    """End a run stopped by SIGINT (130) or SIGTERM (143) with one line that says what is on disk: nothing
+    changed, or (a signal that came while the outputs were moved into place) all of them written."""
+    signals.ignore()
+    what = "[bold red]terminated[/bold red] (SIGTERM)" if code == 143 else "[bold red]interrupted[/bold red]"
+    if written:
+        shown = ", ".join(escape(str(p)) for p in written[:3]) + (f", ... ({len(written)} files)"
+                                                                   if len(written) > 3 else "")
+        text = f"{what}: stopped after its outputs were written ({shown})"
+    else:
+        text = f"{what}: no output was written or changed"
+    console.print(text, soft_wrap=True)
+    signals.report(code, "")  # said: main() adds no second line
+    raise typer.Exit(code) from None
 
 
 def _internal(exc: Exception, debug: bool):
@@ -131,9 +146,33 @@ def progress_bars(quiet: bool = False):
     return bars(console, quiet)
 
 
+def print_report(report: dict[str, Any]) -> None:
+    """The report as written, as JSON on stdout (``--json``): integers stay integers, no NaN (the report has
+    none)."""
+    import json
+
+    print(json.dumps(report, indent=2, allow_nan=False), flush=True)
+
+
+def explicit(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave option ``name`` (command line or environment), as opposed to its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and getattr(source, "name", "") not in ("DEFAULT", "DEFAULT_MAP")
+
+
 def warn(message: str) -> None:
-    """A one-line warning on stderr."""
-    console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
+    """A warning on stderr: one line in a log (easy to grep), wrapped to the terminal's width with a hanging
+    indent on a terminal."""
+    if not console.is_terminal:
+        console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
+        return
+    from rich.table import Table
+
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="yellow", no_wrap=True)
+    grid.add_column(overflow="fold")
+    grid.add_row("warning:", escape(message))
+    console.print(grid)
 
 
 def quiet_output(quiet: bool = True) -> None:

@@ -12,13 +12,24 @@ from typing import Annotated
 import typer
 
 from curvscope.cli.common import (
+    console,
+    explicit,
     handle_errors,
     one_line_paragraphs,
     out,
+    print_report,
     progress_bars,
     warn,
 )
-from curvscope.cli.options import DEFAULT_OUT, DebugOpt, ProblemArgs, flag, problem_options, workflow_options
+from curvscope.cli.options import (
+    DEFAULT_OUT,
+    DebugOpt,
+    ProblemArgs,
+    ReportJsonOpt,
+    flag,
+    problem_options,
+    workflow_options,
+)
 from curvscope.cli.root import app
 from curvscope.workflows.factors import FactorsOptions
 
@@ -52,11 +63,13 @@ OPTIONS = (
 @workflow_options(FactorsOptions, OPTIONS)
 def factors(
     args: ProblemArgs,
+    ctx: typer.Context,
     options: FactorsOptions,
     out_dir: Annotated[Path, typer.Option(
         "--out", "-o", help="Output directory for report.json (section 'factors'), factors.safetensors and "
         "factors.png (a report of the same problem there is merged, not replaced).",
         rich_help_panel=FILES_HELP)] = DEFAULT_OUT,
+    json_output: ReportJsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Symmetry-structured curvature factors of a Linear chain, their ensemble ground truth, and SymO.
@@ -82,9 +95,13 @@ def factors(
     options.validate()  # bad options fail before the files load
     problem = args.load()
     with progress_bars() as progress:  # claims the outputs, runs, writes everything together
-        report = run_and_write(problem, out_dir, {"factors": options}, progress, warn=warn)
+        report = run_and_write(problem, out_dir, {"factors": options}, progress, warn=warn,
+                               keep_other=not explicit(ctx, "out_dir"))
+    screen = console if json_output else out
     for table in factors_tables(report["factors"]):
-        out.print(table)
+        screen.print(table)
+    if json_output:
+        print_report(report)
 
 
 factors.__doc__ = one_line_paragraphs(factors.__doc__ or "")

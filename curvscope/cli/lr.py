@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from curvscope.cli.common import (
     console,
+    explicit,
     handle_errors,
     one_line_paragraphs,
     out,
@@ -73,6 +74,7 @@ OPTIONS = (
 @workflow_options(LrOptions, OPTIONS)
 def lr_suggest(
     args: ProblemArgs,
+    ctx: typer.Context,
     options: LrOptions,
     emit: Annotated[str, typer.Option(
         "--emit", help="Print the recommended rates as code on stdout (tables go to stderr then): torch (a "
@@ -92,7 +94,7 @@ def lr_suggest(
     options.validate()  # bad options fail before the files load
     one_of("emit", emit, EMITS)
     problem = args.load()
-    writer = ReportWriter(out_dir, problem, warn=warn)
+    writer = ReportWriter(out_dir, problem, warn=warn, keep_other=not explicit(ctx, "out_dir"))
     with progress_bars() as progress:
         result = run_lr(problem, options, progress)
         write_lr(writer, problem, result, options)

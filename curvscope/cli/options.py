@@ -138,6 +138,9 @@ JunitOpt = Annotated[Optional[Path], typer.Option(
 JsonOpt = Annotated[bool, typer.Option(
     "--json", help="Print a JSON summary on stdout instead of the table (the table goes to stderr).",
     rich_help_panel=OUTPUT_HELP)]
+ReportJsonOpt = Annotated[bool, typer.Option(
+    "--json", help="Print the report (report.json as written) on stdout; the summary tables go to stderr.",
+    rich_help_panel=OUTPUT_HELP)]
 OutDirOpt = Annotated[Path, typer.Option(
     "--out", "-o", help="Output directory when TARGET is a checkpoint: DIR/report.json and what the "
     "computations write beside it (a report of the same problem there is merged, not replaced).",

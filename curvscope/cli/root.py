@@ -63,3 +63,30 @@ def _one_line_usage_errors() -> None:
 
 
 _one_line_usage_errors()
+
+
+def _whole_option_names() -> None:
+    """``--help`` at 80 columns never truncates an option's name (``--trust-model-c…``): in typer's options
+    tables every column but the last two (type and help text) keeps its width, so the help text wraps instead
+    (a word longer than its column folds, never ends in "…").
+    A typer without this table layout is left as it is."""
+    from typer import rich_utils
+
+    base = getattr(rich_utils, "Table", None)
+    if base is None or getattr(base, "_curvscope_whole_names", False):
+        return
+
+    class WholeNames(base):
+        _curvscope_whole_names = True
+
+        def add_row(self, *cells, **kwargs):
+            super().add_row(*cells, **kwargs)
+            for column in self.columns[:-2]:
+                column.no_wrap = True
+            for column in self.columns[-2:]:
+                column.overflow = "fold"  # a long word in the help text folds onto the next line, not "…"
+
+    rich_utils.Table = WholeNames
+
+
+_whole_option_names()

@@ -12,13 +12,24 @@ from typing import Annotated
 import typer
 
 from curvscope.cli.common import (
+    console,
+    explicit,
     handle_errors,
     out,
+    print_report,
     progress_bars,
     quiet_output,
     warn,
 )
-from curvscope.cli.options import DEFAULT_OUT, DebugOpt, ProblemArgs, flag, problem_options, workflow_options
+from curvscope.cli.options import (
+    DEFAULT_OUT,
+    DebugOpt,
+    ProblemArgs,
+    ReportJsonOpt,
+    flag,
+    problem_options,
+    workflow_options,
+)
 from curvscope.cli.root import app
 from curvscope.errors import CurvscopeError
 from curvscope.workflows.spectrum import SpectrumOptions
@@ -57,10 +68,12 @@ OPTIONS = (
 @workflow_options(SpectrumOptions, OPTIONS)
 def spectrum(
     args: ProblemArgs,
+    ctx: typer.Context,
     options: SpectrumOptions,
     out_dir: Annotated[Path, typer.Option(
         "--out", "-o", help="Output directory for report.json, plots and directions.safetensors (a report of "
         "the same problem there is merged, not replaced).", rich_help_panel=FILES_HELP)] = DEFAULT_OUT,
+    json_output: ReportJsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Exact GGN eigenspectrum of a batch, with per-sample directional derivatives and their noise.
@@ -83,7 +96,7 @@ def spectrum(
     options.validate()  # bad options fail before the files load
     if launch is None:
         problem = args.load()
-        report = _run(problem, options, out_dir, None, True)
+        report = _run(problem, options, out_dir, None, True, keep_other=not explicit(ctx, "out_dir"))
     else:
         try:
             rank_device = distributed.launch_device(launch, args.device)
@@ -94,17 +107,20 @@ def spectrum(
             comm = distributed.Comm.create(distributed.init_from_env(launch, rank_device), rank_device)
             with comm.stage():  # a file missing on one node ends every rank with that message
                 problem = args.load(device=str(rank_device))
-            report = _run(problem, options, out_dir, comm, launch.primary)
+            report = _run(problem, options, out_dir, comm, launch.primary, keep_other=not explicit(ctx, "out_dir"))
         finally:
             distributed.shutdown()
     if report is not None:
         from curvscope.report.tables import spectrum_summary
 
-        for table in spectrum_summary(report, str(out_dir), out.width):
-            out.print(table)
+        screen = console if json_output else out
+        for table in spectrum_summary(report, str(out_dir), screen.width):
+            screen.print(table)
+        if json_output:
+            print_report(report)
 
 
-def _run(problem, options, out_dir: Path, comm, primary: bool):
+def _run(problem, options, out_dir: Path, comm, primary: bool, keep_other: bool = False):
     """Compute (collectively with ``comm``) and, on the primary process, write every output together."""
     from curvscope.curvature import distributed
     from curvscope.report.writer import ReportWriter
@@ -113,7 +129,7 @@ def _run(problem, options, out_dir: Path, comm, primary: bool):
     writer = None
     with distributed.stage(comm):
         if primary:
-            writer = ReportWriter(out_dir, problem, warn=warn)
+            writer = ReportWriter(out_dir, problem, warn=warn, keep_other=keep_other)
             claim_spectrum(writer, options)
         options.plan(problem)  # refuse what cannot be computed before the bars start
     with progress_bars(quiet=not primary) as progress:

@@ -3,8 +3,8 @@
 :class:`Outputs` collects a run's files (checked up front: writable, a regular file or absent, no two outputs
 on one path), stages each one as a hidden temporary file beside its target, and only when every file is
 staged moves them into place. A failure, Ctrl-C or SIGTERM before that removes the staged files and leaves
-the earlier outputs untouched; while the files are moved into place, SIGINT and SIGTERM are held back, and a
-failure there puts the previous files back.
+the earlier outputs untouched; while the files are moved into place, SIGINT and SIGTERM are held back
+(delivered once all are in place), and a failure there puts the previous files back.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import signal
 import stat
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +22,16 @@ from pathlib import Path
 
 from curvscope.errors import CurvscopeError, OptionError
 from curvscope.progress import Progress, or_silent
+
+_COMMITTED: list[Path] = []
+"""Every file this process has moved into place, in order (:func:`committed`)."""
+
+
+def committed() -> list[Path]:
+    """The files this process has written (moved into place) so far: a run stopped by a signal says whether its
+    outputs were already replaced."""
+    return list(_COMMITTED)
+
 
 Writer = Callable[[Path], None]
 """``write(tmp_path)``: writes the whole content of one output file to ``tmp_path``."""
@@ -169,23 +179,28 @@ class Outputs:
         """
         progress = or_silent(progress)
         pending = [o for o in self._outputs.values() if o.write is not _unset]
-        staged: list[tuple[_Output, Path]] = []
+        temporary: list[Path] = []  # every staged file's name, recorded before the file is created
         made: list[Path] = []  # directories this commit created: removed again when it fails
+        done = False
         try:
+            staged: list[tuple[_Output, Path]] = []
             for i, output in enumerate(pending):
                 progress("write", i, len(pending))
-                staged.append((output, _stage(output, made)))
-            with _signals_held():
+                staged.append((output, _stage(output, made, temporary)))
+            with _signals_held():  # a signal is delivered after the block: the files are in place, and recorded
                 _move_all(staged, self._removals)
-            staged, made = [], []
+                done = True
+                _COMMITTED.extend(o.path for o in pending)
             progress("write", len(pending), len(pending))
         finally:
-            for _, tmp in staged:
-                with contextlib.suppress(OSError):
-                    tmp.unlink(missing_ok=True)
-            for directory in reversed(made):
-                with contextlib.suppress(OSError):
-                    directory.rmdir()  # only when empty: nothing else was put there meanwhile
+            if not done:
+                with _signals_held():  # a second signal does not cut the clean-up short
+                    for tmp in temporary:
+                        with contextlib.suppress(OSError):
+                            tmp.unlink(missing_ok=True)
+                    for directory in reversed(made):
+                        with contextlib.suppress(OSError):
+                            directory.rmdir()  # only when empty: nothing else was put there meanwhile
         return [o.path for o in pending]
 
 
@@ -220,21 +235,21 @@ def _os_error(exc: BaseException) -> OSError | None:
     return None
 
 
-def _stage(output: _Output, made: list[Path] | None = None) -> Path:
-    """Write one output to a hidden temporary file beside its target (same file system: the rename is atomic)."""
+def _stage(output: _Output, made: list[Path] | None = None, temporary: list[Path] | None = None) -> Path:
+    """Write one output to a hidden temporary file beside its target (same file system: the rename is atomic).
+    Each directory created is appended to ``made``, the temporary file's name to ``temporary`` before the file
+    exists (so that a signal at any moment leaves nothing the caller cannot remove)."""
     path = output.path
+    temporary = temporary if temporary is not None else []
     try:
         _make_parents(path.parent, made if made is not None else [])
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        temporary.append(tmp)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the usual permissions (umask)
     except OSError as exc:
         raise OptionError(output.option, f"{path}: cannot write ({exc.strerror or exc})") from exc
-    os.close(fd)
-    tmp = Path(name)
     try:
         output.write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
@@ -286,16 +301,32 @@ def _move_all(staged: list[tuple[_Output, Path]], removals: list[Path] = ()) -> 
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back (delivered after the block) in the main thread."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    """Hold SIGINT and SIGTERM back during the block and deliver them after it (main thread only).
+
+    The Python-level handlers are swapped for one that only records the signal, then restored, and a recorded
+    signal is raised again. (A thread's signal mask would not do: a process-directed signal goes to any thread
+    that does not block it, PyTorch's worker threads included, and Python then runs the handler in the main
+    thread at once.)"""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    mask = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, mask)
+    pending: list[int] = []
+
+    def defer(signum, frame):  # noqa: ARG001
+        pending.append(signum)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, OSError, TypeError):
+            previous[sig] = signal.signal(sig, defer)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in previous.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for sig in dict.fromkeys(pending):
+            signal.raise_signal(sig)
 
 
 def _same_file(option: str, path: Path, other: str) -> OptionError:

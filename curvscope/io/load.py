@@ -266,7 +266,7 @@ def _load_model(checkpoint: str | os.PathLike | None, model: str | None,
     ``{"loss": str | None, "shift_labels": bool | None, "loss_reason": str}``."""
     from curvscope.io.checkpoints import Checkpoint, apply_state_dict, load_checkpoint
     from curvscope.io.hf import is_hf_directory, load_hf_model
-    from curvscope.io.spec import build_model, canonical_spec, check_trusted, parse_model_kwargs
+    from curvscope.io.spec import build_model, canonical_spec, check_trusted, parse_model_kwargs, relative_to
 
     loaded = isinstance(checkpoint, Checkpoint)  # a checkpoint already read (curvscope track's first one)
     if checkpoint is not None and not loaded and is_hf_directory(checkpoint):
@@ -278,7 +278,7 @@ def _load_model(checkpoint: str | os.PathLike | None, model: str | None,
                 **hf.info}
         return hf.model, info, {"loss": hf.loss, "shift_labels": hf.shift_labels, "loss_reason": hf.loss_reason}
     ckpt = checkpoint if loaded else load_checkpoint(checkpoint) if checkpoint is not None else None
-    spec = model or (ckpt.model_spec if ckpt else None)
+    spec = model or (relative_to(ckpt.model_spec, ckpt.path.parent) if ckpt and ckpt.model_spec else None)
     if spec is None:
         if ckpt is None:
             raise OptionError("model", lambda name: f"no model: pass a {name('checkpoint')}, or "

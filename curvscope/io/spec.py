@@ -42,6 +42,18 @@ def parse_model_kwargs(text: str | None, source: str | None = None) -> dict[str,
     return value
 
 
+def relative_to(spec: str, base: str | os.PathLike) -> str:
+    """A ``file.py:factory`` spec that a file names (checkpoint metadata, a config) with a relative path is
+    relative to that file's directory ``base``, not to the current directory; other specs are returned as
+    they are."""
+    import re
+
+    match = re.fullmatch(r"(.+\.py)(:[A-Za-z_][A-Za-z0-9_]*)?", spec)
+    if not match or Path(match.group(1)).is_absolute():
+        return spec
+    return str(Path(base) / match.group(1)) + (match.group(2) or "")
+
+
 def canonical_spec(spec: str | None) -> str | None:
     """The spec with built-in short names expanded: ``mlp`` -> ``curvscope.models:mlp``."""
     if spec in BUILTIN:

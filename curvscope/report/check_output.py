@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+from rich.console import RenderableType
 from rich.markup import escape
 from rich.table import Table
 
@@ -106,8 +108,14 @@ def summary(results: list[RuleResult], *, report: str, baseline: str | None = No
     })
 
 
-def check_table(results: list[RuleResult], report_path: Path) -> Table:
-    """The verdict as a rich table: one row per rule with value, threshold and result."""
+def check_table(results: list[RuleResult], report_path: Path) -> RenderableType:
+    """The verdict as a rich table: one row per rule with value, threshold and result.
+
+    At 80 columns it stays readable: the result column says ``pass`` or ``FAIL [n]``, and failure ``n``'s
+    reason is listed below the table, one failing element per line (wrapped with a hanging indent); the worst
+    value and the baseline go on a line of their own below the number."""
+    from rich.console import Group
+
     failed = sum(not r.passed for r in results)
     verdict = "[bold red]FAILED[/bold red]" if failed else "[bold green]passed[/bold green]"
     table = Table(title=f"curvscope check: {len(results) - failed} of {len(results)} passed, {verdict} "
@@ -115,7 +123,10 @@ def check_table(results: list[RuleResult], report_path: Path) -> Table:
     table.add_column("rule", overflow="fold")
     table.add_column("value", justify="right", overflow="fold")
     table.add_column("threshold", justify="right", overflow="fold")
-    table.add_column("result", overflow="fold")
+    table.add_column("result", no_wrap=True)
+    reasons = Table.grid(padding=(0, 1))
+    reasons.add_column(no_wrap=True, style="bold red")
+    reasons.add_column(overflow="fold")
     for r in results:
         worst = r.worst()
         if worst is None:
@@ -123,14 +134,27 @@ def check_table(results: list[RuleResult], report_path: Path) -> Table:
         elif len(r.checks) == 1:
             value = fmt(worst.value)
         else:
-            value = f"{fmt(worst.value)} (worst of {len(r.checks)})"
+            value = f"{fmt(worst.value)}\n(worst of {len(r.checks)})"
         if r.kind == "baseline" and worst is not None and worst.baseline is not None:
-            threshold = f"{r.op} {fmt(worst.threshold)} (baseline {fmt(worst.baseline)} {r.threshold})"
+            threshold = f"{r.op} {fmt(worst.threshold)}\n(baseline {fmt(worst.baseline)} {r.threshold})"
         else:
             threshold = r.threshold
-        result = "[green]pass[/green]" if r.passed else f"[bold red]FAIL[/bold red] {escape(r.reason)}"
+        if r.passed:
+            result = "[green]pass[/green]"
+        else:
+            n = reasons.row_count + 1
+            result = f"[bold red]FAIL[/bold red] [{n}]"
+            reasons.add_row(f"[{n}]", escape(f"{r.rule}: " + "\n".join(_split_failures(r.reason))))
         table.add_row(escape(r.rule), escape(value), escape(threshold), result)
-    return table
+    return Group(table, reasons) if reasons.row_count else table
+
+
+def _split_failures(reason: str) -> list[str]:
+    """``2 of 3 fail: a: ...; b: ...`` as its head and one line per failing element."""
+    head, sep, rest = reason.partition(" fail: ")
+    if not sep:
+        return [reason]
+    return [head + " fail:", *(p for p in re.split(r"; (?=[^\s;]+: )", rest) if p)]
 
 
 def annotate(lines: list[str], json_output: bool) -> None:

@@ -128,10 +128,18 @@ def _parse_bracket(text: str, pos: int) -> tuple[Step, int]:
     return step, pos + 1
 
 
+MAX_PATH_STEPS = 32
+"""The most steps a path may have (a report is a few levels deep; a longer path is refused at once)."""
+MAX_PATH_LENGTH = 1000
+"""The most characters a path may have."""
+
+
 def parse_path_at(text: str, pos: int = 0) -> tuple[tuple[Step, ...], int]:
     """The path starting at ``pos`` of ``text``, and the position after it (a rule's comparison follows)."""
     steps: list[Step] = []
     while True:
+        if len(steps) > MAX_PATH_STEPS:
+            raise PathSyntax(f"more than {MAX_PATH_STEPS} steps (a report is a few levels deep)", pos)
         if pos < len(text) and text[pos] == "[":
             step, pos = _parse_bracket(text, pos)
             steps.append(step)
@@ -151,6 +159,9 @@ def parse_path_at(text: str, pos: int = 0) -> tuple[tuple[Step, ...], int]:
 def parse_path(text: str) -> tuple[Step, ...]:
     """Parse a whole string as a path; :class:`CurvscopeError` when it is not one."""
     stripped = text.strip()
+    if len(stripped) > MAX_PATH_LENGTH:
+        raise CurvscopeError(f"malformed path ({len(stripped):,} characters, more than {MAX_PATH_LENGTH}): "
+                             "a path is a few keys and indices, e.g. groups[0].lambda_max")
     try:
         steps, end = parse_path_at(stripped)
         if end != len(stripped):
@@ -339,16 +350,18 @@ def _unknown(report: dict, path: tuple[Step, ...], detail: str, where: str,
     return CurvscopeError(message)
 
 
-def numeric(match: Match, *, where: str = "the report") -> float | None:
-    """The number at ``match`` (``None`` for null); :class:`CurvscopeError` when it is not a number."""
+def numeric(match: Match, *, where: str = "the report") -> float | int | None:
+    """The number at ``match`` (``None`` for null; an integer stays an integer); :class:`CurvscopeError` when
+    it is not a number."""
     value = match.value
     if value is None:
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except OverflowError:  # an integer beyond the float range: as infinite as it gets
+    if isinstance(value, int) and not isinstance(value, bool):  # kept an integer (a JSON summary prints 23, not 23.0)
+        if abs(value) > 2**1000:  # beyond the float range: as infinite as it gets
             return math.inf if value > 0 else -math.inf
+        return value
+    if isinstance(value, float):
+        return value
     if isinstance(value, list):
         raise CurvscopeError(f"'{match.path}' in {where} is a list of {len(value)} values, not a number: use "
                              f"'{match.path}[*]' (every element must pass) or '{match.path}[0]'")

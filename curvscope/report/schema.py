@@ -161,6 +161,11 @@ def merge_reports(old: dict[str, Any] | None, report: dict[str, Any]) -> dict[st
     return merged
 
 
+def same_problem(a: Any, b: Any) -> bool:
+    """Whether two ``problem`` sections describe the same problem (:data:`PROBLEM_IDENTITY`)."""
+    return _same_problem(to_jsonable(a), to_jsonable(b))
+
+
 def _same_problem(a: Any, b: Any) -> bool:
     if not isinstance(a, dict) or not isinstance(b, dict):
         return False

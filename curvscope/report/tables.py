@@ -22,24 +22,119 @@ def natural_width(table: Table) -> int:
     return Measurement.get(console, console.options, table).maximum
 
 
+ELLIPSIS = "…"
+
+
 def fit_names(build, names: list[str], width: int = 80, header: str = "group") -> list[Table]:
     """Tables whose name column never breaks a name: ``build(labels)`` makes the table with one label per
-    name. Names that fit beside the numbers at ``width`` columns stay; longer ones are labelled ``#1``, ``#2``,
-    ... and a legend table below lists them whole (a name longer than the terminal still folds)."""
+    name. When the names do not fit beside the numbers at ``width`` columns, the table drops its outer and
+    inner vertical borders, and the names are shortened by eliding what they share (:func:`short_names`): the
+    dotted prefix common to them (``transformer.``, said once under the table), then leading or middle
+    components down to a label that is still unique (``…11…c_attn``); a legend below lists those names whole.
+    Labels depend on the names and the width only, so every command labels a model's layers alike."""
     table = build(list(names))
     if natural_width(table) <= width:
         return [table]
-    tags = [f"#{i}" for i in range(1, len(names) + 1)]
-    base = natural_width(build(tags))
-    room = width - (base - max(len(header), max(len(t) for t in tags)))
-    labels = [name if len(name) <= room else tag for name, tag in zip(names, tags, strict=True)]
+    table = _compact(build(list(names)))
+    if natural_width(table) <= width:
+        return [table]
+    base = natural_width(_compact(build([ELLIPSIS] * len(names))))
+    room = max(6, width - (base - max(len(header), 1)))
+    labels, prefix = short_names(names, room)
+    tables = [_compact(build(labels))]
     legend = Table(show_header=False, box=None, pad_edge=False)
     legend.add_column(no_wrap=True, style="bold")
     legend.add_column(overflow="fold")
+    if prefix:
+        legend.add_row(ELLIPSIS, escape(f"{prefix} (the prefix common to the names)"))
     for label, name in zip(labels, names, strict=True):
-        if label != name:
+        if label != name and not (prefix and name == prefix + label[len(ELLIPSIS):]):
             legend.add_row(escape(label), escape(name))
-    return [build(labels), legend]
+    if legend.row_count:
+        tables.append(legend)
+    return tables
+
+
+def _compact(table: Table) -> Table:
+    """``table`` without its outer frame and vertical rules (a header rule only), one space between columns:
+    about 20 columns narrower."""
+    from rich import box
+
+    table.box = box.SIMPLE_HEAD
+    table.show_edge = False
+    table.pad_edge = False
+    table.collapse_padding = True  # one space between columns, not two
+    return table
+
+
+def short_names(names: list[str], room: int) -> tuple[list[str], str]:
+    """Labels of at most ``room`` characters for ``names``, and the dotted prefix elided from them (``""``:
+    none).
+
+    A name that fits stays whole. A longer one loses the dotted prefix common to every dotted name (``…``
+    stands for it); one still too long becomes the most informative label that fits and that no other name
+    shares: ``…tail`` or ``head…tail`` of its dotted components (``…11…c_attn``), else its last characters.
+    Labels are unique when the names are (``#i`` is the last resort)."""
+    dotted = [n.split(".") for n in names if "." in n]
+    prefix = ""
+    if len(dotted) >= 2:
+        common: list[str] = []
+        for parts in zip(*[d[:-1] for d in dotted], strict=False):
+            if len(set(parts)) != 1:
+                break
+            common.append(parts[0])
+        prefix = ".".join(common) + "." if common else ""
+    labels = []
+    for name in names:
+        if len(name) <= room:
+            labels.append(name)
+            continue
+        rest, lead = (name[len(prefix):], ELLIPSIS) if prefix and name.startswith(prefix) else (name, "")
+        label = lead + rest if len(lead + rest) <= room else _squeeze(name, rest, names, room)
+        labels.append(label)
+    for i, label in enumerate(labels):  # the last resort for labels that are not unique
+        if labels.count(label) > 1 and sum(n == names[i] for n in names) == 1:
+            labels[i] = f"#{i + 1}"
+    used = prefix if any(lab.startswith(ELLIPSIS) and n.startswith(prefix) and lab[1:] == n[len(prefix):]
+                         for lab, n in zip(labels, names, strict=True)) else ""
+    return labels, used
+
+
+def _squeeze(name: str, rest: str, names: list[str], room: int) -> str:
+    """The longest label of ``rest``'s dotted components, ``…tail`` or ``[…]middle…tail`` (a run of components
+    kept, the others elided), that fits ``room`` and identifies ``name`` among ``names``; else ``…`` and
+    ``name``'s last characters."""
+    parts = rest.split(".")
+    n = len(parts)
+    others = [o for o in names if o != name]
+    best = ""
+    for k in range(1, n):
+        tail = parts[n - k:]
+        for a in range(0, n - k):
+            for b in range(a, n - k + 1):
+                run = parts[a:b]
+                if run:
+                    label = (ELLIPSIS if a else "") + ".".join(run) + ELLIPSIS + ".".join(tail)
+                    if b == n - k:  # nothing elided between the run and the tail
+                        label = (ELLIPSIS if a else "") + ".".join(run + tail)
+                else:
+                    label = ELLIPSIS + ".".join(tail)
+                if len(label) > room or len(label) <= len(best):
+                    continue
+                if not any(_matches(other, run, tail) for other in others):
+                    best = label
+    return best or ELLIPSIS + name[-(room - 1):]
+
+
+def _matches(other: str, run: list[str], tail: list[str]) -> bool:
+    """Whether ``other`` could be the name behind a label keeping ``run`` and ``tail`` (its components end with
+    ``tail`` and hold ``run`` somewhere before it)."""
+    parts = other.split(".")
+    if len(parts) < len(run) + len(tail) or parts[len(parts) - len(tail):] != tail:
+        return False
+    if not run:
+        return True
+    return any(parts[i:i + len(run)] == run for i in range(len(parts) - len(tail) - len(run) + 1))
 
 
 def spectrum_table(report: dict[str, Any], labels: list[str] | None = None) -> Table:

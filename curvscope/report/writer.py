@@ -19,7 +19,14 @@ from curvscope.errors import CurvscopeError, OptionError
 from curvscope.io.atomic import Outputs, check_directory
 from curvscope.progress import Progress, or_silent
 from curvscope.report.owned import check_replaceable, is_own_name, written_by_curvscope
-from curvscope.report.schema import REPORT_NAME, build_report, existing_report, merge_reports
+from curvscope.report.schema import (
+    REPORT_NAME,
+    build_report,
+    existing_report,
+    merge_reports,
+    problem_section,
+    same_problem,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -49,6 +56,9 @@ class ReportWriter:
         problem: the :class:`~curvscope.problem.Problem` the numbers belong to (its ``problem`` section).
         option: the name of the output-directory parameter in messages (the CLI names its flag).
         warn: called with a one-line warning (a report of another problem replaced, stale files removed).
+        keep_other: refuse (before any work) to replace a report of another problem in ``out_dir`` instead of
+            replacing it with a warning. The CLI sets it when ``--out`` is left at its default, so that runs on
+            different problems never replace each other's outputs in the shared default directory.
 
     The outputs of a run replace those of the previous run in the directory: a file the previous report lists
     there, of a kind this run writes (a plot, the directions file, ...), that this run does not write again is
@@ -63,10 +73,15 @@ class ReportWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, problem, option: str = "out_dir",
-                 warn: Callable[[str], None] | None = None) -> None:
+                 warn: Callable[[str], None] | None = None, keep_other: bool = False) -> None:
         self.out_dir = check_directory(out_dir, option)
         self.warn = warn or (lambda _message: None)
-        existing_report(self.out_dir / REPORT_NAME)  # a file there that is not a report: refused before any work
+        old = existing_report(self.out_dir / REPORT_NAME)  # a file there that is not a report: refused before any work
+        if keep_other and old is not None and not same_problem(old.get("problem"), problem_section(problem)):
+            path, differ = self.out_dir, _differences(old, {"problem": problem_section(problem)})
+            raise OptionError(option, lambda name: f"{path}/{REPORT_NAME} holds the report of another problem "
+                              f"({differ}); to keep both, pass {name(option)} with another directory for this "
+                              f"run; to replace it, pass {name(option)} {path} explicitly")
         self.problem = problem
         self.option = option
         self.outputs = Outputs()

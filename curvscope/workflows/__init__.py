@@ -37,7 +37,8 @@ def get(name: str) -> Workflow:
 
 
 def run_and_write(problem: Problem, out_dir: Any, jobs: dict[str, Options], progress: Progress | None = None,
-                  option: str = "out_dir", warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  option: str = "out_dir", warn: Callable[[str], None] | None = None,
+                  keep_other: bool = False) -> dict[str, Any]:
     """Run several workflows on one problem and write all their outputs into ``out_dir`` together.
 
     Args:
@@ -47,13 +48,14 @@ def run_and_write(problem: Problem, out_dir: Any, jobs: dict[str, Options], prog
         progress: :class:`~curvscope.progress.Progress` for every workflow's stages and the writing.
         option: the name of the output directory in messages (``--out`` in the CLI).
         warn: called with one-line warnings about the output directory (see :class:`ReportWriter`).
+        keep_other: refuse to replace a report of another problem in ``out_dir`` (see :class:`ReportWriter`).
 
     Returns:
         The report as written (merged into an existing report of the same problem).
     """
     from curvscope.report.writer import ReportWriter
 
-    writer = ReportWriter(out_dir, problem, option, warn)
+    writer = ReportWriter(out_dir, problem, option, warn, keep_other=keep_other)
     flows = [(get(name), jobs[name]) for name in NAMES if name in jobs]
     for flow, options in flows:
         options.validate()

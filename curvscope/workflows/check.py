@@ -103,6 +103,13 @@ def prepare_check(target: Path, rule_texts: list[str], config_path: Path | None,
         plan.baseline = read_report(plan.baseline_file)
     if target.is_dir() and (target / REPORT_NAME).is_file():
         plan.target = target / REPORT_NAME
+    elif not target.exists():
+        if not plan.computes:
+            raise CurvscopeError(f"{target}: report file not found")
+        raise CurvscopeError(f"{target}: not found (expected a report, its directory, or a checkpoint)")
+    elif target.is_dir() and not (target / "config.json").is_file():
+        raise CurvscopeError(f"{target}: no {REPORT_NAME} in this directory (expected a report, its directory, "
+                             "or a checkpoint)")
     if not plan.computes:
         if given:
             names = sorted(given)
@@ -204,8 +211,9 @@ def outside_outputs(plan: CheckPlan, out_dir: Path) -> list[str]:
 
 def run_check(plan: CheckPlan, out_dir: Path, load: Callable[[], Problem] | None = None,
               progress: Progress | None = None, started: float | None = None,
-              warn: Callable[[str], None] | None = None) -> CheckOutcome:
-    """Read (or, for a checkpoint, compute with ``load()``'s problem) the report, then evaluate the rules."""
+              warn: Callable[[str], None] | None = None, keep_other: bool = False) -> CheckOutcome:
+    """Read (or, for a checkpoint, compute with ``load()``'s problem) the report, then evaluate the rules
+    (``keep_other``: refuse to replace a report of another problem in ``out_dir``)."""
     from curvscope.workflows import run_and_write
 
     started = time.perf_counter() if started is None else started
@@ -213,7 +221,7 @@ def run_check(plan: CheckPlan, out_dir: Path, load: Callable[[], Problem] | None
     if plan.computes:
         if load is None:
             raise CurvscopeError(f"{plan.target}: a checkpoint needs a problem to compute the report")
-        run_and_write(load(), out_dir, plan.options, progress, warn=warn)
+        run_and_write(load(), out_dir, plan.options, progress, warn=warn, keep_other=keep_other)
         computed = list(plan.options)
         report_path = Path(out_dir) / REPORT_NAME
     else:

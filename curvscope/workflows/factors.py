@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, ClassVar
 from curvscope import commands
 from curvscope.progress import counter
 from curvscope.workflows.base import Workflow
-from curvscope.workflows.options import OptionError, Options, at_least, one_of, option
+from curvscope.workflows.options import OptionError, Options, at_least, at_most, one_of, option
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 COMMAND = commands.get("factors")
 FACTORS_FILE = "factors.safetensors"
+MAXIMA = {"mc_samples": 1_000, "ensemble": 10_000, "ensemble_chunk": 10_000}
+"""The largest value of each count (refused up front; docs/factors.md)."""
 PLOT_FILE = "factors.png"
 
 
@@ -51,20 +53,20 @@ class FactorsOptions(Options):
     layers: str | None = option(None, "Comma-separated Linear module names forming the chain, in order (e.g. "
                                 "1,3,5). Default: the Linear layers of an nn.Sequential MLP.")
     mc_samples: int = option(0, "``source=ggn``: 0 for the exact loss-Hessian square root, M > 0 for M "
-                             "Monte-Carlo columns per sample.")
+                             "Monte-Carlo columns per sample (at most 1000).")
     subsample: int | None = option(None, "``source=ggn``: build the GGN from the first K samples of the batch "
                                    "only.")
     structure_check: bool = option(True, "Report the relative Frobenius error between the per-sample-gradient "
                                    "second moment and its structured projection (skipped for very large N x D).")
     ensemble: int = option(0, "Draw M models from the initialization (see ``init``), compute the ground truth (the "
                            "average of their single-gradient factors) and each model's correlation with it. 0: "
-                           "off.")
+                           "off. At most 10000.")
     ensemble_checkpoints: str | None = option(None, "Use the checkpoints matching this glob (quote it, e.g. "
                                               "'runs/seed*.pt') as the ensemble instead of drawing models.")
     init: str = option("normal", "``ensemble`` initialization: normal (Linear weights N(0, 1/fan_in), biases "
                        "zero) or default (each module's reset_parameters).")
     ensemble_chunk: int = option(0, "Models per vectorized chunk (0: automatic, from a 256 MiB activation "
-                                 "budget).")
+                                 "budget; at most 10000).")
     symo_step: Path | None = option(None, "Write the SymO direction (Sigma + eps I)^(-1/2) g to this safetensors "
                                     "file (one tensor per parameter, zeros outside the chain; the update is theta - "
                                     "step * direction) and report a line search: predicted vs realized loss "
@@ -100,6 +102,8 @@ class FactorsOptions(Options):
             raise OptionError("ensemble", f"must be 0 (off) or at least 2 models, got {self.ensemble}")
         if self.ensemble_chunk < 0:
             raise OptionError("ensemble_chunk", f"must be 0 (automatic) or positive, got {self.ensemble_chunk}")
+        for name, high in MAXIMA.items():
+            at_most(name, getattr(self, name), high)
         if (self.checkpoints() or self.ensemble) and self.source != "batch":
             raise OptionError("source", lambda name: f"{name('source')} '{self.source}': the ensemble ground truth "
                               f"averages single-gradient factors; use {name('source')} batch with "

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from curvscope import commands
 from curvscope.workflows.base import Workflow
-from curvscope.workflows.options import OptionError, Options, at_least, one_of, option
+from curvscope.workflows.options import OptionError, Options, at_least, at_most, one_of, option
 
 if TYPE_CHECKING:
     from curvscope.curvature.lr import LRResult
@@ -42,7 +42,7 @@ class LrOptions(Options):
                           "(>= 0).")
     batches: int = option(1, "Repeat on B disjoint batches of ``batch_size`` (the batch, then the next samples in "
                           "the same order) and report each rate's mean and std; a rate whose std exceeds its mean "
-                          "is flagged.")
+                          "is flagged. At most 1000.")
     holdout: int = option(0, "Also measure each step's realized loss decrease on N other samples (after the "
                           "batches).")
     cubic: bool = option(False, "Also compute the order-3 diagonal d3_s = d^3 L/d eta_s^3 and the rates minimizing "
@@ -65,6 +65,11 @@ class LrOptions(Options):
         _finite("cubic_weight", self.cubic_weight, 0.0, strict=True)
         at_least("batches", self.batches, 1)
         at_least("holdout", self.holdout, 0)
+        at_most("batches", self.batches, MAX_BATCHES, "each batch is a full computation")
+
+
+MAX_BATCHES = 1_000
+"""The most batches ``batches`` may repeat the computation on (docs/lr.md)."""
 
 
 def _finite(name: str, value: float, low: float, strict: bool = False) -> None:

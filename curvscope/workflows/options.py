@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, Union
 
-from curvscope.errors import MAX_INT, CurvscopeError, OptionError, at_least, one_of
+from curvscope.errors import MAX_INT, CurvscopeError, OptionError, at_least, at_most, one_of
 
-__all__ = ["OptionError", "Options", "at_least", "one_of", "option"]
+__all__ = ["OptionError", "Options", "at_least", "at_most", "one_of", "option"]
 
 T = TypeVar("T", bound="Options")
 

@@ -15,7 +15,7 @@ from curvscope import commands
 from curvscope.curvature.method import METHODS
 from curvscope.errors import CurvscopeError
 from curvscope.workflows.base import Workflow
-from curvscope.workflows.options import OptionError, Options, at_least, one_of, option
+from curvscope.workflows.options import OptionError, Options, at_least, at_most, one_of, option
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -34,6 +34,8 @@ COMMAND = commands.get("spectrum")
 MIN_MEMORY = 64 * 2**20
 """The smallest memory budget accepted."""
 FILE_NAMES = {"directions": "directions.safetensors"}
+MAXIMA = {"top_k": 10_000, "mc_samples": 1_000, "trace_samples": 10_000, "density_vectors": 100}
+"""The largest value of each count (an absurd one is refused up front, not run for hours; docs/spectrum.md)."""
 
 
 @dataclass
@@ -46,11 +48,11 @@ class SpectrumOptions(Options):
                          "with parameters) or tensor (one block per parameter tensor). With layer/tensor the whole "
                          "model is reported first, then the blocks.")
     mc_samples: int = option(0, "0: exact loss-Hessian square root (N*C columns). M > 0: Monte-Carlo approximation "
-                             "with M columns per sample (N*M columns).")
+                             "with M columns per sample (N*M columns). At most 1000.")
     subsample: int | None = option(None, "Build the curvature from the first K samples of the batch only (the "
                                    "gradient still uses the whole batch).")
     top_k: int | None = option(None, "Directional quantities (and eigenvectors, Newton step) for the top K nonzero "
-                               "directions. Default: all nonzero, at most 1000.")
+                               "directions. Default: all nonzero ones, up to 1000. At most 10000.")
     directions: bool = option(True, "Compute per-sample directional derivatives gamma_nk, curvatures lambda_nk, "
                               "their SNRs and the gradient overlaps (``directions=False``: eigenvalues only, a bit "
                               "faster).")
@@ -82,8 +84,8 @@ class SpectrumOptions(Options):
                          "``max_memory``, else lanczos.")
     tol: float = option(1e-6, "Lanczos: converged when every residual is below tol * |lambda_max|.")
     trace_samples: int = option(60, "Lanczos: products for the Hutch++ trace (exact when at least the group's "
-                                "parameter count).")
-    density_vectors: int = option(4, "Lanczos: random vectors of the SLQ spectral density (0: none).")
+                                "parameter count). At most 10000.")
+    density_vectors: int = option(4, "Lanczos: random vectors of the SLQ spectral density (0: none; at most 100).")
     landscape: bool = option(False, "Also write landscape.png: the batch loss along the top eigenvector with the "
                              "quadratic model, and over the plane of the top two.")
     batches: int = option(1, "Analyse B disjoint batches of ``batch_size`` one after another (the batch, then the "
@@ -112,6 +114,8 @@ class SpectrumOptions(Options):
         at_least("trace_samples", self.trace_samples, 0)
         at_least("batches", self.batches, 1)
         at_least("density_vectors", self.density_vectors, 0)
+        for name, high in MAXIMA.items():
+            at_most(name, getattr(self, name), high)
         self.parsed_damping()
         self.parsed_memory()
         if self.subsample is not None and (self.curvature == "hessian" or self.method == "lanczos"):

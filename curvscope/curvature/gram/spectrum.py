@@ -147,10 +147,21 @@ def gram_eigen(gram: Tensor, vectors: bool = True) -> tuple[Tensor, Tensor | Non
     eigenvalues are computed (``eigvalsh``, 2-3x cheaper than ``eigh``) and the eigenvectors are ``None``.
     """
     g = gram if gram.dtype == torch.float64 else gram.to(torch.float64)
+    if g.shape[0] >= RESPONSIVE_SIZE:  # seconds to minutes in LAPACK: Ctrl-C must still act within a second
+        from curvscope.curvature.interrupt import responsive
+
+        if not vectors:
+            return responsive(torch.linalg.eigvalsh, g).flip(0), None
+        evals, evecs = responsive(torch.linalg.eigh, g)
+        return evals.flip(0), evecs
     if not vectors:
         return torch.linalg.eigvalsh(g).flip(0), None
     evals, evecs = torch.linalg.eigh(g)
     return evals.flip(0), evecs
+
+
+RESPONSIVE_SIZE = 1024
+"""Gram matrices from this size on are eigen-decomposed in a worker thread (:mod:`curvscope.curvature.interrupt`)."""
 
 
 def top_eigenvectors(evecs_ascending: Tensor, k: int) -> Tensor:
