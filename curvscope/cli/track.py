@@ -188,4 +188,5 @@ def _interrupted(exc: KeyboardInterrupt, out_dir: Path, points: int, total: int)
             "again to finish (they are reused)") if points else "no new point was complete: the output directory is " \
         "unchanged"
     console.print(f"[bold red]{what}[/bold red]: {escape(kept)}", soft_wrap=True)
+    signals.report(code, "")  # said: main() adds no second line
     raise typer.Exit(code)
