@@ -31,8 +31,7 @@ from torch import Tensor
 from curvscope.curvature.matfree.operator import Operator
 from curvscope.curvature.products import twice_differentiable
 from curvscope.errors import CurvscopeError
-
-CURVATURES = ("hessian", "ggn")
+from curvscope.problem import CURVATURES
 
 
 def _check_names(problem, names: Sequence[str] | None) -> tuple[str, ...]:
