@@ -35,6 +35,9 @@ class Command:
     stages: dict[str, str] = field(default_factory=dict)
     """Progress stages the command's computation reports (:mod:`curvscope.progress`) -> label shown while
     computing."""
+    rates: dict[str, str] = field(default_factory=dict)
+    """Stages whose progress line also shows a rate -> the name of their units (``products``: curvature-vector
+    products per second)."""
 
     @property
     def workflow_module(self) -> str:
@@ -53,7 +56,8 @@ COMMANDS: tuple[Command, ...] = (
              "newton_step"),
             {"gram": "Gram matrix (parameter tensors)", "eigen": "eigendecomposition (groups)",
              "directions": "directional derivatives", "newton": "damped Newton step", "lanczos": "Lanczos",
-             "trace": "trace (Hutch++)", "density": "spectral density"}),
+             "trace": "trace (Hutch++)", "density": "spectral density"},
+            {"lanczos": "products", "trace": "products", "density": "products"}),
     Command("factors", "factors", "factors", ("factors", "factors_plot", "symo_step"),
             {"per-sample": "per-sample gradients", "ensemble": "ensemble of models", "symo": "SymO line search"}),
     Command("lr", "lr-suggest", "lr", ("lr_plot",), {"lr": "learning rates"}),
