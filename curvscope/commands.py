@@ -35,6 +35,9 @@ class Command:
     stages: dict[str, str] = field(default_factory=dict)
     """Progress stages the command's computation reports (:mod:`curvscope.progress`) -> label shown while
     computing."""
+    rates: dict[str, str] = field(default_factory=dict)
+    """Stages whose progress line also shows a rate -> the name of their units (``products``: curvature-vector
+    products per second)."""
 
     @property
     def workflow_module(self) -> str:
@@ -54,7 +57,8 @@ COMMANDS: tuple[Command, ...] = (
             {"gram": "Gram matrix (parameter tensors)", "eigen": "eigendecomposition (groups)",
              "directions": "directional derivatives", "newton": "damped Newton step", "lanczos": "Lanczos",
              "trace": "trace (Hutch++)", "density": "spectral density", "batches": "batches",
-             "samples": "samples streamed"}),
+             "samples": "samples streamed"},
+            {"lanczos": "products", "trace": "products", "density": "products", "samples": "samples"}),
     Command("factors", "factors", "factors", ("factors", "factors_plot", "symo_step"),
             {"per-sample": "per-sample gradients", "ensemble": "ensemble of models", "symo": "SymO line search"}),
     Command("lr", "lr-suggest", "lr", ("lr_plot",), {"lr": "learning rates"}),

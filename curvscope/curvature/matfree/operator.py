@@ -50,7 +50,9 @@ class Operator:
     dtype: torch.dtype
     device: torch.device
     count: int = 0
-    _product: Callable[[list[Tensor]], list[Tensor]] = field(default=None, compare=False)
+    _product: Callable[[list[Tensor], list[Tensor] | None], list[Tensor]] = field(default=None, compare=False)
+    """``(parts, out)``: ``A x`` for ``x`` given as parameter-shaped tensors; as new tensors (``out=None``) or added
+    to ``out`` (zeroed parameter-shaped views of a flat result) and returned."""
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -66,20 +68,40 @@ class Operator:
         """The adjoint: the operator itself (it is symmetric)."""
         return self
 
-    def matvec(self, v: Tensor) -> Tensor:
+    def matvec(self, v: Tensor, out: Tensor | None = None) -> Tensor:
         """``A v`` for a vector ``v`` with D entries (any shape, cast to the problem's dtype/device).
 
+        Args:
+            v: the vector.
+            out: a contiguous ``(D,)`` tensor in ``dtype`` on ``device``, not overlapping ``v``, to write ``A v``
+                into (e.g. a row of a preallocated basis): the backward pass accumulates straight into it, with no
+                per-parameter results to concatenate and no copy. Default: a new tensor (the backward pass's own
+                per-parameter results, concatenated once it has ended and freed its intermediate tensors: a result
+                buffer allocated up front would live through the pass and raise its peak by D entries).
+
         Returns:
-            ``(D,)`` tensor, detached, in ``dtype`` on ``device``.
+            ``(D,)`` tensor, detached, in ``dtype`` on ``device`` (``out`` when given).
         """
         if not isinstance(v, Tensor) or v.numel() != self.dim:
             got = v.numel() if isinstance(v, Tensor) else type(v).__name__
             raise CurvscopeError(f"{self.kind} operator acts on vectors of {self.dim} entries, got {got}")
-        parts = self.split(v.reshape(-1).to(dtype=self.dtype, device=self.device))
+        flat = v.detach().reshape(-1).to(dtype=self.dtype, device=self.device)
+        if out is not None:
+            self._check_out(out, flat)
+            out.zero_()
         with torch.enable_grad():
-            out = self._product(parts)
+            parts = self._product(self.split(flat), None if out is None else self.split(out))
         self.count += 1
-        return torch.cat([o.reshape(-1) for o in out]).detach()
+        return out if out is not None else torch.cat([p.reshape(-1) for p in parts])
+
+    def _check_out(self, out: Tensor, v: Tensor) -> None:
+        if not (isinstance(out, Tensor) and out.shape == (self.dim,) and out.dtype == self.dtype
+                and out.device == self.device and out.is_contiguous() and not out.requires_grad):
+            raise CurvscopeError(f"out must be a contiguous ({self.dim},) tensor of {self.dtype} on {self.device} "
+                                 f"without grad, got {_shape_of(out)}")
+        size = self.dim * out.element_size()
+        if out.data_ptr() < v.data_ptr() + size and v.data_ptr() < out.data_ptr() + size:
+            raise CurvscopeError("out must not overlap the vector multiplied")
 
     __call__ = matvec
 

@@ -68,8 +68,34 @@ def _backward(outputs: Sequence[Tensor], inputs: Sequence[Tensor], seeds: Sequen
     return _zero_none(grads, inputs)
 
 
-def _operator(problem, names: tuple[str, ...], kind: str, product: Callable[[list[Tensor]], list[Tensor]]
-              ) -> Operator:
+def _vjp(outputs: Sequence[Tensor], leaves: Sequence[Tensor], seeds: Sequence[Tensor],
+         out: Sequence[Tensor] | None = None) -> list[Tensor]:
+    """``sum_i seeds_i . d outputs_i / d leaves``: as new tensors (:func:`_backward`), or added to ``out`` (zeroed
+    tensors of the leaves' shapes, returned).
+
+    Into ``out`` the backward pass accumulates in place: each leaf's ``.grad`` is its ``out`` tensor while it runs
+    (no gradient graph is built), so nothing is returned, concatenated or copied; leaves the outputs do not reach
+    keep their zeros. Outputs without a graph add nothing.
+    """
+    if out is None:
+        return _backward(outputs, leaves, seeds)
+    pairs = [(o, s) for o, s in zip(outputs, seeds, strict=True) if o.requires_grad]
+    if pairs:
+        for leaf, target in zip(leaves, out, strict=True):
+            leaf.grad = target
+        try:
+            torch.autograd.backward([o for o, _ in pairs], grad_tensors=[s for _, s in pairs], retain_graph=True,
+                                    inputs=list(leaves))
+        finally:
+            for leaf in leaves:
+                leaf.grad = None
+    return list(out)
+
+
+Product = Callable[[list[Tensor], "list[Tensor] | None"], list[Tensor]]
+
+
+def _operator(problem, names: tuple[str, ...], kind: str, product: Product) -> Operator:
     shapes = tuple(problem.params[n].shape for n in names)
     return Operator(dim=sum(s.numel() for s in shapes), names=names, kind=kind, shapes=shapes, dtype=problem.dtype,
                     device=problem.device, _product=product)
@@ -77,8 +103,8 @@ def _operator(problem, names: tuple[str, ...], kind: str, product: Callable[[lis
 
 def _zero_operator(problem, names: tuple[str, ...], kind: str) -> Operator:
     """The part of no samples (a rank with none of the batch): zero."""
-    zeros = [torch.zeros_like(problem.params[n]) for n in names]
-    return _operator(problem, names, kind, lambda _parts: zeros)
+    return _operator(problem, names, kind, lambda parts, out: [torch.zeros_like(p) for p in parts] if out is None
+                     else out)
 
 
 def _part_loss(problem, params: dict[str, Tensor], samples: tuple[int, int] | None) -> Tensor:
@@ -126,8 +152,8 @@ def hessian_operator(problem, names: Sequence[str] | None = None, samples: tuple
         else:  # no parameter of the group reaches the loss: H_PP = 0
             grads = [torch.zeros_like(x) for x in leaves]
 
-    def product(parts: list[Tensor]) -> list[Tensor]:
-        return _backward(grads, leaves, parts)
+    def product(parts: list[Tensor], out: list[Tensor] | None) -> list[Tensor]:
+        return _vjp(grads, leaves, parts, out)
 
     return _operator(problem, names, "hessian", product)
 
@@ -208,12 +234,12 @@ def ggn_operator(problem, names: Sequence[str] | None = None, samples: tuple[int
                                                         allow_unused=True), leaves)
     n = problem.batch_size
 
-    def product(parts: list[Tensor]) -> list[Tensor]:
+    def product(parts: list[Tensor], out: list[Tensor] | None) -> list[Tensor]:
         if seed is None:
-            return [torch.zeros_like(x) for x in leaves]
+            return [torch.zeros_like(x) for x in leaves] if out is None else out
         jv = _backward(transposed, [seed], parts)[0]  # (N, C)
         w = hessian(jv.detach()) / n
-        return _backward([outputs], leaves, [w])
+        return _vjp([outputs], leaves, [w], out)
 
     return _operator(problem, names, "ggn", product)
 
