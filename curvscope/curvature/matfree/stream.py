@@ -79,11 +79,12 @@ def streamed_operator(problem, names: Sequence[str] | None = None, curvature: st
     names = _check_names(problem, names)
     rate = _Rate(progress)
 
-    def product(parts: list[Tensor]) -> list[Tensor]:
-        total: list[Tensor] | None = None
+    def product(parts: list[Tensor], out: list[Tensor] | None = None) -> list[Tensor]:
+        total: list[Tensor] | None = out  # a product into ``out`` adds to it: the chunks accumulate there
         for b0, b1 in _chunks(problem.batch_size, chunk):
-            part = curvature_operator(problem, names, curvature, samples=(b0, b1))._product(parts)
-            total = part if total is None else [t + p for t, p in zip(total, part, strict=True)]
+            part = curvature_operator(problem, names, curvature, samples=(b0, b1))._product(parts, out)
+            if out is None:
+                total = part if total is None else [t + p for t, p in zip(total, part, strict=True)]
             rate(b1 - b0)
         return total
 
