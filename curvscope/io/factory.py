@@ -17,12 +17,9 @@ What a factory may return, and how its samples are read:
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import os
 import re
-import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -52,40 +49,12 @@ def _one_line(exc: BaseException) -> str:
 
 def resolve_data_factory(spec: str) -> Callable[..., Any]:
     """The callable ``spec`` names: ``file.py`` executed as a fresh module, or ``package.module`` imported
-    (installed packages first, then the current directory)."""
-    match = SPEC.fullmatch(spec)
-    if match is None:
+    (installed packages first, then the current directory); the model specs' resolver, naming a data spec."""
+    from curvscope.io.spec import resolve_factory
+
+    if SPEC.fullmatch(spec) is None:
         raise CurvscopeError(f"data spec '{spec}': expected 'path/to/file.py:factory' or 'package.module:factory'")
-    target, name = match.group("target"), match.group("name")
-    if target.endswith(".py"):
-        path = Path(target)
-        if not path.is_file():
-            raise CurvscopeError(f"data spec '{spec}': file {path} not found")
-        module_name = f"curvscope_user_data_{abs(hash(str(path.resolve())))}"
-        try:
-            loader = importlib.util.spec_from_file_location(module_name, path)
-            module = importlib.util.module_from_spec(loader)
-            sys.modules[module_name] = module
-            loader.loader.exec_module(module)
-        except Exception as exc:
-            sys.modules.pop(module_name, None)
-            raise CurvscopeError(f"data spec '{spec}': importing {path} failed: {_one_line(exc)}") from exc
-    else:
-        cwd = os.getcwd()
-        added = cwd not in sys.path and "" not in sys.path
-        if added:
-            sys.path.append(cwd)
-        try:
-            module = importlib.import_module(target)
-        except Exception as exc:
-            raise CurvscopeError(f"data spec '{spec}': cannot import module '{target}': {_one_line(exc)}") from exc
-        finally:
-            if added and cwd in sys.path:
-                sys.path.remove(cwd)
-    factory = getattr(module, name, None)
-    if factory is None or not callable(factory):
-        raise CurvscopeError(f"data spec '{spec}': '{name}' is not a callable in {target}")
-    return factory
+    return resolve_factory(spec, kind="data")
 
 
 def call_data_factory(spec: str, kwargs: Mapping[str, Any] | None = None, seed: int | None = None) -> Any:
