@@ -71,7 +71,9 @@ def _problem(spec: Spec, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     from curvscope import make_problem
 
     lm = spec.kind == "gpt2"
-    return make_problem(Logits(model) if lm else model, x, y, loss="ce", shift_labels=lm, device="cpu")
+    # float32, as the peers compute (and as dtype auto gives a model of over 10M parameters)
+    return make_problem(Logits(model) if lm else model, x, y, loss="ce", shift_labels=lm, device="cpu",
+                        dtype=torch.float32)
 
 
 def _curvscope(spec: Spec, model, x, y, cfg: dict, rec: dict) -> None:
@@ -85,11 +87,12 @@ def _curvscope(spec: Spec, model, x, y, cfg: dict, rec: dict) -> None:
     g = res.groups[0]
     rec.update(lambda_max=float(g.top[0]), lambda_min=g.lambda_min, converged=bool(g.converged),
                residual=float(g.top_residuals[0]), block_size=g.block_size, max_basis=g.max_basis,
-               notes=list(res.notes))
+               solver=g.solver, notes=list(res.notes))
 
 
 def _curvscope_top(spec: Spec, model, x, y, cfg: dict, rec: dict) -> None:
     from curvscope.curvature.matfree.block import block_eigenpairs
+    from curvscope.curvature.matfree.lean import lean_extremes
     from curvscope.curvature.matfree.operators import hessian_operator
     from curvscope.curvature.matfree.spectrum import plan_eigen, vector_budget
 
@@ -99,10 +102,13 @@ def _curvscope_top(spec: Spec, model, x, y, cfg: dict, rec: dict) -> None:
     budget = vector_budget(problem, cfg.get("max_memory"), [op.dim])
     k, plan, _ = plan_eigen(op.dim, 1, "largest", budget, itemsize)
     with timed_products(op, "matvec", rec):
-        eig = block_eigenpairs(op.matvec, op.dim, k, which="largest", tol=cfg["tol"], block_size=plan.block_size,
-                               max_basis=plan.max_basis, dtype=problem.dtype)
+        if plan.solver == "lean":  # one value in three vectors (a large model, or a basis the budget cuts short)
+            eig = lean_extremes(op.matvec, op.dim, which="largest", tol=cfg["tol"], dtype=problem.dtype)
+        else:
+            eig = block_eigenpairs(op.matvec, op.dim, k, which="largest", tol=cfg["tol"], block_size=plan.block_size,
+                                   max_basis=plan.max_basis, dtype=problem.dtype)
     rec.update(lambda_max=float(eig.top[0]), converged=bool(eig.converged), residual=float(eig.top_residuals[0]),
-               block_size=eig.block_size, max_basis=eig.max_basis)
+               block_size=eig.block_size, max_basis=eig.max_basis, solver=plan.solver, dtype=str(problem.dtype))
 
 
 def _pyhessian(spec: Spec, model, x, y, cfg: dict, rec: dict) -> None:

@@ -30,6 +30,10 @@ CURVATURES = ("ggn", "hessian")
 """The curvature matrices curvscope computes: ``ggn`` (the generalized Gauss-Newton, PSD; conventions §2) and
 ``hessian`` (the loss Hessian, possibly indefinite; §9)."""
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+AUTO_FLOAT64_MAX_PARAMS = 10_000_000
+"""``dtype="auto"`` on the CPU: float64 for models of at most this many trainable parameters, float32 above (a
+vector of a 124M-parameter model is 1 GB in float64: matrix-free methods hold several, and each product is about
+twice as slow)."""
 
 
 def one_line(exc: BaseException) -> str:
@@ -277,16 +281,21 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device | None = None,
+                  num_params: int | None = None) -> torch.dtype:
     """``None``/``"auto"`` -> float64 on the CPU (reference-quality numbers where they are affordable: rank and
-    SNR shares are not set by float32's precision floor), float32 on a GPU (``device``: the resolved device;
-    ``None`` counts as the CPU); ``"float32"``/``"float64"`` or the torch dtype itself; anything else is refused.
+    SNR shares are not set by float32's precision floor) for models of at most :data:`AUTO_FLOAT64_MAX_PARAMS`
+    trainable parameters (``num_params``; ``None``: not known, counts as small), float32 above them and on a GPU
+    (``device``: the resolved device; ``None`` counts as the CPU); ``"float32"``/``"float64"`` or the torch dtype
+    itself; anything else is refused.
 
     Raises:
         OptionError: of ``dtype``, for a dtype other than auto, float32 or float64.
     """
     if dtype is None or dtype == "auto":
-        return torch.float32 if device is not None and torch.device(device).type == "cuda" else torch.float64
+        gpu = device is not None and torch.device(device).type == "cuda"
+        large = num_params is not None and num_params > AUTO_FLOAT64_MAX_PARAMS
+        return torch.float32 if gpu or large else torch.float64
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise OptionError("dtype", f"{dtype} is not supported (use float32 or float64)")
@@ -335,7 +344,8 @@ def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | 
             class weights, delta), a user loss ``"file.py:fn"`` or the function itself; default ``ce`` for
             integer targets, ``mse`` for float ones.
         device: ``"auto"`` (default), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
-        dtype: ``float32`` or ``float64``; default (``None``/``"auto"``): float64 on the CPU, float32 on a GPU.
+        dtype: ``float32`` or ``float64``; default (``None``/``"auto"``): float64 on the CPU for models of at most
+            10M trainable parameters (:data:`AUTO_FLOAT64_MAX_PARAMS`), float32 above them and on a GPU.
         info: provenance recorded in :attr:`Problem.info` (with ``"output"``, the output that was chosen).
         dataset: the whole dataset ``(x, y)`` the batch came from, for :meth:`Problem.batch_from_dataset`.
         source: the name of the data in error messages (a file name).
@@ -348,7 +358,7 @@ def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | 
             cannot trace the model; :attr:`Problem.path` says which ran).
     """
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+    dtype = resolve_dtype(dtype, device, sum(p.numel() for p in model.parameters() if p.requires_grad))
     check_module_modes(model)
     loss = loss if isinstance(loss, Loss) else get_loss(loss or default_loss_name(targets))
     params = {n: p.detach().to(device=device, dtype=dtype)

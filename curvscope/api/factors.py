@@ -50,7 +50,8 @@ def factors(model_or_problem: nn.Module | Problem, inputs: Any = None, targets: 
         eps: damping of the SymO inverse square root (``> 0``).
         seed: seeds drawn models and Monte-Carlo columns (default: the problem's seed, else 0).
         device: with a model: the device.
-        dtype: with a model: ``torch.float32`` or ``torch.float64``; default: float64 on the CPU, float32 on a GPU.
+        dtype: with a model: ``torch.float32`` or ``torch.float64``; default: float64 on the CPU up to 10M
+            parameters, float32 above and on a GPU.
         progress: ``progress(stage, done, total)`` (:mod:`curvscope.progress`).
 
     Returns:

@@ -49,7 +49,8 @@ def suggest_lr(model_or_problem: nn.Module | Problem, inputs: Any = None, target
         stability: the stability bounds (one GGN spectrum pass per batch); without them the recommended rule has
             no cap.
         device: with a model: the device (default ``cuda`` when available).
-        dtype: with a model: ``torch.float32`` or ``torch.float64``; default: float64 on the CPU, float32 on a GPU.
+        dtype: with a model: ``torch.float32`` or ``torch.float64``; default: float64 on the CPU up to 10M
+            parameters, float32 above and on a GPU.
         progress: ``progress(stage, done, total)`` (:mod:`curvscope.progress`).
 
     Returns:

@@ -33,7 +33,8 @@ def ggn_operator(model_or_problem: nn.Module | Problem, inputs: Any = None, targ
         loss: with a model: a loss name (``"ce"``, ``"mse"``, ``"bce"``, ``"nll"``, ``"huber"``, ``"smooth-l1"``),
             a :class:`~curvscope.losses.Loss` (:func:`~curvscope.losses.get_loss`) or a user loss function.
         device: with a model: the device.
-        dtype: with a model: ``torch.float32`` or ``torch.float64``; default: float64 on the CPU, float32 on a GPU.
+        dtype: with a model: ``torch.float32`` or ``torch.float64``; default: float64 on the CPU up to 10M
+            parameters, float32 above and on a GPU.
 
     Returns:
         An :class:`~curvscope.curvature.matfree.Operator`: ``op.shape == (D, D)``; ``op @ v`` for a flat vector
@@ -70,7 +71,8 @@ def hessian_operator(model_or_problem: nn.Module | Problem, inputs: Any = None, 
         loss: with a model: a loss name (``"ce"``, ``"mse"``, ``"bce"``, ``"nll"``, ``"huber"``, ``"smooth-l1"``),
             a :class:`~curvscope.losses.Loss` (:func:`~curvscope.losses.get_loss`) or a user loss function.
         device: with a model: the device.
-        dtype: with a model: ``torch.float32`` or ``torch.float64``; default: float64 on the CPU, float32 on a GPU.
+        dtype: with a model: ``torch.float32`` or ``torch.float64``; default: float64 on the CPU up to 10M
+            parameters, float32 above and on a GPU.
 
     Example::
 

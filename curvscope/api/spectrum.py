@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 def spectrum(model_or_problem: nn.Module | Problem, inputs: Any = None, targets: Tensor | None = None, *,
              loss: str | None = None, curvature: str = "ggn", method: str = "auto", groups: str = "all",
              top_k: int | None = None, include_total: bool = True, directional: bool = True,
-             eigenvectors: bool = False, mc_samples: int = 0, subsample: int | None = None, tol: float = 1e-6,
-             trace_matvecs: int = 60, density_vectors: int = 4, seed: int | None = None, ghost: bool = True,
+             eigenvectors: bool = False, mc_samples: int = 0, subsample: int | None = None,
+             tol: float | None = None, trace_matvecs: int | None = None, density_vectors: int | None = None,
+             seed: int | None = None, ghost: bool = True,
              max_memory: int | str | None = None, device: str | torch.device | None = None,
              dtype: str | torch.dtype | None = None, process_group: ProcessGroup | None = None,
              progress: Progress | None = None) -> Spectrum:
@@ -61,15 +62,19 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Any = None, targets:
             ``{parameter name: (k, *shape)}``, unit-norm and orthogonal across k (sign arbitrary).
         mc_samples: Gram: 0 for the exact GGN, ``M > 0`` for a Monte-Carlo GGN with M columns per sample.
         subsample: Gram: the curvature from the first ``subsample`` samples only.
-        tol: Lanczos: a Ritz value counts as converged when its residual is below ``tol * |lambda_max|``.
-        trace_matvecs: Lanczos: products for the Hutch++ trace (exact when at least a group's size; 0: none).
-        density_vectors: Lanczos: SLQ start vectors for the density of ``groups[0]`` (0: none).
+        tol: Lanczos: a Ritz value counts as converged when its residual is below ``tol * |lambda_max|``
+            (default 1e-6 in float64, 1e-4 in float32).
+        trace_matvecs: Lanczos: products for the Hutch++ trace (exact when at least a group's size; 0: none;
+            default 60, 16 for a model of over 10M parameters).
+        density_vectors: Lanczos: SLQ start vectors for the density of ``groups[0]`` (0: none; default 4, 1 for
+            a model of over 10M parameters).
         seed: seeds every random draw (default: the problem's seed, else 0).
         ghost: Gram: the fast per-layer rules where they are cheaper.
         max_memory: the memory budget: bytes or a size such as ``"4GiB"`` (default: a safe share of the free
             memory of the problem's device).
         device: with a model: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (default ``cuda`` when available).
-        dtype: with a model: ``torch.float32`` or ``torch.float64``; default: float64 on the CPU, float32 on a GPU.
+        dtype: with a model: ``torch.float32`` or ``torch.float64``; default: float64 on the CPU up to 10M
+            parameters, float32 above and on a GPU.
         process_group: an initialized ``torch.distributed`` group (e.g. ``torch.distributed.group.WORLD`` under
             ``torchrun``): the call is then collective. Every rank passes the *same full* batch and the same
             arguments; each rank computes its contiguous slice of the samples, and every rank returns the same
@@ -121,12 +126,17 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Any = None, targets:
     include_total = include_total and groups != "all"
     if plan.method == "lanczos":
         from curvscope.curvature.matfree import compute_matfree_spectrum
+        from curvscope.curvature.method import matfree_defaults
 
-        result = compute_matfree_spectrum(problem, curvature=curvature, groups=groups, top_k=top_k, tol=tol,
-                                          max_memory=budget, trace_matvecs=trace_matvecs,
-                                          density_vectors=density_vectors, eigenvectors=eigenvectors,
+        sizes = matfree_defaults(problem.num_params, problem.dtype, top_k=top_k, trace_matvecs=trace_matvecs,
+                                 density_vectors=density_vectors, tol=tol)
+        result = compute_matfree_spectrum(problem, curvature=curvature, groups=groups, top_k=sizes.top_k,
+                                          tol=sizes.tol, max_memory=budget, trace_matvecs=sizes.trace_matvecs,
+                                          density_vectors=sizes.density_vectors, eigenvectors=eigenvectors,
                                           include_total=include_total, seed=seed, progress=progress,
-                                          process_group=process_group)
+                                          process_group=process_group, max_matvecs=sizes.max_matvecs)
+        if sizes.note:
+            result.notes.insert(0, sizes.note)
         for group in result.groups:
             check_finite(f"the curvature of group {group.name}", eigenvalues=group.eigenvalues, trace=group.trace)
         return result

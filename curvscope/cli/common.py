@@ -43,7 +43,7 @@ def build_problem(**options):
 
 def problem_notes(problem) -> list[str]:
     """What the loaded problem itself warns about (a model computing below the run's dtype)."""
-    notes = [problem.info.get("precision_note"), problem.info.get("shift_labels_note")]
+    notes = [problem.info.get("dtype_note"), problem.info.get("precision_note"), problem.info.get("shift_labels_note")]
     return [n.replace("shift_labels=True", "--shift-labels") for n in notes if n]
 
 

@@ -56,7 +56,8 @@ LossOpt = Annotated[Optional[str], typer.Option(
 DeviceOpt = Annotated[str, typer.Option(
     "--device", help="auto (cuda when available), cpu, cuda or cuda:N.", rich_help_panel=PROBLEM_HELP)]
 DtypeOpt = Annotated[str, typer.Option(
-    "--dtype", help="Computation dtype: auto (float64 on the CPU, float32 on a GPU), float32 (fast) or float64. "
+    "--dtype", help="Computation dtype: auto (float64 on the CPU for models up to 10M parameters, float32 above "
+    "them and on a GPU), float32 (fast) or float64. "
     "The Gram matrix is built in it, so eigenvalues below about lambda_max * columns * eps (eps 1.2e-7 in float32, "
     "2.2e-16 in float64) are rounding noise: rank and SNR shares depend on it (the report's eigenvalue_floor and "
     "precision say where).",

@@ -24,6 +24,11 @@ METHODS = ("auto", "gram", "lanczos")
 """The spectrum methods: ``auto`` (Gram when it fits, else Lanczos), ``gram`` (exact), ``lanczos``."""
 DEFAULT_LANCZOS_K = 10
 """Extreme eigenvalues per end that the matrix-free method computes when ``top_k`` is not given."""
+LARGE_MODEL_PARAMS = 10_000_000
+"""A model (a parameter group) above this many parameters is *large*: one vector costs as much memory as the
+model, and every product seconds. The matrix-free method then computes one eigenvalue per end in three vectors
+(:mod:`curvscope.curvature.matfree.lean`) unless more are asked for, and the CLI's defaults do less
+(:func:`large_model_defaults`)."""
 
 
 @dataclass(frozen=True)
@@ -122,3 +127,61 @@ def plan_spectrum(problem, *, curvature: str = "ggn", method: str = "auto", mc_s
             raise OptionError("eigenvectors", lambda name: f"{name('eigenvectors')} {text}: pass a smaller "
                               f"{name('top_k')}")
     return plan
+
+
+LARGE_DEFAULTS = {"top_k": 1, "trace_matvecs": 16, "density_vectors": 1, "max_matvecs": 150}
+"""The matrix-free defaults of a large model (:data:`LARGE_MODEL_PARAMS`): one eigenvalue per end, a 16-product
+trace, one SLQ vector, at most 150 eigensolver products per group (each product of a 124M-parameter model takes
+seconds on a CPU)."""
+SMALL_DEFAULTS = {"top_k": None, "trace_matvecs": 60, "density_vectors": 4, "max_matvecs": None}
+"""The matrix-free defaults otherwise: up to 10 eigenvalues per end, 60 trace products, 4 SLQ vectors, the
+eigensolver's own product cap."""
+
+
+def default_tol(dtype) -> float:
+    """The eigensolver's default relative residual tolerance: 1e-6 in float64, 1e-4 in float32 (a float32
+    product is accurate to about 1e-6 of ``||A||``: a tighter tolerance may never be met)."""
+    import torch
+
+    return 1e-6 if dtype == torch.float64 else 1e-4
+
+
+@dataclass(frozen=True)
+class MatfreeDefaults:
+    """The matrix-free settings of a run: the values given, the rest from the model's size (:func:`matfree_defaults`).
+
+    Attributes:
+        top_k: eigenvalues per end (``None``: up to 10, as many as the memory budget holds).
+        trace_matvecs: Hutch++ products per group.
+        density_vectors: SLQ vectors.
+        tol: the eigensolver's relative residual tolerance.
+        max_matvecs: the eigensolver's product cap per group (``None``: its own).
+        note: what a large model's defaults lowered (for the user), else ``None``.
+    """
+
+    top_k: int | None
+    trace_matvecs: int
+    density_vectors: int
+    tol: float
+    max_matvecs: int | None
+    note: str | None
+
+
+def matfree_defaults(num_params: int, dtype, *, top_k: int | None = None, trace_matvecs: int | None = None,
+                     density_vectors: int | None = None, tol: float | None = None) -> MatfreeDefaults:
+    """The given settings, and for those left ``None`` the defaults of a model of ``num_params`` parameters:
+    :data:`LARGE_DEFAULTS` above :data:`LARGE_MODEL_PARAMS`, else :data:`SMALL_DEFAULTS`; ``tol`` by
+    :func:`default_tol`. The product cap is lowered only when ``top_k`` is not given."""
+    large = num_params > LARGE_MODEL_PARAMS
+    base = LARGE_DEFAULTS if large else SMALL_DEFAULTS
+    given = {"top_k": top_k, "trace_matvecs": trace_matvecs, "density_vectors": density_vectors}
+    values = {name: base[name] if value is None else value for name, value in given.items()}
+    lowered = [name for name, value in given.items() if large and value is None]
+    note = None
+    if lowered:
+        note = (f"a large model ({num_params:,} parameters): matrix-free defaults sized for it (top_k "
+                f"{values['top_k']} per end, trace_samples {values['trace_matvecs']}, density_vectors "
+                f"{values['density_vectors']}); pass them for more")
+    return MatfreeDefaults(values["top_k"], values["trace_matvecs"], values["density_vectors"],
+                           default_tol(dtype) if tol is None else tol,
+                           base["max_matvecs"] if top_k is None else None, note)

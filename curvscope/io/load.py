@@ -14,7 +14,7 @@ from torch import nn
 
 from curvscope.errors import CurvscopeError, Metavar, OptionError
 from curvscope.losses import default_loss_name, get_loss
-from curvscope.problem import Problem, make_problem, resolve_device, resolve_dtype
+from curvscope.problem import AUTO_FLOAT64_MAX_PARAMS, Problem, make_problem, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:
     from curvscope.io.sources import Source
@@ -96,8 +96,15 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: Any = None,
                              if abs(seed) >= 2**63 else f"seed must be at least 0, got {seed}")
     if batch_size is not None and batch_size < 1:
         raise OptionError("batch_size", f"must be at least 1, got {batch_size}")
+    auto = dtype is None or dtype == "auto"
     dtype = resolve_dtype(dtype, resolve_device(device))  # auto: float64 on the CPU, float32 on a GPU
     net, info, defaults = _load_model(checkpoint, model, model_kwargs, seed, dtype, trust_model_code)
+    if auto and dtype == torch.float64:  # auto on the CPU: float32 for a model too large for float64
+        count = sum(p.numel() for p in net.parameters() if p.requires_grad)
+        if resolve_dtype("auto", "cpu", count) == torch.float32:
+            net, dtype = net.to(torch.float32), torch.float32
+            info["dtype_note"] = (f"dtype auto: float32 for this model of {count:,} parameters (float64, the CPU's "
+                                  f"default up to {AUTO_FLOAT64_MAX_PARAMS:,}, would double the memory and time)")
     net.eval()
     source = open_data(data, data_kwargs=data_kwargs, split=split, columns=columns, pad_token=pad_token,
                        shuffle=shuffle, seed=seed)

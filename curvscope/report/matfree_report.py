@@ -48,7 +48,8 @@ def group_fields(group: MatfreeGroup, curvature: str) -> dict[str, Any]:
         "stability_lr": finite_or_none(group.stability_lr) if lam_max is not None and lam_max > 0 else None,
         "gradient_norm": None,
         "matvecs": int(group.matvecs),
-        "solver": {"block_size": int(group.block_size), "max_basis": int(group.max_basis)},
+        "solver": {"kind": getattr(group, "solver", "block"), "block_size": int(group.block_size),
+                   "max_basis": int(group.max_basis)},
         "density": None if group.density is None else {
             "grid": group.density.grid.tolist(), "values": group.density.values.tolist(),
             "sigma": float(group.density.sigma)},

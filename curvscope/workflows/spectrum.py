@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from curvscope import commands
-from curvscope.curvature.method import METHODS
+from curvscope.curvature.method import METHODS, matfree_defaults
 from curvscope.errors import CurvscopeError
 from curvscope.workflows.base import Workflow
 from curvscope.workflows.options import OptionError, Options, at_least, at_most, one_of, option
@@ -82,10 +82,13 @@ class SpectrumOptions(Options):
     method: str = option("auto", "gram (exact: every eigenvalue, from the N*C x N*C Gram), lanczos (matrix-free: "
                          "the ``top_k`` extremes, Hutch++ trace, SLQ density) or auto: gram when it fits "
                          "``max_memory``, else lanczos.")
-    tol: float = option(1e-6, "Lanczos: converged when every residual is below tol * |lambda_max|.")
-    trace_samples: int = option(60, "Lanczos: products for the Hutch++ trace (exact when at least the group's "
-                                "parameter count). At most 10000.")
-    density_vectors: int = option(4, "Lanczos: random vectors of the SLQ spectral density (0: none; at most 100).")
+    tol: float | None = option(None, "Lanczos: converged when every residual is below tol * |lambda_max|. "
+                               "Default: 1e-6 in float64, 1e-4 in float32.")
+    trace_samples: int | None = option(None, "Lanczos: products for the Hutch++ trace (exact when at least the "
+                                       "group's parameter count). At most 10000. Default: 60; 16 for a model of "
+                                       "over 10M parameters.")
+    density_vectors: int | None = option(None, "Lanczos: random vectors of the SLQ spectral density (0: none; at "
+                                         "most 100). Default: 4; 1 for a model of over 10M parameters.")
     landscape: bool = option(False, "Also write landscape.png: the batch loss along the top eigenvector with the "
                              "quadratic model, and over the plane of the top two.")
     batches: int = option(1, "Analyse B disjoint batches of ``batch_size`` one after another (the batch, then the "
@@ -109,13 +112,14 @@ class SpectrumOptions(Options):
         if self.curvature == "hessian" and self.method == "gram":
             raise OptionError("method", lambda name: f"{name('method')} gram: the Hessian has no Gram factor; use "
                               f"{name('method', 'lanczos')} (or auto)")
-        if not (0 < self.tol < 1):
+        if self.tol is not None and not (0 < self.tol < 1):
             raise OptionError("tol", f"must lie in (0, 1), got {self.tol}")
-        at_least("trace_samples", self.trace_samples, 0)
+        at_least("trace_samples", self.trace_samples, 0, optional=True)
         at_least("batches", self.batches, 1)
-        at_least("density_vectors", self.density_vectors, 0)
+        at_least("density_vectors", self.density_vectors, 0, optional=True)
         for name, high in MAXIMA.items():
-            at_most(name, getattr(self, name), high)
+            if getattr(self, name) is not None:
+                at_most(name, getattr(self, name), high)
         self.parsed_damping()
         self.parsed_memory()
         if self.subsample is not None and (self.curvature == "hessian" or self.method == "lanczos"):
@@ -307,17 +311,21 @@ def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress
 
         chunk = chunk_samples(problem, options.curvature, options.parsed_memory())
     streamed = _Streamed(progress)
+    # the settings not given: by the model's size (a large model gets one eigenvalue per end, a short trace, ...)
+    sizes = matfree_defaults(problem.num_params, problem.dtype, top_k=options.top_k,
+                             trace_matvecs=options.trace_samples, density_vectors=options.density_vectors,
+                             tol=options.tol)
 
     def matfree(curvature: str, groups: str, top_k: int | None, vectors: bool, density: int):
         return compute_matfree_spectrum(
-            problem, curvature=curvature, groups=groups, top_k=top_k, tol=options.tol,
-            max_memory=options.parsed_memory(), trace_matvecs=options.trace_samples, density_vectors=density,
+            problem, curvature=curvature, groups=groups, top_k=top_k, tol=sizes.tol,
+            max_memory=options.parsed_memory(), trace_matvecs=sizes.trace_matvecs, density_vectors=density,
             eigenvectors=vectors, include_total=groups != "all", seed=seed, progress=streamed,
-            process_group=process_group, chunk_size=chunk)
+            process_group=process_group, chunk_size=chunk, max_matvecs=sizes.max_matvecs)
 
     # top_k None: up to DEFAULT_LANCZOS_K eigenvalues per end, as many as the memory budget holds
-    result = matfree(options.curvature, options.groups, options.top_k,
-                     options.eigenvectors is not None or options.landscape, options.density_vectors)
+    result = matfree(options.curvature, options.groups, sizes.top_k,
+                     options.eigenvectors is not None or options.landscape, sizes.density_vectors)
     with distributed.stage(comm):
         for group in result.groups:
             check_finite(f"the curvature of group {group.name}", eigenvalues=group.top, trace=group.trace)
@@ -328,9 +336,11 @@ def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress
     run = SpectrumRun(matfree=result, vectors=result.eigenvectors, method="lanczos", curvature=result.curvature,
                       path="autograd (double backward)",  # no rows of V: every product is a double backward
                       gradient_norm=float(sum(float((g.double() ** 2).sum()) for g in gradient.values()) ** 0.5))
+    if sizes.note:
+        run.notes.append(sizes.note)
     run.notes.extend(result.notes)
     if not result.converged:
-        run.notes.append(f"Lanczos did not reach the tolerance {options.tol:g} for every eigenvalue (residuals are in "
+        run.notes.append(f"Lanczos did not reach the tolerance {sizes.tol:g} for every eigenvalue (residuals are in "
                          "the report; a repeated eigenvalue may have copies not yet found): loosen the tolerance "
                          "or ask for fewer eigenvalues (top_k)")
     if options.curvature == "hessian":  # how much of the curvature the GGN captures

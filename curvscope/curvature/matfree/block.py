@@ -66,6 +66,9 @@ class BlockPlan:
     block_size: int
     max_basis: int
     bytes: int
+    solver: str = "block"
+    """``"block"`` (:func:`block_eigenpairs`) or ``"lean"`` (:func:`~curvscope.curvature.matfree.lean.lean_extremes`:
+    one value per end in three vectors, ``max_basis`` 0)."""
 
 
 def plan_block(dim: int, k: int, which: str, budget_bytes: int | None, itemsize: int, block_size: int | None = None,

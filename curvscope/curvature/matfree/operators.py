@@ -48,8 +48,9 @@ def _check_names(problem, names: Sequence[str] | None) -> tuple[str, ...]:
 
 
 def _leaves(problem, names: tuple[str, ...]) -> tuple[list[Tensor], dict[str, Tensor]]:
-    """Fresh leaves requiring grad for ``names``, and the full parameter dict with them substituted."""
-    leaves = [problem.params[n].detach().clone().requires_grad_(True) for n in names]
+    """Fresh leaves requiring grad for ``names`` (sharing the parameters' memory: no copy of the model), and the
+    full parameter dict with them substituted."""
+    leaves = [problem.params[n].detach().requires_grad_(True) for n in names]
     params = {**{k: v.detach() for k, v in problem.params.items()}, **dict(zip(names, leaves, strict=True))}
     return leaves, params
 

@@ -30,12 +30,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from curvscope.curvature.matfree.block import BlockPlan, block_eigenpairs, plan_block
+from curvscope.curvature.matfree.block import BlockPlan, block_eigenpairs, default_max_basis, plan_block
 from curvscope.curvature.matfree.budget import vectors_within
 from curvscope.curvature.matfree.density import Density, spectral_density
+from curvscope.curvature.matfree.lean import LEAN_VECTORS, lean_extremes
 from curvscope.curvature.matfree.operators import CURVATURES, curvature_operator
 from curvscope.curvature.matfree.trace import hutchpp
-from curvscope.curvature.method import DEFAULT_LANCZOS_K
+from curvscope.curvature.method import DEFAULT_LANCZOS_K, LARGE_MODEL_PARAMS
 from curvscope.curvature.results import Spectrum, SpectrumGroup
 from curvscope.errors import CurvscopeError, OptionError
 from curvscope.problem import GROUP_MODES
@@ -76,6 +77,8 @@ class MatfreeGroup(SpectrumGroup):
         certain: how many of the top (and, for the Hessian, bottom) values are certain: within tolerance and not
             displaceable by a missed copy of a repeated eigenvalue (``converged`` means all of them).
         block_size, max_basis: the eigensolver's plan (vectors per product block, basis vectors at most).
+        solver: ``"block"`` (restarted block Krylov, explicit residuals) or ``"lean"`` (one value per end by
+            Lanczos in three vectors; the residuals are Paige's bounds ``beta_j |s_j|``, ``max_basis`` 0).
     """
 
     name: str
@@ -98,6 +101,7 @@ class MatfreeGroup(SpectrumGroup):
     certain: int = 0
     block_size: int = 1
     max_basis: int = 0
+    solver: str = "block"
 
     @property
     def eigenvalues(self) -> Tensor:
@@ -200,23 +204,60 @@ def _density_below_zero(density: Density) -> float:
 
 
 def plan_eigen(dim: int, top_k: int | None, which: str, budget: int, itemsize: int, *, want_vectors: bool = False,
-               default_k: int = DEFAULT_LANCZOS_K) -> tuple[int, BlockPlan, str | None]:
+               default_k: int = DEFAULT_LANCZOS_K, lean: bool = True) -> tuple[int, BlockPlan, str | None]:
     """``(k, plan, note)``: the eigensolver's plan for a ``dim``-dimensional operator within ``budget`` bytes of
-    vectors. An explicit ``top_k`` that does not fit raises :class:`~curvscope.errors.OptionError` (``max_memory``,
-    naming the bytes needed); ``top_k=None`` takes the most of ``default_k`` that fit, at least 1, with a note
-    when that is fewer."""
+    vectors.
+
+    - ``top_k=None`` takes the most of ``default_k`` that fit, at least 1, with a note when that is fewer; above
+      :data:`~curvscope.curvature.method.LARGE_MODEL_PARAMS` the default is 1 (a note says so).
+    - One eigenvalue per end without vectors (and ``lean``) is planned in three vectors
+      (:func:`~curvscope.curvature.matfree.lean.lean_extremes`, ``plan.solver == "lean"``) when the operator is large
+      or the budget holds less than the default basis of :func:`~curvscope.curvature.matfree.block.plan_block`.
+    - An explicit ``top_k`` that does not fit raises :class:`~curvscope.errors.OptionError` (``max_memory``, naming
+      the bytes needed).
+    """
+    large = dim > LARGE_MODEL_PARAMS
+    lean_plan = BlockPlan(1, 0, LEAN_VECTORS * dim * itemsize, solver="lean")
+
+    def leaner(k: int, plan: BlockPlan | None, error: OptionError | None) -> BlockPlan:
+        if k != 1 or want_vectors or not lean:
+            if plan is None:
+                raise error
+            return plan
+        roomy = plan is not None and plan.max_basis >= default_max_basis(dim, 1, which, plan.block_size)
+        if roomy and not large:
+            return plan
+        if lean_plan.bytes <= budget:
+            return lean_plan
+        if plan is not None:
+            return plan
+        raise OptionError("max_memory", f"of {budget:,} bytes is too small: the extreme eigenvalue(s) of a {dim:,}-"
+                          f"dimensional operator need at least {lean_plan.bytes:,} bytes "
+                          f"({lean_plan.bytes / 2**30:.3g} GiB: {LEAN_VECTORS} vectors)")
+
+    def block(k: int) -> tuple[BlockPlan | None, OptionError | None]:
+        try:
+            return plan_block(dim, k, which, budget, itemsize, want_vectors=want_vectors), None
+        except OptionError as exc:
+            return None, exc
+
     if top_k is not None:
-        return top_k, plan_block(dim, top_k, which, budget, itemsize, want_vectors=want_vectors), None
+        return top_k, leaner(top_k, *block(top_k)), None
+    note = None
+    if large and default_k > 1:
+        default_k = 1
+        note = (f"a large operator ({dim:,} parameters): 1 extreme eigenvalue per end by default, in three vectors "
+                "(an explicit top_k asks for more)")
     first_error = None
     for k in range(min(default_k, dim), 0, -1):
-        try:
-            plan = plan_block(dim, k, which, budget, itemsize, want_vectors=want_vectors)
-        except OptionError as exc:
-            first_error = first_error or exc
+        plan, error = block(k)
+        first_error = first_error or error
+        if plan is None and k > 1:
             continue
-        note = None if k == min(default_k, dim) else (
-            f"the memory budget holds the basis for {k} extreme eigenvalue(s) per end of the {dim:,}-dimensional "
-            f"curvature, not {default_k} (a larger max_memory or an explicit top_k asks for more)")
+        plan = leaner(k, plan, first_error)
+        if k != min(default_k, dim):
+            note = (f"the memory budget holds the basis for {k} extreme eigenvalue(s) per end of the {dim:,}-"
+                    f"dimensional curvature, not {default_k} (a larger max_memory or an explicit top_k asks for more)")
         return k, plan, note
     raise first_error
 
@@ -346,10 +387,15 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
                 return layout.sum_to_all(part)
         kw = {"dtype": problem.dtype, "device": problem.device}
         k, plan, cap = plans[i]
-        eig = block_eigenpairs(matvec, op.dim, k, which=which, tol=tol, block_size=plan.block_size,
-                               max_basis=plan.max_basis, max_matvecs=cap, start=start if i == 0 else None,
-                               generator=_generator(seed, i, _EIGEN), want_vectors=eigenvectors and i == 0,
-                               progress=_share(lanczos_report, caps, i), **kw)
+        if plan.solver == "lean":
+            first = None if start is None or i != 0 else start.reshape(op.dim, -1)[:, 0]
+            eig = lean_extremes(matvec, op.dim, which=which, tol=tol, max_matvecs=cap, start=first,
+                                generator=_generator(seed, i, _EIGEN), progress=_share(lanczos_report, caps, i), **kw)
+        else:
+            eig = block_eigenpairs(matvec, op.dim, k, which=which, tol=tol, block_size=plan.block_size,
+                                   max_basis=plan.max_basis, max_matvecs=cap, start=start if i == 0 else None,
+                                   generator=_generator(seed, i, _EIGEN), want_vectors=eigenvectors and i == 0,
+                                   progress=_share(lanczos_report, caps, i), **kw)
         lanczos_report(sum(caps[: i + 1]), sum(caps))
         if eigenvectors and i == 0:
             vectors = _parameter_vectors(problem, op, eig.top_vectors)
@@ -379,7 +425,7 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
             negative_mass=_negative_mass(density) if hessian and density is not None else None,
             density_below_zero=_density_below_zero(density) if hessian and density is not None else None,
             matvecs=op.count, certain=min(eig.certain_top, eig.certain_bottom) if hessian else eig.certain_top,
-            block_size=eig.block_size, max_basis=eig.max_basis))
+            block_size=eig.block_size, max_basis=eig.max_basis, solver=plan.solver))
         del op  # frees the group's autograd graphs
     return MatfreeResult(groups=results, curvature=curvature, method="lanczos", loss_value=loss_value,
                          matvecs=sum(g.matvecs for g in results), seed=seed, grouping=groups, eigenvectors=vectors,
