@@ -18,6 +18,7 @@ from curvscope.curvature.matfree import stream
 from curvscope.curvature.matfree.spectrum import compute_matfree_spectrum
 from curvscope.io import held
 from curvscope.io.factory import from_object
+from curvscope.io.sources import Source
 from curvscope.problem import Problem, make_problem
 
 N = 24
@@ -147,9 +148,17 @@ def test_the_cli_holds_a_large_batch_and_moves_one_chunk_at_a_time(tmp_path, mon
         return real(self, state, inputs)
 
     monkeypatch.setattr(Problem, "call", spy)
+    rows, read = [], Source.read
+
+    def spy_read(source, indices, cached=True):
+        rows.append(len(indices))
+        return read(source, indices, cached)
+
+    monkeypatch.setattr(Source, "read", spy_read)
     result = invoke(*args, "--out", tmp_path / "held")
     assert result.exit_code == 0, result.stderr
     assert moves.whole == 0 and max(moves.sizes) == 5 and max(calls) <= 5
+    assert max(rows) <= 5  # the data is read and collated a chunk at a time too
     whole, streamed = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("whole", "held"))
     for key in ("loss_value", "gradient_norm"):
         assert streamed[key] == pytest.approx(whole[key], rel=1e-12)

@@ -35,8 +35,8 @@ def as_problem(verb: str, model_or_problem: nn.Module | Problem, inputs: Any = N
         return model_or_problem
     if isinstance(model_or_problem, nn.Module):
         if inputs is None:
-            raise CurvscopeError(f"{verb}(model, inputs, targets): inputs and targets (or a Dataset, DataLoader or "
-                                 "iterable of batches as inputs) are needed with a model")
+            raise CurvscopeError(f"{verb}(model, inputs, targets): inputs and targets are needed with a model (or "
+                                 "the data as inputs: a Dataset, a DataLoader, an iterator of batches)")
         if targets is None:
             if isinstance(inputs, Tensor) or isinstance(inputs, KeywordInputs):
                 raise CurvscopeError(f"{verb}(model, inputs, targets): targets are needed with a tensor of inputs")
