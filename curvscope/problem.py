@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from curvscope.errors import CurvscopeError, OptionError
-from curvscope.io.inputs import call_model, cast_inputs, nonfinite_inputs, probe_model
+from curvscope.io.held import Batch, HeldBatch, hold_batch, hold_tensors
+from curvscope.io.inputs import Inputs, call_model, cast_inputs, nonfinite_inputs, probe_model
 from curvscope.io.precision import probe_precision
 from curvscope.losses import Loss, check_loss_outputs, default_loss_name, get_loss
 from curvscope.losses import shift_labels as _shift_labels
@@ -70,7 +71,10 @@ class Problem:
         model: the ``nn.Module`` (left untouched: parameters live in ``params``).
         params: trainable parameters by name, in ``named_parameters()`` order, detached, on ``device``.
         buffers: everything else ``functional_call`` needs (buffers and frozen parameters).
-        inputs: the batch inputs ``(N, ...)``; targets: ``(N,)`` class labels or ``(N, C)`` floats.
+        batch: the samples (:class:`~curvscope.io.held.Batch`): on the device, or held where they came from (a
+            batch of ``curvscope.io.held.HOLD_BYTES`` or more) and moved there a chunk at a time (:meth:`part`).
+            :attr:`inputs` ``(N, ...)`` and :attr:`targets` (``(N,)`` class labels or ``(N, C)`` floats) are the
+            whole batch on the device.
         loss: the :class:`~curvscope.losses.Loss`.
         info: provenance for reports (checkpoint, model spec, data file, batch indices, seed).
         dataset: the whole dataset ``(x, y)`` the batch came from, when known (for extra batches).
@@ -91,8 +95,7 @@ class Problem:
     model: nn.Module
     params: dict[str, Tensor]
     buffers: dict[str, Tensor]
-    inputs: Tensor
-    targets: Tensor
+    batch: Batch
     loss: Loss
     device: torch.device
     dtype: torch.dtype
@@ -132,7 +135,48 @@ class Problem:
     @property
     def batch_size(self) -> int:
         """N: the number of samples in the batch."""
-        return self.inputs.shape[0]
+        return len(self.batch)
+
+    @property
+    def inputs(self) -> Inputs:
+        """The batch inputs ``(N, ...)`` on the device (a held batch is moved there whole on first use, and kept)."""
+        return self._resident().inputs
+
+    @property
+    def targets(self) -> Tensor:
+        """The batch targets on the device, prepared for the loss (labels shifted where the problem shifts them)."""
+        return self._resident().targets
+
+    @property
+    def held(self) -> bool:
+        """The samples are held off the device (where they came from): streamed paths move a chunk at a time
+        (:meth:`part`) instead of the whole batch."""
+        return not self.batch.resident
+
+    def _resident(self) -> Batch:
+        if not self.batch.resident:
+            self.batch.inputs, self.batch.targets = self._prepare(*self.batch.held.read(0, len(self.batch.held)))
+        return self.batch
+
+    def _prepare(self, x: Inputs, y: Tensor) -> tuple[Inputs, Tensor]:
+        """Samples as read (collated, on the host) as the problem's inputs and targets on its device."""
+        name = self.batch.held.name if self.batch.held is not None else "data"
+        inputs, targets = _prepare_batch(x, y, self.loss, self.num_outputs, self.device, self.dtype, name)
+        return inputs, _shift_labels(targets) if self.shift_labels else targets
+
+    def batch_part(self, b0: int, b1: int) -> tuple[Inputs, Tensor]:
+        """The inputs and targets of the batch samples ``b0 <= n < b1`` on the device: slices of the batch, or of a
+        held batch just those samples, read and moved now."""
+        if self.batch.resident:
+            return self.batch.inputs[b0:b1], self.batch.targets[b0:b1]
+        return self._prepare(*self.batch.held.read(b0, b1))
+
+    def part(self, b0: int, b1: int) -> Problem:
+        """The batch samples ``b0 <= n < b1`` as a problem on the device, with this batch's loss: its per-sample
+        losses are the ``l_n`` of this batch (a sequence loss keeps the batch's ``N/|T|``), so the parts of a
+        partition of the batch, weighted by their sizes, add up to the batch's loss and curvature."""
+        inputs, targets = self.batch_part(b0, b1)
+        return replace(self, batch=Batch(inputs, targets))
 
     @property
     def num_params(self) -> int:
@@ -159,6 +203,8 @@ class Problem:
         """|T|: the batch's tokens that carry loss (N for one output vector per sample)."""
         if not self.is_sequence:
             return self.batch_size
+        if self.batch.tokens is not None:
+            return self.batch.tokens
         return int(self.loss.valid_tokens(self.targets).sum())
 
     @property
@@ -206,8 +252,8 @@ class Problem:
         ``l_n``: a slice's losses still sum to ``N L`` with the others')."""
         if samples is None:
             return self.loss.per_sample(self.forward(params), self.targets)
-        b0, b1 = samples
-        return self.loss.per_sample(self.forward(params, self.inputs[b0:b1]), self.targets[b0:b1])
+        inputs, targets = self.batch_part(*samples)
+        return self.loss.per_sample(self.forward(params, inputs), targets)
 
     def gradient(self, params: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The batch gradient ``g = dL/dtheta`` by name."""
@@ -238,13 +284,25 @@ class Problem:
     def with_batch(self, inputs: Tensor, targets: Tensor, **info: Any) -> Problem:
         """The same model and loss on another batch (inputs and targets already prepared, labels shifted where
         the problem shifts them); sequence losses take that batch's valid-token count."""
-        return replace(self, inputs=inputs, targets=targets, loss=self.loss.for_batch(targets),
+        return replace(self, batch=Batch(inputs, targets), loss=self.loss.for_batch(targets),
                        info={**self.info, **info})
 
+    def with_held(self, held: HeldBatch, **info: Any) -> Problem:
+        """The same model and loss on another batch held off the device (checked a chunk at a time)."""
+        batch, loss = hold_batch(held, self.loss, self.num_outputs, self.dtype, self.shift_labels)
+        return replace(self, batch=batch, loss=loss, info={**self.info, **info})
+
     def batch_from_dataset(self, indices: Tensor) -> Problem:
-        """The same model and loss on the dataset samples ``indices``."""
+        """The same model and loss on the dataset samples ``indices`` (held off the device as this batch would be,
+        :func:`~curvscope.io.held.hold_rows`)."""
         if self.dataset is None:
             raise CurvscopeError("this problem was built without a dataset; pass the batch explicitly")
+        from curvscope.io.held import hold_rows
+        from curvscope.io.sources import source_of
+
+        held = hold_rows(source_of(self.dataset), indices)
+        if held is not None:
+            return self.with_held(held, batch_indices=indices.tolist())
         x, y = self.dataset
         inputs, targets = _prepare_batch(x[indices], y[indices], self.loss, self.num_outputs, self.device,
                                          self.dtype, "data")
@@ -324,11 +382,11 @@ def _prepare_batch(x: Tensor, y: Tensor, loss: Loss, num_outputs: int, device: t
     return inputs, targets
 
 
-def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | Loss | None = None,
+def make_problem(model: nn.Module, inputs: Tensor | None, targets: Tensor | None, loss: str | Loss | None = None,
                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                  info: dict[str, Any] | None = None, dataset: tuple[Tensor, Tensor] | None = None,
                  source: str = "data", shift_labels: bool = False, use_vmap: bool = True,
-                 output: str | None = None) -> Problem:
+                 output: str | None = None, held: HeldBatch | None = None) -> Problem:
     """Build a :class:`Problem` from a model and a batch.
 
     Args:
@@ -356,11 +414,25 @@ def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | 
             was chosen is recorded in ``info["output"]``.
         use_vmap: ``False`` forces the plain-autograd paths (the engine also falls back by itself when ``vmap``
             cannot trace the model; :attr:`Problem.path` says which ran).
+        held: the batch's samples held where they came from (:mod:`curvscope.io.held`), in place of ``inputs``
+            and ``targets`` (``None``). A batch given as tensors of ``curvscope.io.held.HOLD_BYTES`` or more is
+            held where the tensors are (referenced, not copied) and moved to the device a chunk at a time.
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device, sum(p.numel() for p in model.parameters() if p.requires_grad))
     check_module_modes(model)
-    loss = loss if isinstance(loss, Loss) else get_loss(loss or default_loss_name(targets))
+    if held is None:
+        if inputs is None or targets is None:
+            raise CurvscopeError(f"{source}: a batch needs inputs and targets")
+        if inputs.shape[0] != targets.shape[0]:
+            raise CurvscopeError(f"{source}: {inputs.shape[0]} inputs but {targets.shape[0]} targets")
+        if nonfinite_inputs(inputs) is not None:
+            raise CurvscopeError(f"{source}: inputs contain NaN or Inf")
+        held = hold_tensors(inputs, targets, source)
+        first = inputs[:2], targets[:2]
+    else:
+        first = held.read(0, min(2, len(held)))
+    loss = loss if isinstance(loss, Loss) else get_loss(loss or default_loss_name(first[1]))
     params = {n: p.detach().to(device=device, dtype=dtype)
               for n, p in model.named_parameters() if p.requires_grad}
     if not params:
@@ -369,12 +441,8 @@ def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | 
                for n, b in model.named_buffers()}
     buffers.update({n: p.detach().to(device=device, dtype=dtype)
                     for n, p in model.named_parameters() if not p.requires_grad})
-    if inputs.shape[0] != targets.shape[0]:
-        raise CurvscopeError(f"{source}: {inputs.shape[0]} inputs but {targets.shape[0]} targets")
-    if nonfinite_inputs(inputs) is not None:
-        raise CurvscopeError(f"{source}: inputs contain NaN or Inf")
     # probe with two samples: a forward that squeezes its batch dim breaks on one
-    x0 = cast_inputs(inputs[:2], device, dtype)
+    x0 = cast_inputs(first[0], device, dtype)
     with torch.no_grad():
         try:
             out, chosen = probe_model(model, {**buffers, **params}, x0, output)
@@ -383,7 +451,7 @@ def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | 
         except Exception as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CurvscopeError(f"{source}: the model cannot run on inputs of shape "
-                                 f"{tuple(inputs.shape[1:])} per sample: {msg}") from exc
+                                 f"{tuple(first[0].shape[1:])} per sample: {msg}") from exc
     if not isinstance(out, Tensor) or out.dim() < 2 or out.shape[0] != x0.shape[0]:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise CurvscopeError(f"the model must return outputs of shape (N, C) or (N, T, C), got {shape} for "
@@ -396,10 +464,15 @@ def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | 
     if shift_labels and not (loss.positions and loss.is_categorical and loss.user is None):
         raise CurvscopeError("shift_labels needs sequence outputs (N, T, C) and loss 'ce' (a causal LM), got "
                              f"outputs {tuple(out.shape[1:])} per sample and loss '{loss.name}'")
-    inputs, targets = _prepare_batch(inputs, targets, loss, num_outputs, device, dtype, source)
-    if shift_labels:
-        targets = _shift_labels(targets)
-    loss = loss.for_batch(targets)
+    if held is None:
+        inputs, targets = _prepare_batch(inputs, targets, loss, num_outputs, device, dtype, source)
+        if shift_labels:
+            targets = _shift_labels(targets)
+        loss, batch = loss.for_batch(targets), Batch(inputs, targets)
+    else:  # checked (and the loss normalized) a chunk at a time; only the probe's samples reach the device
+        batch, loss = hold_batch(held, loss, num_outputs, dtype, shift_labels)
+        targets = _prepare_batch(*first, loss, num_outputs, device, dtype, source)[1]
+        targets = _shift_labels(targets) if shift_labels else targets
     if loss.user is not None:
         check_per_sample(loss, out.reshape(out.shape[0], -1), targets[:out.shape[0]])
     info = {**(info or {}), "output": chosen}
@@ -411,7 +484,7 @@ def make_problem(model: nn.Module, inputs: Tensor, targets: Tensor, loss: str | 
         else None
     if reduced is not None:
         info["precision_note"] = reduced.note(dtype)
-    return Problem(model=model, params=params, buffers=buffers, inputs=inputs, targets=targets, loss=loss,
+    return Problem(model=model, params=params, buffers=buffers, batch=batch, loss=loss,
                    device=device, dtype=dtype, num_outputs=num_outputs, info=info,
                    dataset=dataset, output_shape=output_shape, shift_labels=shift_labels, use_vmap=use_vmap,
                    output=output, compute_dtype=None if reduced is None else reduced.dtype)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from curvscope.api._problem import as_problem, resolve_seed
+from curvscope.errors import OptionError, at_least
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -25,7 +26,7 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Any = None, targets:
              seed: int | None = None, ghost: bool = True,
              max_memory: int | str | None = None, device: str | torch.device | None = None,
              dtype: str | torch.dtype | None = None, process_group: ProcessGroup | None = None,
-             progress: Progress | None = None) -> Spectrum:
+             progress: Progress | None = None, chunk_size: int | None = None) -> Spectrum:
     """The curvature spectrum of one batch: what ``curvscope spectrum`` computes, without the files.
 
     Two methods, chosen by ``method`` with the CLI's rule (:func:`~curvscope.curvature.method.choose_method`):
@@ -45,7 +46,11 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Any = None, targets:
         model_or_problem: a :class:`~curvscope.problem.Problem` (from :func:`curvscope.load_problem` or
             :func:`curvscope.make_problem`), or an ``nn.Module`` (in eval mode if it has BatchNorm/Dropout; not
             modified) together with ``inputs`` and ``targets``.
-        inputs: with a model: the batch inputs ``(N, ...)`` (or a dict of keyword inputs).
+        inputs: with a model: the batch inputs ``(N, ...)`` (or a dict of keyword inputs); or, without
+            ``targets``, the data itself: a map-style ``Dataset`` (items ``(x, y)`` or dicts with ``labels``/``y``),
+            a ``DataLoader`` (its dataset, collated with its ``collate_fn``), an iterable of batches (an iterator
+            or generator, read to its end; a list is a Dataset of samples) or a dict of tensors: every sample is
+            the batch (the curvature of the whole dataset).
         targets: with a model: ``(N,)`` labels for ``ce``, ``(N, C)`` floats for ``mse``/``bce``; sequences
             ``(N, T)`` / ``(N, T, C)``.
         loss: with a model: ``"ce"``, ``"mse"`` or ``"bce"`` (``reduction="mean"`` as in PyTorch; default from
@@ -80,6 +85,10 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Any = None, targets:
             arguments; each rank computes its contiguous slice of the samples, and every rank returns the same
             result, equal to the single-process one up to rounding (``docs/distributed.md``).
         progress: ``progress(stage, done, total)`` (:mod:`curvscope.progress`).
+        chunk_size: Lanczos: stream the samples through every product in chunks of this many (one chunk's
+            autograd graph, and of a large batch one chunk's samples, on the device; the numbers equal the
+            whole batch's to rounding); default: as the CLI, chunks only when the batch's graph would not fit
+            ``max_memory``. Single process only.
 
     Returns:
         A :class:`~curvscope.curvature.results.Spectrum`: with the Gram method a
@@ -117,6 +126,13 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Any = None, targets:
                               ghost=ghost, plots=False, seed=seed, curvature=curvature, method=method, tol=tol,
                               trace_samples=trace_matvecs, density_vectors=density_vectors)
     options.validate()
+    at_least("chunk_size", chunk_size, 1, optional=True)
+    if chunk_size is not None and process_group is not None:
+        raise OptionError("chunk_size", "streams the samples of one process; under a process group each rank "
+                          "computes its own slice of the batch")
+    if chunk_size is not None and method == "gram":
+        raise OptionError("chunk_size", "applies to the matrix-free method (lanczos); the Gram method sizes its "
+                          "own chunks from max_memory")
     problem = as_problem("spectrum", model_or_problem, inputs, targets, loss=loss, device=device, dtype=dtype)
     budget = options.parsed_memory()
     plan = plan_spectrum(problem, curvature=curvature, method=method, mc_samples=mc_samples, subsample=subsample,
@@ -128,13 +144,15 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Any = None, targets:
         from curvscope.curvature.matfree import compute_matfree_spectrum
         from curvscope.curvature.method import matfree_defaults
 
+        chunk = _chunk(problem, chunk_size, curvature, budget, process_group)
         sizes = matfree_defaults(problem.num_params, problem.dtype, top_k=top_k, trace_matvecs=trace_matvecs,
                                  density_vectors=density_vectors, tol=tol)
         result = compute_matfree_spectrum(problem, curvature=curvature, groups=groups, top_k=sizes.top_k,
                                           tol=sizes.tol, max_memory=budget, trace_matvecs=sizes.trace_matvecs,
                                           density_vectors=sizes.density_vectors, eigenvectors=eigenvectors,
                                           include_total=include_total, seed=seed, progress=progress,
-                                          process_group=process_group, max_matvecs=sizes.max_matvecs)
+                                          process_group=process_group, max_matvecs=sizes.max_matvecs,
+                                          chunk_size=chunk)
         if sizes.note:
             result.notes.insert(0, sizes.note)
         for group in result.groups:
@@ -154,3 +172,16 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Any = None, targets:
         result.eigenvectors = gram_eigenvectors(problem, result, group=0, process_group=process_group)
     return result
 
+
+
+def _chunk(problem: Problem, chunk_size: int | None, curvature: str, budget: int | None,
+           process_group: ProcessGroup | None) -> int | None:
+    """Samples per streamed chunk: ``chunk_size`` (``None`` when it holds the whole batch), else the CLI's rule
+    (:func:`~curvscope.curvature.matfree.stream.chunk_samples`)."""
+    if process_group is not None:
+        return None
+    if chunk_size is not None:
+        return None if chunk_size >= problem.batch_size else int(chunk_size)
+    from curvscope.curvature.matfree.stream import chunk_samples
+
+    return chunk_samples(problem, curvature, budget)

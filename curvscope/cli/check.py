@@ -114,7 +114,7 @@ def _check(ctx, target, rule_texts, config_path, baseline_path, increases, decre
     plan = prepare_check(target, rule_texts, config_path, baseline_path, increases, decreases, given)
     if junit is not None:
         check_writable(junit, "junit")
-        check_junit(plan, junit, out_dir, args.data)
+        check_junit(plan, junit, out_dir, args.data if "data" in given else plan.config.problem.get("data"))
     load = None
     if plan.computes:
         for warning in outside_outputs(plan, out_dir):

@@ -64,8 +64,9 @@ DtypeOpt = Annotated[str, typer.Option(
     rich_help_panel=PROBLEM_HELP)]
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-model-code", help="Let the checkpoint's metadata (or a config's [problem] model) name a model "
-    "factory outside curvscope's built-ins. Importing it runs its code: only for files you trust. Without "
-    "it such a checkpoint is refused; --model SPEC is always trusted (you named it).",
+    "factory outside curvscope's built-ins, and a config's [problem] data or loss name code. Importing it runs its "
+    "code: only for files you trust. Without it such a checkpoint is refused; --model SPEC is always trusted (you "
+    "named it).",
     rich_help_panel=PROBLEM_HELP)]
 OutputOpt = Annotated[Optional[str], typer.Option(
     "--output", help="Which output of a structured model output (a Hugging Face ModelOutput, a dict or a tuple) "

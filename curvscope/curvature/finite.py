@@ -31,14 +31,18 @@ def check_outputs(problem: Problem) -> None:
     bad: list[int] = []
     with torch.no_grad():
         n = problem.batch_size
+        total = 0.0  # a held batch (moved to the device a chunk at a time): the loss summed chunk by chunk
         for start in range(0, n, CHUNK):
-            out = problem.forward(inputs=problem.inputs[start:start + CHUNK])
+            inputs, targets = problem.batch_part(start, min(n, start + CHUNK))
+            out = problem.forward(inputs=inputs)
             rows = ~torch.isfinite(out.reshape(out.shape[0], -1)).all(dim=1)
             bad += (torch.nonzero(rows).flatten() + start).tolist()
+            if problem.held and not bad:
+                total += float(problem.loss.per_sample(out, targets).double().sum())
         if bad:
             raise CurvscopeError(f"the model's outputs overflow at this checkpoint: {len(bad)} of {n} samples "
                                  f"have NaN or Inf outputs (first: sample {bad[0]})")
-        loss = float(problem.loss_value())
+        loss = total / n if problem.held else float(problem.loss_value())
     if not math.isfinite(loss):
         raise CurvscopeError(f"the loss is not finite at this checkpoint ({loss}): outputs are finite, but the "
                              "loss overflows; check the targets and the loss")

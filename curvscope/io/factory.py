@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvscope.errors import CurvscopeError, OptionError
+from curvscope.errors import CurvscopeError, Metavar, OptionError
 from curvscope.io.data import Layout, check_shapes, plan_layout
 from curvscope.io.inputs import Inputs, KeywordInputs
 from curvscope.io.sources import ColumnSource, Source, TensorColumn, TensorSource
@@ -40,6 +40,21 @@ def is_data_spec(data: str | os.PathLike) -> bool:
     """Whether ``data`` names a factory rather than a file (a path that exists is a file)."""
     text = str(data)
     return SPEC.fullmatch(text) is not None and not Path(text).exists()
+
+
+def check_trusted_data(data: str, source: str, trusted: bool) -> None:
+    """Refuse a data factory spec that came from a file (a config) unless the user allowed code
+    (``trust_model_code``): calling it would run that code. Data files and directories pass.
+
+    Raises:
+        OptionError: of ``trust_model_code``, naming what the file asks to run and how to allow it.
+    """
+    if trusted or not is_data_spec(data):
+        return
+    raise OptionError("trust_model_code", lambda name: f"{source} asks to import and run the data factory '{data}', "
+                      f"code outside curvscope; nothing was imported. If you trust it, pass "
+                      f"{name('trust_model_code', True)}, or name the data yourself with "
+                      f"{name('data', Metavar('SPEC'))}")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -86,6 +86,7 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: Any = None,
         smooth_l1_beta: ``smooth-l1``'s beta (default 1).
     """
     from curvscope.io.data import select_batch
+    from curvscope.io.held import hold_rows
     from curvscope.io.inputs import check_keywords
 
     if data is None:
@@ -112,10 +113,11 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: Any = None,
     check_keywords(net, dataset[0], source.name, source.target_name)
     total = len(source) if source.sized else source.available(batch_size or 2**62)
     idx = select_batch(total, batch_size, shuffle=shuffle, seed=seed)
-    x, y = source.read(idx)
+    held = hold_rows(source, idx)  # a large batch stays where it came from, moved to the device a chunk at a time
+    x, y = source.read(idx) if held is None else (None, None)
     loss_name = loss or defaults["loss"]
     if loss_name is None:
-        loss_name = default_loss_name(y)
+        loss_name = default_loss_name(y if held is None else held.read(0, 1)[1])
     if loss is None and defaults["loss"] is not None:  # a user loss named by the checkpoint: code from a file
         from curvscope.user_loss import check_trusted_loss
 
@@ -138,7 +140,7 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: Any = None,
     if source.notes:
         info["data_notes"] = list(source.notes)
     problem = make_problem(net, x, y, loss=loss_object, device=device, dtype=dtype, info=info, dataset=dataset,
-                           source=source.name, shift_labels=shift, output=output)
+                           source=source.name, shift_labels=shift, output=output, held=held)
     if shift_labels is None and not shift:
         note = unshifted_causal_lm(problem)
         if note:
@@ -157,6 +159,8 @@ def unshifted_causal_lm(problem: Problem) -> str | None:
     from curvscope.losses import IGNORE_INDEX
 
     loss = problem.loss
+    if problem.held and problem.is_sequence:  # judged on the first samples, not moving the whole batch
+        problem = problem.part(0, min(problem.batch_size, 256))
     if not (problem.is_sequence and loss.name == "ce" and loss.user is None) or problem.targets.dim() != 2:
         return None
     inputs = problem.inputs.values() if isinstance(problem.inputs, KeywordInputs) else [problem.inputs]

@@ -76,11 +76,12 @@ class Source:
     def _read(self, indices: Tensor) -> tuple[Inputs, Tensor]:
         raise NotImplementedError
 
-    def read(self, indices: Tensor) -> tuple[Inputs, Tensor]:
-        """The collated ``(x, y)`` of the rows ``indices`` ``(n,)`` (CPU tensors; the last read is kept)."""
+    def read(self, indices: Tensor, cached: bool = True) -> tuple[Inputs, Tensor]:
+        """The collated ``(x, y)`` of the rows ``indices`` ``(n,)`` (CPU tensors; the last read is kept, and given
+        again for the same rows unless ``cached=False``)."""
         indices = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
         key = tuple(indices.tolist())
-        if self._cache is not None and self._cache[0] == key:
+        if cached and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         if key and (min(key) < 0 or max(key) >= self.available(max(key) + 1)):
             raise CurvscopeError(f"{self.name}: sample {max(key)} is outside the data's {len(self)} samples")

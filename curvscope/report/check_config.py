@@ -3,7 +3,8 @@
 ```toml
 rules = ["groups[0].lambda_max <= 50", "lr.groups[*].recommended > 1e-5"]
 
-[problem]          # batch_size, shuffle, seed, loss, device, dtype, model, model_kwargs (CLI flags win)
+[problem]          # data, batch_size, batches, shuffle, seed, loss, device, dtype, model, ... (CLI flags win)
+data = "data/val.safetensors"      # relative to this file; a data factory 'file.py:fn' needs --trust-model-code
 batch_size = 128
 
 [spectrum]         # options of `curvscope spectrum`, snake_case; likewise [lr] and [factors]
@@ -37,7 +38,8 @@ TOP_LEVEL = ("rules", "problem", "baseline", *ENGINES)
 PROBLEM_KEYS = {"batch_size": int, "shuffle": bool, "seed": int, "loss": str, "device": str, "dtype": str,
                 "model": str, "model_kwargs": (dict, str), "output": str, "shift_labels": bool,
                 "label_smoothing": (int, float), "class_weights": (list, str), "huber_delta": (int, float),
-                "smooth_l1_beta": (int, float)}
+                "smooth_l1_beta": (int, float), "data": str, "data_kwargs": (dict, str), "split": str,
+                "columns": (str, dict), "pad_token": int, "batches": int}
 BASELINE_KEYS = ("report", "max_increase", "max_decrease")
 
 
@@ -111,8 +113,13 @@ def parse_config(data: dict[str, Any], path: Path) -> CheckConfig:
         if (isinstance(value, bool) and kind is int) or not isinstance(value, kind):
             raise CurvscopeError(f"{path}: [problem] {key} = {value!r} has the wrong type")
     problem = dict(problem)
-    if isinstance(problem.get("model_kwargs"), dict):
-        problem["model_kwargs"] = json.dumps(problem["model_kwargs"])
+    for key in ("model_kwargs", "data_kwargs"):
+        if isinstance(problem.get(key), dict):
+            problem[key] = json.dumps(problem[key])
+    if isinstance(problem.get("columns"), dict):
+        problem["columns"] = ",".join(f"{name}={column}" for name, column in problem["columns"].items())
+    if "data" in problem:
+        problem["data"] = _relative_data(problem["data"], path.parent)
     if "model" in problem:
         problem["model"] = _relative_model(problem["model"], path.parent)
     if ":" in str(problem.get("loss", "")):  # a user loss 'file.py:fn', relative to the config too
@@ -153,6 +160,20 @@ def _relative_model(spec: str, base: Path) -> str:
     if not match or Path(match.group(1)).is_absolute():
         return spec
     return str(base / match.group(1)) + (match.group(2) or "")
+
+
+DATA_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+"""A data factory in an installed package, ``package.module:factory`` (``curvscope.io.factory.SPEC``)."""
+
+
+def _relative_data(data: str, base: Path) -> str:
+    """``[problem] data`` relative to the config file: a data file or directory, or a ``file.py:factory``; a
+    ``package.module:factory`` stays as it is (unless such a path exists beside the config)."""
+    if re.fullmatch(r".+\.py:[A-Za-z_]\w*", data):
+        return _relative_model(data, base)
+    if Path(data).is_absolute() or (DATA_SPEC.fullmatch(data) and not (base / data).exists()):
+        return data
+    return str(base / data)
 
 
 def engine_for(path: tuple[Step, ...]) -> str:

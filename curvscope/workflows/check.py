@@ -27,8 +27,12 @@ RULE, LIMIT = Metavar("'PATH OP NUMBER'"), Metavar("PATH=AMOUNT")
 """A rule and a baseline limit in messages."""
 
 PROBLEM_OPTIONS = ("model", "model_kwargs", "batch_size", "shuffle", "seed", "loss", "device", "dtype", "output",
-                   "shift_labels", "label_smoothing", "class_weights", "huber_delta", "smooth_l1_beta")
+                   "shift_labels", "label_smoothing", "class_weights", "huber_delta", "smooth_l1_beta", "data",
+                   "data_kwargs", "split", "columns", "pad_token")
 """Options of the problem a ``[problem]`` table may set (command-line values win)."""
+BATCH_OPTIONS = ("batches",)
+"""``[problem]`` keys that are options of the computations that take them (``[spectrum]``, ``[lr]``): the
+default of each such computation's table."""
 
 
 @dataclass
@@ -123,12 +127,16 @@ def prepare_check(target: Path, rule_texts: list[str], config_path: Path | None,
 
 def engine_options(engines: list[str], config: CheckConfig) -> dict[str, Options]:
     """The options of each computation from the config's tables, validated against its options dataclass."""
+    import dataclasses
+
     from curvscope.workflows import get
 
     options: dict[str, Options] = {}
     where = f"{config.path}: " if config.path else ""
     for name in engines:
         table = dict(config.engines.get(name, {}))
+        fields = {f.name for f in dataclasses.fields(get(name).options)}
+        table = {**{k: v for k, v in config.problem.items() if k in BATCH_OPTIONS and k in fields}, **table}
         for key in table:
             if key == "out_dir":
                 raise OptionError("out_dir", lambda label, name=name: f"{where}[{name}] out_dir: the output "
@@ -144,17 +152,22 @@ def problem_values(plan: CheckPlan, given: set[str], values: dict[str, Any], tru
                    ) -> dict[str, Any]:
     """The problem options: the command line's where given, else the config's ``[problem]``, else defaults.
 
-    A ``model`` that comes from the config file (not the command line) is code named by a file: it must be a
-    built-in model unless ``trust_model_code`` (the same rule as checkpoint metadata).
+    A ``model``, ``data`` or ``loss`` that comes from the config file (not the command line) is code named by a
+    file: a model must be a built-in one and a data factory or loss is refused unless ``trust_model_code`` (the
+    same rule as checkpoint metadata). ``batches`` goes to the computations' options (:func:`engine_options`).
     """
     from curvscope.io.spec import check_trusted
 
     merged = dict(values)
     for key, value in plan.config.problem.items():
-        if key not in given:
+        if key not in given and key not in BATCH_OPTIONS:
             merged[key] = value
             if key == "model":
                 check_trusted(value, f"{plan.config.path}: [problem] model", trust_model_code)
+            if key == "data":
+                from curvscope.io.factory import check_trusted_data
+
+                check_trusted_data(value, f"{plan.config.path}: [problem] data", trust_model_code)
             if key == "loss":
                 from curvscope.user_loss import check_trusted_loss
 

@@ -208,6 +208,8 @@ class SpectrumRun:
     """With the Hessian: the whole-model GGN beside it."""
     batches: list[BatchSpectrum] = field(default_factory=list)
     """With ``options.batches > 1``: every batch's spectrum, the problem's own first; else empty."""
+    chunk: int | None = None
+    """Samples per chunk streamed through every product (``None``: the whole batch's graph at once)."""
 
     @property
     def top_eigenvalues(self) -> Tensor:
@@ -346,8 +348,11 @@ def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress
     if options.curvature == "hessian":  # how much of the curvature the GGN captures
         run.ggn = _ggn_beside(problem, options, seed, progress, matfree, process_group, gram=chunk is None)
     if chunk is not None:
+        run.chunk = chunk
+        held = f"; the samples are {problem.batch.held.note}" if problem.held else ""
         run.notes.append(f"the batch of {problem.batch_size:,} samples streamed through every product in chunks of "
-                         f"{chunk:,} (one chunk's autograd graph in memory): {streamed.rate():,.0f} samples/s")
+                         f"{chunk:,} (one chunk's autograd graph in memory{held}): {streamed.rate():,.0f} "
+                         "samples/s")
     return run
 
 
@@ -429,7 +434,7 @@ def _landscape(problem: Problem, run: SpectrumRun) -> Landscape:
     k = min(2, next(iter(run.vectors.values())).shape[0])
     directions = {n: v[:k] for n, v in run.vectors.items()}
     return loss_landscape(problem, directions, eigenvalue=top[0] if top and top[0] > 0 else None,
-                          points_2d=15 if k > 1 else 0)
+                          points_2d=15 if k > 1 else 0, chunk_size=run.chunk)
 
 
 def claim_spectrum(writer: ReportWriter, options: SpectrumOptions) -> None:

@@ -1,13 +1,16 @@
 """Matrix-free curvature over a batch too large for one autograd graph: the samples stream through every product in
 chunks (§9).
 
-The batch's curvature is the sum of its chunks' parts, ``H = sum_c H_c`` with ``H_c`` the Hessian of
-``sum_{n in c} l_n / N`` (likewise the GGN; :func:`~curvscope.curvature.matfree.operators.curvature_operator` with
-``samples=``). :func:`streamed_operator` builds each chunk's graph inside the product and drops it before the
-next, so a product holds one chunk's graph (plus the Lanczos basis of the caller), never the whole batch's; it
-costs a forward and a first backward more per chunk than the stored-graph operator. :func:`chunk_samples` decides
-whether to stream: only when the whole batch's graph would not fit a third of the memory budget, measured on a
-probe of a few samples (the bytes autograd saves, by saved-tensor hooks).
+The batch's curvature is the sum of its chunks' parts, ``H = sum_c (|c|/N) H_c`` with ``H_c`` the Hessian of the
+chunk's mean ``sum_{n in c} l_n / |c|`` of the batch's per-sample losses (likewise the GGN): each chunk is a
+problem of its own (:meth:`~curvscope.problem.Problem.part`, with the batch's loss normalization), and its
+operator (:func:`~curvscope.curvature.matfree.operators.curvature_operator`) takes the vector scaled by ``|c|/N``.
+:func:`streamed_operator` builds each chunk's graph inside the product and drops it before the next, so a product
+holds one chunk's graph (plus the Lanczos basis of the caller), never the whole batch's; it costs a forward and a
+first backward more per chunk than the stored-graph operator. A problem whose samples are held off the device
+(:mod:`curvscope.io.held`) reads and moves one chunk's samples per chunk: the device never holds the whole batch.
+:func:`chunk_samples` decides whether to stream: only when the whole batch's graph would not fit a third of the
+memory budget, measured on a probe of a few samples (the bytes autograd saves, by saved-tensor hooks).
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ def graph_bytes_per_sample(problem, curvature: str = "hessian", names: Sequence[
         saved[0] += t.numel() * t.element_size()
         return t
 
+    probe = problem.part(0, n)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        op = curvature_operator(problem, names, curvature, samples=(0, n))
+        op = curvature_operator(probe, names, curvature, samples=(0, n))
         op.matvec(torch.zeros(op.dim, dtype=problem.dtype, device=problem.device))
     return saved[0] / n
 
@@ -75,14 +79,19 @@ def streamed_operator(problem, names: Sequence[str] | None = None, curvature: st
                       progress: Progress | None = None) -> Operator:
     """The curvature operator of the whole batch (as :func:`~curvscope.curvature.matfree.operators.curvature_operator`)
     whose products stream the samples through in chunks of ``chunk``: each chunk's graph is built, used and dropped
-    within the product. ``progress("samples", done, None)`` counts the samples streamed."""
+    within the product, on that chunk's samples only (a held batch's are read and moved per chunk).
+    ``progress("samples", done, None)`` counts the samples streamed."""
     names = _check_names(problem, names)
     rate = _Rate(progress)
+    n = problem.batch_size
 
     def product(parts: list[Tensor], out: list[Tensor] | None = None) -> list[Tensor]:
         total: list[Tensor] | None = out  # a product into ``out`` adds to it: the chunks accumulate there
-        for b0, b1 in _chunks(problem.batch_size, chunk):
-            part = curvature_operator(problem, names, curvature, samples=(b0, b1))._product(parts, out)
+        for b0, b1 in _chunks(n, chunk):
+            scaled = [p * ((b1 - b0) / n) for p in parts]  # the chunk's operator is its mean: weight it by |c|/N
+            op = curvature_operator(problem.part(b0, b1), names, curvature, samples=(0, b1 - b0))
+            part = op._product(scaled, out)
+            del op, scaled  # the chunk's graph and samples go before the next chunk's are built
             if out is None:
                 total = part if total is None else [t + p for t, p in zip(total, part, strict=True)]
             rate(b1 - b0)
