@@ -149,8 +149,11 @@ def matfree_table(report: dict[str, Any], labels: list[str] | None = None) -> Ta
     curvature = report.get("curvature", "hessian")
     hessian = curvature == "hessian"
     approx = report.get("approximation") or {}
+    solver = ((report.get("groups") or [{}])[0].get("solver") or {})
+    plan = ("three vectors" if solver.get("kind") == "lean" else
+            f"basis {solver['max_basis']}" if solver.get("max_basis") else None)
     table = Table(title=f"{'Hessian' if hessian else 'GGN'} spectrum (Lanczos, {fmt(approx.get('matvecs'))} "
-                        "products)", title_justify="left")
+                        f"products{'' if plan is None else ', ' + plan})", title_justify="left")
     table.add_column("group", no_wrap=True)
     headers = ["params", "λ_max"] + (["λ_min", "neg.\nmass"] if hessian else []) + ["trace", "± s.e.", "conv."]
     for header in headers:
