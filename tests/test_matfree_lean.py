@@ -136,3 +136,14 @@ def test_a_loaded_large_model_runs_in_float32_and_says_why(tmp_path):
     kept = load_problem(model=f"{tmp_path / 'big.py'}:make", data=str(tmp_path / "d.safetensors"), device="cpu",
                         dtype="float64")
     assert kept.dtype == F64 and "dtype_note" not in kept.info
+
+
+def test_the_table_title_names_the_solver_plan():
+    from curvscope.report.matfree_report import matfree_table
+
+    group = {"name": "all", "num_params": 10, "lambda_max": 2.0, "lambda_min": -1.0, "converged": True}
+    lean = {"curvature": "hessian", "approximation": {"matvecs": 40},
+            "groups": [{**group, "solver": {"kind": "lean", "block_size": 1, "max_basis": 0}}]}
+    block = {**lean, "groups": [{**group, "solver": {"kind": "block", "block_size": 2, "max_basis": 24}}]}
+    assert str(matfree_table(lean).title) == "Hessian spectrum (Lanczos, 40 products, three vectors)"
+    assert str(matfree_table(block).title) == "Hessian spectrum (Lanczos, 40 products, basis 24)"
