@@ -59,7 +59,7 @@ def test_report_section_table_and_plot(tmp_path):
     result = run(SAMPLES / "mlp-digits.safetensors", "--data", DIGITS, "--batch-size", "12", "--batches", "2",
                  "--holdout", "10", "--cubic", "--curvature", "ggn", "--ridge", "0.001", out=tmp_path)
     assert result.exit_code == 0, result.stderr
-    for text in ("group", "lr_", "recom-", "rule [1]:", "Truth test", "holdout 10", "report:"):
+    for text in ("group", "newton", "stab", "rule [1]:", "Truth test", "holdout 10", "report:"):
         assert text in result.stdout, text
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["command"] == "lr-suggest"

@@ -66,25 +66,52 @@ _one_line_usage_errors()
 
 
 def _whole_option_names() -> None:
-    """``--help`` at 80 columns never truncates an option's name (``--trust-model-c…``): in typer's options
-    tables every column but the last two (type and help text) keeps its width, so the help text wraps instead
-    (a word longer than its column folds, never ends in "…").
+    """``--help`` at 80 columns neither truncates an option's name (``--trust-model-c…``) nor cuts or splits a
+    word of its help text (``'path/to/file.…``): in typer's options tables the four name columns (long, short,
+    negative long, negative short) become one, the negative names on a second line, and the type's range
+    (``[x>=1]``) goes under the type, so that the help text keeps about 40 columns; names and types never wrap,
+    the help text wraps at spaces (a word longer than its whole column folds, never ends in "…").
     A typer without this table layout is left as it is."""
+    from rich.columns import Columns
+    from rich.text import Text
     from typer import rich_utils
 
     base = getattr(rich_utils, "Table", None)
     if base is None or getattr(base, "_curvscope_whole_names", False):
         return
 
+    def joined(*cells) -> Text:
+        parts = [c if isinstance(c, Text) else Text(str(c)) for c in cells if str(c)]
+        return Text(", ").join(parts) if parts else Text("")
+
+    def stacked_type(cell):
+        if isinstance(cell, Text) and " [" in cell.plain:  # "<int range> [x>=1]": the range on its own line
+            at = cell.plain.index(" [")
+            return Text("\n").join([cell[:at], cell[at + 1:]])
+        return cell
+
+    def whole_words(cell):
+        for item in getattr(cell, "renderables", [cell]) if isinstance(cell, Columns) else [cell]:
+            if isinstance(item, Text):
+                item.overflow = "fold"
+        return cell
+
     class WholeNames(base):
         _curvscope_whole_names = True
 
         def add_row(self, *cells, **kwargs):
+            if len(cells) in (6, 7) and isinstance(cells[-1], Columns):  # an options panel's row
+                lead = cells[:-6]  # the "required" marker column, when some option is required
+                long, short, neg_long, neg_short, kind, text = cells[-6:]
+                names = joined(long, short)
+                negative = joined(neg_long, neg_short)
+                if negative.plain:
+                    names = Text("\n").join([names, negative])
+                cells = (*lead, names, stacked_type(kind), whole_words(text))
             super().add_row(*cells, **kwargs)
-            for column in self.columns[:-2]:
+            for column in self.columns[:-1]:
                 column.no_wrap = True
-            for column in self.columns[-2:]:
-                column.overflow = "fold"  # a long word in the help text folds onto the next line, not "…"
+            self.columns[-1].overflow = "fold"  # a long word in the help text folds onto the next line, not "…"
 
     rich_utils.Table = WholeNames
 

@@ -33,17 +33,44 @@ def block_means(matrix: np.ndarray, max_cells: int = MAX_CELLS) -> tuple[np.ndar
     return np.nanmean(padded.reshape(rows // k, k, cols // k, k), axis=(1, 3)), k
 
 
-def _heatmap(fig: Figure, ax, matrix: np.ndarray, title: str) -> None:
-    matrix, k = block_means(matrix)
-    vmax = float(np.max(np.abs(matrix))) if matrix.size else 0.0
-    vmax = vmax if vmax > 0 else 1.0
-    im = ax.imshow(matrix, cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest", aspect="auto")
+def _signed_limit(*matrices: np.ndarray) -> float:
+    """The colour scale's half-width: the largest finite |entry| of all ``matrices`` (1 when all are zero)."""
+    peaks = [float(np.nanmax(np.abs(m))) for m in matrices if m.size and np.isfinite(m).any()]
+    vmax = max(peaks, default=0.0)
+    return vmax if vmax > 0 and np.isfinite(vmax) else 1.0
+
+
+def colour_scale(vmax: float) -> tuple[float, str]:
+    """The power of ten a colour bar's ticks are counted in, and its label suffix: ``(1e-4, " (×10⁻⁴)")`` for
+    ``vmax = 3.2e-4``, so that every bar reads in one style (plain mantissas, the scale in its label, no offset
+    text above the bar); ``(1.0, "")`` when ``vmax`` is between 1 and 10."""
+    from curvscope.report.render import log_tick_labels
+
+    exponent = int(np.floor(np.log10(vmax))) if vmax > 0 and np.isfinite(vmax) else 0
+    if exponent == 0:
+        return 1.0, ""
+    return 10.0 ** exponent, f" (×{log_tick_labels([10.0 ** exponent])[0]})"
+
+
+def _heatmap(ax, matrix: np.ndarray, title: str, vmax: float, k: int):
+    image = ax.imshow(matrix, cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest", aspect="auto")
     ax.grid(False)
     ax.set_title(title + (f"\n(means of {k}x{k} blocks)" if k > 1 else ""), fontsize=9)
     ax.set_xlabel("column index" + (f" / {k}" if k > 1 else ""), fontsize=8)
     ax.set_ylabel("row index" + (f" / {k}" if k > 1 else ""), fontsize=8)
     ax.tick_params(labelsize=7)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
+    return image
+
+
+def _colour_bar(fig: Figure, image, axes, name: str, shared: bool) -> None:
+    """One labelled colour bar for ``axes`` (a factor beside its ground truth shares it)."""
+    from matplotlib.ticker import FuncFormatter
+
+    scale, suffix = colour_scale(image.norm.vmax)
+    ticks = FuncFormatter(lambda v, _pos: f"{v / scale:g}".replace("-", "\u2212"))
+    bar = fig.colorbar(image, ax=axes, fraction=0.046, pad=0.02, aspect=25, format=ticks)
+    bar.set_label(f"{name} entry{suffix}" + (", both panels" if shared else ""), fontsize=8)
+    bar.ax.tick_params(labelsize=7)
 
 
 def factors_figure(factors: Mapping[str, np.ndarray], title: str,
@@ -53,22 +80,28 @@ def factors_figure(factors: Mapping[str, np.ndarray], title: str,
                    params: Mapping[str, str] | None = None) -> Figure:
     """Heatmaps of the 2-D factors (at most :data:`MAX_HEATMAPS`), each beside its ground truth when given
     (``example_r``: the shown model's correlation per factor), and a bar chart of the correlation mean +- std
-    per factor when ``correlation`` is given. ``params``: factor name -> the parameters it couples."""
+    per factor when ``correlation`` is given. ``params``: factor name -> the parameters it couples.
+
+    At most two heatmaps a row (the figure stays under :data:`MAX_WIDTH` inches wide); each factor has one
+    labelled colour scale, symmetric about 0, which its ground truth shares (the same colour is the same
+    value in both panels)."""
     with style():
         return _factors_figure(factors, title, ground_truth, correlation, example_label, example_r, params)
+
+
+MAX_WIDTH = 9.6
+"""factors.png's width in inches (1248 pixels): two heatmaps with their colour bars."""
 
 
 def _factors_figure(factors, title, ground_truth, correlation, example_label, example_r, params) -> Figure:
     names = [n for n, v in factors.items() if np.ndim(v) == 2]
     shown = names[:MAX_HEATMAPS]
-    if ground_truth is not None:
-        cols, heat_rows = 2, max(len(shown), 1)
-    else:
-        cols = min(3, max(len(shown), 1))
-        heat_rows = max(-(-len(shown) // cols), 1)
+    cols = 2 if ground_truth is not None or len(shown) > 1 else 1
+    heat_rows = max(len(shown) if ground_truth is not None else -(-len(shown) // cols), 1)
     bar_rows = 1 if correlation else 0
     rows = heat_rows + bar_rows
-    fig = pyplot().figure(figsize=(4.6 * cols, 3.6 * rows), constrained_layout=True)
+    width = MAX_WIDTH if cols == 2 else MAX_WIDTH / 2 + 0.6
+    fig = pyplot().figure(figsize=(width, 3.4 * rows + 0.4), constrained_layout=True)
     grid = fig.add_gridspec(rows, cols)
     if not shown:
         ax = fig.add_subplot(grid[0, :])
@@ -76,16 +109,21 @@ def _factors_figure(factors, title, ground_truth, correlation, example_label, ex
         ax.text(0.5, 0.5, "no matrix-shaped factors (all factors are scalars or vectors)", ha="center",
                 va="center")
     for i, name in enumerate(shown):
+        mine, k = block_means(np.asarray(factors[name], dtype=np.float64))
         if ground_truth is not None:
+            truth, _ = block_means(np.asarray(ground_truth[name], dtype=np.float64))
+            vmax = _signed_limit(mine, truth)
             r0 = (example_r or {}).get(name)
             label = f"{name}: {example_label}" + (f" (r = {r0:.2f})" if r0 is not None and np.isfinite(r0) else "")
-            _heatmap(fig, fig.add_subplot(grid[i, 0]), np.asarray(factors[name]), label)
-            _heatmap(fig, fig.add_subplot(grid[i, 1]), np.asarray(ground_truth[name]),
-                     f"{name}: ensemble ground truth")
+            left, right = fig.add_subplot(grid[i, 0]), fig.add_subplot(grid[i, 1])
+            image = _heatmap(left, mine, label, vmax, k)
+            _heatmap(right, truth, f"{name}: ensemble ground truth", vmax, k)
+            _colour_bar(fig, image, [left, right], name, shared=True)
         else:
             about = f": {params[name]}" if params and name in params else ""
-            _heatmap(fig, fig.add_subplot(grid[i // cols, i % cols]), np.asarray(factors[name]),
-                     f"{name} {tuple(np.shape(factors[name]))}{about}")
+            ax = fig.add_subplot(grid[i // cols, i % cols])
+            image = _heatmap(ax, mine, f"{name} {tuple(np.shape(factors[name]))}{about}", _signed_limit(mine), k)
+            _colour_bar(fig, image, ax, name, shared=False)
     if correlation:
         ax = fig.add_subplot(grid[rows - 1, :])
         items = [(n, v) for n, v in correlation.items() if v.get("mean") is not None]
@@ -103,11 +141,16 @@ def _factors_figure(factors, title, ground_truth, correlation, example_label, ex
             ax.text(0.5, 0.5, "no factor with two or more entries", ha="center", va="center")
         ax.set_ylabel("Pearson r with ground truth")
         ax.set_xlabel("factor")
-        ax.set_title("single-model estimate vs ensemble ground truth (mean +- std over models)", fontsize=9)
+        ax.set_title("single-model estimate vs ensemble ground truth (mean ± std over models)", fontsize=9)
     more = f" ({len(shown)} of {len(names)} matrix factors shown)" if len(names) > len(shown) else ""
-    fig.suptitle(title + more, fontsize=10)
+    fig.suptitle(_wrap(title + more, 110 if cols == 2 else 55), fontsize=10)
     return fig
 
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)) or text
 
 
 def factors_plot(section: Mapping[str, Any], factors: Mapping[str, np.ndarray],

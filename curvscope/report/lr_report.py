@@ -145,33 +145,48 @@ def rule_legend(section: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(row["rule"] for row in section["groups"]))
 
 
+SHORT_HEADERS = {"stability": "stab.", "recommended": "rec."}
+"""The two long headers abbreviated, when the table with them would not fit the width (said in its caption)."""
+
+
 def rates_tables(section: dict[str, Any], width: int = 80) -> list[Table]:
-    """:func:`rates_table` with group names never broken at ``width`` columns (a legend for long names)."""
-    from curvscope.report.tables import fit_names
+    """:func:`rates_table` with group names never broken at ``width`` columns (a legend for long names), and no
+    header or number cut: when the whole words do not fit, the two longest headers are abbreviated
+    (:data:`SHORT_HEADERS`, spelled out under the table)."""
+    from curvscope.report.tables import fit_names, natural_width
 
-    return fit_names(lambda labels: rates_table(section, labels), [row["name"] for row in section["groups"]], width)
+    names = [row["name"] for row in section["groups"]]
+    tables = fit_names(lambda labels: rates_table(section, labels), names, width)
+    if natural_width(tables[0]) <= width:
+        return tables
+    return fit_names(lambda labels: rates_table(section, labels, short=True), names, width)
 
 
-def rates_table(section: dict[str, Any], labels: list[str] | None = None) -> Table:
+def rates_table(section: dict[str, Any], labels: list[str] | None = None, short: bool = False) -> Table:
     """The per-group table of the rates (``labels``: row labels, default the group names).
 
-    Columns: group, #params, g-hat, H-bar_ss, then the rates lr_newton, lr_diag, lr_stability, (lr_cubic),
-    recommended, and the number of the rule that gave the recommended rate (:func:`rule_legend`).
+    Columns: group, #params, g-hat, H-bar_ss, then the rates newton, diag, stability, (cubic) (the report's
+    lr_newton, ...), recommended, and the number of the rule that gave the recommended rate
+    (:func:`rule_legend`); every header one whole word (``short``: :data:`SHORT_HEADERS`, said in the caption).
     """
     batches = section["batches"]
     title = escape(f"Learning rates per {section['partition']} group ({section['curvature']}, direction "
                    f"{section['direction']})")
     if batches > 1:
-        title += f"; ±std over {batches} batches, ! = std > mean"
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=0)
-    table.add_column("group", no_wrap=True, min_width=6)
-    headers = ["#params", "g-hat", "H-bar_ss", "lr_newton", "lr_diag", "lr_stability"]
+        title += f"\n±std over {batches} batches, ! = std > mean"
+    caption = ", ".join(f"{v} = {k}" for k, v in SHORT_HEADERS.items()) if short else None
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=0,
+                  caption=caption, caption_justify="left")
+    table.add_column("group", no_wrap=True, min_width=5)
+    # one whole word per header (the report keys without "lr_": the title says these are learning rates)
+    headers = ["#params", "g-hat", "H-bar_ss", "newton", "diag", "stability"]
     cubic = "cubic" in section
     if cubic:
-        headers.append("lr_cubic")
+        headers.append("cubic")
     for name in headers:
-        table.add_column(name.replace("lr_", "lr_\n"), justify="right", no_wrap=True)
-    table.add_column("recom-\nmended", justify="right", style="bold", no_wrap=True)
+        table.add_column(SHORT_HEADERS.get(name, name) if short else name, justify="right", no_wrap=True)
+    table.add_column(SHORT_HEADERS["recommended"] if short else "recommended", justify="right", style="bold",
+                     no_wrap=True)
     table.add_column("rule", justify="right", no_wrap=True)
     legend = rule_legend(section)
     newton_missing = "n/a" if section["newton_eta"] is None else "<=0"

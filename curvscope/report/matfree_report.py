@@ -187,78 +187,127 @@ def comparison_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
 
 # -- figures ------------------------------------------------------------------------------------------------
 
-def density_figure(group: dict[str, Any], problem: dict[str, Any] | None = None) -> Figure:
-    """The SLQ spectral density, PyHessian-style: log density over a symmetric-log eigenvalue axis (negative
-    eigenvalues visible), with the Lanczos extreme eigenvalues marked."""
+
+def psd_density(grid: Any, values: Any) -> tuple[Any, Any]:
+    """The smoothed density of a positive semi-definite operator on ``λ ≥ 0``: the Gaussian kernels put part of
+    the mass of the eigenvalues near 0 below 0, where a GGN has none; that part is mirrored back at 0 (the
+    boundary correction of a kernel density on ``[0, ∞)``), so the curve still integrates to 1."""
     import numpy as np
 
-    from curvscope.report.render import facts_box, pyplot, style
+    grid, values = np.asarray(grid, dtype=float), np.asarray(values, dtype=float)
+    if grid.size == 0 or grid[-1] < 0:
+        return grid[:0], values[:0]
+    g = grid[grid >= 0]
+    if grid[0] < 0 and (g.size == 0 or g[0] > 0):
+        g = np.concatenate([[0.0], g])
+    return g, np.interp(g, grid, values) + np.interp(-g, grid, values, left=0.0, right=0.0)
+
+
+def density_figure(group: dict[str, Any], problem: dict[str, Any] | None = None) -> Figure:
+    """The SLQ spectral density as PyHessian draws it: the density on a log axis over a linear eigenvalue axis,
+    λₘₐₓ (and the Hessian's λₘᵢₙ) as dashed lines named in the legend, which sits with the facts (trace, weight
+    below 0, D) in a strip under the axes. A GGN's density is drawn on λ ≥ 0 only (:func:`psd_density`)."""
+    import numpy as np
+
+    from curvscope.report.render import lean_log, legend_below, pyplot, strip_height, style, subtitle
 
     plt = pyplot()
     with style():
-        fig, ax = plt.subplots(figsize=(6.4, 3.9))
-        curvature = "Hessian" if group.get("curvature") == "hessian" else "GGN"
-        ax.set_title(f"{curvature} spectral density (SLQ): {group.get('name', 'all')}", loc="left")
+        fig, ax = plt.subplots(figsize=(6.4, 4.6))
+        hessian = group.get("curvature") == "hessian"
+        sub = subtitle(problem)
+        ax.set_title(f"{'Hessian' if hessian else 'GGN'} spectral density (SLQ): {group.get('name', 'all')}"
+                     + (f"\n{sub}" if sub else ""), loc="left")
         density = group.get("density") or {}
         grid = np.array(density.get("grid") or [], dtype=float)
         values = np.array([np.nan if v is None else v for v in density.get("values") or []], dtype=float)
-        if grid.size:
-            floor = max(float(np.nanmax(values)) * 1e-8, 1e-300) if np.isfinite(values).any() else 1e-300
-            ax.semilogy(grid, np.maximum(values, floor), color="#1f4e79", linewidth=1.3, label="density")
-            ax.fill_between(grid, floor, np.maximum(values, floor), color="#1f4e79", alpha=0.15)
-        scale = max([abs(v) for v in (group.get("eigenvalues") or []) + (group.get("eigenvalues_bottom") or [])
-                     if v is not None] or [1.0])
-        ax.set_xscale("symlog", linthresh=max(scale * 1e-3, 1e-12))
-        for value, color, label in ((group.get("lambda_max"), "#b22222", "λ_max"),
-                                    (group.get("lambda_min"), "#d9822b", "λ_min")):
-            if value is not None:
-                ax.axvline(value, color=color, linestyle="--", linewidth=1.0, label=f"{label} = {fmt(value)}")
-        ax.axvline(0.0, color="#7f7f7f", linewidth=0.6)
-        ax.set_xlabel("eigenvalue (symmetric log scale)")
+        if not hessian:
+            grid, values = psd_density(grid, values)
+        ok = np.isfinite(values) & np.isfinite(grid)
+        grid, values = grid[ok], values[ok]
+        facts = []
+        if grid.size and values.max() > 0:
+            peak = float(values.max())
+            floor = peak * 1e-8  # PyHessian adds 1e-7 to densities that peak near 10 to 100
+            label = f"density (kernel σ = {fmt(density.get('sigma'))})"
+            ax.plot(grid, np.maximum(values, floor), color="#1f4e79", linewidth=1.3, label=label)
+            ax.fill_between(grid, floor, np.maximum(values, floor), color="#1f4e79", alpha=0.15, linewidth=0)
+            lean_log(ax, x=False)
+            ax.set_ylim(floor, peak * 3)
+            ax.set_xlim(grid[0], grid[-1])
+            if not hessian:
+                facts.append("GGN: no eigenvalue below 0 (kernel mass mirrored at 0)")
+        else:
+            ax.text(0.5, 0.5, "no density computed (0 density vectors)", ha="center", va="center",
+                    transform=ax.transAxes, color="#7f7f7f")
+        for key, color, name in (("lambda_max", "#b22222", "λₘₐₓ"), ("lambda_min", "#d9822b", "λₘᵢₙ")):
+            if group.get(key) is not None:
+                ax.axvline(group[key], color=color, linestyle="--", linewidth=1.0, label=f"{name} = {fmt(group[key])}")
+        lo, hi = ax.get_xlim()
+        if hessian and lo < 0 < hi:
+            ax.axvline(0.0, color="#7f7f7f", linewidth=0.6)
+        ax.set_xlabel("eigenvalue λ")
         ax.set_ylabel("density (log scale)")
-        facts = [f"trace = {fmt(group.get('trace'))} ± {fmt(group.get('trace_stderr'), missing='0')}"]
+        facts.insert(0, f"trace = {fmt(group.get('trace'))} ± {fmt(group.get('trace_stderr'), missing='0')}")
         if group.get("negative_mass") is not None:
             facts.append(f"weight below 0 = {group['negative_mass']:.1%}")
         if group.get("num_params") is not None:
-            facts.append(f"D = {group['num_params']:,}")
-        facts_box(ax, facts)
-        ax.legend(loc="upper right")
-        fig.tight_layout()
+            facts[0] += f", D = {group['num_params']:,}"
+        handles, labels = ax.get_legend_handles_labels()
+        legend_below(fig, handles, labels, facts, ncol=2)
+        fig.tight_layout(rect=(0, strip_height(fig, max(-(-len(labels) // 2), len(facts))), 1, 1))
         return fig
 
 
-def landscape_figure(land: dict[str, Any]) -> Figure:
+def landscape_figure(land: dict[str, Any], problem: dict[str, Any] | None = None,
+                     curvature: str | None = None) -> Figure:
     """The batch loss along the top eigenvector with the quadratic model ``L0 + t g·e + ½ κ t²``, and contours
-    over the plane of the top two eigenvectors."""
+    over the plane of the top two eigenvectors; the checkpoint (t = 0) is the star of the legend.
+
+    Args:
+        land: the report's ``landscape`` section.
+        problem: the report's ``problem`` section (the model, N, D and loss under the title).
+        curvature: ``hessian`` or ``ggn``: whose eigenvectors (the title says so).
+    """
     import numpy as np
 
-    from curvscope.report.render import pyplot, style
+    from curvscope.report.render import legend_below, pyplot, strip_height, style, subtitle
 
     plt = pyplot()
     two_d = land.get("loss_2d") is not None
+    whose = {"hessian": "Hessian ", "ggn": "GGN "}.get(str(curvature), "")
+    lam = list(land.get("eigenvalues") or []) + [None, None]
+    e1 = "e₁" + (f" (λ = {fmt(lam[0])})" if lam[0] is not None else "")
+    e2 = "e₂" + (f" (λ = {fmt(lam[1])})" if lam[1] is not None else "")
     with style():
-        fig, axes = plt.subplots(1, 2 if two_d else 1, figsize=(9.6 if two_d else 5.2, 3.9), squeeze=False)
+        fig, axes = plt.subplots(1, 2 if two_d else 1, figsize=(9.6 if two_d else 5.6, 4.6), squeeze=False)
+        sub = subtitle(problem)
+        fig.suptitle(f"Loss landscape around the checkpoint, along the top {whose}eigenvectors"
+                     + (f"\n{sub}" if sub else ""), x=0.01, ha="left", fontsize=10)
         ax = axes[0][0]
         t = np.array(land["t"], dtype=float)
         ax.plot(t, land["loss_1d"], color="#1f4e79", linewidth=1.6, label="batch loss")
         ax.plot(t, land["quadratic_1d"], color="#d9822b", linestyle="--", linewidth=1.3,
                 label=f"quadratic model (κ = {fmt(land.get('curvature'))})")
         ax.axvline(0.0, color="#7f7f7f", linewidth=0.6)
-        ax.set_xlabel("step t along the top eigenvector")
+        star = {"marker": "*", "color": "#b22222", "markersize": 10, "linestyle": "none", "zorder": 5}
+        ax.plot([0.0], [land["loss0"]], label=f"checkpoint (loss {fmt(land.get('loss0'), 4)})", **star)
+        ax.set_xlabel(f"step t along {e1}")
         ax.set_ylabel("loss")
-        ax.set_title("loss along the top eigenvector", loc="left")
-        ax.legend()
+        ax.set_title("(a) along the top eigenvector", loc="left")
         if two_d:
             ax2 = axes[0][1]
             s, tt = np.array(land["grid_s"], dtype=float), np.array(land["grid_t"], dtype=float)
             z = np.array(land["loss_2d"], dtype=float)
             contours = ax2.contourf(s, tt, z.T, levels=20, cmap="viridis")
             ax2.contour(s, tt, z.T, levels=10, colors="white", linewidths=0.4)
-            ax2.plot([0], [0], marker="*", color="#b22222", markersize=9)
-            fig.colorbar(contours, ax=ax2, fraction=0.046, pad=0.04).set_label("loss")
-            ax2.set_xlabel("top eigenvector")
-            ax2.set_ylabel("second eigenvector")
-            ax2.set_title("loss over the plane of the top two", loc="left")
+            ax2.plot([0.0], [0.0], **star)
+            fig.colorbar(contours, ax=ax2, fraction=0.046, pad=0.04).set_label("batch loss")
+            ax2.set_xlabel(f"s along {e1}")
+            ax2.set_ylabel(f"t along {e2}")
+            ax2.set_title("(b) over the plane of the top two", loc="left")
             ax2.grid(False)
-        fig.tight_layout()
+        handles, labels = ax.get_legend_handles_labels()
+        legend_below(fig, handles, labels, ncol=3)
+        fig.tight_layout(rect=(0, strip_height(fig, 1), 1, 1))
         return fig

@@ -26,6 +26,7 @@ from curvscope.report.render import (
     facts_box,  # noqa: E402
     lean_log,  # noqa: E402
     render_png,  # noqa: E402
+    subtitle,  # noqa: E402
 )
 
 __all__ = ["render_png"]
@@ -66,22 +67,16 @@ def _empty(ax, text: str) -> None:
     ax.grid(False)
 
 
-def _subtitle(problem: dict[str, Any] | None, approximation: dict[str, Any] | None) -> str:
-    if not problem:
-        return ""
-    parts = []
-    name = problem.get("checkpoint") or problem.get("model")
-    if name:
-        parts.append(str(name).rsplit("/", 1)[-1])
-    parts.append(f"N={problem.get('batch_size')}, D={problem.get('num_params'):,}, loss={problem.get('loss')}")
-    if approximation and not approximation.get("exact", True):
-        bits = []
-        if approximation.get("mc_samples"):
-            bits.append(f"MC={approximation['mc_samples']}")
-        if approximation.get("subsample"):
-            bits.append(f"subsample={approximation['subsample']}")
-        parts.append(", ".join(bits))
-    return " | ".join(parts)
+_subtitle = subtitle
+
+
+def remainder_label(top_k: int, rank: int | None) -> list[str]:
+    """What ``flat_overlap`` (1 − Σₖ γₖ²/‖g‖²) is the share of: the null space of the GGN when the top-k
+    directions are all of its nonzero ones, else the rest of the spectrum that was not computed as well."""
+    if rank is not None and top_k < rank:
+        return [f"beyond the top-{top_k} (1 − sum)", f"  (the other {rank - top_k:,} nonzero directions",
+                "  and the null space)"]
+    return ["null space (1 − sum)"]
 
 
 # -- spectrum.png -------------------------------------------------------------------------------------------
@@ -205,8 +200,9 @@ def directions_figure(group: dict[str, Any], problem: dict[str, Any] | None = No
                 b.set_ylim(max(sums[pos].min() / 3, 1e-12), 1.5)
             flat = d.get("flat_overlap")
             flat = None if flat is None else max(float(flat), 0.0)  # -4e-16 is rounding of 1 - sum: show 0
-            facts_box(b, [f"top-{int(ok.sum())} directions: {float(overlap[ok].sum()):.2%}",
-                          f"flat space (1 - sum): {_percent(flat)}"])
+            rest = remainder_label(int(d.get("top_k") or ok.sum()), group.get("rank"))
+            rest[0] += f": {_percent(flat)}"
+            facts_box(b, [f"top-{int(ok.sum())} directions: {float(overlap[ok].sum()):.2%}", *rest])
         else:
             _empty(b, "no gradient overlap (zero gradient or no directions)")
 
@@ -267,7 +263,8 @@ def spectrum_plots(report: dict[str, Any]) -> list[tuple[str, str, Any]]:
     if report.get("landscape"):
         from curvscope.report.matfree_report import landscape_figure
 
-        jobs.append(("landscape_plot", "landscape.png", lambda r: landscape_figure(r["landscape"])))
+        jobs.append(("landscape_plot", "landscape.png",
+                     lambda r: landscape_figure(r["landscape"], r.get("problem"), r.get("curvature"))))
     if report.get("method") == "lanczos":
         from curvscope.report.matfree_report import density_figure
 

@@ -6,7 +6,7 @@ matplotlib is imported here and only when a figure is drawn (``import curvscope`
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -34,6 +34,54 @@ def facts_box(ax, lines: list[str]) -> None:
     """The house facts box: ``lines`` in a rounded white box in the top-left corner of ``ax``."""
     ax.text(0.02, 0.97, "\n".join(lines), transform=ax.transAxes, va="top", ha="left", fontsize=8,
             bbox={"boxstyle": "round,pad=0.35", "facecolor": "white", "edgecolor": "#cccccc", "alpha": 0.9})
+
+
+def model_label(problem: dict[str, Any] | None) -> str:
+    """The checkpoint's (else the model's) file name from a report's ``problem`` section, ``""`` when none."""
+    source = (problem or {}).get("checkpoint") or (problem or {}).get("model")
+    return str(source).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] if source else ""
+
+
+def subtitle(problem: dict[str, Any] | None, approximation: dict[str, Any] | None = None) -> str:
+    """The line under a figure's title that says what was measured: ``model | N=.., D=.., loss=..`` and the
+    approximations (Monte-Carlo columns, a sub-sample) when not exact; ``""`` without a ``problem``."""
+    if not problem:
+        return ""
+    parts = [label] if (label := model_label(problem)) else []
+    facts = []
+    if problem.get("batch_size") is not None:
+        facts.append(f"N={problem['batch_size']}")
+    if isinstance(problem.get("num_params"), int):
+        facts.append(f"D={problem['num_params']:,}")
+    if problem.get("loss"):
+        facts.append(f"loss={problem['loss']}")
+    if facts:
+        parts.append(", ".join(facts))
+    if approximation and not approximation.get("exact", True):
+        bits = []
+        if approximation.get("mc_samples"):
+            bits.append(f"MC={approximation['mc_samples']}")
+        if approximation.get("subsample"):
+            bits.append(f"subsample={approximation['subsample']}")
+        if bits:
+            parts.append(", ".join(bits))
+    return " | ".join(parts)
+
+
+def legend_below(fig, handles, labels, facts: list[str] | None = None, ncol: int = 3) -> None:
+    """The legend (and a facts block, right-aligned) in a strip under the axes, so that neither covers a line
+    or a point; lay the figure out with ``fig.tight_layout(rect=(0, bottom, 1, 1))``, ``bottom`` from
+    :func:`strip_height`."""
+    if handles:
+        fig.legend(handles, labels, loc="lower left", bbox_to_anchor=(0.01, 0.01), ncol=max(1, min(ncol, len(labels))),
+                   borderaxespad=0.2)
+    if facts:
+        fig.text(0.99, 0.015, "\n".join(facts), ha="right", va="bottom", fontsize=8)
+
+
+def strip_height(fig, lines: int) -> float:
+    """The figure fraction a :func:`legend_below` strip of ``lines`` text lines takes (8 pt, with padding)."""
+    return min(0.45, (0.16 * lines + 0.12) / fig.get_figheight())
 
 
 _SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")

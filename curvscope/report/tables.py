@@ -181,7 +181,12 @@ def facts_table(report: dict[str, Any], out_dir: str | None = None, top_k: int =
         if d.get("flat_overlap") is not None:
             flat = d["flat_overlap"]
             share = f"{flat:.2%}" if abs(flat) >= 5e-5 else "< 0.01%"
-            table.add_row("gradient in flat space", f"{share} (outside the top-{d.get('top_k')} directions)")
+            top_k, rank = d.get("top_k"), g.get("rank")
+            if top_k is not None and rank is not None and top_k < rank:  # not all of it is flat: not computed
+                table.add_row(f"gradient beyond the top-{top_k}", f"{share} (the other {rank - top_k:,} nonzero "
+                              "directions, not computed, and the null space)")
+            else:
+                table.add_row("gradient in flat space", f"{share} (the null space: outside every nonzero direction)")
     first = (report.get("groups") or [{}])[0]
     if first.get("eigenvalue_floor") is not None:
         precision = report.get("precision") or "float32"
