@@ -147,3 +147,15 @@ def test_the_table_title_names_the_solver_plan():
     block = {**lean, "groups": [{**group, "solver": {"kind": "block", "block_size": 2, "max_basis": 24}}]}
     assert str(matfree_table(lean).title) == "Hessian spectrum (Lanczos, 40 products, three vectors)"
     assert str(matfree_table(block).title) == "Hessian spectrum (Lanczos, 40 products, basis 24)"
+
+
+def test_products_of_a_curvscope_operator_go_into_the_released_vector(monkeypatch):
+    problem = _mlp_problem()
+    H = curvscope.hessian_operator(problem)
+    into = []
+    check = type(H)._check_out
+    monkeypatch.setattr(type(H), "_check_out", lambda self, out, v: (into.append(out.data_ptr()), check(self, out, v)))
+    res = lean_extremes(H.matvec, H.dim, tol=1e-10, dtype=F64)
+    plain = lean_extremes(lambda v: H.matvec(v), H.dim, tol=1e-10, dtype=F64)
+    assert len(into) == res.matvecs - 2 and len(set(into)) <= 3  # steps 3.. reuse the released vectors
+    assert torch.equal(res.top, plain.top) and torch.equal(res.bottom, plain.bottom)

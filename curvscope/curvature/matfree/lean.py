@@ -2,7 +2,9 @@
 
 :func:`lean_extremes` finds ``lambda_max`` and/or ``lambda_min`` (one value per end) of a symmetric operator from
 products alone, holding three vectors of length dim (the previous and current Lanczos vectors and the newest
-product), the memory of a power iteration, with the convergence of an unrestarted Lanczos run. It is the
+product), the memory of a power iteration, with the convergence of an unrestarted Lanczos run. A curvscope
+``Operator`` (or its ``matvec``) writes each product into the vector the recurrence has just released
+(``matvec(v, out=...)``): no per-parameter results to concatenate, no new allocation per step. It is the
 eigensolver of large models (:func:`curvscope.curvature.matfree.spectrum.plan_eigen` picks it for one eigenvalue
 per end when the model has more than ``LARGE_MODEL_PARAMS`` parameters or the memory budget cannot hold a good
 basis), where every basis vector costs as much memory as the model.
@@ -35,6 +37,7 @@ from torch import Tensor
 
 from curvscope.curvature.matfree.adapter import _apply, _resolve
 from curvscope.curvature.matfree.block import WHICH, BlockEigenResult
+from curvscope.curvature.matfree.operator import Operator
 from curvscope.curvature.matfree.vectors import _device, _gaussian, _generator
 from curvscope.errors import CurvscopeError, OptionError, at_least, one_of
 from curvscope.progress import Progress, or_silent
@@ -86,6 +89,7 @@ def lean_extremes(op: Any, dim: int | None = None, *, which: str = "both", tol: 
         CurvscopeError: a bad operator or start vector, or a non-finite product.
     """
     matvec, dim, home = _resolve(op, dim)
+    owner = op if isinstance(op, Operator) else getattr(op, "__self__", None)  # op.matvec: its Operator
     one_of("which", which, WHICH)
     if not (isinstance(tol, (int, float)) and 0 < tol < math.inf):
         raise OptionError("tol", f"must be positive, got {tol}")
@@ -102,7 +106,10 @@ def lean_extremes(op: Any, dim: int | None = None, *, which: str = "both", tol: 
         s = start.reshape(-1).to(dtype=dtype, device=device)
         q = s.div(torch.linalg.vector_norm(s)).add_(q.div_(torch.linalg.vector_norm(q)), alpha=START_MIX)
     q.div_(torch.linalg.vector_norm(q))
+    # a curvscope Operator writes each product into the released vector (no per-parameter results, no copy)
+    into = isinstance(owner, Operator) and owner.dtype == dtype and owner.device == device
     prev: Tensor | None = None
+    spare: Tensor | None = None
     alphas: list[float] = []
     betas: list[float] = []
     eps = torch.finfo(dtype).eps
@@ -111,7 +118,8 @@ def lean_extremes(op: Any, dim: int | None = None, *, which: str = "both", tol: 
     bound = {"top": math.inf, "bottom": math.inf}
     norm, converged, invariant = 0.0, False, False
     while len(alphas) < steps_cap:
-        w = _apply(matvec, q)
+        w = owner.matvec(q, out=spare) if into and spare is not None else _apply(matvec, q)
+        spare = None
         if not bool(torch.isfinite(w).all()):
             raise CurvscopeError(f"the operator returned non-finite values at Lanczos step {len(alphas) + 1}")
         alpha = float(torch.dot(q, w))
@@ -133,8 +141,10 @@ def lean_extremes(op: Any, dim: int | None = None, *, which: str = "both", tol: 
         if invariant or (len(alphas) >= MIN_STEPS and all(wanted)):
             converged = True
             break
-        prev, q = q, w.div_(beta)  # the old prev is released here: three vectors alive at most
+        spare, prev, q = prev, q, w.div_(beta)  # the old prev takes the next product: three vectors at most
         del w
+        if not into:
+            spare = None
     if invariant:
         bound = {e: 0.0 for e in bound}
     empty = torch.empty(0, dtype=torch.float64)
