@@ -23,6 +23,7 @@ hidden units also read elsewhere, widths that do not connect).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -89,8 +90,14 @@ def _has_params(m: nn.Module) -> bool:
     return any(True for _ in m.parameters(recurse=False))
 
 
+SAMPLED = 4096
+"""Entries of each module output the chain test keeps (at fixed random positions): a broken symmetry changes
+a generic output almost everywhere, and a large model's outputs need not all be held."""
+
+
 class _Probe:
-    """The model on (up to) two samples: the order of its module calls, and every module's outputs.
+    """The model on (up to) two samples: the order of its module calls, and every module's outputs (at most
+    :data:`SAMPLED` entries of each, at fixed random positions).
 
     Hooked: weight layers, modules with parameters of their own and leaf modules. ``calls`` lists them in the
     order of their first call (a weight layer called more than once is left out: it is no chain layer).
@@ -104,6 +111,7 @@ class _Probe:
         self.hooked = {name: m for name, m in problem.model.named_modules()
                        if name and (weight_layer(m) or _has_params(m) or not any(True for _ in m.children()))}
         self.tol = problem.eps ** 0.5
+        self._positions: dict[int, Tensor] = {}
         self.records, self.out, order = self._run(dict(problem.params))
         counts: dict[str, int] = {}
         for name in order:
@@ -120,7 +128,7 @@ class _Probe:
                 order.append(name)
 
             def leave(_m, _a, output, name=name) -> None:
-                leaves = [t.detach().clone() for t in tree_flatten(output)[0]
+                leaves = [self._sample(t.detach()) for t in tree_flatten(output)[0]
                           if isinstance(t, Tensor) and t.is_floating_point()]
                 records.append((name, leaves))
             handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
@@ -131,6 +139,15 @@ class _Probe:
             for h in handles:
                 h.remove()
         return records, out, order
+
+    def _sample(self, t: Tensor) -> Tensor:
+        flat = t.reshape(-1)
+        if flat.numel() <= SAMPLED:
+            return flat.clone()
+        if flat.numel() not in self._positions:
+            gen = torch.Generator().manual_seed(flat.numel())
+            self._positions[flat.numel()] = torch.randperm(flat.numel(), generator=gen)[:SAMPLED].to(t.device)
+        return flat[self._positions[flat.numel()]]
 
     def _close(self, new: Tensor, old: Tensor) -> bool:
         if new.shape != old.shape or not bool(torch.isfinite(new).all()):
@@ -169,20 +186,25 @@ def _transform(problem, moves: list[tuple[str, nn.Module, str, Tensor]]) -> dict
     return params
 
 
-def _elements(d: int) -> tuple[Tensor, Tensor, Tensor]:
-    """A random permutation matrix, a random rotation and a random sign diagonal of size d (fixed seed)."""
+def _elements(d: int) -> tuple[Tensor, Tensor]:
+    """A random permutation matrix and a random sign diagonal of size d (fixed seed)."""
     gen = torch.Generator().manual_seed(0)
     perm = torch.eye(d, dtype=torch.float64)[torch.randperm(d, generator=gen)]
-    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
     signs = torch.diag(torch.where(torch.rand(d, generator=gen) < 0.5, -1.0, 1.0).to(torch.float64))
-    return perm, q, signs
+    return perm, signs
+
+
+def _rotation(d: int) -> Tensor:
+    """A random rotation of size d (fixed seed)."""
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    return q
 
 
 def _test(probe: _Probe, a, b, ma, mb, d: int, free: set[str]) -> tuple[str | None, str | None]:
     """``(group, changed)``: the largest group under which the model is invariant (``None``: not even the
     permutations) and, when none is, the first module that changed."""
     problem = probe.problem
-    perm, q, signs = _elements(d)
+    perm, signs = _elements(d)
 
     def moved(M: Tensor) -> str | None:
         return probe.changed(_transform(problem, [(a, ma, "out", M), (b, mb, "in", M)]), free)
@@ -190,7 +212,7 @@ def _test(probe: _Probe, a, b, ma, mb, d: int, free: set[str]) -> tuple[str | No
     changed = moved(perm)
     if changed is not None:
         return None, changed
-    if moved(q) is None:
+    if moved(_rotation(d)) is None:
         return "orthogonal", None
     if moved(signs @ perm) is None:
         return "signed-permutation", None
@@ -201,7 +223,7 @@ def _test_gated(probe: _Probe, g, u, c, mods: dict[str, nn.Module], d: int, free
     """The gated chain ``g*u,c`` when permuting the rows of g and u and the columns of c together leaves the model
     unchanged; the sign tests decide which of g, u is the gate (module docstring of :mod:`.gated`)."""
     problem = probe.problem
-    perm, _, signs = _elements(d)
+    perm, signs = _elements(d)
 
     def moved(mg: Tensor, mu: Tensor, mc: Tensor) -> bool:
         moves = [(g, mods[g], "out", mg), (u, mods[u], "out", mu), (c, mods[c], "in", mc)]
@@ -374,7 +396,8 @@ def _named(problem, names: list[str]) -> LinearChain | None:
 def problem_chain(problem, layers=None) -> LinearChain:
     """The chain of ``problem``'s model: named by ``layers`` (``a,b,c``; ``gate*up,down`` for a gated MLP), or a
     plain ``nn.Sequential`` MLP's Linear layers (:func:`~curvscope.curvature.symmetry.chain.find_chain`), else the
-    first chain :func:`discover_pairs` finds (the others are listed in ``chain.found``).
+    first chain :func:`discover_pairs` finds (the others are listed in ``chain.found``). The last chain discovered
+    is kept for the next call on the same problem (the same parameter tensors and inputs).
 
     Raises:
         OptionError: of ``layers``, naming why the model has no chain (each pair of weight layers and what
@@ -393,6 +416,21 @@ def problem_chain(problem, layers=None) -> LinearChain:
     except OptionError:
         if names:
             raise
+    key = (tuple(id(t) for t in problem.params.values()), id(problem.inputs))
+    if _LAST and _LAST[0]() is problem and _LAST[1] == key:  # the command asks twice (auto symmetry, factors)
+        return _LAST[2]
+    chain = _discovered(problem)
+    _LAST[:] = [weakref.ref(problem), key, chain]
+    return chain
+
+
+_LAST: list = []
+"""The last discovered chain: ``[weakref to the problem, (parameter and input ids), chain]``."""
+
+
+def _discovered(problem) -> LinearChain:
+    from curvscope.errors import OptionError
+
     pairs = discover_pairs(problem)
     chains = [p for p in pairs if p.symmetry is not None]
     if not chains:
