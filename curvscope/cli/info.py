@@ -20,7 +20,7 @@ def info(
     args: ProblemArgs,
     debug: DebugOpt = False,
 ) -> None:
-    """Show the model's layers and parameter counts, the data, the loss and the batch loss.
+    """Show the model's layers and parameter counts, the data, the loss, the batch loss and its metric.
 
     Loads the checkpoint and the batch exactly as every other command does, so it is the quickest way to
     check that curvscope understands your files.
@@ -93,15 +93,10 @@ def describe(problem) -> dict:
     }
     if info.get("architecture"):
         facts["architecture"] = f"{info['architecture']} (transformers {info.get('transformers', '?')})"
-    if problem.loss.name == "ce":
-        if problem.is_sequence:
-            predicted = outputs.reshape(n, problem.positions, problem.classes).argmax(dim=-1)
-            valid = problem.loss.valid_tokens(problem.targets)
-            acc = float((predicted == problem.targets)[valid].float().mean()) if bool(valid.any()) else float("nan")
-            facts["batch accuracy"] = f"{acc:.2%} of valid tokens"
-        else:
-            acc = float((outputs.argmax(dim=-1) == problem.targets).float().mean())
-            facts["batch accuracy"] = f"{acc:.2%}"
+    from curvscope.metrics import batch_metrics
+
+    for metric in batch_metrics(problem.loss, outputs, problem.targets):
+        facts[metric.name] = metric.text
     facts["device / dtype"] = f"{problem.device} / {str(problem.dtype).replace('torch.', '')}"
     return {"layers": layers, "facts": facts, "loss_value": loss_value}
 

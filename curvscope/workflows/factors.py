@@ -46,12 +46,14 @@ class FactorsOptions(Options):
                            "chain's activations allow, said in the summary: orthogonal for linear chains, "
                            "signed-permutation for odd activations such as tanh, permutation for the rest, e.g. "
                            "ReLU), orthogonal, signed-permutation (the same factors as orthogonal), permutation, or "
-                           "none (the dense second moment; small chains only).")
+                           "none (the dense second moment; small chains only). A gated MLP (Llama) has no orthogonal "
+                           "symmetry: auto gives signed-permutation (sign flips of up and down).")
     source: str = option("batch", "What is projected: batch (the full-batch gradient g g^T, the paper's estimate), "
                          "per-sample (mean of g_n g_n^T: a structured empirical Fisher) or ggn (the GGN V V^T from "
                          "the spectrum engine's columns).")
     layers: str | None = option(None, "Comma-separated Linear module names forming the chain, in order (e.g. "
-                                "1,3,5). Default: the Linear layers of an nn.Sequential MLP.")
+                                "1,3,5), two Conv/Conv1D layers a,b, or a gated MLP as gate*up,down. Default: the "
+                                "Linear layers of an nn.Sequential MLP, else the first chain found in the model.")
     mc_samples: int = option(0, "``source=ggn``: 0 for the exact loss-Hessian square root, M > 0 for M "
                              "Monte-Carlo columns per sample (at most 1000).")
     subsample: int | None = option(None, "``source=ggn``: build the GGN from the first K samples of the batch "

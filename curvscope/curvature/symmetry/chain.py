@@ -72,6 +72,13 @@ class LinearChain:
     ``activation_symmetry`` is the largest group the activations between the layers allow (``orthogonal`` for
     linear networks, ``signed-permutation`` for odd activations such as tanh, ``permutation`` otherwise), or
     ``None`` when the layers were named (``layers``) and curvscope cannot tell.
+
+    A *gated* chain (a Llama MLP, ``down(act(gate(x)) * up(x))``) has ``modules = (gate, up, down)``, widths
+    ``(d_0, d_1, d_2)`` (L = 2: the gate is a second branch of layer 1) and ``gate`` set: the permutation of the
+    hidden units acts on the rows of the gate and of up and on the columns of down together. Its tensors are
+    named ``1g``/``b1g`` (gate), ``1``/``b1`` (up), ``2``/``b2`` (down). ``gate_signed``: a sign flip of gate row
+    i with down column i is a symmetry too (an odd or linear gate activation); a sign flip of up row i with down
+    column i always is (:mod:`curvscope.curvature.symmetry.gated`).
     """
 
     __repr__ = compact_repr
@@ -82,13 +89,24 @@ class LinearChain:
     activation_symmetry: str | None
     activations: tuple[str, ...] = ()
     found: tuple[str, ...] = ()
-    """Every chain found in the model (``a,b`` module names) when this one was discovered among several
-    (:mod:`curvscope.curvature.symmetry.discover`)."""
+    """Every chain found in the model (``a,b`` module names, ``gate*up,down`` for a gated one) when this one was
+    discovered among several (:mod:`curvscope.curvature.symmetry.discover`)."""
+    gate: str | None = None
+    """The gate's module name of a gated chain (``None``: a plain chain)."""
+    gate_signed: bool = False
+    """Gated chains: the gate's sign flips (with down's columns) are a symmetry too."""
 
     @property
     def num_layers(self) -> int:
-        """L: the number of Linear layers."""
-        return len(self.modules)
+        """L: the number of layers (a gated chain's gate and up are both layer 1)."""
+        return len(self.widths) - 1
+
+    @property
+    def spec(self) -> str:
+        """The chain as ``layers`` names it: ``a,b,c``, or ``gate*up,down`` for a gated chain."""
+        if self.gate is not None:
+            return f"{self.modules[0]}*{self.modules[1]},{self.modules[2]}"
+        return ",".join(self.modules)
 
     @property
     def hidden_widths(self) -> dict[int, int]:

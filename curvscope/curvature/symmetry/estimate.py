@@ -91,7 +91,8 @@ def compute_factors(problem, symmetry: str = "orthogonal", source: str = "batch"
         problem: the :class:`~curvscope.problem.Problem` whose model holds the Linear chain.
         symmetry: ``orthogonal`` (default), ``signed-permutation``, ``permutation`` or ``none`` (dense).
         source: ``batch``, ``per-sample`` or ``ggn`` (see the module docstring).
-        layers: Linear module names of the chain (default: found in an ``nn.Sequential`` MLP).
+        layers: module names of the chain (``a,b,c``; ``gate*up,down`` for a gated MLP; default: found in an
+            ``nn.Sequential`` MLP, else discovered in the model, :mod:`~curvscope.curvature.symmetry.discover`).
         mc_samples: for ``ggn``: 0 for the exact GGN columns, M > 0 for M Monte-Carlo columns per sample.
         subsample: for ``ggn``: curvature from the first ``subsample`` samples only (default: all).
         seed: for ``ggn``: seeds the Monte-Carlo columns.
@@ -114,6 +115,10 @@ def compute_factors(problem, symmetry: str = "orthogonal", source: str = "batch"
         notes.append(f"the activations ({', '.join(chain.activations)}) are only invariant under "
                      f"{chain.activation_symmetry}s of hidden units: symmetry {symmetry} assumes more "
                      "symmetry than the model has (try symmetry permutation)")
+    if chain.gate is not None and symmetry in ("signed-permutation", "permutation"):
+        from curvscope.curvature.symmetry.gated import gated_note
+
+        notes.append(gated_note(chain, symmetry))
     errors: dict[str, float | None] = {}
     N = problem.batch_size
     D = chain.num_params

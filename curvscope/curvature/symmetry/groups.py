@@ -109,7 +109,7 @@ class Structure:
             for i, j in pairs:
                 x, y = (self.chain.tensors[comp.members[k].index] for k in (i, j))
                 name = _block_name(self.chain, x, y)
-                if self.symmetry == "permutation":
+                if self.symmetry == "permutation" or self.chain.gate is not None:
                     name = f"{name}[{comp.code}]"
                 shape = _free_shape(x, comp.kind_map) + _free_shape(y, comp.kind_map)
                 params = (x.name,) if i == j else (x.name, y.name)
@@ -120,9 +120,9 @@ class Structure:
 def _block_name(chain: LinearChain, x: ChainTensor, y: ChainTensor) -> str:
     if x is y:
         if x.is_bias:
-            return f"phi_b{x.layer}" if x.hidden_labels else f"Phi_b{x.layer}"
-        return f"phi_{x.layer}" if len(x.hidden_labels) == 2 else f"Phi_{x.layer}"
-    if chain.num_layers == 2 and not x.is_bias and not y.is_bias:
+            return f"phi_{x.short}" if x.hidden_labels else f"Phi_{x.short}"
+        return f"phi_{x.short}" if len(x.hidden_labels) == 2 else f"Phi_{x.short}"
+    if chain.num_layers == 2 and {x.short, y.short} == {"1", "2"}:
         return "Psi_1"
     return f"Psi_{x.short}_{y.short}"
 
@@ -142,10 +142,15 @@ def build_structure(chain: LinearChain, symmetry: str) -> Structure:
             raise OptionError("symmetry", f"none forms the dense {chain.num_params} x {chain.num_params} "
                               f"matrix of the chain; that is above the cap of {DENSE_CAP} parameters: use a "
                               "structured symmetry or fewer layers")
-        return Structure(chain, symmetry, (_component("dense", (), tensors, range(len(tensors))),))
+        return Structure(chain, symmetry, (component("dense", (), tensors, range(len(tensors))),))
     if not widths:
         raise OptionError("symmetry", f"{symmetry} needs a hidden layer (at least two Linear layers in the "
                           "chain); use symmetry none for a single layer")
+    if chain.gate is not None and symmetry != "permutation":
+        from curvscope.curvature.symmetry.gated import gated_components
+
+        return Structure(chain, symmetry, tuple(component(code, kinds, tensors, members, widths)
+                                                for code, kinds, members in gated_components(chain, symmetry)))
     comps = []
     if symmetry in ("orthogonal", "signed-permutation"):
         seen: list[frozenset[int]] = []
@@ -156,7 +161,7 @@ def build_structure(chain: LinearChain, symmetry: str) -> Structure:
             kinds = tuple((h, "std") for h in sorted(S))
             members = [i for i, t in enumerate(tensors) if t.hidden_labels == S]
             code = "{" + ",".join(str(h) for h in sorted(S)) + "}"
-            comps.append(_component(code, kinds, tensors, members, widths))
+            comps.append(component(code, kinds, tensors, members, widths))
     else:
         perp_sets: list[frozenset[int]] = []
         for t in tensors:
@@ -171,12 +176,14 @@ def build_structure(chain: LinearChain, symmetry: str) -> Structure:
             kinds = tuple((h, "perp" if h in P else "triv") for h in sorted(widths))
             members = [i for i, t in enumerate(tensors) if P <= t.hidden_labels]
             code = "".join("p" if h in P else "1" for h in sorted(widths))
-            comps.append(_component(code, kinds, tensors, members, widths))
+            comps.append(component(code, kinds, tensors, members, widths))
     return Structure(chain, symmetry, tuple(comps))
 
 
-def _component(code: str, kinds: tuple[tuple[int, str], ...], tensors: Sequence[ChainTensor],
-               members: Sequence[int], widths: dict[int, int] | None = None) -> Component:
+def component(code: str, kinds: tuple[tuple[int, str], ...], tensors: Sequence[ChainTensor],
+              members: Sequence[int], widths: dict[int, int] | None = None) -> Component:
+    """The component ``code`` acting by ``kinds`` (hidden label -> ``std``/``perp``/``triv``) on the tensors
+    ``members`` (indices into ``tensors``), with the hidden ``widths``."""
     widths = widths or {}
     kmap = dict(kinds)
     irrep_dim, embed = 1, 1
