@@ -12,9 +12,9 @@ basis), where every basis vector costs as much memory as the model.
 **Algorithm** (Lanczos 1950; Paige 1976; Cullum & Willoughby 1985): the three-term recurrence
 ``beta_j q_{j+1} = A q_j - alpha_j q_j - beta_{j-1} q_{j-1}``, each new vector orthogonalized twice against
 ``q_j`` and once against ``q_{j-1}`` (local reorthogonalization), no reorthogonalization against older vectors.
-The tridiagonal ``T_j`` (float64) gives the Ritz values; the extreme ones converge as in exact arithmetic. Lost
-orthogonality only adds copies of converged values, which does not change the largest or smallest one, so
-multiplicities need no care here (one value per end is reported).
+The tridiagonal ``T_j`` (float64, its entries from dot products accumulated in float64) gives the Ritz values;
+the extreme ones converge as in exact arithmetic. Lost orthogonality only adds copies of converged values, which
+does not change the largest or smallest one, so multiplicities need no care here (one value per end is reported).
 
 **Convergence**: the residual of the extreme Ritz pair ``(theta, Q_j s)`` is ``beta_j |s_j|`` (the last entry of
 its eigenvector of ``T_j``: Paige's bound, which holds in floating point to ``O(eps ||A||)`` for a converged Ritz
@@ -49,6 +49,18 @@ MIN_STEPS = 4
 """Steps before convergence can be declared (a start close to an eigenvector is not the extreme one yet)."""
 START_MIX = 0.01
 """A given start vector gets this share (in norm) of a random vector: every eigenvector is then reachable."""
+
+
+CHUNK = 1 << 20
+"""Entries per float64 chunk of :func:`_dot` (8 MB of temporaries)."""
+
+
+def _dot(a: Tensor, b: Tensor) -> float:
+    """``a . b`` accumulated in float64, chunk by chunk: a float32 dot product of 10^8 entries loses about 1e-5 of
+    its value, which the Ritz values would inherit (they came out above lambda_max)."""
+    if a.dtype == torch.float64:
+        return float(torch.dot(a, b))
+    return float(sum(torch.dot(a[i:i + CHUNK].double(), b[i:i + CHUNK].double()) for i in range(0, a.numel(), CHUNK)))
 
 
 def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
@@ -104,8 +116,8 @@ def lean_extremes(op: Any, dim: int | None = None, *, which: str = "both", tol: 
         if start.numel() != dim or not bool(torch.isfinite(start).all()) or not bool(start.any()):
             raise CurvscopeError(f"start must be a finite, nonzero ({dim},) tensor")
         s = start.reshape(-1).to(dtype=dtype, device=device)
-        q = s.div(torch.linalg.vector_norm(s)).add_(q.div_(torch.linalg.vector_norm(q)), alpha=START_MIX)
-    q.div_(torch.linalg.vector_norm(q))
+        q = s.div(_dot(s, s) ** 0.5).add_(q.div_(_dot(q, q) ** 0.5), alpha=START_MIX)
+    q.div_(_dot(q, q) ** 0.5)
     # a curvscope Operator writes each product into the released vector (no per-parameter results, no copy)
     into = isinstance(owner, Operator) and owner.dtype == dtype and owner.device == device
     prev: Tensor | None = None
@@ -122,14 +134,14 @@ def lean_extremes(op: Any, dim: int | None = None, *, which: str = "both", tol: 
         spare = None
         if not bool(torch.isfinite(w).all()):
             raise CurvscopeError(f"the operator returned non-finite values at Lanczos step {len(alphas) + 1}")
-        alpha = float(torch.dot(q, w))
+        alpha = _dot(q, w)
         w.sub_(q, alpha=alpha)
         if prev is not None:
             w.sub_(prev, alpha=betas[-1])
-        again = float(torch.dot(q, w))  # local reorthogonalization: the recurrence's rounding against q_j
+        again = _dot(q, w)  # local reorthogonalization: the recurrence's rounding against q_j
         w.sub_(q, alpha=again)
         alphas.append(alpha + again)
-        beta = float(torch.linalg.vector_norm(w))
+        beta = _dot(w, w) ** 0.5
         betas.append(beta)
         progress("lanczos", len(alphas), steps_cap)
         values, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas))
