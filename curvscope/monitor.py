@@ -9,8 +9,10 @@
     monitor.close()              # also usable as a context manager
 
 Every measured step is one point of ``curvscope track`` (:func:`curvscope.curvature.track.measure_point`): the
-same fields, the same ``report.json`` (``track`` section) and ``track.png`` in ``out``, rewritten after every
-point, so ``curvscope show`` and ``curvscope check`` work on it while training runs. The monitor never changes
+same fields, the same ``report.json`` (``track`` section) in ``out``, rewritten after every point, so ``curvscope
+show`` and ``curvscope check`` work on it while training runs; ``track.png`` is redrawn at most every
+``plot_interval`` seconds and at ``close()`` (:class:`curvscope.report.track_live.TrackWriter`). ``close()`` (or
+the end of the ``with`` block, or the interpreter's exit) writes the final report and figure. The monitor never changes
 training: it reads the parameters, buffers and optimizer state without writing them, leaves ``.grad`` alone,
 draws its random vectors from its own ``torch.Generator`` (and puts the global CPU and CUDA RNG states back
 anyway), and measures in eval mode (Dropout off, BatchNorm on its running statistics), restoring every module's
@@ -20,10 +22,13 @@ kernels have no double backward). ``docs/track.md``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import os
+import sys
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -55,13 +60,15 @@ class Monitor:
         measure: more of the spectrum, comma-separated: ``trace``, ``bottom``, ``ggn``, ``hessian``.
         tol: relative residual tolerance of every eigen-solve.
         warm_start: start each point from the previous point's Ritz vector.
-        plot: write ``track.png`` after every point.
+        plot: write ``track.png``: at ``close()``, and while training at most every ``plot_interval`` seconds.
         lr: the learning rate when there is no ``optimizer``.
         dtype: the dtype of the measurement (default: the model's parameters').
         shift_labels: causal LM targets (position t scores token t + 1); ``None``: on for a model class named
             ``...ForCausalLM`` / ``...LMHeadModel`` with sequence outputs.
         output: which output of a structured model output to score (default: the tensor, else ``logits``).
         seed: seeds the monitor's own generator (Lanczos start vectors).
+        plot_interval: seconds between two drawings of ``track.png`` while training (a figure takes tenths of a
+            second; the report itself is rewritten after every point).
     """
 
     def __init__(self, model: nn.Module, batch: tuple[Any, Any] | Mapping[str, Any], loss: str = "ce",
@@ -69,7 +76,7 @@ class Monitor:
                  tensorboard: str | os.PathLike | None = None, *, curvature: str = "hessian", groups: str = "all",
                  measure: str = "", tol: float = 1e-4, warm_start: bool = True, plot: bool = True,
                  lr: float | None = None, dtype: torch.dtype | str | None = None, shift_labels: bool | None = None,
-                 output: str | None = None, seed: int = 0) -> None:
+                 output: str | None = None, seed: int = 0, plot_interval: float = 60.0) -> None:
         from curvscope.workflows.track import TrackOptions
 
         if not isinstance(model, nn.Module):
@@ -83,9 +90,17 @@ class Monitor:
         self.out = Path(out)
         self.inputs, self.targets = _split_batch(batch)
         self.dtype, self.shift_labels, self.output, self.seed = dtype, shift_labels, output, int(seed)
+        if isinstance(plot_interval, bool) or not isinstance(plot_interval, (int, float)) or \
+                not plot_interval >= 0:
+            raise OptionError("plot_interval", f"must be a number of seconds >= 0, got {plot_interval!r}")
+        self.plot_interval = float(plot_interval)
         self.points: list[Any] = []
         self.report: dict[str, Any] | None = None
         self._problem = None
+        self._writer = None
+        self._at_exit: Any = None
+        self._settings: dict[str, Any] | None = None
+        self._groups: list[str] = []
         self._vectors: dict[str, Tensor] | None = None
         self._board = _summary_writer(tensorboard) if tensorboard is not None else None
         from curvscope.io.atomic import check_directory
@@ -124,17 +139,26 @@ class Monitor:
             self._vectors = measured.vectors
             point = TrackPoint(step=int(step), checkpoint=None, fingerprint=None,
                                seconds=time.perf_counter() - started, measured=measured, notes=notes)
-            self.points = [p for p in self.points if p.step != point.step] + [point]
-            self.points.sort(key=lambda p: p.step)
-            self._write(problem)
+            if self.points and self.points[-1].step >= point.step:  # a step measured again, or out of order
+                self.points = sorted([p for p in self.points if p.step != point.step] + [point],
+                                     key=lambda p: p.step)
+            else:
+                self.points.append(point)
+        self._write(problem)
         self._scalars(point)
         return measured
 
     def close(self) -> None:
-        """Flush TensorBoard (the report is already written after every point)."""
-        if self._board is not None:
-            self._board.close()
-            self._board = None
+        """Write the final report and ``track.png`` (when points were added since the last full write) and close
+        TensorBoard. The monitor can go on measuring afterwards."""
+        try:
+            if self._writer is not None and self._writer.pending:
+                self.report = self._writer.finish(self._run())
+        finally:
+            self._forget_exit()
+            if self._board is not None:
+                self._board.close()
+                self._board = None
 
     def __enter__(self) -> Monitor:
         return self
@@ -176,17 +200,38 @@ class Monitor:
         return {"checkpoint": None, "model": f"{kind.__module__}.{kind.__qualname__}", "model_kwargs": {},
                 "data": "curvscope.Monitor batch", "batch_indices": None, "seed": self.seed}
 
-    def _write(self, problem) -> None:
-        from curvscope.report.writer import ReportWriter
-        from curvscope.workflows.track import TrackRun, write_track
+    def _run(self):
+        """The points so far as a :class:`~curvscope.workflows.track.TrackRun` (what the report is made of)."""
+        from curvscope.workflows.track import TrackRun
 
-        run = TrackRun(run=[f"curvscope.Monitor (every {self.every})"], total=len(self.points),
-                       points=list(self.points), options=self.options, settings=self.options.settings(problem),
-                       group_names=[g.name for g in problem.groups(self.options.groups)]
-                       if self.options.groups != "all" else [])
-        writer = ReportWriter(self.out, problem, option="out")
-        write_track(writer, problem, run, self.options)
-        self.report = writer.commit()
+        if self._settings is None:
+            problem = self._problem
+            self._settings = self.options.settings(problem)
+            self._groups = [g.name for g in problem.groups(self.options.groups)] \
+                if self.options.groups != "all" else []
+        return TrackRun(run=[f"curvscope.Monitor (every {self.every})"], total=len(self.points),
+                        points=self.points, options=self.options, settings=self._settings,
+                        group_names=self._groups)
+
+    def _write(self, problem) -> None:
+        """``report.json`` after a point (compact, put off when it would cost more than a small share of the
+        time); ``track.png`` when due. Until :meth:`close`, the interpreter's exit writes what is pending."""
+        from curvscope.report.track_live import TrackWriter
+
+        if self._writer is None:
+            self._writer = TrackWriter(self.out, problem, plot=self.options.plot, option="out",
+                                       plot_interval=self.plot_interval)
+        written = self._writer.update(self._run())
+        if written is not None:
+            self.report = written
+        if self._at_exit is None:
+            self._at_exit = _exit_flush(weakref.ref(self))
+            atexit.register(self._at_exit)
+
+    def _forget_exit(self) -> None:
+        if self._at_exit is not None:
+            atexit.unregister(self._at_exit)
+            self._at_exit = None
 
     def _scalars(self, point: Any) -> None:
         if self._board is None:
@@ -200,6 +245,22 @@ class Monitor:
             if value is not None:
                 self._board.add_scalar(f"curvscope/{name}", float(value), point.step)
         self._board.flush()
+
+
+def _exit_flush(ref: weakref.ref) -> Any:
+    """What the interpreter runs at exit for a monitor that was not closed (a training loop stopped by Ctrl-C or
+    an error): its final report and figure. A failure is one line on stderr."""
+
+    def flush() -> None:
+        monitor = ref()
+        if monitor is None:
+            return
+        try:
+            monitor.close()
+        except Exception as exc:  # noqa: BLE001 - at exit: one line, no traceback
+            print(f"curvscope.Monitor: the final report in {monitor.out} was not written ({exc})", file=sys.stderr)
+
+    return flush
 
 
 def _split_batch(batch: Any) -> tuple[Any, Tensor]:
