@@ -14,11 +14,17 @@ Three questions, one process, one intra-op thread (``--threads``):
    within 1e-4 (relative) of a reference from curvscope at 1e-10, then that setting's time per point. PyHessian
    is optional (the ``bench`` extra): when it is not importable this part says so and is skipped. The same
    power iteration written out here (Hessian-vector products by double backward, stopping on the eigenvalue's
-   relative change, as PyHessian does) is timed beside it so the part still has a baseline.
+   relative change, as PyHessian does) is timed beside it so the part still has a baseline. Both ways of
+   counting a point are timed: the eigen-solve alone (PyHessian's ``eigenvalues()``, curvscope's ``sharpness``),
+   and a whole point of a loop over checkpoint files (reading the checkpoint, loss, gradient norm, threshold:
+   ``run_track``'s points, against ``torch.load`` + ``load_state_dict`` + PyHessian), and ``track``'s whole path
+   in one process per point (finding and checking the checkpoints, building the problem, the report after every
+   point, the final report, with and without ``track.png``).
 3. **The monitor's overhead** on a sample training loop: ``mlp(64, [64, 64], 10)`` (8,970 parameters) on the
    digits' training samples with SGD (lr 0.1, batches of 64, ``--train-steps`` steps), timed without a monitor
-   and with ``curvscope.Monitor`` at ``every`` = 10 and 100 on a fixed batch of 256 (report and plot written
-   after every point, and without the plot).
+   and with ``curvscope.Monitor`` at ``every`` = 10 and 100 on a fixed batch of 256 (the report after every
+   point; ``track.png`` at ``close()``, timed apart, or not at all), and where a point's time goes (products,
+   the rest of the eigen-solver, the gradient graph, the report, the rest), from a separate instrumented run.
 
 Nothing here is a test; numbers depend on the machine and its load (recorded in the output).
 """
@@ -209,8 +215,54 @@ def per_point(repeats: int, target: float = 1e-4) -> dict[str, Any]:
         results["curvscope-warm"] = {"reached": within, "tol": chosen["curvscope"],
                                      "median_seconds_per_point": statistics.median(seconds),
                                      "median_products_per_point": statistics.median(products),
-                                     "note": "run_track's points 2-12 (loss, gradient norm and threshold included)"}
+                                     "note": "run_track's points 2-12 (reading the checkpoint, loss, gradient norm "
+                                     "and threshold included)"}
+        for plot in (False, True):
+            with tempfile.TemporaryDirectory() as tmp:
+                times = [_track_path(Path(tmp) / f"o{i}", chosen["curvscope"], plot) for i in range(repeats)]
+            results[f"curvscope-path{'-plot' if plot else ''}"] = {
+                "reached": within, "tol": chosen["curvscope"],
+                "median_seconds_per_point": statistics.median(times) / len(checkpoints),
+                "median_products_per_point": statistics.median(products)}
+    if "pyhessian" in peers and chosen["pyhessian"] is not None:  # a loop over the files, as a user writes it
+        files = sorted(RUN.glob("*.pt"), key=lambda p: int(p.stem[5:]))
+        model, x, y = _model_and_batch(states[0])
+        seconds = []
+        for _ in range(repeats):
+            for path in files:
+                started = time.perf_counter()
+                model.load_state_dict(torch.load(path, weights_only=True)["model"])
+                _pyhessian(model, x, y, chosen["pyhessian"])
+                seconds.append(time.perf_counter() - started)
+        results["pyhessian-load"] = {"reached": True, "tol": chosen["pyhessian"],
+                                     "median_seconds_per_point": statistics.median(seconds),
+                                     "median_products_per_point": -1}
     return results
+
+
+def _track_path(out: Path, tol: float, plot: bool) -> float:
+    """``curvscope track``'s whole path in this process (no console): find and check the checkpoints, build the
+    problem from the first, every point with the report after it, the final report (and ``track.png``)."""
+    from curvscope.io.runs import find_checkpoints
+    from curvscope.report.track_live import TrackWriter
+    from curvscope.workflows.track import TrackOptions, run_problem, run_track
+
+    started = time.perf_counter()
+    checkpoints = find_checkpoints([RUN])
+    first = checkpoints[0].load()
+    problem = run_problem(checkpoints[0], first, data=SAMPLES / "diabetes.safetensors", batch_size=256,
+                          device="cpu", dtype="float32")
+    writer = TrackWriter(out, problem, plot=plot)
+
+    def listener(run, upcoming) -> None:
+        if upcoming is None:
+            writer.finish(run)
+        elif run.points:
+            writer.update(run)
+
+    run_track(problem, TrackOptions(tol=tol, plot=plot), checkpoints=checkpoints,
+              loaded={checkpoints[0].path: first}, listener=listener)
+    return time.perf_counter() - started
 
 
 def _run(tool: str, model, x, y, problem, tol: float) -> tuple[float, int]:
@@ -226,7 +278,9 @@ def _run(tool: str, model, x, y, problem, tol: float) -> tuple[float, int]:
 
 # -- 3. the monitor's overhead ---------------------------------------------------------------------------
 
-def train_loop(steps: int, every: int | None, plot: bool, out: Path) -> float:
+def train_loop(steps: int, every: int | None, plot: bool, out: Path) -> tuple[float, float]:
+    """Seconds of the training loop (with the monitor's points) and of ``monitor.close()`` (the final report and
+    ``track.png``)."""
     from safetensors.torch import load_file
 
     import curvscope
@@ -248,23 +302,78 @@ def train_loop(steps: int, every: int | None, plot: bool, out: Path) -> float:
         opt.step()
         if monitor is not None:
             monitor.step(step)
-    return time.perf_counter() - started
+    loop = time.perf_counter() - started
+    if monitor is None:
+        return loop, 0.0
+    started = time.perf_counter()
+    monitor.close()
+    return loop, time.perf_counter() - started
 
 
 def overhead(steps: int, repeats: int) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        train_loop(50, None, False, Path(tmp))  # warm-up
+        train_loop(50, 10, True, Path(tmp) / "warm")  # warm-up: every module imported, one figure drawn
         for every, plot in ((None, False), (10, False), (100, False), (100, True)):
-            times = [train_loop(steps, every, plot, Path(tmp) / f"m{every}{plot}") for _ in range(repeats)]
-            rows.append({"every": every, "plot": plot, "seconds": statistics.median(times)})
+            times = [train_loop(steps, every, plot, Path(tmp) / f"m{every}{plot}{i}") for i in range(repeats)]
+            rows.append({"every": every, "plot": plot, "seconds": statistics.median(t[0] for t in times),
+                         "close_seconds": statistics.median(t[1] for t in times)})
     base = rows[0]["seconds"]
     for row in rows:
-        row["overhead"] = row["seconds"] / base - 1
+        row["overhead"] = (row["seconds"] + row["close_seconds"]) / base - 1
+        row["loop_overhead"] = row["seconds"] / base - 1
         row["points"] = steps // row["every"] if row["every"] else 0
         row["seconds_per_point"] = (row["seconds"] - base) / row["points"] if row["points"] else None
         row["seconds_per_step"] = base / steps
     return rows
+
+
+def breakdown(steps: int) -> dict[str, float]:
+    """Where a monitor point's time goes at ``every`` = 100 (seconds per point), from one run with each part
+    timed by a wrapper (slightly slower than the timed runs): the curvature products, the rest of the eigen-solver
+    (Lanczos steps, tridiagonal eigenproblems, reorthogonalization, the residual check's arithmetic), the gradient
+    graph with the loss and gradient norm, the report, and the rest of the point (the optimizer state, the
+    parameters, modes and RNG)."""
+    import curvscope.curvature.sharpness as sharpness_module
+    import curvscope.curvature.track as point_module
+    from curvscope.curvature.matfree.operator import Operator
+    from curvscope.monitor import Monitor
+
+    spent: dict[str, float] = {}
+    originals = []
+
+    def wrap(owner: Any, name: str, label: str) -> None:
+        function = getattr(owner, name)
+        originals.append((owner, name, function))
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - started
+
+        setattr(owner, name, timed)
+
+    wrap(Operator, "matvec", "products")
+    wrap(sharpness_module, "top_eigenpair", "eigen-solver")
+    wrap(point_module, "hessian_with_gradient", "gradient graph, loss and gradient norm")
+    wrap(Monitor, "_write", "report")
+    wrap(Monitor, "measure", "point")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            train_loop(steps, 100, False, Path(tmp) / "b")
+    finally:
+        for owner, name, function in reversed(originals):
+            setattr(owner, name, function)
+    points = steps // 100
+    per = {k: v / points for k, v in spent.items()}
+    parts = {"products": per["products"], "eigen-solver, besides the products": per["eigen-solver"] -
+             per["products"], "gradient graph, loss and gradient norm": per["gradient graph, loss and gradient norm"],
+             "report.json": per["report"]}
+    parts["the rest of the point"] = per["point"] - sum(parts.values())  # measure() includes the report
+    parts["total"] = per["point"]
+    return parts
 
 
 # -- output -----------------------------------------------------------------------------------------------
@@ -287,30 +396,48 @@ def markdown(results: dict[str, Any]) -> str:
     if p.get("missing"):
         lines.append(f"PyHessian: {p['missing']}.")
         lines.append("")
-    lines += ["| tool | tolerance | seconds per point | products per point |", "|---|---|---|---|"]
-    names = {"curvscope": "curvscope sharpness (Lanczos, cold)",
-             "curvscope-warm": "curvscope track, per point (warm start; loss, gradient norm included)",
-             "pyhessian": "PyHessian eigenvalues(top_n=1)",
-             "power": "power iteration (PyHessian's method, written out)"}
-    for tool in ("curvscope", "curvscope-warm", "pyhessian", "power"):
+    lines += ["| tool | a point is | tolerance | seconds per point | products per point | against PyHessian |",
+              "|---|---|---|---|---|---|"]
+    rows = [("curvscope", "curvscope sharpness (Lanczos, cold)", "the eigen-solve", "pyhessian"),
+            ("pyhessian", "PyHessian eigenvalues(top_n=1)", "the eigen-solve", "pyhessian"),
+            ("power", "power iteration (PyHessian's method, written out)", "the eigen-solve", "pyhessian"),
+            ("curvscope-warm", "curvscope run_track (warm start)", "reading the checkpoint, loss, gradient norm, "
+             "threshold", "pyhessian-load"),
+            ("pyhessian-load", "PyHessian in a loop over the files", "torch.load, load_state_dict, the eigen-solve",
+             "pyhessian-load"),
+            ("curvscope-path", "curvscope track's whole path, --no-plot", "the run's time / 12: finding, checking, "
+             "the problem, the points, the reports", "pyhessian-load"),
+            ("curvscope-path-plot", "curvscope track's whole path", "the same and track.png", "pyhessian-load")]
+    for tool, name, what, against in rows:
         r = p.get(tool)
         if r is None:
             continue
         if not r["reached"]:
-            lines.append(f"| {names[tool]} | not reached | - | - |")
+            lines.append(f"| {name} | {what} | not reached | - | - | - |")
             continue
         products = "-" if r["median_products_per_point"] < 0 else f"{r['median_products_per_point']:g}"
-        lines.append(f"| {names[tool]} | {r['tol']:g} | {r['median_seconds_per_point']:.4f} | {products} |")
+        other = p.get(against) or {}
+        ratio = f"{r['median_seconds_per_point'] / other['median_seconds_per_point']:.2f}" \
+            if other.get("reached") and other.get("median_seconds_per_point") else "-"
+        lines.append(f"| {name} | {what} | {r['tol']:g} | {r['median_seconds_per_point']:.4f} | {products} | "
+                     f"{ratio} |")
     lines += ["", "## The monitor's overhead (mlp 8,970 parameters, SGD, batches of 64, monitor batch 256)", "",
-              "| every | track.png | points | seconds | overhead | seconds per point | in training steps |",
-              "|---|---|---|---|---|---|---|"]
+              "| every | track.png | points | loop seconds | close() seconds | overhead | seconds per point | "
+              "in training steps |", "|---|---|---|---|---|---|---|---|"]
     for r in results["overhead"]:
         every = "no monitor" if r["every"] is None else str(r["every"])
         per = r.get("seconds_per_point")
         steps = "-" if per is None else f"{per / r['seconds_per_step']:.0f}"
         per = "-" if per is None else f"{per:.3f}"
-        lines.append(f"| {every} | {'yes' if r['plot'] else 'no'} | {r.get('points', '-')} | {r['seconds']:.2f} | "
-                     f"{r['overhead']:+.0%} | {per} | {steps} |")
+        close = f"{r.get('close_seconds', 0.0):.2f}" if r["every"] else "-"
+        lines.append(f"| {every} | {'at close()' if r['plot'] else 'no'} | {r.get('points', '-')} | "
+                     f"{r['seconds']:.2f} | {close} | {r['overhead']:+.0%} | {per} | {steps} |")
+    parts = results.get("breakdown")
+    if parts:
+        total = parts["total"]
+        lines += ["", "Where a point's time goes at every = 100 (an instrumented run):", "",
+                  "| part | seconds per point | share |", "|---|---|---|"]
+        lines += [f"| {name} | {value:.4f} | {value / total:.0%} |" for name, value in parts.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -328,6 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     results["per_point"] = per_point(args.repeats)
     print("monitor overhead ...", flush=True)
     results["overhead"] = overhead(args.train_steps, args.repeats)
+    results["breakdown"] = breakdown(args.train_steps)
     results["machine"]["load_end"] = _load()
     results["seconds"] = time.time() - started
     args.out.mkdir(parents=True, exist_ok=True)

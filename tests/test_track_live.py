@@ -209,3 +209,22 @@ def test_the_outline_of_a_hugging_face_checkpoint(tmp_path):
     entry = outline.optimizer_state["state"][0]
     assert entry["exp_avg_sq"].shape == (2, 3) and entry["exp_avg_sq"].device.type == "meta"
     assert outline.optimizer_state["param_groups"][0]["lr"] == 1e-3
+
+
+def test_building_the_problem_never_prints_the_checkpoint_tensors(tmp_path, monkeypatch):
+    """run_problem hands load_problem the first checkpoint already read: a message about it names its path (the
+    repr of a dataclass holding the whole state dict took longer than a point)."""
+    from curvscope.io.runs import find_checkpoints
+    from curvscope.workflows.track import run_problem
+
+    run_dir = make_run(tmp_path / "run", "sgd", steps=(1,))
+    (checkpoint,) = find_checkpoints([run_dir])
+    state = checkpoint.load()
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a tensor was printed")
+
+    monkeypatch.setattr(torch.Tensor, "__repr__", refuse)
+    problem = run_problem(checkpoint, state, data=write_data(tmp_path / "d.safetensors"), batch_size=None,
+                          dtype="float64", device="cpu")
+    assert problem.num_params == 43
