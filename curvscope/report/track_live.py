@@ -76,7 +76,11 @@ class TrackWriter:
         if self._cost is not None and self._cost > max(WRITE_FLOOR, WRITE_SHARE * (started - self._written_at)):
             return None
         draw = self.plot and bool(run.points) and started - self._plotted >= self.plot_interval
-        if draw or self.report is None or not self._unchanged():
+        if self.report is None and not draw and not os.path.lexists(self.report_path):
+            self._start()  # nothing to merge with or to replace: the first report is a quick one too
+            self._quick(run)
+            self._cost = time.perf_counter() - started
+        elif draw or self.report is None or not self._unchanged():
             self._full(run, draw or (self.plot and self._plot_points is not None))
             self._cost = None  # a full write (the figure, the first report) says nothing of the next one's cost
         else:
@@ -110,6 +114,14 @@ class TrackWriter:
         if draw:
             self._plotted = time.perf_counter()
         self._remember()
+
+    def _start(self) -> None:
+        """The report of an output directory without one: the ``problem`` section, no files yet."""
+        from curvscope.io.atomic import check_directory
+        from curvscope.report.schema import build_report
+
+        check_directory(self.out_dir, self.option).mkdir(parents=True, exist_ok=True)
+        self.report = build_report("track", self.problem, {"track": {}, "files": {}})
 
     def _quick(self, run: Any) -> None:
         """``report.json`` alone, compact: the previous report with the new ``track`` section."""
