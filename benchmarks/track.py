@@ -1,6 +1,6 @@
 """Curvature over training: warm against cold starts, per-point time against PyHessian, the monitor's overhead.
 
-    python -m benchmarks.track                 # about a minute on 2 CPU cores; results/track.json and track.md
+    python -m benchmarks.track                 # a few minutes on 2 CPU cores; results/track.json and track.md
     python -m benchmarks.track --quick         # fewer repeats and training steps (a smoke run)
 
 Three questions, one process, one intra-op thread (``--threads``):
@@ -185,58 +185,62 @@ def per_point(repeats: int, target: float = 1e-4) -> dict[str, Any]:
             if ok:
                 chosen[tool] = tol
                 break
-    for tool in ["curvscope", *peers]:
-        tol = chosen[tool]
-        if tol is None:
-            results[tool] = {"reached": False}
-            continue
-        seconds, products = [], []
-        for _ in range(repeats):
-            for state in states:
-                model, x, y = _model_and_batch(state)
-                problem = make_problem(model, x, y, loss="mse", device="cpu", dtype="float32")
-                started = time.perf_counter()
-                _, count = _run(tool, model, x, y, problem, tol)
-                seconds.append(time.perf_counter() - started)
-                products.append(count)
-        results[tool] = {"reached": True, "tol": tol, "median_seconds_per_point": statistics.median(seconds),
-                         "median_products_per_point": statistics.median(products)}
-    if chosen["curvscope"] is not None:  # what track spends per point: warm starts from the previous point
+    tools = [t for t in ["curvscope", *peers] if chosen[t] is not None]
+    results.update({t: {"reached": False} for t in ["curvscope", *peers] if chosen[t] is None})
+    seconds: dict[str, list[float]] = {t: [] for t in [*tools, "curvscope-warm", "pyhessian-load", "curvscope-path",
+                                                       "curvscope-path-plot"]}
+    products: dict[str, list[int]] = {t: [] for t in [*tools, "curvscope-warm"]}
+    files = sorted(RUN.glob("*.pt"), key=lambda p: int(p.stem[5:]))
+    if chosen["curvscope"] is not None:
         from curvscope.workflows.track import TrackOptions, run_track
 
         problem, checkpoints = _problem("float32")
-        seconds, products = [], []
-        for _ in range(repeats):
-            run = run_track(problem, TrackOptions(tol=chosen["curvscope"]), checkpoints=checkpoints)
-            seconds += [p.seconds for p in run.points[1:]]
-            products += [p.measured.products for p in run.points[1:]]
-            values = [p.measured.lambda_max for p in run.points]
+    loop_model, loop_x, loop_y = _model_and_batch(states[0])
+    values: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if chosen["curvscope"] is not None:
+            _track_path(Path(tmp) / "warm", chosen["curvscope"], True)  # warm-up: matplotlib imported
+        # interleaved (every tool on each checkpoint in turn, each repeat of every loop in turn), so that the
+        # load of a shared machine falls on all of them alike
+        for repeat in range(repeats):
+            for state in states:
+                model, x, y = _model_and_batch(state)
+                problem_at = make_problem(model, x, y, loss="mse", device="cpu", dtype="float32")
+                for tool in tools:
+                    started = time.perf_counter()
+                    _, count = _run(tool, model, x, y, problem_at, chosen[tool])
+                    seconds[tool].append(time.perf_counter() - started)
+                    products[tool].append(count)
+            if chosen["curvscope"] is not None:  # what track spends per point: warm starts from the previous one
+                run = run_track(problem, TrackOptions(tol=chosen["curvscope"]), checkpoints=checkpoints)
+                seconds["curvscope-warm"] += [p.seconds for p in run.points]
+                products["curvscope-warm"] += [p.measured.products for p in run.points]
+                values = [p.measured.lambda_max for p in run.points]
+            if chosen.get("pyhessian") is not None:  # a loop over the files, as a user writes it
+                for path in files:
+                    started = time.perf_counter()
+                    loop_model.load_state_dict(torch.load(path, weights_only=True)["model"])
+                    _pyhessian(loop_model, loop_x, loop_y, chosen["pyhessian"])
+                    seconds["pyhessian-load"].append(time.perf_counter() - started)
+            if chosen["curvscope"] is not None:
+                for plot in (False, True):
+                    total = _track_path(Path(tmp) / f"o{repeat}{plot}", chosen["curvscope"], plot)
+                    seconds[f"curvscope-path{'-plot' if plot else ''}"].append(total / len(files))
+    for tool in tools:
+        results[tool] = {"reached": True, "tol": chosen[tool], "median_seconds_per_point": statistics.median(
+            seconds[tool]), "median_products_per_point": statistics.median(products[tool])}
+    if chosen["curvscope"] is not None:
         within = all(abs(v - r) <= target * abs(r) for v, r in zip(values, references, strict=True))
-        results["curvscope-warm"] = {"reached": within, "tol": chosen["curvscope"],
-                                     "median_seconds_per_point": statistics.median(seconds),
-                                     "median_products_per_point": statistics.median(products),
-                                     "note": "run_track's points 2-12 (reading the checkpoint, loss, gradient norm "
-                                     "and threshold included)"}
-        for plot in (False, True):
-            with tempfile.TemporaryDirectory() as tmp:
-                times = [_track_path(Path(tmp) / f"o{i}", chosen["curvscope"], plot) for i in range(repeats)]
-            results[f"curvscope-path{'-plot' if plot else ''}"] = {
-                "reached": within, "tol": chosen["curvscope"],
-                "median_seconds_per_point": statistics.median(times) / len(checkpoints),
-                "median_products_per_point": statistics.median(products)}
-    if "pyhessian" in peers and chosen["pyhessian"] is not None:  # a loop over the files, as a user writes it
-        files = sorted(RUN.glob("*.pt"), key=lambda p: int(p.stem[5:]))
-        model, x, y = _model_and_batch(states[0])
-        seconds = []
-        for _ in range(repeats):
-            for path in files:
-                started = time.perf_counter()
-                model.load_state_dict(torch.load(path, weights_only=True)["model"])
-                _pyhessian(model, x, y, chosen["pyhessian"])
-                seconds.append(time.perf_counter() - started)
-        results["pyhessian-load"] = {"reached": True, "tol": chosen["pyhessian"],
-                                     "median_seconds_per_point": statistics.median(seconds),
-                                     "median_products_per_point": -1}
+        warm = {"reached": within, "tol": chosen["curvscope"],
+                "median_products_per_point": statistics.median(products["curvscope-warm"])}
+        results["curvscope-warm"] = {**warm, "median_seconds_per_point": statistics.median(seconds["curvscope-warm"]),
+                                     "note": "run_track's points (reading the checkpoint, loss, gradient norm and "
+                                     "threshold included)"}
+        for key in ("curvscope-path", "curvscope-path-plot"):
+            results[key] = {**warm, "median_seconds_per_point": statistics.median(seconds[key])}
+    if chosen.get("pyhessian") is not None:
+        results["pyhessian-load"] = {"reached": True, "tol": chosen["pyhessian"], "median_products_per_point": -1,
+                                     "median_seconds_per_point": statistics.median(seconds["pyhessian-load"])}
     return results
 
 
@@ -278,9 +282,9 @@ def _run(tool: str, model, x, y, problem, tol: float) -> tuple[float, int]:
 
 # -- 3. the monitor's overhead ---------------------------------------------------------------------------
 
-def train_loop(steps: int, every: int | None, plot: bool, out: Path) -> tuple[float, float]:
-    """Seconds of the training loop (with the monitor's points) and of ``monitor.close()`` (the final report and
-    ``track.png``)."""
+def train_loop(steps: int, every: int | None, plot: bool, out: Path) -> dict[str, float]:
+    """Seconds of the training loop's own work (``training``), inside ``monitor.step()`` (``monitor``: the points
+    and their reports) and in ``monitor.close()`` (``close``: the final report and ``track.png``)."""
     from safetensors.torch import load_file
 
     import curvscope
@@ -294,6 +298,7 @@ def train_loop(steps: int, every: int | None, plot: bool, out: Path) -> tuple[fl
     monitor = curvscope.Monitor(model, (x[:256], y[:256]), optimizer=opt, every=every, out=out, plot=plot) \
         if every else None
     g = torch.Generator().manual_seed(1)
+    watching = 0.0
     started = time.perf_counter()
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(x), (64,), generator=g)
@@ -301,30 +306,45 @@ def train_loop(steps: int, every: int | None, plot: bool, out: Path) -> tuple[fl
         torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
         if monitor is not None:
+            before = time.perf_counter()
             monitor.step(step)
+            watching += time.perf_counter() - before
     loop = time.perf_counter() - started
-    if monitor is None:
-        return loop, 0.0
-    started = time.perf_counter()
-    monitor.close()
-    return loop, time.perf_counter() - started
+    times = {"training": loop - watching, "monitor": watching, "close": 0.0}
+    if monitor is not None:
+        started = time.perf_counter()
+        monitor.close()
+        times["close"] = time.perf_counter() - started
+    return times
+
+
+CONFIGS = ((None, False), (10, False), (100, False), (100, True))
+"""(every, plot) of the overhead runs: no monitor; every 10 and 100 without the figure; every 100 with it."""
 
 
 def overhead(steps: int, repeats: int) -> list[dict[str, Any]]:
-    rows = []
+    """Each configuration ``repeats`` times, interleaved (the load of a shared machine falls on all alike). The
+    overhead is measured within each run, the monitor's time over the loop's own (both under the same load), and
+    also as wall time against the runs without a monitor."""
+    runs: dict[tuple[int | None, bool], list[dict[str, float]]] = {c: [] for c in CONFIGS}
     with tempfile.TemporaryDirectory() as tmp:
         train_loop(50, 10, True, Path(tmp) / "warm")  # warm-up: every module imported, one figure drawn
-        for every, plot in ((None, False), (10, False), (100, False), (100, True)):
-            times = [train_loop(steps, every, plot, Path(tmp) / f"m{every}{plot}{i}") for i in range(repeats)]
-            rows.append({"every": every, "plot": plot, "seconds": statistics.median(t[0] for t in times),
-                         "close_seconds": statistics.median(t[1] for t in times)})
-    base = rows[0]["seconds"]
-    for row in rows:
-        row["overhead"] = (row["seconds"] + row["close_seconds"]) / base - 1
-        row["loop_overhead"] = row["seconds"] / base - 1
-        row["points"] = steps // row["every"] if row["every"] else 0
-        row["seconds_per_point"] = (row["seconds"] - base) / row["points"] if row["points"] else None
-        row["seconds_per_step"] = base / steps
+        for i in range(repeats):
+            for every, plot in CONFIGS:
+                runs[(every, plot)].append(train_loop(steps, every, plot, Path(tmp) / f"m{every}{plot}{i}"))
+    base = statistics.median(t["training"] for t in runs[CONFIGS[0]])
+    rows = []
+    for (every, plot), times in runs.items():
+        points = steps // every if every else 0
+        training = statistics.median(t["training"] for t in times)
+        monitor = statistics.median(t["monitor"] for t in times)
+        close = statistics.median(t["close"] for t in times)
+        rows.append({"every": every, "plot": plot, "points": points, "training_seconds": training,
+                     "monitor_seconds": monitor, "close_seconds": close, "seconds": training + monitor,
+                     "overhead": statistics.median((t["monitor"] + t["close"]) / t["training"] for t in times),
+                     "wall_overhead": (training + monitor + close) / base - 1,
+                     "seconds_per_point": monitor / points if points else None,
+                     "seconds_per_step": training / steps})
     return rows
 
 
@@ -422,16 +442,22 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {what} | {r['tol']:g} | {r['median_seconds_per_point']:.4f} | {products} | "
                      f"{ratio} |")
     lines += ["", "## The monitor's overhead (mlp 8,970 parameters, SGD, batches of 64, monitor batch 256)", "",
-              "| every | track.png | points | loop seconds | close() seconds | overhead | seconds per point | "
-              "in training steps |", "|---|---|---|---|---|---|---|---|"]
+              "Seconds are medians over the runs; the overhead is the monitor's time (its points, and `close()`) "
+              "over the training loop's own time, within each run; the wall overhead compares the whole run with "
+              "the runs without a monitor.", "",
+              "| every | track.png | points | training s | monitor s | close() s | wall overhead | overhead | "
+              "seconds per point | in training steps |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["overhead"]:
         every = "no monitor" if r["every"] is None else str(r["every"])
         per = r.get("seconds_per_point")
         steps = "-" if per is None else f"{per / r['seconds_per_step']:.0f}"
         per = "-" if per is None else f"{per:.3f}"
+        monitor = f"{r.get('monitor_seconds', 0.0):.2f}" if r["every"] else "-"
         close = f"{r.get('close_seconds', 0.0):.2f}" if r["every"] else "-"
+        wall = f"{r['wall_overhead']:+.0%}" if r.get("wall_overhead") is not None else "-"
         lines.append(f"| {every} | {'at close()' if r['plot'] else 'no'} | {r.get('points', '-')} | "
-                     f"{r['seconds']:.2f} | {close} | {r['overhead']:+.0%} | {per} | {steps} |")
+                     f"{r.get('training_seconds', r['seconds']):.2f} | {monitor} | {close} | {wall} | "
+                     f"{r['overhead']:+.0%} | {per} | {steps} |")
     parts = results.get("breakdown")
     if parts:
         total = parts["total"]
