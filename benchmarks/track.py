@@ -23,8 +23,9 @@ Three questions, one process, one intra-op thread (``--threads``):
 3. **The monitor's overhead** on a sample training loop: ``mlp(64, [64, 64], 10)`` (8,970 parameters) on the
    digits' training samples with SGD (lr 0.1, batches of 64, ``--train-steps`` steps), timed without a monitor
    and with ``curvscope.Monitor`` at ``every`` = 10 and 100 on a fixed batch of 256 (the report after every
-   point; ``track.png`` at ``close()``, timed apart, or not at all), and where a point's time goes (products,
-   the rest of the eigen-solver, the gradient graph, the report, the rest), from a separate instrumented run.
+   point; ``track.png`` at ``close()``, timed apart, or not at all) and, at ``every`` = 100, on a batch of 64 (the
+   training batch's size), and where a point's time goes (products, the rest of the eigen-solver, the gradient
+   graph, the report, the rest), from a separate instrumented run.
 
 Nothing here is a test; numbers depend on the machine and its load (recorded in the output).
 """
@@ -282,7 +283,7 @@ def _run(tool: str, model, x, y, problem, tol: float) -> tuple[float, int]:
 
 # -- 3. the monitor's overhead ---------------------------------------------------------------------------
 
-def train_loop(steps: int, every: int | None, plot: bool, out: Path) -> dict[str, float]:
+def train_loop(steps: int, every: int | None, plot: bool, out: Path, batch: int = 256) -> dict[str, float]:
     """Seconds of the training loop's own work (``training``), inside ``monitor.step()`` (``monitor``: the points
     and their reports) and in ``monitor.close()`` (``close``: the final report and ``track.png``)."""
     from safetensors.torch import load_file
@@ -295,7 +296,7 @@ def train_loop(steps: int, every: int | None, plot: bool, out: Path) -> dict[str
     torch.manual_seed(0)
     model = mlp(64, [64, 64], 10, activation="tanh")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    monitor = curvscope.Monitor(model, (x[:256], y[:256]), optimizer=opt, every=every, out=out, plot=plot) \
+    monitor = curvscope.Monitor(model, (x[:batch], y[:batch]), optimizer=opt, every=every, out=out, plot=plot) \
         if every else None
     g = torch.Generator().manual_seed(1)
     watching = 0.0
@@ -318,28 +319,30 @@ def train_loop(steps: int, every: int | None, plot: bool, out: Path) -> dict[str
     return times
 
 
-CONFIGS = ((None, False), (10, False), (100, False), (100, True))
-"""(every, plot) of the overhead runs: no monitor; every 10 and 100 without the figure; every 100 with it."""
+CONFIGS = ((None, False, 256), (10, False, 256), (100, False, 256), (100, True, 256), (100, False, 64))
+"""(every, plot, monitor batch) of the overhead runs: no monitor; every 10 and 100 without the figure; every 100
+with it; every 100 on a monitor batch the size of the training batch."""
 
 
 def overhead(steps: int, repeats: int) -> list[dict[str, Any]]:
     """Each configuration ``repeats`` times, interleaved (the load of a shared machine falls on all alike). The
     overhead is measured within each run, the monitor's time over the loop's own (both under the same load), and
     also as wall time against the runs without a monitor."""
-    runs: dict[tuple[int | None, bool], list[dict[str, float]]] = {c: [] for c in CONFIGS}
+    runs: dict[tuple[int | None, bool, int], list[dict[str, float]]] = {c: [] for c in CONFIGS}
     with tempfile.TemporaryDirectory() as tmp:
         train_loop(50, 10, True, Path(tmp) / "warm")  # warm-up: every module imported, one figure drawn
         for i in range(repeats):
-            for every, plot in CONFIGS:
-                runs[(every, plot)].append(train_loop(steps, every, plot, Path(tmp) / f"m{every}{plot}{i}"))
+            for every, plot, batch in CONFIGS:
+                out = Path(tmp) / f"m{every}{plot}{batch}{i}"
+                runs[(every, plot, batch)].append(train_loop(steps, every, plot, out, batch))
     base = statistics.median(t["training"] for t in runs[CONFIGS[0]])
     rows = []
-    for (every, plot), times in runs.items():
+    for (every, plot, batch), times in runs.items():
         points = steps // every if every else 0
         training = statistics.median(t["training"] for t in times)
         monitor = statistics.median(t["monitor"] for t in times)
         close = statistics.median(t["close"] for t in times)
-        rows.append({"every": every, "plot": plot, "points": points, "training_seconds": training,
+        rows.append({"every": every, "plot": plot, "batch": batch, "points": points, "training_seconds": training,
                      "monitor_seconds": monitor, "close_seconds": close, "seconds": training + monitor,
                      "overhead": statistics.median((t["monitor"] + t["close"]) / t["training"] for t in times),
                      "wall_overhead": (training + monitor + close) / base - 1,
@@ -441,12 +444,12 @@ def markdown(results: dict[str, Any]) -> str:
             if other.get("reached") and other.get("median_seconds_per_point") else "-"
         lines.append(f"| {name} | {what} | {r['tol']:g} | {r['median_seconds_per_point']:.4f} | {products} | "
                      f"{ratio} |")
-    lines += ["", "## The monitor's overhead (mlp 8,970 parameters, SGD, batches of 64, monitor batch 256)", "",
+    lines += ["", "## The monitor's overhead (mlp 8,970 parameters, SGD, batches of 64)", "",
               "Seconds are medians over the runs; the overhead is the monitor's time (its points, and `close()`) "
               "over the training loop's own time, within each run; the wall overhead compares the whole run with "
               "the runs without a monitor.", "",
-              "| every | track.png | points | training s | monitor s | close() s | wall overhead | overhead | "
-              "seconds per point | in training steps |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| every | monitor batch | track.png | points | training s | monitor s | close() s | wall overhead | "
+              "overhead | seconds per point | in training steps |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["overhead"]:
         every = "no monitor" if r["every"] is None else str(r["every"])
         per = r.get("seconds_per_point")
@@ -455,7 +458,8 @@ def markdown(results: dict[str, Any]) -> str:
         monitor = f"{r.get('monitor_seconds', 0.0):.2f}" if r["every"] else "-"
         close = f"{r.get('close_seconds', 0.0):.2f}" if r["every"] else "-"
         wall = f"{r['wall_overhead']:+.0%}" if r.get("wall_overhead") is not None else "-"
-        lines.append(f"| {every} | {'at close()' if r['plot'] else 'no'} | {r.get('points', '-')} | "
+        batch = r.get("batch", 256) if r["every"] else "-"
+        lines.append(f"| {every} | {batch} | {'at close()' if r['plot'] else 'no'} | {r.get('points', '-')} | "
                      f"{r.get('training_seconds', r['seconds']):.2f} | {monitor} | {close} | {wall} | "
                      f"{r['overhead']:+.0%} | {per} | {steps} |")
     parts = results.get("breakdown")

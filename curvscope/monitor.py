@@ -12,7 +12,8 @@ Every measured step is one point of ``curvscope track`` (:func:`curvscope.curvat
 same fields, the same ``report.json`` (``track`` section) in ``out``, rewritten after every point, so ``curvscope
 show`` and ``curvscope check`` work on it while training runs; ``track.png`` is redrawn at most every
 ``plot_interval`` seconds and at ``close()`` (:class:`curvscope.report.track_live.TrackWriter`). ``close()`` (or
-the end of the ``with`` block, or the interpreter's exit) writes the final report and figure. The monitor never changes
+the end of the ``with`` block; for a monitor never closed, its garbage collection or the interpreter's exit)
+writes the final report and figure. The monitor never changes
 training: it reads the parameters, buffers and optimizer state without writing them, leaves ``.grad`` alone,
 draws its random vectors from its own ``torch.Generator`` (and puts the global CPU and CUDA RNG states back
 anyway), and measures in eval mode (Dropout off, BatchNorm on its running statistics), restoring every module's
@@ -22,7 +23,6 @@ kernels have no double backward). ``docs/track.md``.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
 import os
@@ -98,7 +98,8 @@ class Monitor:
         self.report: dict[str, Any] | None = None
         self._problem = None
         self._writer = None
-        self._at_exit: Any = None
+        self._latest: list[Any] = [None]  # the run last written (what a final report left to the GC writes)
+        self._finalizer: weakref.finalize | None = None
         self._settings: dict[str, Any] | None = None
         self._groups: list[str] = []
         self._vectors: dict[str, Tensor] | None = None
@@ -136,6 +137,8 @@ class Monitor:
                                      groups=self.options.groups, measures=self.options.measures(),
                                      tol=self.options.tol, seed=self.seed,
                                      start=self._vectors if self.options.warm_start else None)
+            if self.points and self.points[-1].measured is not None:
+                self.points[-1].measured.vectors = {}  # one set of D-sized vectors held: the newest point's
             self._vectors = measured.vectors
             point = TrackPoint(step=int(step), checkpoint=None, fingerprint=None,
                                seconds=time.perf_counter() - started, measured=measured, notes=notes)
@@ -152,10 +155,12 @@ class Monitor:
         """Write the final report and ``track.png`` (when points were added since the last full write) and close
         TensorBoard. The monitor can go on measuring afterwards."""
         try:
+            if self._finalizer is not None:
+                self._finalizer.detach()
+                self._finalizer = None
             if self._writer is not None and self._writer.pending:
                 self.report = self._writer.finish(self._run())
         finally:
-            self._forget_exit()
             if self._board is not None:
                 self._board.close()
                 self._board = None
@@ -215,23 +220,20 @@ class Monitor:
 
     def _write(self, problem) -> None:
         """``report.json`` after a point (compact, put off when it would cost more than a small share of the
-        time); ``track.png`` when due. Until :meth:`close`, the interpreter's exit writes what is pending."""
+        time); ``track.png`` when due. Until :meth:`close`, a monitor that is garbage-collected, or alive when
+        the interpreter exits, writes its final report and figure then (``weakref.finalize``)."""
         from curvscope.report.track_live import TrackWriter
 
         if self._writer is None:
             self._writer = TrackWriter(self.out, problem, plot=self.options.plot, option="out",
                                        plot_interval=self.plot_interval)
-        written = self._writer.update(self._run())
+        run = self._run()
+        self._latest[0] = run
+        written = self._writer.update(run)
         if written is not None:
             self.report = written
-        if self._at_exit is None:
-            self._at_exit = _exit_flush(weakref.ref(self))
-            atexit.register(self._at_exit)
-
-    def _forget_exit(self) -> None:
-        if self._at_exit is not None:
-            atexit.unregister(self._at_exit)
-            self._at_exit = None
+        if self._finalizer is None:
+            self._finalizer = weakref.finalize(self, _final_report, self._writer, self._latest, str(self.out))
 
     def _scalars(self, point: Any) -> None:
         if self._board is None:
@@ -247,20 +249,16 @@ class Monitor:
         self._board.flush()
 
 
-def _exit_flush(ref: weakref.ref) -> Any:
-    """What the interpreter runs at exit for a monitor that was not closed (a training loop stopped by Ctrl-C or
-    an error): its final report and figure. A failure is one line on stderr."""
-
-    def flush() -> None:
-        monitor = ref()
-        if monitor is None:
-            return
-        try:
-            monitor.close()
-        except Exception as exc:  # noqa: BLE001 - at exit: one line, no traceback
-            print(f"curvscope.Monitor: the final report in {monitor.out} was not written ({exc})", file=sys.stderr)
-
-    return flush
+def _final_report(writer: Any, latest: list[Any], out: str) -> None:
+    """The final report and figure of a monitor that was never closed (a training loop stopped by Ctrl-C or an
+    error, a monitor dropped): run when it is garbage-collected or at the interpreter's exit. A failure is one
+    line on stderr."""
+    if not writer.pending or latest[0] is None:
+        return
+    try:
+        writer.finish(latest[0])
+    except Exception as exc:  # noqa: BLE001 - at exit or in the GC: one line, no traceback
+        print(f"curvscope.Monitor: the final report in {out} was not written ({exc})", file=sys.stderr)
 
 
 def _split_batch(batch: Any) -> tuple[Any, Tensor]:

@@ -4,6 +4,7 @@ optimizer state checked against the model before the first point."""
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -72,6 +73,7 @@ def test_the_report_after_every_point_and_the_figure_at_close(tmp_path, monkeypa
     assert (out / "track.png").is_file() and report["files"]["track_plot"]
     monitor.close()
     assert _report(out)[0]["track"]["plot_points"] == 4 and len(quick_png) == 2
+    assert [bool(p.measured.vectors) for p in monitor.points] == [False, False, False, True]
 
 
 def test_the_figure_when_due_and_an_exit_without_close(tmp_path, quick_png):
@@ -85,11 +87,12 @@ def test_the_figure_when_due_and_an_exit_without_close(tmp_path, quick_png):
         monitor.step(step)
         if step == 2:
             assert _report(out)[0]["track"]["plot_points"] == 1 and (out / "track.png").is_file()
-    assert monitor._at_exit is not None  # registered with atexit until close()
-    monitor._at_exit()  # what the interpreter runs at exit when the loop ended without close()
+    assert monitor._finalizer.alive and monitor._finalizer.atexit  # also run at the interpreter's exit
+    del monitor  # never closed: the final report when it is collected
+    gc.collect()
     report, text = _report(out)
-    assert text.startswith("{\n  ") and report["track"]["plot_points"] == 2 and monitor._at_exit is None
-    assert len(quick_png) == 3  # at the points of steps 2 and 4 (due at once), and at the exit
+    assert text.startswith("{\n  ") and report["track"]["plot_points"] == 2
+    assert len(quick_png) == 3  # at the points of steps 2 and 4 (due at once), and at the end
     with pytest.raises(CurvscopeError, match="plot_interval"):
         curvscope.Monitor(net, (x, y), out=out, plot_interval=-1)
 
@@ -120,6 +123,7 @@ def test_a_costly_rewrite_is_put_off_and_finish_writes_it(tmp_path):
     problem = run_problem(checkpoints[0], checkpoints[0].load(), data=write_data(tmp_path / "d.safetensors"),
                           batch_size=None, dtype="float64", device="cpu")
     run = run_track(problem, TrackOptions(plot=False), checkpoints=checkpoints)
+    assert [bool(p.measured.vectors) for p in run.points] == [False, False, True]  # one set of vectors held
     writer = track_live.TrackWriter(tmp_path / "o", problem, plot=False)
     first = run_track(problem, TrackOptions(plot=False), checkpoints=checkpoints[:1])
     assert writer.update(first) is not None and writer.pending

@@ -69,7 +69,8 @@ class PointResult:
         warm: the main solve started from the previous point's vector.
         notes: what was assumed, compared or undefined, in words.
         vectors: the unit Ritz vectors (``lambda_max``, ``preconditioned``, ``bottom``, ``ggn``/``hessian`` and
-            ``group:<name>``): the warm starts of the next point.
+            ``group:<name>``): the warm starts of the next point. ``run_track`` and the monitor empty them once
+            the next point is measured, so that a long run holds one set of these D-sized vectors.
     """
 
     loss: float

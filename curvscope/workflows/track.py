@@ -366,7 +366,7 @@ def run_track(problem: Problem, options: TrackOptions | None = None, progress: P
     if checkpoints is not None:
         check_shapes(problem, checkpoints, options, loaded)
     first = f"the first checkpoint ({items[0].path})" if items[0] is not None else "the model"
-    vectors = None
+    vectors, last = None, None
     seed = int(problem.info.get("seed") or 0)
     for checkpoint in items:
         if listener is not None:
@@ -394,7 +394,9 @@ def run_track(problem: Problem, options: TrackOptions | None = None, progress: P
                                  measures=options.measures(), tol=options.tol, max_steps=options.max_steps,
                                  trace_samples=options.trace_samples, seed=seed,
                                  start=vectors if options.warm_start else None, progress=progress)
-        vectors = measured.vectors
+        if last is not None:
+            last.vectors = {}  # one set of D-sized vectors held: the newest point's
+        vectors, last = measured.vectors, measured
         result.points.append(TrackPoint(step=step, checkpoint=source if checkpoint is not None else
                                         problem.info.get("checkpoint"),
                                         fingerprint=fingerprint, seconds=time.perf_counter() - started,
