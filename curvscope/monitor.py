@@ -9,8 +9,11 @@
     monitor.close()              # also usable as a context manager
 
 Every measured step is one point of ``curvscope track`` (:func:`curvscope.curvature.track.measure_point`): the
-same fields, the same ``report.json`` (``track`` section) and ``track.png`` in ``out``, rewritten after every
-point, so ``curvscope show`` and ``curvscope check`` work on it while training runs. The monitor never changes
+same fields, the same ``report.json`` (``track`` section) in ``out``, rewritten after every point, so ``curvscope
+show`` and ``curvscope check`` work on it while training runs; ``track.png`` is redrawn at most every
+``plot_interval`` seconds and at ``close()`` (:class:`curvscope.report.track_live.TrackWriter`). ``close()`` (or
+the end of the ``with`` block; for a monitor never closed, its garbage collection or the interpreter's exit)
+writes the final report and figure. The monitor never changes
 training: it reads the parameters, buffers and optimizer state without writing them, leaves ``.grad`` alone,
 draws its random vectors from its own ``torch.Generator`` (and puts the global CPU and CUDA RNG states back
 anyway), and measures in eval mode (Dropout off, BatchNorm on its running statistics), restoring every module's
@@ -23,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -55,13 +60,15 @@ class Monitor:
         measure: more of the spectrum, comma-separated: ``trace``, ``bottom``, ``ggn``, ``hessian``.
         tol: relative residual tolerance of every eigen-solve.
         warm_start: start each point from the previous point's Ritz vector.
-        plot: write ``track.png`` after every point.
+        plot: write ``track.png``: at ``close()``, and while training at most every ``plot_interval`` seconds.
         lr: the learning rate when there is no ``optimizer``.
         dtype: the dtype of the measurement (default: the model's parameters').
         shift_labels: causal LM targets (position t scores token t + 1); ``None``: on for a model class named
             ``...ForCausalLM`` / ``...LMHeadModel`` with sequence outputs.
         output: which output of a structured model output to score (default: the tensor, else ``logits``).
         seed: seeds the monitor's own generator (Lanczos start vectors).
+        plot_interval: seconds between two drawings of ``track.png`` while training (a figure takes tenths of a
+            second; the report itself is rewritten after every point).
     """
 
     def __init__(self, model: nn.Module, batch: tuple[Any, Any] | Mapping[str, Any], loss: str = "ce",
@@ -69,7 +76,7 @@ class Monitor:
                  tensorboard: str | os.PathLike | None = None, *, curvature: str = "hessian", groups: str = "all",
                  measure: str = "", tol: float = 1e-4, warm_start: bool = True, plot: bool = True,
                  lr: float | None = None, dtype: torch.dtype | str | None = None, shift_labels: bool | None = None,
-                 output: str | None = None, seed: int = 0) -> None:
+                 output: str | None = None, seed: int = 0, plot_interval: float = 60.0) -> None:
         from curvscope.workflows.track import TrackOptions
 
         if not isinstance(model, nn.Module):
@@ -83,9 +90,18 @@ class Monitor:
         self.out = Path(out)
         self.inputs, self.targets = _split_batch(batch)
         self.dtype, self.shift_labels, self.output, self.seed = dtype, shift_labels, output, int(seed)
+        if isinstance(plot_interval, bool) or not isinstance(plot_interval, (int, float)) or \
+                not plot_interval >= 0:
+            raise OptionError("plot_interval", f"must be a number of seconds >= 0, got {plot_interval!r}")
+        self.plot_interval = float(plot_interval)
         self.points: list[Any] = []
         self.report: dict[str, Any] | None = None
         self._problem = None
+        self._writer = None
+        self._latest: list[Any] = [None]  # the run last written (what a final report left to the GC writes)
+        self._finalizer: weakref.finalize | None = None
+        self._settings: dict[str, Any] | None = None
+        self._groups: list[str] = []
         self._vectors: dict[str, Tensor] | None = None
         self._board = _summary_writer(tensorboard) if tensorboard is not None else None
         from curvscope.io.atomic import check_directory
@@ -121,20 +137,33 @@ class Monitor:
                                      groups=self.options.groups, measures=self.options.measures(),
                                      tol=self.options.tol, seed=self.seed,
                                      start=self._vectors if self.options.warm_start else None)
+            if self.points and self.points[-1].measured is not None:
+                self.points[-1].measured.vectors = {}  # one set of D-sized vectors held: the newest point's
             self._vectors = measured.vectors
             point = TrackPoint(step=int(step), checkpoint=None, fingerprint=None,
                                seconds=time.perf_counter() - started, measured=measured, notes=notes)
-            self.points = [p for p in self.points if p.step != point.step] + [point]
-            self.points.sort(key=lambda p: p.step)
-            self._write(problem)
+            if self.points and self.points[-1].step >= point.step:  # a step measured again, or out of order
+                self.points = sorted([p for p in self.points if p.step != point.step] + [point],
+                                     key=lambda p: p.step)
+            else:
+                self.points.append(point)
+        self._write(problem)
         self._scalars(point)
         return measured
 
     def close(self) -> None:
-        """Flush TensorBoard (the report is already written after every point)."""
-        if self._board is not None:
-            self._board.close()
-            self._board = None
+        """Write the final report and ``track.png`` (when points were added since the last full write) and close
+        TensorBoard. The monitor can go on measuring afterwards."""
+        try:
+            if self._finalizer is not None:
+                self._finalizer.detach()
+                self._finalizer = None
+            if self._writer is not None and self._writer.pending:
+                self.report = self._writer.finish(self._run())
+        finally:
+            if self._board is not None:
+                self._board.close()
+                self._board = None
 
     def __enter__(self) -> Monitor:
         return self
@@ -176,17 +205,35 @@ class Monitor:
         return {"checkpoint": None, "model": f"{kind.__module__}.{kind.__qualname__}", "model_kwargs": {},
                 "data": "curvscope.Monitor batch", "batch_indices": None, "seed": self.seed}
 
-    def _write(self, problem) -> None:
-        from curvscope.report.writer import ReportWriter
-        from curvscope.workflows.track import TrackRun, write_track
+    def _run(self):
+        """The points so far as a :class:`~curvscope.workflows.track.TrackRun` (what the report is made of)."""
+        from curvscope.workflows.track import TrackRun
 
-        run = TrackRun(run=[f"curvscope.Monitor (every {self.every})"], total=len(self.points),
-                       points=list(self.points), options=self.options, settings=self.options.settings(problem),
-                       group_names=[g.name for g in problem.groups(self.options.groups)]
-                       if self.options.groups != "all" else [])
-        writer = ReportWriter(self.out, problem, option="out")
-        write_track(writer, problem, run, self.options)
-        self.report = writer.commit()
+        if self._settings is None:
+            problem = self._problem
+            self._settings = self.options.settings(problem)
+            self._groups = [g.name for g in problem.groups(self.options.groups)] \
+                if self.options.groups != "all" else []
+        return TrackRun(run=[f"curvscope.Monitor (every {self.every})"], total=len(self.points),
+                        points=self.points, options=self.options, settings=self._settings,
+                        group_names=self._groups)
+
+    def _write(self, problem) -> None:
+        """``report.json`` after a point (compact, put off when it would cost more than a small share of the
+        time); ``track.png`` when due. Until :meth:`close`, a monitor that is garbage-collected, or alive when
+        the interpreter exits, writes its final report and figure then (``weakref.finalize``)."""
+        from curvscope.report.track_live import TrackWriter
+
+        if self._writer is None:
+            self._writer = TrackWriter(self.out, problem, plot=self.options.plot, option="out",
+                                       plot_interval=self.plot_interval)
+        run = self._run()
+        self._latest[0] = run
+        written = self._writer.update(run)
+        if written is not None:
+            self.report = written
+        if self._finalizer is None:
+            self._finalizer = weakref.finalize(self, _final_report, self._writer, self._latest, str(self.out))
 
     def _scalars(self, point: Any) -> None:
         if self._board is None:
@@ -200,6 +247,18 @@ class Monitor:
             if value is not None:
                 self._board.add_scalar(f"curvscope/{name}", float(value), point.step)
         self._board.flush()
+
+
+def _final_report(writer: Any, latest: list[Any], out: str) -> None:
+    """The final report and figure of a monitor that was never closed (a training loop stopped by Ctrl-C or an
+    error, a monitor dropped): run when it is garbage-collected or at the interpreter's exit. A failure is one
+    line on stderr."""
+    if not writer.pending or latest[0] is None:
+        return
+    try:
+        writer.finish(latest[0])
+    except Exception as exc:  # noqa: BLE001 - at exit or in the GC: one line, no traceback
+        print(f"curvscope.Monitor: the final report in {out} was not written ({exc})", file=sys.stderr)
 
 
 def _split_batch(batch: Any) -> tuple[Any, Tensor]:

@@ -273,7 +273,7 @@ def test_sigterm_in_the_middle_keeps_complete_points_and_a_rerun_finishes(tmp_pa
     out = tmp_path / "out"
     command = [sys.executable, "-m", "curvscope", "track", str(run_dir), "--data", str(data), "--batch-size", "16",
                "--dtype", "float64", "--device", "cpu", "--out", str(out), "--no-warm-start", "--tol", "1e-12"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # one thread, as conftest.py sets
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     report = out / "report.json"
     deadline = time.monotonic() + 120
@@ -291,6 +291,8 @@ def test_sigterm_in_the_middle_keeps_complete_points_and_a_rerun_finishes(tmp_pa
     assert 2 <= kept < 20 and not section["complete"] and section["checkpoints"] == 20
     assert all(p["lambda_max"] is not None and p["reused"] is False for p in section["points"])
     assert not [f for f in out.iterdir() if f.name.startswith(".")]  # no staged file left behind
+    assert section["plot_points"] == kept and (out / "track.png").is_file()  # written in full at the signal
+    assert report.read_text().startswith("{\n  ")
     again = subprocess.run([*command, "--no-plot"], capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr
     section = json.loads(report.read_text())["track"]

@@ -42,9 +42,9 @@ trace,bottom,ggn more of what spectrum computes. Each point's Lanczos starts fro
 vector (--no-warm-start: random starts).
 
 The model is built once from the first checkpoint (self-describing metadata, or --model SPEC). DIR/report.json
-(section track) and DIR/track.png are rewritten atomically after every point: Ctrl-C or SIGTERM keeps every
-complete point. Run again on the same --out to reuse the points whose checkpoint and options are unchanged
-(--fresh recomputes all).
+(section track) is rewritten atomically after every point, DIR/track.png at the end (and at most once a minute
+while the run goes on): Ctrl-C or SIGTERM keeps every complete point in both. Run again on the same --out to
+reuse the points whose checkpoint and options are unchanged (--fresh recomputes all).
 
 Example: [bold]curvscope track sample_models/eos-run --data sample_models/digits.safetensors --batch-size 256[/bold]
 """
@@ -109,16 +109,17 @@ def track(
         "or globs of them (quote globs).", show_default=False, metavar="RUN...")],
     out_dir: Annotated[Path, typer.Option(
         "--out", "-o", help="Output directory for report.json (section 'track'), rewritten after every point, and "
-        "track.png.", rich_help_panel=OUTPUT_HELP)] = DEFAULT_OUT,
+        "track.png, drawn at the end (and at most once a minute while running).",
+        rich_help_panel=OUTPUT_HELP)] = DEFAULT_OUT,
     debug: DebugOpt = False,
 ) -> None:
     """Curvature over training (help text: :data:`HELP`)."""
     from curvscope.io.atomic import check_directory
     from curvscope.io.runs import find_checkpoints
     from curvscope.report.schema import REPORT_NAME, existing_report
+    from curvscope.report.track_live import TrackWriter
     from curvscope.report.track_report import groups_table, notes, track_table
-    from curvscope.report.writer import ReportWriter
-    from curvscope.workflows.track import run_track, write_track
+    from curvscope.workflows.track import run_track
 
     options.validate()  # bad options fail before the files load
     check_directory(out_dir, "out_dir")
@@ -130,19 +131,17 @@ def track(
     problem = _load(checkpoints[0], first, load)
     label = " ".join(str(r) for r in run)
     problem.info["checkpoint"] = label
-    written: dict[str, Any] = {"report": None, "points": 0}
-
-    def commit(result) -> None:
-        writer = ReportWriter(out_dir, problem, warn=warn)
-        write_track(writer, problem, result, options)
-        written["report"] = writer.commit()
-        written["points"] = len(result.points)
+    writer = TrackWriter(out_dir, problem, plot=options.plot, warn=warn)
+    written: dict[str, Any] = {"report": None, "seen": 0, "run": None}
 
     with _checkpoint_bar(len(checkpoints)) as bar:
         def listener(result, upcoming) -> None:
-            computed = any(not p.reused for p in result.points[written["points"]:])
-            if result.points and (computed or upcoming is None):
-                commit(result)
+            written["run"] = result
+            if upcoming is None:
+                written["report"] = writer.finish(result)
+            elif any(not p.reused for p in result.points[written["seen"]:]):
+                writer.update(result)  # compact, the figure at most once a minute: finish() completes both
+            written["seen"] = len(result.points)
             if bar is not None:
                 label = f"step {upcoming.step}" if upcoming is not None else "done"
                 bar.update(bar.task, completed=len(result.points), description=label)
@@ -156,7 +155,7 @@ def track(
             result = run_track(problem, options, progress, checkpoints=checkpoints, run=[str(r) for r in run],
                                previous=previous, loaded={checkpoints[0].path: first}, listener=listener)
         except KeyboardInterrupt as exc:
-            _interrupted(exc, out_dir, written["points"], len(checkpoints))
+            _interrupted(exc, out_dir, writer, written["run"], len(checkpoints))
     report = written["report"]
     section = report["track"]
     out.print(track_table(section))
@@ -179,9 +178,17 @@ def _load(checkpoint, state, load: dict[str, Any]):
         return run_problem(checkpoint, state, **load)
 
 
-def _interrupted(exc: KeyboardInterrupt, out_dir: Path, points: int, total: int) -> None:
-    """Ctrl-C (exit 130) or SIGTERM (exit 143): the report keeps every complete point."""
+def _interrupted(exc: KeyboardInterrupt, out_dir: Path, writer, run, total: int) -> None:
+    """Ctrl-C (exit 130) or SIGTERM (exit 143): the report, written in full now, keeps every complete point (a
+    failure here leaves the last report written after a point, which is complete and consistent too)."""
     signals.ignore()
+    points = 0
+    if run is not None and any(not p.reused for p in run.points):
+        try:
+            writer.finish(run)
+            points = len(run.points)
+        except Exception:  # noqa: BLE001 - the report written after the last point stays, complete and consistent
+            points = len(((writer.report or {}).get("track") or {}).get("points") or [])
     code = 143 if isinstance(exc, signals.Terminated) else 130
     what = "terminated (SIGTERM)" if code == 143 else "interrupted"
     kept = (f"{Path(out_dir) / 'report.json'} keeps the {points} complete point(s) of {total}; run the same command "

@@ -186,7 +186,7 @@ def _starts(start: SharpnessResult | Tensor | None) -> tuple[Tensor | None, Mapp
 def sharpness(problem, curvature: str = "hessian", *, start: SharpnessResult | Tensor | None = None,
               tol: float = DEFAULT_TOL, groups: str | Sequence[Any] | None = None,
               wrap: Callable[[Any], Any] | None = None, seed: int = 0, max_steps: int | None = None,
-              progress: Progress | None = None) -> SharpnessResult:
+              progress: Progress | None = None, operator: Any = None) -> SharpnessResult:
     """λ_max of the Hessian (or GGN) of ``problem``'s batch loss, by Lanczos; optionally each group's block λ_max.
 
     Args:
@@ -204,15 +204,20 @@ def sharpness(problem, curvature: str = "hessian", *, start: SharpnessResult | T
         seed: seeds the random start and restart vectors (each solve its own generator).
         max_steps: cap on Lanczos steps per solve.
         progress: ``progress("lanczos", step, cap)`` of each solve in turn.
+        operator: the whole model's ``curvature`` operator, already built (its gradient graph shared with other
+            solves at the same parameters); ``None``: built here. The groups' blocks are always built here.
 
     Returns:
         :class:`SharpnessResult`.
     """
+    if operator is not None and (operator.kind != curvature or operator.names != tuple(problem.params)):
+        raise CurvscopeError(f"operator: a {operator.kind} operator of {len(operator.names)} tensors, not the whole "
+                             f"model's {curvature}")
     whole, group_starts = _starts(start)
     blocks = [(None, tuple(problem.params))] + _group_blocks(problem, groups)
     results: list[tuple[Eigenpair, str | None, tuple[str, ...]]] = []
     for index, (name, names) in enumerate(blocks):
-        op = curvature_operator(problem, names, curvature)
+        op = operator if (name is None and operator is not None) else curvature_operator(problem, names, curvature)
         target = wrap(op) if (wrap is not None and name is None) else op
         if target is None:
             raise CurvscopeError("wrap returned no operator")

@@ -29,8 +29,10 @@ from curvscope.curvature.edge import (
     sharpness_ratio,
     threshold,
 )
-from curvscope.curvature.matfree.operators import curvature_operator
+from curvscope.curvature.matfree.operator import Operator
+from curvscope.curvature.matfree.operators import _vjp, curvature_operator  # the Hessian's product, shared
 from curvscope.curvature.matfree.trace import hutchpp
+from curvscope.curvature.products import twice_differentiable
 from curvscope.curvature.sharpness import DEFAULT_TOL, Negated, SharpnessResult, sharpness
 from curvscope.errors import CurvscopeError
 from curvscope.progress import Progress
@@ -67,7 +69,8 @@ class PointResult:
         warm: the main solve started from the previous point's vector.
         notes: what was assumed, compared or undefined, in words.
         vectors: the unit Ritz vectors (``lambda_max``, ``preconditioned``, ``bottom``, ``ggn``/``hessian`` and
-            ``group:<name>``): the warm starts of the next point.
+            ``group:<name>``): the warm starts of the next point. ``run_track`` and the monitor empty them once
+            the next point is measured, so that a long run holds one set of these D-sized vectors.
     """
 
     loss: float
@@ -151,24 +154,29 @@ def measure_point(problem, optimizer: OptimizerInfo | None, optimizer_state: Map
         raise CurvscopeError(f"unknown measure '{unknown[0]}': choose from {', '.join(MEASURES)}")
     if curvature not in ("hessian", "ggn"):
         raise CurvscopeError(f"unknown curvature '{curvature}': choose hessian or ggn")
-    loss, gradient_norm = _loss_and_gradient(problem)
+    if curvature == "hessian":  # the loss and gradient of the Hessian's own gradient graph: one pass fewer
+        hessian, loss, gradient_norm = hessian_with_gradient(problem)
+    else:
+        hessian, (loss, gradient_norm) = None, _loss_and_gradient(problem)
     point = PointResult(loss=loss, gradient_norm=gradient_norm, curvature=curvature)
     _describe_optimizer(point, optimizer)
     if not (_finite(loss) and _finite(gradient_norm)):
         point.notes.append("the loss or its gradient is not finite at these parameters: no curvature measured")
         return point
     solve = {"tol": tol, "seed": seed, "max_steps": max_steps, "progress": progress}
-    main = sharpness(problem, curvature, start=_start(start, "lambda_max", groups=True), groups=groups, **solve)
+    main = sharpness(problem, curvature, start=_start(start, "lambda_max", groups=True), groups=groups,
+                     operator=hessian, **solve)
     _record(point, main, "lambda_max")
     point.lambda_max = main.lambda_max
     point.warm = main.warm
     point.groups = {g.name: g.lambda_max for g in main.groups}
     for g in main.groups:
         point.vectors[f"group:{g.name}"] = g.vector
-    _compare(point, problem, optimizer, optimizer_state, curvature, start, solve)
+    _compare(point, problem, optimizer, optimizer_state, curvature, start, {**solve, "operator": hessian})
     if "bottom" in measures:
         if curvature == "hessian":
-            bottom = sharpness(problem, "hessian", start=_start(start, "bottom"), wrap=Negated, **solve)
+            bottom = sharpness(problem, "hessian", start=_start(start, "bottom"), wrap=Negated, operator=hessian,
+                               **solve)
             _record(point, bottom, "bottom")
             point.lambda_min = -bottom.lambda_max
         else:
@@ -181,7 +189,7 @@ def measure_point(problem, optimizer: OptimizerInfo | None, optimizer_state: Map
             _record(point, result, name)
             setattr(point, f"{kind}_lambda_max", result.lambda_max)
     if "trace" in measures:
-        op = curvature_operator(problem, None, curvature)
+        op = hessian if hessian is not None else curvature_operator(problem, None, curvature)
         estimate = hutchpp(op.matvec, op.dim, trace_samples, dtype=problem.dtype, device=problem.device,
                            generator=torch.Generator().manual_seed(int(seed) * 1_000_003 + 2), progress=progress)
         point.trace, point.trace_stderr = estimate.trace, estimate.stderr
@@ -189,6 +197,30 @@ def measure_point(problem, optimizer: OptimizerInfo | None, optimizer_state: Map
     if not point.converged:
         point.notes.append(f"an eigen-solve did not reach the tolerance {tol:g} within its step cap")
     return point
+
+
+def hessian_with_gradient(problem) -> tuple[Operator, float, float]:
+    """The whole model's Hessian operator (the products of
+    :func:`~curvscope.curvature.matfree.operators.hessian_operator`) and the batch loss and gradient norm read off
+    the gradient graph it is built on: one forward and backward pass per point instead of two."""
+    names = tuple(problem.params)
+    with torch.enable_grad(), twice_differentiable(problem.model):
+        leaves = [problem.params[n].detach().clone().requires_grad_(True) for n in names]
+        loss = problem.loss_value(dict(zip(names, leaves, strict=True)))
+        if loss.requires_grad:
+            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+            grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves, strict=True)]
+        else:  # no parameter reaches the loss: H = 0
+            grads = [torch.zeros_like(x) for x in leaves]
+    squares = sum(float(g.detach().double().pow(2).sum()) for g in grads)
+
+    def product(parts: list[Tensor], out: list[Tensor] | None) -> list[Tensor]:
+        return _vjp(grads, leaves, parts, out)
+
+    shapes = tuple(x.shape for x in leaves)
+    operator = Operator(dim=sum(x.numel() for x in leaves), names=names, kind="hessian", shapes=shapes,
+                        dtype=problem.dtype, device=problem.device, _product=product)
+    return operator, float(loss.detach()), math.sqrt(squares) if math.isfinite(squares) else float("nan")
 
 
 def _loss_and_gradient(problem) -> tuple[float, float]:

@@ -344,3 +344,26 @@ def write_atomic(path: str | os.PathLike, write: Writer, option: str = "path") -
 def write_text_atomic(path: str | os.PathLike, text: str, option: str = "path") -> None:
     """Write ``text`` to ``path`` atomically."""
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), option)
+
+
+def replace_text(path: str | os.PathLike, text: str, option: str = "path") -> Path:
+    """Replace one UTF-8 text file in an existing directory atomically, by a rename alone: the cheap rewrite of a
+    file that changes often (a growing run's report, :mod:`curvscope.report.track_live`). :class:`Outputs` keeps a
+    backup of every target, which a set of files needs to be put back together; one file does not. A failure or
+    a signal before the rename leaves the previous file as it was and no temporary file."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    moved = False
+    try:
+        with open(tmp, "x", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+        moved = True
+        _COMMITTED.append(path)
+    except OSError as exc:
+        raise OptionError(option, f"{path}: cannot write ({exc.strerror or exc}); it was left as it was") from None
+    finally:
+        if not moved:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+    return path

@@ -121,7 +121,8 @@ def load_problem(checkpoint: str | os.PathLike | None = None, data: Any = None,
     if loss is None and defaults["loss"] is not None:  # a user loss named by the checkpoint: code from a file
         from curvscope.user_loss import check_trusted_loss
 
-        check_trusted_loss(defaults["loss"], f"{checkpoint}: the checkpoint's metadata", trust_model_code)
+        where = getattr(checkpoint, "path", checkpoint)  # a Checkpoint already read: its path, not its tensors
+        check_trusted_loss(defaults["loss"], f"{where}: the checkpoint's metadata", trust_model_code)
     loss_object = get_loss(loss_name, label_smoothing=label_smoothing, class_weights=parse_class_weights(class_weights),
                            huber_delta=huber_delta, smooth_l1_beta=smooth_l1_beta)
     shift = shift_labels if shift_labels is not None else bool(defaults["shift_labels"])

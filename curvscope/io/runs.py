@@ -70,6 +70,21 @@ class TrainingState:
 
 
 @dataclass(frozen=True)
+class Outline:
+    """What a checkpoint holds, read without loading its tensors' data: what a run is checked against before its
+    first point is computed.
+
+    Attributes:
+        shapes: the model tensors' shapes by name.
+        optimizer_state: the optimizer's ``state_dict()`` with every tensor replaced by a tensor of its shape and
+            dtype on the ``meta`` device (no data), or ``None`` (no optimizer state).
+    """
+
+    shapes: dict[str, tuple[int, ...]]
+    optimizer_state: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
 class RunCheckpoint:
     """A checkpoint of a run: where it is, its step and what kind it is (not loaded).
 
@@ -87,6 +102,8 @@ class RunCheckpoint:
     kind: str
     step_source: str
     files: tuple[Path, ...]
+    known: Outline | None = field(default=None, compare=False, repr=False)
+    """The :meth:`outline`, when reading the step already gave it (a ``.pt`` file is opened once for both)."""
 
     def fingerprint(self) -> dict[str, Any]:
         """``{"path", "size", "sha256", "files"}``: the path as found, the bytes and the SHA-256 of the files
@@ -111,14 +128,23 @@ class RunCheckpoint:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """The model tensors' shapes by name, read without loading the tensors (safetensors headers; a ``.pt`` file
         memory-mapped where possible)."""
+        return self.outline().shapes
+
+    def outline(self) -> Outline:
+        """The model tensors' shapes and the optimizer state's structure, without loading tensor data
+        (safetensors headers; ``.pt`` files memory-mapped where possible)."""
+        if self.known is not None:
+            return self.known
         if self.kind == "torch":
-            model, _, _ = _training_parts(_torch_load(self.path, mmap=True), self.path)
-            return {k: tuple(v.shape) for k, v in model.items()}
-        files = [f for f in self.files if f.suffix == ".safetensors"]
+            return _torch_outline(_torch_load(self.path, mmap=True), self.path)
         shapes: dict[str, tuple[int, ...]] = {}
-        for f in files:
-            shapes.update(_safetensors_shapes(f))
-        return shapes
+        for f in self.files:
+            if f.suffix == ".safetensors":
+                shapes.update(_safetensors_shapes(f))
+        optimizer = None
+        if self.kind == "hf" and (self.path / HF_OPTIMIZER).is_file():
+            optimizer = _skeleton(_hf_optimizer(self.path, mmap=True))
+        return Outline(shapes, optimizer)
 
     def load(self) -> TrainingState:
         """Read the checkpoint: tensors safely (safetensors, or ``torch.load`` with ``weights_only=True``)."""
@@ -241,10 +267,35 @@ def _describe(path: Path) -> RunCheckpoint:
         kind, files = "torch", (path,)
         obj = _torch_load(path, mmap=True)
         own = _step_value(obj, path) if isinstance(obj, dict) else None
+        try:
+            known = _torch_outline(obj, path)
+        except CurvscopeError:  # said when the checkpoint is checked or loaded
+            known = None
+        del obj
+        if own is not None:
+            return RunCheckpoint(path, own, kind, "metadata", files, known)
+        by_name = _name_step(path)
+        return RunCheckpoint(path, -1 if by_name is None else by_name, kind, "name", files, known)
     if own is not None:
         return RunCheckpoint(path, own, kind, "metadata", files)
     by_name = _name_step(path)
     return RunCheckpoint(path, -1 if by_name is None else by_name, kind, "name", files)
+
+
+def _torch_outline(obj: Any, path: Path) -> Outline:
+    model, optimizer, _ = _training_parts(obj, path)
+    return Outline({k: tuple(v.shape) for k, v in model.items()}, _skeleton(optimizer))
+
+
+def _skeleton(value: Any) -> Any:
+    """``value`` with every tensor replaced by one of its shape and dtype on the ``meta`` device (no data)."""
+    if isinstance(value, Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device="meta")
+    if isinstance(value, dict):
+        return {k: _skeleton(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_skeleton(v) for v in value)
+    return value
 
 
 def _step_value(entries: dict[str, Any], path: Path) -> int | None:
@@ -384,12 +435,15 @@ def _load_hf(checkpoint: RunCheckpoint) -> TrainingState:
             part, part_meta = read_safetensors(check_file(f, "checkpoint"))
             tensors.update(part)
             meta.update(part_meta)
-    optimizer = None
-    if (path / HF_OPTIMIZER).is_file():
-        optimizer = _torch_load(path / HF_OPTIMIZER)
-        if not isinstance(optimizer, dict):
-            raise CurvscopeError(f"{path / HF_OPTIMIZER}: expected the dict of optimizer.state_dict(), got "
-                                 f"{type(optimizer).__name__}")
+    optimizer = _hf_optimizer(path) if (path / HF_OPTIMIZER).is_file() else None
     if (path / HF_STATE).is_file():
         meta["trainer_state"] = _read_json(path / HF_STATE)
     return TrainingState(tensors, optimizer, checkpoint.step, meta)
+
+
+def _hf_optimizer(path: Path, mmap: bool = False) -> dict[str, Any]:
+    optimizer = _torch_load(path / HF_OPTIMIZER, mmap=mmap)
+    if not isinstance(optimizer, dict):
+        raise CurvscopeError(f"{path / HF_OPTIMIZER}: expected the dict of optimizer.state_dict(), got "
+                             f"{type(optimizer).__name__}")
+    return optimizer

@@ -47,11 +47,13 @@ def point_fields(point: Any, curvature: str, measures: list[str]) -> dict[str, A
     return fields
 
 
-def track_section(run: Any) -> dict[str, Any]:
-    """The report's ``track`` section of a :class:`curvscope.workflows.track.TrackRun`."""
+def track_section(run: Any, points: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The report's ``track`` section of a :class:`curvscope.workflows.track.TrackRun` (``points``: its entries,
+    already made by :func:`point_fields`; default: made here)."""
     options = run.options
     measures = list(options.measures())
-    points = [point_fields(p, options.curvature, measures) for p in run.points]
+    if points is None:
+        points = [point_fields(p, options.curvature, measures) for p in run.points]
     ratios = [p["sharpness_ratio"] for p in points if p.get("sharpness_ratio") is not None]
     sharp = [p["lambda_max"] for p in points if p.get("lambda_max") is not None]
     crossing = next((p["step"] for p in points if (p.get("sharpness_ratio") or 0) >= 1), None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import types
 import typing
@@ -103,7 +104,8 @@ class Options:
         return dataclasses.replace(self, **changes)
 
 
-def _hints(cls: type) -> dict[str, Any]:
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:  # once per class: validate() asked for every field (5 ms a call)
     return typing.get_type_hints(cls)
 
 

@@ -254,23 +254,37 @@ def problem_at(problem: Problem, state_dict: Mapping[str, Any], source: str, fir
     return dataclasses.replace(problem, params=params, buffers=buffers)
 
 
-def check_shapes(problem: Problem, checkpoints: Sequence[RunCheckpoint]) -> None:
-    """Every checkpoint holds the problem's parameters with their shapes (read from the files' headers, before
-    any computation).
+def check_shapes(problem: Problem, checkpoints: Sequence[RunCheckpoint], options: TrackOptions | None = None,
+                 loaded: Mapping[Path, TrainingState] | None = None) -> None:
+    """Every checkpoint holds the problem's parameters with their shapes, and (with ``options``) its optimizer
+    state matches them in ``named_parameters()`` order: read from the files' headers (a ``.pt`` file
+    memory-mapped, :meth:`~curvscope.io.runs.RunCheckpoint.outline`) before any computation.
+
+    Args:
+        problem: the run's Problem.
+        checkpoints: the run's checkpoints.
+        options: the run's options (the optimizer kind given); ``None``: the optimizer states are not checked.
+        loaded: checkpoints already loaded, by path (their own optimizer state is checked).
 
     Raises:
-        CurvscopeError: one line naming the first checkpoint of another model, the tensor and both shapes.
+        CurvscopeError: one line naming the first checkpoint of another model, the tensor and both shapes; or the
+            first checkpoint whose optimizer state does not match the model.
     """
     first = f"the first checkpoint ({checkpoints[0].path})" if checkpoints else "the model"
-    for checkpoint in checkpoints[1:]:
-        shapes = checkpoint.shapes()
-        for name, p in problem.params.items():
+    for index, checkpoint in enumerate(checkpoints):
+        state = (loaded or {}).get(checkpoint.path)
+        outline = checkpoint.outline() if state is None or index else None
+        shapes = outline.shapes if index else {}
+        for name, p in problem.params.items() if index else ():
             if name not in shapes:
                 raise CurvscopeError(f"{checkpoint.path}: has no '{name}', which {first} has: checkpoints of "
                                      "different models")
             if shapes[name] != tuple(p.shape):
                 raise CurvscopeError(f"{checkpoint.path}: '{name}' has shape {shapes[name]}, {first} has "
                                      f"{tuple(p.shape)}: checkpoints of different models")
+        optimizer_state = state.optimizer_state if state is not None else outline.optimizer_state
+        if options is not None and optimizer_state is not None:
+            point_optimizer(problem, optimizer_state, options, str(checkpoint.path))
 
 
 def point_optimizer(problem: Problem, optimizer_state: Mapping[str, Any] | None, options: TrackOptions,
@@ -350,9 +364,9 @@ def run_track(problem: Problem, options: TrackOptions | None = None, progress: P
     result = TrackRun(run=[str(r) for r in (run or [problem.info.get("checkpoint") or "parameters"])],
                       total=len(items), points=[], options=options, settings=settings, group_names=group_names)
     if checkpoints is not None:
-        check_shapes(problem, checkpoints)
+        check_shapes(problem, checkpoints, options, loaded)
     first = f"the first checkpoint ({items[0].path})" if items[0] is not None else "the model"
-    vectors = None
+    vectors, last = None, None
     seed = int(problem.info.get("seed") or 0)
     for checkpoint in items:
         if listener is not None:
@@ -380,7 +394,9 @@ def run_track(problem: Problem, options: TrackOptions | None = None, progress: P
                                  measures=options.measures(), tol=options.tol, max_steps=options.max_steps,
                                  trace_samples=options.trace_samples, seed=seed,
                                  start=vectors if options.warm_start else None, progress=progress)
-        vectors = measured.vectors
+        if last is not None:
+            last.vectors = {}  # one set of D-sized vectors held: the newest point's
+        vectors, last = measured.vectors, measured
         result.points.append(TrackPoint(step=step, checkpoint=source if checkpoint is not None else
                                         problem.info.get("checkpoint"),
                                         fingerprint=fingerprint, seconds=time.perf_counter() - started,
@@ -399,6 +415,7 @@ def write_track(writer: ReportWriter, problem: Problem, result: TrackRun, option
         from curvscope.report.track_plots import track_figure
 
         section["plot"] = str(writer.plot("track_plot", PLOT_NAME, lambda r: track_figure(r["track"], r["problem"])))
+        section["plot_points"] = len(section["points"])
     writer.section(COMMAND.command, {COMMAND.key: section})
 
 
