@@ -52,15 +52,32 @@ START_MIX = 0.01
 
 
 CHUNK = 1 << 20
-"""Entries per float64 chunk of :func:`_dot` (8 MB of temporaries)."""
+"""Entries per float64 chunk of :class:`_Dots` (two preallocated 8 MB buffers)."""
 
 
-def _dot(a: Tensor, b: Tensor) -> float:
-    """``a . b`` accumulated in float64, chunk by chunk: a float32 dot product of 10^8 entries loses about 1e-5 of
-    its value, which the Ritz values would inherit (they came out above lambda_max)."""
-    if a.dtype == torch.float64:
-        return float(torch.dot(a, b))
-    return float(sum(torch.dot(a[i:i + CHUNK].double(), b[i:i + CHUNK].double()) for i in range(0, a.numel(), CHUNK)))
+class _Dots:
+    """Dot products of float32 (or float64) vectors accumulated in float64, chunk by chunk through two preallocated
+    float64 buffers: a float32 dot product of 10^8 entries loses about 1e-5 of its value, which the Ritz values would
+    inherit (they came out above lambda_max); a new float64 copy per chunk would cost page faults."""
+
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device):
+        self.exact = dtype == torch.float64
+        self.buf = None if self.exact else torch.empty(2, min(CHUNK, dim), dtype=torch.float64, device=device)
+
+    def __call__(self, a: Tensor, b: Tensor, also_bb: bool = False) -> tuple[float, float]:
+        """``(a . b, b . b)`` (the second only with ``also_bb``, else 0), in one pass over the vectors."""
+        if self.exact:
+            return float(torch.dot(a, b)), float(torch.dot(b, b)) if also_bb else 0.0
+        ab = bb = 0.0
+        for i in range(0, a.numel(), self.buf.shape[1]):
+            j = min(i + self.buf.shape[1], a.numel())
+            x, y = self.buf[0, : j - i], self.buf[1, : j - i]
+            x.copy_(a[i:j])
+            y.copy_(b[i:j])
+            ab += float(torch.dot(x, y))
+            if also_bb:
+                bb += float(torch.dot(y, y))
+        return ab, bb
 
 
 def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
@@ -112,12 +129,13 @@ def lean_extremes(op: Any, dim: int | None = None, *, which: str = "both", tol: 
     device = _device(device, home, start)
     gen = _generator(generator)
     q = _gaussian(dim, gen, dtype, device)
+    dots = _Dots(dim, dtype, device)
     if start is not None:
         if start.numel() != dim or not bool(torch.isfinite(start).all()) or not bool(start.any()):
             raise CurvscopeError(f"start must be a finite, nonzero ({dim},) tensor")
         s = start.reshape(-1).to(dtype=dtype, device=device)
-        q = s.div(_dot(s, s) ** 0.5).add_(q.div_(_dot(q, q) ** 0.5), alpha=START_MIX)
-    q.div_(_dot(q, q) ** 0.5)
+        q = s.div(dots(s, s)[0] ** 0.5).add_(q.div_(dots(q, q)[0] ** 0.5), alpha=START_MIX)
+    q.div_(dots(q, q)[0] ** 0.5)
     # a curvscope Operator writes each product into the released vector (no per-parameter results, no copy)
     into = isinstance(owner, Operator) and owner.dtype == dtype and owner.device == device
     prev: Tensor | None = None
@@ -134,14 +152,14 @@ def lean_extremes(op: Any, dim: int | None = None, *, which: str = "both", tol: 
         spare = None
         if not bool(torch.isfinite(w).all()):
             raise CurvscopeError(f"the operator returned non-finite values at Lanczos step {len(alphas) + 1}")
-        alpha = _dot(q, w)
+        alpha = dots(q, w)[0]
         w.sub_(q, alpha=alpha)
         if prev is not None:
             w.sub_(prev, alpha=betas[-1])
-        again = _dot(q, w)  # local reorthogonalization: the recurrence's rounding against q_j
+        again, ww = dots(q, w, also_bb=True)  # local reorthogonalization: the recurrence's rounding against q_j
         w.sub_(q, alpha=again)
         alphas.append(alpha + again)
-        beta = _dot(w, w) ** 0.5
+        beta = max(ww - again * again, 0.0) ** 0.5  # ||w - again q||, q a unit vector
         betas.append(beta)
         progress("lanczos", len(alphas), steps_cap)
         values, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas))
