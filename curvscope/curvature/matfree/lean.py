@@ -148,7 +148,9 @@ def lean_extremes(op: Any, dim: int | None = None, *, which: str = "both", tol: 
     bound = {"top": math.inf, "bottom": math.inf}
     norm, converged, invariant = 0.0, False, False
     while len(alphas) < steps_cap:
-        w = owner.matvec(q, out=spare) if into and spare is not None else _apply(matvec, q)
+        # into a buffer from the start: the product's per-parameter results and their concatenation would hold two
+        # vectors beside prev and q at step 2 (the run's peak)
+        w = owner.matvec(q, out=torch.empty_like(q) if spare is None else spare) if into else _apply(matvec, q)
         spare = None
         if not bool(torch.isfinite(w).all()):
             raise CurvscopeError(f"the operator returned non-finite values at Lanczos step {len(alphas) + 1}")
