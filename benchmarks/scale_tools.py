@@ -103,7 +103,9 @@ def _curvscope_top(spec: Spec, model, x, y, cfg: dict, rec: dict) -> None:
     k, plan, _ = plan_eigen(op.dim, 1, "largest", budget, itemsize)
     with timed_products(op, "matvec", rec):
         if plan.solver == "lean":  # one value in three vectors (a large model, or a basis the budget cuts short)
-            eig = lean_extremes(op.matvec, op.dim, which="largest", tol=cfg["tol"], dtype=problem.dtype)
+            # the Operator itself (its counted matvec): lean_extremes then has each product written into its buffer,
+            # as `curvscope spectrum` does; a plain function's per-parameter results would be one vector more
+            eig = lean_extremes(op, op.dim, which="largest", tol=cfg["tol"], dtype=problem.dtype)
         else:
             eig = block_eigenpairs(op.matvec, op.dim, k, which="largest", tol=cfg["tol"], block_size=plan.block_size,
                                    max_basis=plan.max_basis, dtype=problem.dtype)
