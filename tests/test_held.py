@@ -138,7 +138,7 @@ def test_the_cli_holds_a_large_batch_and_moves_one_chunk_at_a_time(tmp_path, mon
             "--dtype", "float64", "--device", "cpu", "--no-plots", "--trace-samples", 10, "--density-vectors", 1)
     assert invoke(*args, "--out", tmp_path / "whole").exit_code == 0
     monkeypatch.setattr(held, "HOLD_BYTES", 1)
-    monkeypatch.setattr(stream, "chunk_samples", lambda *a, **kw: 5)
+    monkeypatch.setattr(stream, "plan_stream", lambda *a, **kw: stream.StreamPlan(5, 0))
     monkeypatch.setattr(finite, "CHUNK", 5)
     moves = Moves(monkeypatch)
     calls, real = [], Problem.call

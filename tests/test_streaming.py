@@ -81,3 +81,44 @@ def test_the_cli_streams_a_batch_whose_graph_does_not_fit(tmp_path, monkeypatch)
     assert streamed["groups"][0]["lambda_max"] == pytest.approx(whole["groups"][0]["lambda_max"], rel=1e-9)
     assert streamed["gradient_norm"] == pytest.approx(whole["gradient_norm"], rel=1e-12)
     assert any("streamed through every product in chunks of 1" in n and "samples/s" in n for n in streamed["notes"])
+
+
+def test_a_samples_graph_counts_neither_the_model_nor_a_tensor_twice():
+    """A wide linear layer on a few inputs: the graph per sample is the inputs, logits and softmax a sample saves
+    (a few KB), not the 8 MB weight that autograd also saves (the model is held anyway), and a tensor saved by several
+    nodes counts once; the budget then holds the whole batch's graph."""
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Linear(1000, 1000)
+    x, y = torch.randn(4, 1000, generator=g), torch.arange(4)
+    problem = make_problem(model, x, y, loss="ce", dtype=torch.float64, device="cpu")
+    per_sample = stream.graph_bytes_per_sample(problem, "hessian")
+    weight = 1000 * 1000 * 8
+    assert 0 < per_sample < weight / 100
+    # every saved storage, once: at least one sample's input and logits, at most a few such rows per node
+    assert per_sample >= 2 * 1000 * 8
+    plan = stream.plan_stream(problem, "hessian", max_memory=2**24)
+    assert plan.chunk is None and plan.graph_bytes == pytest.approx(per_sample * stream.WORK_FACTOR * 4, rel=1e-6)
+
+
+def test_a_graph_over_its_share_streams_and_the_vectors_get_the_rest(problem, monkeypatch):
+    """The vectors' budget is what the graph leaves; a large model's graph may take all but its eigensolver's
+    vectors (graph_room), a small model's a third of the budget."""
+    from types import SimpleNamespace
+
+    from curvscope.curvature.matfree.lean import LEAN_VECTORS
+    from curvscope.curvature.matfree.spectrum import graph_room, vector_budget
+    from curvscope.curvature.method import LARGE_MODEL_PARAMS
+
+    monkeypatch.setattr(stream, "graph_bytes_per_sample", lambda *a, **kw: 1000.0)
+    budget = 30 * 3000  # a third holds 10 samples of 3000 bytes (WORK_FACTOR 3)
+    third = stream.plan_stream(problem, "hessian", max_memory=budget)
+    assert (third.chunk, third.graph_bytes) == (10, 30000)
+    wide = stream.plan_stream(problem, "hessian", max_memory=budget, beside=budget // 10)
+    assert (wide.chunk, wide.graph_bytes) == (27, 81000)
+    assert stream.plan_stream(problem, "hessian", max_memory=10**6).chunk is None  # all 30 samples fit
+    dims = [problem.num_params]
+    assert vector_budget(problem, budget, dims, graph_bytes=30000) == budget - 30000 - 8 * problem.num_params
+    assert vector_budget(problem, budget, dims) == budget - 3 * 8 * problem.num_params
+    assert graph_room(problem) is None
+    large = SimpleNamespace(num_params=LARGE_MODEL_PARAMS + 1, dtype=torch.float32)
+    assert graph_room(large) == (LEAN_VECTORS + 1) * (LARGE_MODEL_PARAMS + 1) * 4

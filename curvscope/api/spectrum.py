@@ -144,7 +144,7 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Any = None, targets:
         from curvscope.curvature.matfree import compute_matfree_spectrum
         from curvscope.curvature.method import matfree_defaults
 
-        chunk = _chunk(problem, chunk_size, curvature, budget, process_group)
+        chunk, graph = _chunk(problem, chunk_size, curvature, budget, process_group)
         sizes = matfree_defaults(problem.num_params, problem.dtype, top_k=top_k, trace_matvecs=trace_matvecs,
                                  density_vectors=density_vectors, tol=tol)
         result = compute_matfree_spectrum(problem, curvature=curvature, groups=groups, top_k=sizes.top_k,
@@ -152,7 +152,7 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Any = None, targets:
                                           density_vectors=sizes.density_vectors, eigenvectors=eigenvectors,
                                           include_total=include_total, seed=seed, progress=progress,
                                           process_group=process_group, max_matvecs=sizes.max_matvecs,
-                                          chunk_size=chunk)
+                                          chunk_size=chunk, graph_bytes=graph)
         if sizes.note:
             result.notes.insert(0, sizes.note)
         for group in result.groups:
@@ -175,13 +175,16 @@ def spectrum(model_or_problem: nn.Module | Problem, inputs: Any = None, targets:
 
 
 def _chunk(problem: Problem, chunk_size: int | None, curvature: str, budget: int | None,
-           process_group: ProcessGroup | None) -> int | None:
-    """Samples per streamed chunk: ``chunk_size`` (``None`` when it holds the whole batch), else the CLI's rule
-    (:func:`~curvscope.curvature.matfree.stream.chunk_samples`)."""
+           process_group: ProcessGroup | None) -> tuple[int | None, int | None]:
+    """``(chunk, graph_bytes)``: samples per streamed chunk (``None``: the whole batch in one graph) and the bytes of
+    a product's graph when planned: ``chunk_size`` as given (``None`` when it holds the whole batch), else the CLI's
+    rule (:func:`~curvscope.curvature.matfree.stream.plan_stream`)."""
     if process_group is not None:
-        return None
+        return None, None
     if chunk_size is not None:
-        return None if chunk_size >= problem.batch_size else int(chunk_size)
-    from curvscope.curvature.matfree.stream import chunk_samples
+        return (None if chunk_size >= problem.batch_size else int(chunk_size)), None
+    from curvscope.curvature.matfree.spectrum import graph_room
+    from curvscope.curvature.matfree.stream import plan_stream
 
-    return chunk_samples(problem, curvature, budget)
+    plan = plan_stream(problem, curvature, budget, beside=graph_room(problem))
+    return plan.chunk, plan.graph_bytes

@@ -307,11 +307,13 @@ def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress
     from curvscope.curvature.gram.layout import make_layout
     from curvscope.curvature.matfree.spectrum import compute_matfree_spectrum
 
-    chunk = None
+    chunk = graph = None
     if process_group is None:  # a batch whose graph does not fit the budget streams through in chunks
-        from curvscope.curvature.matfree.stream import chunk_samples, streamed_gradient
+        from curvscope.curvature.matfree.spectrum import graph_room
+        from curvscope.curvature.matfree.stream import plan_stream, streamed_gradient
 
-        chunk = chunk_samples(problem, options.curvature, options.parsed_memory())
+        plan = plan_stream(problem, options.curvature, options.parsed_memory(), beside=graph_room(problem))
+        chunk, graph = plan.chunk, plan.graph_bytes
     streamed = _Streamed(progress)
     # the settings not given: by the model's size (a large model gets one eigenvalue per end, a short trace, ...)
     sizes = matfree_defaults(problem.num_params, problem.dtype, top_k=options.top_k,
@@ -323,7 +325,7 @@ def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress
             problem, curvature=curvature, groups=groups, top_k=top_k, tol=sizes.tol,
             max_memory=options.parsed_memory(), trace_matvecs=sizes.trace_matvecs, density_vectors=density,
             eigenvectors=vectors, include_total=groups != "all", seed=seed, progress=streamed,
-            process_group=process_group, chunk_size=chunk, max_matvecs=sizes.max_matvecs)
+            process_group=process_group, chunk_size=chunk, max_matvecs=sizes.max_matvecs, graph_bytes=graph)
 
     # top_k None: up to DEFAULT_LANCZOS_K eigenvalues per end, as many as the memory budget holds
     result = matfree(options.curvature, options.groups, sizes.top_k,
@@ -351,9 +353,14 @@ def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress
         run.chunk = chunk
         held = f"; the samples are {problem.batch.held.note}" if problem.held else ""
         run.notes.append(f"the batch of {problem.batch_size:,} samples streamed through every product in chunks of "
-                         f"{chunk:,} (one chunk's autograd graph in memory{held}): {streamed.rate():,.0f} "
+                         f"{chunk:,} (one chunk's autograd graph in memory{held}): {_rate(streamed.rate())} "
                          "samples/s")
     return run
+
+
+def _rate(value: float) -> str:
+    """A rate to three significant digits with thousands separators: ``12,345``, ``42.1``, ``0.314``."""
+    return f"{value:,.0f}" if value >= 1000 else f"{value:.3g}"
 
 
 class _Streamed:

@@ -262,14 +262,28 @@ def plan_eigen(dim: int, top_k: int | None, which: str, budget: int, itemsize: i
     raise first_error
 
 
-def vector_budget(problem, max_memory: int | None, dims: list[int]) -> int:
-    """Bytes the eigensolver's vectors may take: the memory budget less what one product needs beside them (the
-    model's gradient and its double-backward graph, about three vectors of the largest group)."""
+def vector_budget(problem, max_memory: int | None, dims: list[int], graph_bytes: int | None = None) -> int:
+    """Bytes the eigensolver's vectors may take: the memory budget less what one product needs beside them: the
+    model's gradient and its double-backward graph, ``graph_bytes`` and one vector of the largest group when that is
+    known (:func:`~curvscope.curvature.matfree.stream.plan_stream`), else about three vectors of it."""
     from curvscope.curvature.memory import MemoryPlan
 
     budget = MemoryPlan.default(problem.device, max_memory).budget
     itemsize = torch.empty(0, dtype=problem.dtype).element_size()
-    return max(budget - 3 * max(dims) * itemsize, 0)
+    vector = max(dims) * itemsize
+    product = 3 * vector if graph_bytes is None else int(graph_bytes) + vector
+    return max(budget - product, 0)
+
+
+def graph_room(problem) -> int | None:
+    """Bytes that must fit beside a product's graph when the eigensolver of a large model
+    (:data:`~curvscope.curvature.method.LARGE_MODEL_PARAMS`) runs in three vectors: its
+    :data:`~curvscope.curvature.matfree.lean.LEAN_VECTORS` vectors and the gradient. The graph may take the rest of
+    the budget (:func:`~curvscope.curvature.matfree.stream.plan_stream`'s ``beside``); ``None`` for a smaller model,
+    whose basis gets the larger share."""
+    if problem.num_params <= LARGE_MODEL_PARAMS:
+        return None
+    return (LEAN_VECTORS + 1) * problem.num_params * torch.empty(0, dtype=problem.dtype).element_size()
 
 
 def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str = "all",
@@ -278,8 +292,8 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
                              trace_matvecs: int = 60, density_vectors: int = 4, density_steps: int = 40,
                              eigenvectors: bool = False, include_total: bool = True, seed: int = 0,
                              start: Tensor | None = None, progress: Progress | None = None,
-                             process_group: ProcessGroup | None = None, chunk_size: int | None = None
-                             ) -> MatfreeResult:
+                             process_group: ProcessGroup | None = None, chunk_size: int | None = None,
+                             graph_bytes: int | None = None) -> MatfreeResult:
     """Extreme eigenvalues, trace and spectral density of the Hessian or GGN per parameter group (§9).
 
     Args:
@@ -316,6 +330,8 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
         chunk_size: stream the batch through every product in chunks of this many samples (one chunk's autograd
             graph in memory; :mod:`curvscope.curvature.matfree.stream`), reporting ``"samples"`` progress; single
             process only. ``None``: one graph of the whole batch, built once per group.
+        graph_bytes: the bytes one product's graph takes (:func:`~curvscope.curvature.matfree.stream.plan_stream`):
+            the vectors get the rest of the budget (:func:`vector_budget`); default: three vectors' worth.
 
     Returns:
         :class:`MatfreeResult`; shapes: ``top``/``bottom`` ``(min(k, D_P),)``, density ``(G,)``.
@@ -346,7 +362,7 @@ def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str
     which = "both" if curvature == "hessian" else "largest"
     dims = [sum(problem.params[n].numel() for n in names) for _, names in blocks]
     itemsize = torch.empty(0, dtype=problem.dtype).element_size()
-    budget = vector_budget(problem, max_memory, dims)
+    budget = vector_budget(problem, max_memory, dims, graph_bytes)
     notes: list[str] = []
     plans = []
     for i, d in enumerate(dims):

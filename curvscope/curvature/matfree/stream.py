@@ -9,13 +9,16 @@ operator (:func:`~curvscope.curvature.matfree.operators.curvature_operator`) tak
 holds one chunk's graph (plus the Lanczos basis of the caller), never the whole batch's; it costs a forward and a
 first backward more per chunk than the stored-graph operator. A problem whose samples are held off the device
 (:mod:`curvscope.io.held`) reads and moves one chunk's samples per chunk: the device never holds the whole batch.
-:func:`chunk_samples` decides whether to stream: only when the whole batch's graph would not fit a third of the
-memory budget, measured on a probe of a few samples (the bytes autograd saves, by saved-tensor hooks).
+:func:`plan_stream` decides whether to stream: only when the whole batch's graph would not fit its share of the
+memory budget (a third, or for a large model all but what its three-vector eigensolver and gradient need), measured
+on a probe of a few samples (the storages autograd saves, by saved-tensor hooks, each counted once and the model's
+own parameters not at all); it also returns the bytes that graph takes, which the vectors' budget leaves free.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -31,13 +34,21 @@ WORK_FACTOR = 3.0
 
 
 def graph_bytes_per_sample(problem, curvature: str = "hessian", names: Sequence[str] | None = None) -> float:
-    """Bytes the autograd graph of a product holds per sample: what autograd saves for the forward and the first
-    backward (``create_graph``) of a probe of :data:`PROBE` samples, divided by their number."""
+    """Bytes the autograd graph of a product holds per sample: the storages autograd saves for the forward and the
+    first backward (``create_graph``) of a probe of :data:`PROBE` samples, divided by their number. A storage saved
+    by several nodes counts once, and the parameters' storages (the model, held anyway) not at all."""
     n = min(PROBE, problem.batch_size)
+    held = [*problem.params.values(), *problem.model.parameters(), *problem.model.buffers()]  # the model's, frozen too
+    owned = {t.untyped_storage().data_ptr() for t in held}
+    seen: set[int] = set()
     saved = [0]
 
     def pack(t: Tensor) -> Tensor:
-        saved[0] += t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in seen and key not in owned:
+            seen.add(key)
+            saved[0] += storage.nbytes()
         return t
 
     probe = problem.part(0, n)
@@ -47,16 +58,50 @@ def graph_bytes_per_sample(problem, curvature: str = "hessian", names: Sequence[
     return saved[0] / n
 
 
-def chunk_samples(problem, curvature: str, max_memory: int | None = None, names: Sequence[str] | None = None
-                  ) -> int | None:
-    """Samples per chunk so that a chunk's graph fits a third of the memory budget
-    (:class:`~curvscope.curvature.memory.MemoryPlan`), or ``None`` when the whole batch fits (no streaming)."""
+@dataclass(frozen=True)
+class StreamPlan:
+    """What :func:`plan_stream` decides.
+
+    Attributes:
+        chunk: samples per streamed chunk, or ``None`` when the whole batch's graph fits (no streaming).
+        graph_bytes: the bytes one product's graph is expected to take at its peak (``chunk`` or all samples, times
+            the per-sample bytes and :data:`WORK_FACTOR`, at most the graph's share of the budget): the vectors'
+            budget leaves them free.
+    """
+
+    chunk: int | None
+    graph_bytes: int
+
+
+def plan_stream(problem, curvature: str, max_memory: int | None = None, names: Sequence[str] | None = None,
+                beside: int | None = None) -> StreamPlan:
+    """Whether to stream the batch, in chunks of how many samples, so that a product's graph fits its share of the
+    memory budget (:class:`~curvscope.curvature.memory.MemoryPlan`).
+
+    Args:
+        problem: the problem (probed on :data:`PROBE` samples: one product).
+        curvature: ``"hessian"`` or ``"ggn"``.
+        max_memory: the budget in bytes (default: the device's default budget).
+        names: the parameters of the operator (default: all).
+        beside: bytes that must fit beside the graph (the eigensolver's fewest vectors and the gradient). The graph
+            may take the rest of the budget, and at least a third of it; default: a third.
+    """
     from curvscope.curvature.memory import MemoryPlan
 
-    limit = MemoryPlan.default(problem.device, max_memory).limit
+    budget = MemoryPlan.default(problem.device, max_memory).budget
+    limit = budget / 3 if beside is None else max(budget / 3, budget - beside)
     per_sample = graph_bytes_per_sample(problem, curvature, names) * WORK_FACTOR
     chunk = max(1, int(limit // max(per_sample, 1.0)))
-    return None if chunk >= problem.batch_size else chunk
+    if chunk >= problem.batch_size:
+        return StreamPlan(None, int(per_sample * problem.batch_size))
+    # one sample over the graph's share still streams one at a time; the vectors keep the rest of the budget
+    return StreamPlan(chunk, int(min(per_sample * chunk, limit)))
+
+
+def chunk_samples(problem, curvature: str, max_memory: int | None = None, names: Sequence[str] | None = None,
+                  beside: int | None = None) -> int | None:
+    """Samples per chunk (:func:`plan_stream`), or ``None`` when the whole batch fits (no streaming)."""
+    return plan_stream(problem, curvature, max_memory, names, beside).chunk
 
 
 def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
