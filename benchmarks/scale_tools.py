@@ -102,7 +102,7 @@ def _curvscope_top(spec: Spec, model, x, y, cfg: dict, rec: dict) -> None:
     budget = vector_budget(problem, cfg.get("max_memory"), [op.dim])
     k, plan, _ = plan_eigen(op.dim, 1, "largest", budget, itemsize)
     with timed_products(op, "matvec", rec):
-        if plan.solver == "lean":  # one value in three vectors (a large model, or a basis the budget cuts short)
+        if plan.solver == "lean":  # one value in two vectors (a large model, or a basis the budget cuts short)
             # the Operator itself (its counted matvec): lean_extremes then has each product written into its buffer,
             # as `curvscope spectrum` does; a plain function's per-parameter results would be one vector more
             eig = lean_extremes(op, op.dim, which="largest", tol=cfg["tol"], dtype=problem.dtype)

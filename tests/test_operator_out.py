@@ -45,6 +45,25 @@ def test_out_in_a_group_with_unused_and_outside_parameters():
         assert float(unused.matvec(torch.ones(5, dtype=F64), out=out).abs().max()) == 0.0
 
 
+def test_accumulate_adds_the_product_to_what_out_holds():
+    """out += A v, for the Hessian and the GGN, a group with an unused parameter (its zeros add nothing) and the
+    streamed operator (its chunks add into out)."""
+    from curvscope.curvature.matfree.stream import streamed_operator
+
+    torch.manual_seed(7)
+    problem = make_problem(WithUnused(), torch.randn(6, 3), torch.randint(0, 3, (6,)), loss="ce", dtype=F64)
+    ops = [curvature_operator(problem, ["unused", "body.2.weight"], kind) for kind in ("hessian", "ggn")]
+    ops.append(streamed_operator(problem, curvature="hessian", chunk=4))
+    for op in ops:
+        g = torch.Generator().manual_seed(4)
+        v, held = torch.randn(op.dim, generator=g, dtype=F64), torch.randn(op.dim, generator=g, dtype=F64)
+        out = held.clone()
+        assert op.matvec(v, out=out, accumulate=True).data_ptr() == out.data_ptr()
+        torch.testing.assert_close(out, held + op.matvec(v), rtol=1e-13, atol=1e-15)
+    with pytest.raises(CurvscopeError, match="pass out"):
+        ops[-1].matvec(v, accumulate=True)
+
+
 def test_out_leaves_no_gradient_behind_and_the_graph_reusable():
     problem = PROBLEMS["tanh-ce"]()
     op = hessian_operator(problem)

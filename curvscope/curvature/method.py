@@ -26,7 +26,7 @@ DEFAULT_LANCZOS_K = 10
 """Extreme eigenvalues per end that the matrix-free method computes when ``top_k`` is not given."""
 LARGE_MODEL_PARAMS = 10_000_000
 """A model (a parameter group) above this many parameters is *large*: one vector costs as much memory as the
-model, and every product seconds. The matrix-free method then computes one eigenvalue per end in three vectors
+model, and every product seconds. The matrix-free method then computes one eigenvalue per end in two vectors
 (:mod:`curvscope.curvature.matfree.lean`) unless more are asked for, and the CLI's defaults do less
 (:func:`large_model_defaults`)."""
 

@@ -150,7 +150,7 @@ def matfree_table(report: dict[str, Any], labels: list[str] | None = None) -> Ta
     hessian = curvature == "hessian"
     approx = report.get("approximation") or {}
     solver = ((report.get("groups") or [{}])[0].get("solver") or {})
-    plan = ("three vectors" if solver.get("kind") == "lean" else
+    plan = ("two vectors" if solver.get("kind") == "lean" else
             f"basis {solver['max_basis']}" if solver.get("max_basis") else None)
     table = Table(title=f"{'Hessian' if hessian else 'GGN'} spectrum (Lanczos, {fmt(approx.get('matvecs'))} "
                         f"products{'' if plan is None else ', ' + plan})", title_justify="left")

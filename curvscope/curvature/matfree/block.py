@@ -68,7 +68,7 @@ class BlockPlan:
     bytes: int
     solver: str = "block"
     """``"block"`` (:func:`block_eigenpairs`) or ``"lean"`` (:func:`~curvscope.curvature.matfree.lean.lean_extremes`:
-    one value per end in three vectors, ``max_basis`` 0)."""
+    one value per end in two vectors, ``max_basis`` 0)."""
 
 
 def plan_block(dim: int, k: int, which: str, budget_bytes: int | None, itemsize: int, block_size: int | None = None,

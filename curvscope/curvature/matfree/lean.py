@@ -1,10 +1,11 @@
-"""The extreme eigenvalues of a symmetric operator in three vectors: Lanczos without a stored basis.
+"""The extreme eigenvalues of a symmetric operator in two vectors: Lanczos without a stored basis.
 
 :func:`lean_extremes` finds ``lambda_max`` and/or ``lambda_min`` (one value per end) of a symmetric operator from
-products alone, holding three vectors of length dim (the previous and current Lanczos vectors and the newest
-product), the memory of a power iteration, with the convergence of an unrestarted Lanczos run. A curvscope
-``Operator`` (or its ``matvec``) writes each product into the vector the recurrence has just released
-(``matvec(v, out=...)``): no per-parameter results to concatenate, no new allocation per step. It is the
+products alone, holding two vectors of length dim for a curvscope ``Operator`` (the current Lanczos vector, and the
+previous one, into which the product is accumulated: ``matvec(q_j, out=-beta q_{j-1}, accumulate=True)`` is
+``A q_j - beta q_{j-1}``), the memory of a power iteration, with the convergence of an unrestarted Lanczos run. No
+per-parameter results to concatenate, no new allocation per step. Other operators (a function, SciPy) return each
+product as a new vector: three vectors, and their own result's temporaries. It is the
 eigensolver of large models (:func:`curvscope.curvature.matfree.spectrum.plan_eigen` picks it for one eigenvalue
 per end when the model has more than ``LARGE_MODEL_PARAMS`` parameters or the memory budget cannot hold a good
 basis), where every basis vector costs as much memory as the model.
@@ -43,8 +44,9 @@ from curvscope.errors import CurvscopeError, OptionError, at_least, one_of
 from curvscope.progress import Progress, or_silent
 
 LEAN_VECTORS = 4
-"""Vectors of length dim that :func:`lean_extremes` holds at most (three, and the operator's result while the
-previous one is released), the number :func:`~curvscope.curvature.matfree.spectrum.plan_eigen` reserves."""
+"""Vectors of length dim that :func:`lean_extremes` holds at most with any operator (three, and a function's result
+while the previous one is released; a curvscope ``Operator`` needs two), the number
+:func:`~curvscope.curvature.matfree.spectrum.plan_eigen` reserves."""
 MIN_STEPS = 4
 """Steps before convergence can be declared (a start close to an eigenvector is not the extreme one yet)."""
 START_MIX = 0.01
@@ -92,7 +94,8 @@ def lean_extremes(op: Any, dim: int | None = None, *, which: str = "both", tol: 
                   max_matvecs: int | None = None, start: Tensor | None = None,
                   generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
                   device: torch.device | str | None = None, progress: Progress | None = None) -> BlockEigenResult:
-    """The largest and/or smallest eigenvalue of a symmetric operator, in three vectors (module docstring).
+    """The largest and/or smallest eigenvalue of a symmetric operator, in two vectors (three for an operator that is
+    not a curvscope ``Operator``; module docstring).
 
     Args:
         op: a curvscope ``Operator``, a SciPy or curvlinops operator, a ``(dim, dim)`` tensor, or a function
@@ -136,10 +139,9 @@ def lean_extremes(op: Any, dim: int | None = None, *, which: str = "both", tol: 
         s = start.reshape(-1).to(dtype=dtype, device=device)
         q = s.div(dots(s, s)[0] ** 0.5).add_(q.div_(dots(q, q)[0] ** 0.5), alpha=START_MIX)
     q.div_(dots(q, q)[0] ** 0.5)
-    # a curvscope Operator writes each product into the released vector (no per-parameter results, no copy)
+    # a curvscope Operator accumulates each product into the previous vector, scaled by -beta (two vectors)
     into = isinstance(owner, Operator) and owner.dtype == dtype and owner.device == device
     prev: Tensor | None = None
-    spare: Tensor | None = None
     alphas: list[float] = []
     betas: list[float] = []
     eps = torch.finfo(dtype).eps
@@ -148,17 +150,20 @@ def lean_extremes(op: Any, dim: int | None = None, *, which: str = "both", tol: 
     bound = {"top": math.inf, "bottom": math.inf}
     norm, converged, invariant = 0.0, False, False
     while len(alphas) < steps_cap:
-        # into a buffer from the start: the product's per-parameter results and their concatenation would hold two
-        # vectors beside prev and q at step 2 (the run's peak)
-        w = owner.matvec(q, out=torch.empty_like(q) if spare is None else spare) if into else _apply(matvec, q)
-        spare = None
-        if not bool(torch.isfinite(w).all()):
-            raise CurvscopeError(f"the operator returned non-finite values at Lanczos step {len(alphas) + 1}")
+        if not into:
+            w = _apply(matvec, q)
+            if prev is not None:
+                w.sub_(prev, alpha=betas[-1])
+        elif prev is None:  # the first product: into a buffer (its per-parameter results would be a vector more)
+            w = owner.matvec(q, out=torch.empty_like(q))
+        else:
+            w = owner.matvec(q, out=prev.mul_(-betas[-1]), accumulate=True)  # A q_j - beta q_{j-1}, in prev
+        prev = None
         alpha = dots(q, w)[0]
         w.sub_(q, alpha=alpha)
-        if prev is not None:
-            w.sub_(prev, alpha=betas[-1])
         again, ww = dots(q, w, also_bb=True)  # local reorthogonalization: the recurrence's rounding against q_j
+        if not (math.isfinite(alpha) and math.isfinite(ww)):  # a NaN or inf anywhere in A q_j reaches w . w
+            raise CurvscopeError(f"the operator returned non-finite values at Lanczos step {len(alphas) + 1}")
         w.sub_(q, alpha=again)
         alphas.append(alpha + again)
         beta = max(ww - again * again, 0.0) ** 0.5  # ||w - again q||, q a unit vector
@@ -173,10 +178,8 @@ def lean_extremes(op: Any, dim: int | None = None, *, which: str = "both", tol: 
         if invariant or (len(alphas) >= MIN_STEPS and all(wanted)):
             converged = True
             break
-        spare, prev, q = prev, q, w.div_(beta)  # the old prev takes the next product: three vectors at most
+        prev, q = q, w.div_(beta)
         del w
-        if not into:
-            spare = None
     if invariant:
         bound = {e: 0.0 for e in bound}
     empty = torch.empty(0, dtype=torch.float64)

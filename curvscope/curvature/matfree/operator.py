@@ -68,7 +68,7 @@ class Operator:
         """The adjoint: the operator itself (it is symmetric)."""
         return self
 
-    def matvec(self, v: Tensor, out: Tensor | None = None) -> Tensor:
+    def matvec(self, v: Tensor, out: Tensor | None = None, *, accumulate: bool = False) -> Tensor:
         """``A v`` for a vector ``v`` with D entries (any shape, cast to the problem's dtype/device).
 
         Args:
@@ -78,6 +78,8 @@ class Operator:
                 per-parameter results to concatenate and no copy. Default: a new tensor (the backward pass's own
                 per-parameter results, concatenated once it has ended and freed its intermediate tensors: a result
                 buffer allocated up front would live through the pass and raise its peak by D entries).
+            accumulate: with ``out``, add ``A v`` to what ``out`` holds (``out += A v``) instead of overwriting it:
+                a recurrence such as Lanczos' ``A q_j - beta q_{j-1}`` then needs no vector of its own.
 
         Returns:
             ``(D,)`` tensor, detached, in ``dtype`` on ``device`` (``out`` when given).
@@ -86,9 +88,12 @@ class Operator:
             got = v.numel() if isinstance(v, Tensor) else type(v).__name__
             raise CurvscopeError(f"{self.kind} operator acts on vectors of {self.dim} entries, got {got}")
         flat = v.detach().reshape(-1).to(dtype=self.dtype, device=self.device)
+        if accumulate and out is None:
+            raise CurvscopeError("accumulate=True adds the product to out: pass out")
         if out is not None:
             self._check_out(out, flat)
-            out.zero_()
+            if not accumulate:
+                out.zero_()
         with torch.enable_grad():
             parts = self._product(self.split(flat), None if out is None else self.split(out))
         self.count += 1

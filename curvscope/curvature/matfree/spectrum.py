@@ -78,7 +78,7 @@ class MatfreeGroup(SpectrumGroup):
             displaceable by a missed copy of a repeated eigenvalue (``converged`` means all of them).
         block_size, max_basis: the eigensolver's plan (vectors per product block, basis vectors at most).
         solver: ``"block"`` (restarted block Krylov, explicit residuals) or ``"lean"`` (one value per end by
-            Lanczos in three vectors; the residuals are Paige's bounds ``beta_j |s_j|``, ``max_basis`` 0).
+            Lanczos in two vectors; the residuals are Paige's bounds ``beta_j |s_j|``, ``max_basis`` 0).
     """
 
     name: str
@@ -210,7 +210,7 @@ def plan_eigen(dim: int, top_k: int | None, which: str, budget: int, itemsize: i
 
     - ``top_k=None`` takes the most of ``default_k`` that fit, at least 1, with a note when that is fewer; above
       :data:`~curvscope.curvature.method.LARGE_MODEL_PARAMS` the default is 1 (a note says so).
-    - One eigenvalue per end without vectors (and ``lean``) is planned in three vectors
+    - One eigenvalue per end without vectors (and ``lean``) is planned in two vectors
       (:func:`~curvscope.curvature.matfree.lean.lean_extremes`, ``plan.solver == "lean"``) when the operator is large
       or the budget holds less than the default basis of :func:`~curvscope.curvature.matfree.block.plan_block`.
     - An explicit ``top_k`` that does not fit raises :class:`~curvscope.errors.OptionError` (``max_memory``, naming
@@ -246,7 +246,7 @@ def plan_eigen(dim: int, top_k: int | None, which: str, budget: int, itemsize: i
     note = None
     if large and default_k > 1:
         default_k = 1
-        note = (f"a large operator ({dim:,} parameters): 1 extreme eigenvalue per end by default, in three vectors "
+        note = (f"a large operator ({dim:,} parameters): 1 extreme eigenvalue per end by default, in two vectors "
                 "(an explicit top_k asks for more)")
     first_error = None
     for k in range(min(default_k, dim), 0, -1):
@@ -277,7 +277,7 @@ def vector_budget(problem, max_memory: int | None, dims: list[int], graph_bytes:
 
 def graph_room(problem) -> int | None:
     """Bytes that must fit beside a product's graph when the eigensolver of a large model
-    (:data:`~curvscope.curvature.method.LARGE_MODEL_PARAMS`) runs in three vectors: its
+    (:data:`~curvscope.curvature.method.LARGE_MODEL_PARAMS`) runs in two vectors: its
     :data:`~curvscope.curvature.matfree.lean.LEAN_VECTORS` vectors and the gradient. The graph may take the rest of
     the budget (:func:`~curvscope.curvature.matfree.stream.plan_stream`'s ``beside``); ``None`` for a smaller model,
     whose basis gets the larger share."""

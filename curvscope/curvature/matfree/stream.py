@@ -10,7 +10,7 @@ holds one chunk's graph (plus the Lanczos basis of the caller), never the whole 
 first backward more per chunk than the stored-graph operator. A problem whose samples are held off the device
 (:mod:`curvscope.io.held`) reads and moves one chunk's samples per chunk: the device never holds the whole batch.
 :func:`plan_stream` decides whether to stream: only when the whole batch's graph would not fit its share of the
-memory budget (a third, or for a large model all but what its three-vector eigensolver and gradient need), measured
+memory budget (a third, or for a large model all but what its two-vector eigensolver and gradient need), measured
 on a probe of a few samples (the storages autograd saves, by saved-tensor hooks, each counted once and the model's
 own parameters not at all); it also returns the bytes that graph takes, which the vectors' budget leaves free.
 """
