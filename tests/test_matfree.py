@@ -152,6 +152,27 @@ def test_extreme_eigenpairs_known_spectrum():
     assert abs(float(res.bottom_vectors[0] @ u[:, 4])) == pytest.approx(1.0, abs=1e-10)
 
 
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-8), (torch.float32, 1e-4)])
+def test_paige_bounds_instead_of_explicit_residuals_cost_no_product(dtype, tol):
+    """explicit=False: the run stops on the bounds beta |y_m| and reports them; under full reorthogonalization they
+    are the true residuals (checked here against A v - theta v), and every product is a Lanczos step."""
+    a, u, _ = indefinite(200)
+    op = Counting(a, dtype=dtype)
+    res = extreme_eigenpairs(op, 200, 1, which="largest", tol=tol, want_vectors=True, generator=gen(2), dtype=dtype,
+                             explicit=False)
+    assert res.converged and res.matvecs == res.steps == op.calls
+    explicit = extreme_eigenpairs(Counting(a, dtype=dtype), 200, 1, which="largest", tol=tol, generator=gen(2),
+                                  dtype=dtype)
+    assert explicit.matvecs > explicit.steps >= res.steps  # the explicit check costs products, and steps
+    v = res.top_vectors[0].to(F64)
+    true = float((a @ v - float(res.top[0]) * v).norm())
+    floor = 20.0 * torch.finfo(dtype).eps * 200
+    assert float(res.top_residuals[0]) == pytest.approx(true, rel=1e-3, abs=floor)
+    assert float(res.top_residuals[0]) <= tol * res.norm_estimate
+    assert float(res.top[0]) == pytest.approx(20.0, rel=tol)
+    assert abs(float(v @ u[:, 0])) == pytest.approx(1.0, abs=100 * tol)
+
+
 def test_extreme_eigenpairs_one_end():
     a, _, _ = indefinite(120, seed=1)
     top = extreme_eigenpairs(lambda v: a @ v, 120, 2, which="largest", want_vectors=True)

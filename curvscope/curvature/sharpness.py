@@ -42,8 +42,9 @@ class Eigenpair:
     Attributes:
         value: the largest eigenvalue (the top Ritz value).
         vector: ``(D,)`` its unit Ritz vector (in the operator's dtype and device).
-        residual: ``||A v - θ v||`` of that vector.
-        products: operator products used (Lanczos steps and residual checks).
+        residual: ``||A v - θ v||`` of that vector, by Paige's bound ``beta_m |y_m|`` (its value to rounding: the
+            Lanczos basis is fully reorthogonalized), so no product is spent on checking it.
+        products: operator products used (the Lanczos steps).
         steps: Lanczos steps.
         converged: ``residual <= tol * |θ|`` (else the step cap was reached first).
         warm: the run started from a given vector.
@@ -158,7 +159,7 @@ def top_eigenpair(matvec: Callable[[Tensor], Tensor], dim: int, *, start: Tensor
     """
     eig = extreme_eigenpairs(matvec, dim, 1, which="largest", tol=tol, max_steps=max_steps, start=start,
                              generator=generator, dtype=dtype, device=device, want_vectors=True,
-                             progress=progress)
+                             explicit=False, progress=progress)
     return Eigenpair(value=float(eig.top[0]), vector=eig.top_vectors[0], residual=float(eig.top_residuals[0]),
                      products=eig.matvecs, steps=eig.steps, converged=eig.converged, warm=start is not None)
 

@@ -33,7 +33,7 @@ class EigenResult:
         top: ``(k,)`` largest algebraic Ritz values, descending (empty unless ``which`` is largest/both).
         bottom: ``(k,)`` smallest algebraic Ritz values, ascending (empty unless ``which`` is smallest/both).
         top_residuals, bottom_residuals: ``(k,)`` true residual norms ``||A v - theta v||`` of the unit Ritz
-            vectors, each computed with one explicit matvec.
+            vectors, each computed with one explicit matvec (with ``explicit=False``: Paige's bounds).
         converged: every reported residual is ``<= tol * norm_estimate``.
         norm_estimate: ``max |theta|`` over all Ritz values (a lower bound of ``||A||_2``).
         tol: the relative tolerance used.
@@ -110,6 +110,16 @@ def _should_check(krylov: _Krylov, ritz: _Ritz, k: int, tol: float, at_end: bool
     return due and bool((ritz.estimated_residuals(krylov) <= tol * ritz.norm).all())
 
 
+def _bounded_residuals(krylov: _Krylov, ritz: _Ritz) -> tuple[Tensor, Tensor]:
+    """Unit Ritz vectors ``(len(index), dim)`` and Paige's bounds of their residuals (float64, no product): under
+    full reorthogonalization the true residuals to rounding."""
+    basis = krylov.basis[: krylov.m]
+    y = ritz.vecs[:, ritz.index].to(dtype=basis.dtype, device=basis.device)
+    vectors = y.T @ basis
+    vectors = vectors / torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
+    return vectors, ritz.estimated_residuals(krylov).to(torch.float64)
+
+
 def _explicit_residuals(krylov: _Krylov, ritz: _Ritz) -> tuple[Tensor, Tensor]:
     """Unit Ritz vectors ``(len(index), dim)`` and their true residual norms (float64, one matvec each)."""
     basis = krylov.basis[: krylov.m]
@@ -128,7 +138,7 @@ def extreme_eigenpairs(operator: Any, dim: int | None = None, k: int = DEFAULT_K
                        tol: float = 1e-6, max_steps: int | None = None, start: Tensor | None = None,
                        generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64,
                        device: torch.device | str | None = None, want_vectors: bool = False,
-                       check_every: int = 5, progress: Progress | None = None) -> EigenResult:
+                       check_every: int = 5, explicit: bool = True, progress: Progress | None = None) -> EigenResult:
     """The k largest and/or k smallest algebraic eigenvalues of a symmetric operator, by Lanczos.
 
     The Krylov space grows one step at a time (full reorthogonalization). Once at least k Ritz values exist,
@@ -160,6 +170,10 @@ def extreme_eigenpairs(operator: Any, dim: int | None = None, k: int = DEFAULT_K
             device, else the CPU).
         want_vectors: also return the unit Ritz vectors.
         check_every: minimal number of steps between two explicit residual checks.
+        explicit: compute the true residuals with one product per wanted Ritz vector (default). ``False``: stop on
+            Paige's bounds ``beta_next |y_i[-1]|`` and report them (the true residuals to rounding, the basis being
+            fully reorthogonalized), at any step, with no product more: for repeated solves of one eigenvalue on
+            small operators, where a product is a large share of the solve (``curvscope.curvature.sharpness``).
         progress: ``progress(stage, done, total)``; called as ``("lanczos", step, max_steps)`` after every
             Lanczos step (the residual checks are not counted).
 
@@ -185,9 +199,9 @@ def extreme_eigenpairs(operator: Any, dim: int | None = None, k: int = DEFAULT_K
             report(krylov.m, cap)
             at_end = krylov.m >= cap
         ritz = _Ritz.of(krylov, k, which)
-        if _should_check(krylov, ritz, k, tol, at_end, due=krylov.m - last_check >= check_every):
+        if _should_check(krylov, ritz, k, tol, at_end, due=not explicit or krylov.m - last_check >= check_every):
             last_check = krylov.m
-            vectors, residuals = _explicit_residuals(krylov, ritz)
+            vectors, residuals = (_explicit_residuals if explicit else _bounded_residuals)(krylov, ritz)
             converged = bool((residuals <= tol * ritz.norm).all())
             if converged or at_end:
                 return _eigen_result(krylov, ritz, vectors, residuals, converged=converged, tol=tol,
