@@ -46,11 +46,13 @@ GOAL_TIME = 0.5
 FULL_MODELS = ("gpt2-small", "resnet18")
 QUICK_MODELS = ("gpt2-tiny", "resnet-tiny")
 ORDER = ("curvscope", "curvscope-top", "pyhessian", "curvlinops", "curvscope-ggn", "curvlinops-ggn", "estimators",
-         "cli")
+         "cli", "cli-ggn")
+CLI_TOOLS = ("cli", "cli-ggn")
 NAMES = {"curvscope": "curvscope spectrum API (both ends)", "curvscope-top": "curvscope eigensolver (top only)",
          "pyhessian": "PyHessian power iteration", "curvlinops": "curvlinops + eigsh",
          "curvscope-ggn": "curvscope spectrum API, GGN", "curvlinops-ggn": "curvlinops + eigsh, GGN",
-         "estimators": "curvscope Hutch++ trace + SLQ density", "cli": "`curvscope spectrum --curvature hessian`"}
+         "estimators": "curvscope Hutch++ trace + SLQ density", "cli": "`curvscope spectrum --curvature hessian`",
+         "cli-ggn": "`curvscope spectrum --method lanczos` (GGN)"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -110,8 +112,9 @@ def run_tool(model: str, tool: str, args: argparse.Namespace) -> dict[str, Any]:
     threads = str(args.threads)
     load = os.getloadavg()[0]
     try:
+        limit = args.timeout + args.cli_timeout * (tool in CLI_TOOLS)
         proc = subprocess.run([sys.executable, "-m", "benchmarks.scale_tools", json.dumps(cfg)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=args.timeout + args.cli_timeout * (tool == "cli"),
+                              capture_output=True, text=True, timeout=limit,
                               env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": threads,
                                    "MKL_NUM_THREADS": threads})
     except subprocess.TimeoutExpired:
@@ -192,8 +195,8 @@ def markdown(results: dict[str, Any]) -> str:
                 "| tool | lambda_max | rel. error | products | s in products | time (s) | peak RSS (GiB) | "
                 "above model (GiB) | note |", "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            peak = r.get("cli_peak_rss") if r["tool"] == "cli" else r.get("peak_rss")
-            above = None if r["tool"] == "cli" or peak is None else peak - r.get("baseline_rss", 0)
+            peak = r.get("cli_peak_rss") if r["tool"] in CLI_TOOLS else r.get("peak_rss")
+            above = None if r["tool"] in CLI_TOOLS or peak is None else peak - r.get("baseline_rss", 0)
             out.append(f"| {NAMES[r['tool']]} | {_num(r.get('lambda_max'))} | {_num(r.get('rel_error'), '.1e')} | "
                        f"{r.get('products', '-')} | {_num(r.get('product_s'), '.0f')} | "
                        f"{_num(r.get('cli_s', r.get('seconds')), '.0f')} | {_gib(peak)} | {_gib(above)} | "
@@ -211,7 +214,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def note(r: dict[str, Any]) -> str:
-    if not r.get("ok") and r["tool"] != "cli":
+    if not r.get("ok") and r["tool"] not in CLI_TOOLS:
         return f"failed: {r.get('error', '?')}".replace("|", "/")
     parts = []
     if r["tool"] in ("curvscope", "curvscope-top", "curvscope-ggn"):
@@ -232,7 +235,7 @@ def note(r: dict[str, Any]) -> str:
         parts.append(f"trace {_num(r.get('trace'), '.4g')} +- {_num(r.get('trace_stderr'), '.2g')} in "
                      f"{_num(r.get('trace_s'), '.0f')} s, density {r.get('density_nodes')} nodes in "
                      f"{_num(r.get('density_s'), '.0f')} s; default budget {_gib(r.get('budget'))} GiB")
-    if r["tool"] == "cli":
+    if r["tool"] in CLI_TOOLS:
         parts.append(f"exit {r.get('exit')}: {' / '.join(r.get('stderr_tail') or [])}"[:200].replace("|", "/"))
     return "; ".join(parts)
 

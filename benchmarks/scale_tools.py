@@ -21,7 +21,8 @@ Tools (every eigenvalue tool is asked for the top eigenvalue at the same relativ
   density_vectors=4, density_steps=40)`` with the default memory budget: the Hutch++ trace and the SLQ density of
   ``curvscope spectrum --curvature hessian`` (the eigensolver cut to its minimum), timed per stage;
 - ``cli``: ``python -m curvscope spectrum CHECKPOINT --data FILE --curvature hessian`` with every other option at
-  its default, as a subprocess (its peak RSS from ``getrusage(RUSAGE_CHILDREN)``; loading is inside its time).
+  its default, as a subprocess (its peak RSS from ``getrusage(RUSAGE_CHILDREN)``; loading is inside its time);
+  ``cli-ggn`` the same with ``--method lanczos`` (the GGN, matrix-free) instead of ``--curvature hessian``.
 """
 
 from __future__ import annotations
@@ -202,9 +203,10 @@ def _cli(spec: Spec, model, x, y, cfg: dict, rec: dict) -> None:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
         args = [str(tmp / "model.safetensors"), "--model", str(ROOT / "benchmarks" / "scale_models.py") + ":resnet",
                 "--model-kwargs", json.dumps(spec.config)]
+    what = ["--method", "lanczos"] if cfg["tool"] == "cli-ggn" else ["--curvature", "hessian"]
     cmd = [sys.executable, "-m", "curvscope", "spectrum", *args, "--data", str(data), "--batch-size", str(spec.n),
-           "--curvature", "hessian", "--out", str(tmp / "out")]
-    rec["command"] = "curvscope spectrum CHECKPOINT --data FILE --batch-size N --curvature hessian"
+           *what, "--out", str(tmp / "out")]
+    rec["command"] = "curvscope spectrum CHECKPOINT --data FILE --batch-size N " + " ".join(what)
     t = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg["cli_timeout"],
@@ -227,9 +229,9 @@ def _cli(spec: Spec, model, x, y, cfg: dict, rec: dict) -> None:
 TOOLS: dict[str, Callable[..., None]] = {
     "curvscope": _curvscope, "curvscope-top": _curvscope_top, "curvscope-ggn": _curvscope,
     "pyhessian": _pyhessian, "curvlinops": _curvlinops, "curvlinops-ggn": _curvlinops,
-    "estimators": _estimators, "cli": _cli,
+    "estimators": _estimators, "cli": _cli, "cli-ggn": _cli,
 }
-GGN_TOOLS = ("curvscope-ggn", "curvlinops-ggn")
+GGN_TOOLS = ("curvscope-ggn", "curvlinops-ggn", "cli-ggn")
 
 
 def child(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -250,7 +252,7 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
     rec["_t0"] = t0 = time.perf_counter()
     try:
         TOOLS[cfg["tool"]](spec, model, x, y, cfg, rec)
-        rec["ok"] = cfg["tool"] != "cli" or rec.get("exit") == 0
+        rec["ok"] = not cfg["tool"].startswith("cli") or rec.get("exit") == 0
     except Exception as exc:  # noqa: BLE001  (a peer's failure is a result)
         rec["error"] = ("out of memory under the cap: " if is_oom(exc) else "") + f"{type(exc).__name__}: {exc}"[:300]
     rec["seconds"] = time.perf_counter() - t0
