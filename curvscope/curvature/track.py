@@ -29,10 +29,8 @@ from curvscope.curvature.edge import (
     sharpness_ratio,
     threshold,
 )
-from curvscope.curvature.matfree.operator import Operator
-from curvscope.curvature.matfree.operators import _vjp, curvature_operator  # the Hessian's product, shared
+from curvscope.curvature.matfree.operators import curvature_operator, hessian_with_gradient
 from curvscope.curvature.matfree.trace import hutchpp
-from curvscope.curvature.products import twice_differentiable
 from curvscope.curvature.sharpness import DEFAULT_TOL, Negated, SharpnessResult, sharpness
 from curvscope.errors import CurvscopeError
 from curvscope.progress import Progress
@@ -197,30 +195,6 @@ def measure_point(problem, optimizer: OptimizerInfo | None, optimizer_state: Map
     if not point.converged:
         point.notes.append(f"an eigen-solve did not reach the tolerance {tol:g} within its step cap")
     return point
-
-
-def hessian_with_gradient(problem) -> tuple[Operator, float, float]:
-    """The whole model's Hessian operator (the products of
-    :func:`~curvscope.curvature.matfree.operators.hessian_operator`) and the batch loss and gradient norm read off
-    the gradient graph it is built on: one forward and backward pass per point instead of two."""
-    names = tuple(problem.params)
-    with torch.enable_grad(), twice_differentiable(problem.model):
-        leaves = [problem.params[n].detach().clone().requires_grad_(True) for n in names]
-        loss = problem.loss_value(dict(zip(names, leaves, strict=True)))
-        if loss.requires_grad:
-            grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-            grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves, strict=True)]
-        else:  # no parameter reaches the loss: H = 0
-            grads = [torch.zeros_like(x) for x in leaves]
-    squares = sum(float(g.detach().double().pow(2).sum()) for g in grads)
-
-    def product(parts: list[Tensor], out: list[Tensor] | None) -> list[Tensor]:
-        return _vjp(grads, leaves, parts, out)
-
-    shapes = tuple(x.shape for x in leaves)
-    operator = Operator(dim=sum(x.numel() for x in leaves), names=names, kind="hessian", shapes=shapes,
-                        dtype=problem.dtype, device=problem.device, _product=product)
-    return operator, float(loss.detach()), math.sqrt(squares) if math.isfinite(squares) else float("nan")
 
 
 def _loss_and_gradient(problem) -> tuple[float, float]:

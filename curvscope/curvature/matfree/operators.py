@@ -23,6 +23,7 @@ backward), so the products work on ``nn.MultiheadAttention`` and ``scaled_dot_pr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -145,13 +146,36 @@ def hessian_operator(problem, names: Sequence[str] | None = None, samples: tuple
     names = _check_names(problem, names)
     if samples is not None and samples[1] <= samples[0]:
         return _zero_operator(problem, names, "hessian")
+    return _hessian_on(problem, names, *_gradient_graph(problem, names, samples)[1:])
+
+
+def hessian_with_gradient(problem) -> tuple[Operator, float, float]:
+    """The whole model's :func:`hessian_operator` and the batch loss and gradient norm read off the gradient graph it
+    is built on: one forward and backward pass for all three (curvature over training measures them per point)."""
+    names = _check_names(problem, None)
+    loss, leaves, grads = _gradient_graph(problem, names, None)
+    squares = sum(float(g.detach().double().pow(2).sum()) for g in grads)
+    norm = math.sqrt(squares) if math.isfinite(squares) else float("nan")
+    return _hessian_on(problem, names, leaves, grads), float(loss.detach()), norm
+
+
+def _gradient_graph(problem, names: tuple[str, ...], samples: tuple[int, int] | None
+                    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """``(loss, leaves, grads)``: the (part) loss and its gradient w.r.t. the group's leaves with ``create_graph``
+    (one forward and one backward pass); zeros when no parameter of the group reaches the loss (``H_PP = 0``)."""
     with torch.enable_grad(), twice_differentiable(problem.model):
         leaves, params = _leaves(problem, names)
         loss = _part_loss(problem, params, samples)
         if loss.requires_grad:
             grads = _zero_none(torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True), leaves)
-        else:  # no parameter of the group reaches the loss: H_PP = 0
+        else:
             grads = [torch.zeros_like(x) for x in leaves]
+    return loss, leaves, grads
+
+
+def _hessian_on(problem, names: tuple[str, ...], leaves: list[Tensor], grads: list[Tensor]) -> Operator:
+    """The Hessian operator whose products are backward passes through the graph of ``grads``:
+    ``H v = d (g . v) / d theta``."""
 
     def product(parts: list[Tensor], out: list[Tensor] | None) -> list[Tensor]:
         return _vjp(grads, leaves, parts, out)
