@@ -17,6 +17,7 @@ own parameters not at all); it also returns the bytes that graph takes, which th
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,16 +40,22 @@ def graph_bytes_per_sample(problem, curvature: str = "hessian", names: Sequence[
     by several nodes counts once, and the parameters' storages (the model, held anyway) not at all."""
     n = min(PROBE, problem.batch_size)
     held = [*problem.params.values(), *problem.model.parameters(), *problem.model.buffers()]  # the model's, frozen too
-    owned = {t.untyped_storage().data_ptr() for t in held}
+    owned = set()
+    for t in held:
+        with contextlib.suppress(RuntimeError, NotImplementedError):
+            owned.add(t.untyped_storage().data_ptr())
     seen: set[int] = set()
     saved = [0]
 
     def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
+        try:
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # a tensor without a plain storage (sparse, a subclass)
+            key, size = id(t), t.numel() * t.element_size()
         if key not in seen and key not in owned:
             seen.add(key)
-            saved[0] += storage.nbytes()
+            saved[0] += size
         return t
 
     probe = problem.part(0, n)
