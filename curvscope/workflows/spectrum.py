@@ -51,8 +51,10 @@ class SpectrumOptions(Options):
                              "with M columns per sample (N*M columns). At most 1000.")
     subsample: int | None = option(None, "Build the curvature from the first K samples of the batch only (the "
                                    "gradient still uses the whole batch).")
-    top_k: int | None = option(None, "Directional quantities (and eigenvectors, Newton step) for the top K nonzero "
-                               "directions. Default: all nonzero ones, up to 1000. At most 10000.")
+    top_k: int | None = option(None, "Gram: directional quantities (and eigenvectors, Newton step) for the top K "
+                               "nonzero directions; default: all nonzero ones, up to 1000. Lanczos (and --curvature "
+                               "hessian): K eigenvalues per end; default: as many of 10 as --max-memory holds, 1 "
+                               "for a model of over 10M parameters. At most 10000.")
     directions: bool = option(True, "Compute per-sample directional derivatives gamma_nk, curvatures lambda_nk, "
                               "their SNRs and the gradient overlaps (``directions=False``: eigenvalues only, a bit "
                               "faster).")
