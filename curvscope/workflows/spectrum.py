@@ -52,9 +52,9 @@ class SpectrumOptions(Options):
     subsample: int | None = option(None, "Build the curvature from the first K samples of the batch only (the "
                                    "gradient still uses the whole batch).")
     top_k: int | None = option(None, "Gram: directional quantities (and eigenvectors, Newton step) for the top K "
-                               "nonzero directions; default: all nonzero ones, up to 1000. Lanczos (and --curvature "
-                               "hessian): K eigenvalues per end; default: as many of 10 as --max-memory holds, 1 "
-                               "for a model of over 10M parameters. At most 10000.")
+                               "nonzero directions; default: all nonzero ones, up to 1000. Lanczos (and the Hessian): "
+                               "K eigenvalues per end; default: as many of 10 as ``max_memory`` holds, 1 for a model "
+                               "of over 10M parameters. At most 10000.")
     directions: bool = option(True, "Compute per-sample directional derivatives gamma_nk, curvatures lambda_nk, "
                               "their SNRs and the gradient overlaps (``directions=False``: eigenvalues only, a bit "
                               "faster).")
