@@ -78,9 +78,12 @@ class _Ritz:
     def of(cls, krylov: _Krylov, k: int, which: str) -> _Ritz:
         theta, vecs = torch.linalg.eigh(_tridiagonal(krylov.alphas, krylov.betas))
         m, k = theta.numel(), min(k, theta.numel())
-        top = torch.arange(m - 1, m - 1 - k, -1) if which in ("both", "largest") else torch.arange(0)
-        bottom = torch.arange(k) if which in ("both", "smallest") else torch.arange(0)
-        return cls(theta, vecs, top, bottom, torch.cat([top, bottom]).unique(), float(theta.abs().max()))
+        top = list(range(m - 1, m - 1 - k, -1)) if which in ("both", "largest") else []
+        bottom = list(range(k)) if which in ("both", "smallest") else []
+        index = torch.tensor(sorted(set(top + bottom)), dtype=torch.long)
+        norm = max(abs(float(theta[0])), abs(float(theta[-1])))  # theta ascending: the largest |theta| is an end
+        return cls(theta, vecs, torch.tensor(top, dtype=torch.long), torch.tensor(bottom, dtype=torch.long), index,
+                   norm)
 
     def estimated_residuals(self, krylov: _Krylov) -> Tensor:
         """``beta_next * |y_i[-1]|`` for the wanted pairs (exact up to the dropped tiny betas of restarts)."""

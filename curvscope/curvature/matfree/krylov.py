@@ -40,10 +40,14 @@ DEFAULT_STEPS = 60  # default number of Lanczos steps of lanczos() and spectral_
 
 def _tridiagonal(alphas: list[float], betas: list[float]) -> Tensor:
     """The Lanczos tridiagonal ``(m, m)`` in float64 on the CPU."""
-    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if betas:
-        off = torch.tensor(betas, dtype=torch.float64)
-        t += torch.diag(off, 1) + torch.diag(off, -1)
+    m = len(alphas)
+    t = torch.zeros(m, m, dtype=torch.float64)
+    flat = t.view(-1)  # the diagonals as strided slices of the flat matrix: three copies, no temporaries
+    flat[:: m + 1] = torch.tensor(alphas, dtype=torch.float64)
+    if m > 1:
+        off = torch.tensor(betas[: m - 1], dtype=torch.float64)
+        flat[1 :: m + 1] = off
+        flat[m :: m + 1] = off
     return t
 
 
