@@ -106,7 +106,8 @@ def test_a_graph_over_its_share_streams_and_the_vectors_get_the_rest(problem, mo
     from types import SimpleNamespace
 
     from curvscope.curvature.matfree.lean import LEAN_VECTORS
-    from curvscope.curvature.matfree.spectrum import graph_room, vector_budget
+    from curvscope.curvature.matfree.spectrum import vector_budget
+    from curvscope.curvature.matfree.stream import graph_room
     from curvscope.curvature.method import LARGE_MODEL_PARAMS
 
     monkeypatch.setattr(stream, "graph_bytes_per_sample", lambda *a, **kw: 1000.0)

@@ -183,8 +183,7 @@ def _chunk(problem: Problem, chunk_size: int | None, curvature: str, budget: int
         return None, None
     if chunk_size is not None:
         return (None if chunk_size >= problem.batch_size else int(chunk_size)), None
-    from curvscope.curvature.matfree.spectrum import graph_room
     from curvscope.curvature.matfree.stream import plan_stream
 
-    plan = plan_stream(problem, curvature, budget, beside=graph_room(problem))
+    plan = plan_stream(problem, curvature, budget)
     return plan.chunk, plan.graph_bytes

@@ -311,10 +311,9 @@ def _run_lanczos(problem: Problem, options: SpectrumOptions, seed: int, progress
 
     chunk = graph = None
     if process_group is None:  # a batch whose graph does not fit the budget streams through in chunks
-        from curvscope.curvature.matfree.spectrum import graph_room
         from curvscope.curvature.matfree.stream import plan_stream, streamed_gradient
 
-        plan = plan_stream(problem, options.curvature, options.parsed_memory(), beside=graph_room(problem))
+        plan = plan_stream(problem, options.curvature, options.parsed_memory())
         chunk, graph = plan.chunk, plan.graph_bytes
     streamed = _Streamed(progress)
     # the settings not given: by the model's size (a large model gets one eigenvalue per end, a short trace, ...)

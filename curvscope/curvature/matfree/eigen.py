@@ -113,22 +113,23 @@ def _should_check(krylov: _Krylov, ritz: _Ritz, k: int, tol: float, at_end: bool
     return due and bool((ritz.estimated_residuals(krylov) <= tol * ritz.norm).all())
 
 
-def _bounded_residuals(krylov: _Krylov, ritz: _Ritz) -> tuple[Tensor, Tensor]:
-    """Unit Ritz vectors ``(len(index), dim)`` and Paige's bounds of their residuals (float64, no product): under
-    full reorthogonalization the true residuals to rounding."""
+def _ritz_vectors(krylov: _Krylov, ritz: _Ritz) -> Tensor:
+    """The unit Ritz vectors ``(len(index), dim)`` of the wanted pairs."""
     basis = krylov.basis[: krylov.m]
     y = ritz.vecs[:, ritz.index].to(dtype=basis.dtype, device=basis.device)
     vectors = y.T @ basis
-    vectors = vectors / torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
-    return vectors, ritz.estimated_residuals(krylov).to(torch.float64)
+    return vectors / torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
+
+
+def _bounded_residuals(krylov: _Krylov, ritz: _Ritz) -> tuple[Tensor, Tensor]:
+    """Unit Ritz vectors and Paige's bounds of their residuals (float64, no product): under full
+    reorthogonalization the true residuals to rounding."""
+    return _ritz_vectors(krylov, ritz), ritz.estimated_residuals(krylov).to(torch.float64)
 
 
 def _explicit_residuals(krylov: _Krylov, ritz: _Ritz) -> tuple[Tensor, Tensor]:
     """Unit Ritz vectors ``(len(index), dim)`` and their true residual norms (float64, one matvec each)."""
-    basis = krylov.basis[: krylov.m]
-    y = ritz.vecs[:, ritz.index].to(dtype=basis.dtype, device=basis.device)
-    vectors = y.T @ basis
-    vectors = vectors / torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
+    vectors = _ritz_vectors(krylov, ritz)
     residuals = torch.empty(ritz.index.numel(), dtype=torch.float64)
     for row, i in enumerate(ritz.index.tolist()):
         r = _apply(krylov.matvec, vectors[row]) - float(ritz.theta[i]) * vectors[row]

@@ -275,17 +275,6 @@ def vector_budget(problem, max_memory: int | None, dims: list[int], graph_bytes:
     return max(budget - product, 0)
 
 
-def graph_room(problem) -> int | None:
-    """Bytes that must fit beside a product's graph when the eigensolver of a large model
-    (:data:`~curvscope.curvature.method.LARGE_MODEL_PARAMS`) runs in two vectors: its
-    :data:`~curvscope.curvature.matfree.lean.LEAN_VECTORS` vectors and the gradient. The graph may take the rest of
-    the budget (:func:`~curvscope.curvature.matfree.stream.plan_stream`'s ``beside``); ``None`` for a smaller model,
-    whose basis gets the larger share."""
-    if problem.num_params <= LARGE_MODEL_PARAMS:
-        return None
-    return (LEAN_VECTORS + 1) * problem.num_params * torch.empty(0, dtype=problem.dtype).element_size()
-
-
 def compute_matfree_spectrum(problem, *, curvature: str = "hessian", groups: str = "all",
                              top_k: int | None = 10, tol: float = 1e-6, max_steps: int | None = None,
                              max_matvecs: int | None = None, max_memory: int | None = None,

@@ -65,6 +65,19 @@ def graph_bytes_per_sample(problem, curvature: str = "hessian", names: Sequence[
     return saved[0] / n
 
 
+def graph_room(problem) -> int | None:
+    """Bytes that must fit beside a product's graph when the eigensolver of a large model
+    (:data:`~curvscope.curvature.method.LARGE_MODEL_PARAMS`) runs in two vectors: its
+    :data:`~curvscope.curvature.matfree.lean.LEAN_VECTORS` vectors and the gradient. The graph may take the rest of
+    the budget (:func:`plan_stream`); ``None`` for a smaller model, whose basis gets the larger share."""
+    from curvscope.curvature.matfree.lean import LEAN_VECTORS
+    from curvscope.curvature.method import LARGE_MODEL_PARAMS
+
+    if problem.num_params <= LARGE_MODEL_PARAMS:
+        return None
+    return (LEAN_VECTORS + 1) * problem.num_params * torch.empty(0, dtype=problem.dtype).element_size()
+
+
 @dataclass(frozen=True)
 class StreamPlan:
     """What :func:`plan_stream` decides.
@@ -91,24 +104,20 @@ def plan_stream(problem, curvature: str, max_memory: int | None = None, names: S
         max_memory: the budget in bytes (default: the device's default budget).
         names: the parameters of the operator (default: all).
         beside: bytes that must fit beside the graph (the eigensolver's fewest vectors and the gradient). The graph
-            may take the rest of the budget, and at least a third of it; default: a third.
+            may take the rest of the budget, and at least a third of it; default: :func:`graph_room` (a large
+            model's graph takes all but its two-vector eigensolver's share, a smaller model's a third).
     """
     from curvscope.curvature.memory import MemoryPlan
 
     budget = MemoryPlan.default(problem.device, max_memory).budget
-    limit = budget / 3 if beside is None else max(budget / 3, budget - beside)
+    room = graph_room(problem) if beside is None else beside
+    limit = budget / 3 if room is None else max(budget / 3, budget - room)
     per_sample = graph_bytes_per_sample(problem, curvature, names) * WORK_FACTOR
     chunk = max(1, int(limit // max(per_sample, 1.0)))
     if chunk >= problem.batch_size:
         return StreamPlan(None, int(per_sample * problem.batch_size))
     # one sample over the graph's share still streams one at a time; the vectors keep the rest of the budget
     return StreamPlan(chunk, int(min(per_sample * chunk, limit)))
-
-
-def chunk_samples(problem, curvature: str, max_memory: int | None = None, names: Sequence[str] | None = None,
-                  beside: int | None = None) -> int | None:
-    """Samples per chunk (:func:`plan_stream`), or ``None`` when the whole batch fits (no streaming)."""
-    return plan_stream(problem, curvature, max_memory, names, beside).chunk
 
 
 def _chunks(n: int, chunk: int) -> list[tuple[int, int]]:
